@@ -1,0 +1,50 @@
+"""Every Redis key pattern, field name and default in one place."""
+
+from __future__ import annotations
+
+#: The single stream entry field that carries an event as UTF-8 JSON.
+EVENT_FIELD = "event"
+
+#: The event contract version this worker understands.
+SCHEMA_VERSION = 1
+
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+DEFAULT_STREAM = "audit:events"
+DEFAULT_GROUP = "audit-writers"
+DEFAULT_STORE_URL = "sqlite:///./audit.db"
+DEFAULT_BATCH_SIZE = 500
+DEFAULT_BLOCK_MS = 1000
+DEFAULT_CLAIM_IDLE_MS = 60_000
+DEFAULT_MAX_DELIVERIES = 5
+DEFAULT_METRICS_PORT = 9464
+DEFAULT_MAX_EVENT_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_INFLIGHT = 4
+DEFAULT_SHUTDOWN_GRACE_S = 25.0
+DEFAULT_RECLAIM_INTERVAL_S = 5.0
+DEFAULT_TRIM_INTERVAL_S = 30.0
+DEFAULT_TRIM_RETENTION_S = 3600.0
+
+#: Dead-letter stream of a source stream.
+DLQ_SUFFIX = ":dlq"
+
+
+def dlq_key(stream: str) -> str:
+    """The dead-letter stream that belongs to ``stream``."""
+    return stream + DLQ_SUFFIX
+
+
+#: Fields of a dead-letter entry.
+DLQ_FIELDS = ("reason", "error", "stream", "id", "deliveries", "event", "consumer", "ts")
+
+
+class Reason:
+    """Dead-letter reason codes (stable: dashboards and ``dlq list --reason`` use them)."""
+
+    MISSING_FIELD = "missing_field"
+    INVALID_JSON = "invalid_json"
+    INVALID_UTF8 = "invalid_utf8"
+    TOO_LARGE = "too_large"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    SCHEMA = "schema_violation"
+    STORE_REJECTED = "store_rejected"
+    MAX_DELIVERIES = "max_deliveries"

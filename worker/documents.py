@@ -1,0 +1,406 @@
+"""The stored documents and their merge: the pure, store-neutral specification.
+
+A run is stored as one ``workflow_runs`` document and one ``workflow_node_runs``
+document per node execution. Every event is turned into a *patch* of those
+documents, and patches are combined with a join that is commutative, associative
+and idempotent (a semilattice), so replaying any subset of events, any number of
+times, in any order, in any batches, on any worker yields the same documents.
+Each store implements exactly this merge natively (SQL or update pipelines); the
+conformance suite checks every store against :func:`fold`.
+
+Run merge rules:
+
+- ``startedAt`` is the earliest time seen, ``completedAt`` the latest terminal time;
+- ``status`` is the highest-ranked: ``running`` < ``completed`` < other terminal
+  statuses < ``failed``, ties broken by name, so a terminal status never reverts;
+- ``totalDuration`` is the largest reported;
+- ``trigger``, ``error``, ``workflowId`` and unknown fields keep the first value
+  stored (events of one run do not contradict each other; if they do, the stored
+  value is the one that landed first);
+- ``nodeIndex`` maps each node execution's key to what the summary needs and is
+  merged per key (the higher node status wins); ``summary`` is derived from it,
+  never incremented, so redelivery cannot double-count;
+- ``eventIds`` is the set of run-level event IDs that contributed.
+
+A node document is replaced only by one with a greater ``(status rank, eventId)``,
+so the same node execution delivered twice, or from a snapshot and an event, ends
+as the same document whatever the order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Final
+
+from . import events as ev
+
+RUNNING: Final = "running"
+COMPLETED: Final = "completed"
+FAILED: Final = "failed"
+
+#: Run-level keys with their own merge rule; every other top-level key is "extra".
+RUN_FIELDS: Final = frozenset({
+    "workspaceId", "runId", "workflowId", "status", "startedAt", "completedAt", "trigger",
+    "totalDuration", "error", "summary", "nodeIndex", "eventIds",
+})
+#: Envelope keys of an event that are not stored as extra fields.
+ENVELOPE: Final = frozenset({"v", "eventId", "type", "ts", "node", "nodes"})
+#: Keys the pipeline sets on a node document (they override the payload's own).
+NODE_KEYS: Final = frozenset({
+    "workspaceId", "runId", "workflowId", "nodeKey", "nodeId", "attempt", "status", "eventId",
+    "durationMs",
+})
+
+
+def status_rank(status: str) -> int:
+    """Order of statuses for the merge: running < completed < other < failed."""
+    if status == RUNNING:
+        return 0
+    if status == COMPLETED:
+        return 1
+    if status == FAILED:
+        return 3
+    return 2
+
+
+def node_key(run_id: str, node_id: str, attempt: int) -> str:
+    """Deterministic key of one node execution (hex, safe as a field name and an _id)."""
+    raw = f"{run_id}\x1f{node_id}\x1f{attempt}".encode()
+    return hashlib.blake2b(raw, digest_size=16).hexdigest()
+
+
+def action_name(action: Any) -> str | None:
+    if isinstance(action, str):
+        return action
+    if isinstance(action, Mapping):
+        name = action.get("type")
+        return name if isinstance(name, str) else None
+    return None
+
+
+def node_tokens(node: Mapping[str, Any]) -> int:
+    tokens = node.get("tokens_used")
+    if not isinstance(tokens, Mapping):
+        return 0
+    total = 0
+    for part in ("input", "output"):
+        value = tokens.get(part)
+        if isinstance(value, int) and not isinstance(value, bool):
+            total += value
+    return total
+
+
+def summarize(node_index: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The run summary, derived from the node index (never incremented)."""
+    entries = list(node_index.values())
+    actions: set[str] = set()
+    for entry in entries:
+        actions.update(entry.get("actions") or ())
+    return {
+        "nodesExecuted": len({e["nodeId"] for e in entries}),
+        "nodeExecutions": len(entries),
+        "aiCallsMade": sum(1 for e in entries if e.get("type") == "ai"),
+        "actionsPerformed": sorted(actions),
+        "totalTokens": sum(int(e.get("tokens") or 0) for e in entries),
+        "failedNodes": sum(1 for e in entries if e.get("status") == FAILED),
+    }
+
+
+def _min(a: datetime | None, b: datetime | None) -> datetime | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return min(a, b)
+
+
+def _max(a: Any, b: Any) -> Any:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return max(a, b)
+
+
+def _pick_status(a: str, b: str) -> str:
+    return max((status_rank(a), a), (status_rank(b), b))[1]
+
+
+@dataclass(slots=True)
+class RunPatch:
+    """What some events say about one run. ``sources`` are opaque stream references."""
+
+    workspace_id: str
+    run_id: str
+    workflow_id: str
+    status: str = RUNNING
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    trigger: Any = None
+    total_duration: float | None = None
+    error: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    node_index: dict[str, dict[str, Any]] = field(default_factory=dict)
+    event_ids: set[str] = field(default_factory=set)
+    sources: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.workspace_id, self.run_id)
+
+    def merge(self, other: RunPatch) -> None:
+        """Join ``other`` into this patch (self is the value already stored)."""
+        self.status = _pick_status(self.status, other.status)
+        self.started_at = _min(self.started_at, other.started_at)
+        self.completed_at = _max(self.completed_at, other.completed_at)
+        if self.trigger is None:
+            self.trigger = other.trigger
+        self.total_duration = _max(self.total_duration, other.total_duration)
+        if self.error is None:
+            self.error = other.error
+        for name, value in other.extra.items():
+            self.extra.setdefault(name, value)
+        for key, entry in other.node_index.items():
+            mine = self.node_index.get(key)
+            if mine is None or status_rank(entry["status"]) > status_rank(mine["status"]):
+                self.node_index[key] = entry
+        self.event_ids |= other.event_ids
+        self.sources.extend(other.sources)
+
+    def to_doc(self) -> dict[str, Any]:
+        """The canonical ``workflow_runs`` document (what every store returns)."""
+        doc = dict(self.extra)
+        doc.update(
+            workspaceId=self.workspace_id,
+            runId=self.run_id,
+            workflowId=self.workflow_id,
+            status=self.status,
+            startedAt=self.started_at,
+            completedAt=self.completed_at,
+            trigger=self.trigger,
+            totalDuration=self.total_duration,
+            error=self.error,
+            summary=summarize(self.node_index),
+            nodeIndex={k: dict(v) for k, v in sorted(self.node_index.items())},
+            eventIds=sorted(self.event_ids),
+        )
+        return doc
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any]) -> RunPatch:
+        """Rebuild the patch a stored run document stands for (restore, tests)."""
+        return cls(
+            workspace_id=doc["workspaceId"],
+            run_id=doc["runId"],
+            workflow_id=doc["workflowId"],
+            status=doc.get("status") or RUNNING,
+            started_at=doc.get("startedAt"),
+            completed_at=doc.get("completedAt"),
+            trigger=doc.get("trigger"),
+            total_duration=doc.get("totalDuration"),
+            error=doc.get("error"),
+            extra={k: v for k, v in doc.items() if k not in RUN_FIELDS},
+            node_index={k: dict(v) for k, v in (doc.get("nodeIndex") or {}).items()},
+            event_ids=set(doc.get("eventIds") or ()),
+        )
+
+
+@dataclass(slots=True)
+class NodeDoc:
+    """One node execution's ``workflow_node_runs`` document."""
+
+    workspace_id: str
+    run_id: str
+    node_key: str
+    doc: dict[str, Any]
+    sources: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.workspace_id, self.run_id, self.node_key)
+
+    @property
+    def node_id(self) -> str:
+        return str(self.doc["nodeId"])
+
+    @property
+    def attempt(self) -> int:
+        return int(self.doc["attempt"])
+
+    @property
+    def status(self) -> str:
+        return str(self.doc["status"])
+
+    @property
+    def event_id(self) -> str:
+        return str(self.doc["eventId"])
+
+    @property
+    def rank(self) -> tuple[int, str]:
+        """Replacement order: a stored document is replaced only by a greater rank."""
+        return (status_rank(self.status), self.event_id)
+
+    def merge(self, other: NodeDoc) -> None:
+        if other.rank > self.rank:
+            self.doc = other.doc
+        self.sources.extend(other.sources)
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any]) -> NodeDoc:
+        return cls(doc["workspaceId"], doc["runId"], doc["nodeKey"], dict(doc))
+
+
+def index_entry(node: Mapping[str, Any], status: str) -> dict[str, Any]:
+    """What the run document keeps about one node execution."""
+    names = {n for n in (action_name(a) for a in node.get("actions") or ()) if n}
+    return {
+        "nodeId": node["nodeId"],
+        "attempt": node.get("attempt", 1),
+        "type": node.get("type"),
+        "status": status,
+        "tokens": node_tokens(node),
+        "actions": sorted(names),
+    }
+
+
+def _node_status(node: Mapping[str, Any], default: str) -> str:
+    status = node.get("status")
+    if isinstance(status, str) and status:
+        return status
+    return FAILED if node.get("error") else default
+
+
+def _node_doc(event_doc: Mapping[str, Any], node: Mapping[str, Any], status: str,
+              extra: Mapping[str, Any], source: str) -> NodeDoc:
+    attempt = int(node.get("attempt", 1))
+    key = node_key(event_doc["runId"], node["nodeId"], attempt)
+    doc = {k: v for k, v in extra.items() if k not in NODE_KEYS}
+    doc.update(node)
+    started, completed = node.get("startedAt"), node.get("completedAt")
+    duration = None
+    if isinstance(started, datetime) and isinstance(completed, datetime):
+        duration = round((completed - started).total_seconds() * 1000, 3)
+    doc.update(
+        workspaceId=event_doc["workspaceId"],
+        runId=event_doc["runId"],
+        workflowId=event_doc["workflowId"],
+        nodeKey=key,
+        attempt=attempt,
+        status=status,
+        eventId=event_doc["eventId"],
+        durationMs=duration,
+    )
+    return NodeDoc(event_doc["workspaceId"], event_doc["runId"], key, doc, [source])
+
+
+def patches(decoded: ev.Decoded, source: str) -> tuple[RunPatch, list[NodeDoc]]:
+    """The run patch and node documents one event stands for."""
+    event, doc = decoded.event, decoded.doc
+    ts: datetime = doc["ts"]
+    run = RunPatch(event.workspaceId, event.runId, event.workflowId, sources=[source])
+    extra = {k: v for k, v in doc.items() if k not in RUN_FIELDS and k not in ENVELOPE}
+    nodes: list[NodeDoc] = []
+    if isinstance(event, ev.NodeCompleted | ev.NodeFailed):
+        status = _node_status(doc["node"], COMPLETED if isinstance(event, ev.NodeCompleted)
+                              else FAILED)
+        if isinstance(event, ev.NodeFailed):
+            status = FAILED if status == COMPLETED else status
+        node = _node_doc(doc, doc["node"], status, extra, source)
+        nodes.append(node)
+        run.node_index[node.node_key] = index_entry(node.doc, status)
+        run.started_at = doc["node"].get("startedAt") or doc["node"].get("completedAt") or ts
+        return run, nodes
+    run.extra = extra
+    run.event_ids.add(event.eventId)
+    run.started_at = doc.get("startedAt")
+    if isinstance(event, ev.RunStarted):
+        run.trigger = doc.get("trigger")
+        run.started_at = run.started_at or ts
+    elif isinstance(event, ev.RunCompleted | ev.RunFailed):
+        run.status = event.status
+        run.completed_at = doc.get("completedAt") or ts
+        run.total_duration = event.totalDuration
+        run.error = doc.get("error")
+    else:  # run.snapshot
+        run.trigger = doc.get("trigger")
+        run.status = event.status or RUNNING
+        run.total_duration = event.totalDuration
+        run.error = doc.get("error")
+        if run.status != RUNNING:
+            run.completed_at = doc.get("completedAt") or ts
+        for raw_node in doc.get("nodes") or ():
+            node = _node_doc(doc, raw_node, _node_status(raw_node, COMPLETED), {}, source)
+            nodes.append(node)
+            entry = index_entry(node.doc, node.status)
+            mine = run.node_index.get(node.node_key)
+            if mine is None or status_rank(entry["status"]) > status_rank(mine["status"]):
+                run.node_index[node.node_key] = entry
+            node_start = raw_node.get("startedAt") or raw_node.get("completedAt")
+            run.started_at = _min(run.started_at, node_start)
+        run.started_at = run.started_at or ts
+    return run, nodes
+
+
+@dataclass(slots=True)
+class WriteBatch:
+    """Per-run write sets of one batch: one upsert per run and one per node execution."""
+
+    runs: dict[tuple[str, str], RunPatch] = field(default_factory=dict)
+    nodes: dict[tuple[str, str, str], NodeDoc] = field(default_factory=dict)
+
+    def add(self, run: RunPatch, nodes: Iterable[NodeDoc]) -> None:
+        mine = self.runs.get(run.key)
+        if mine is None:
+            self.runs[run.key] = run
+        else:
+            mine.merge(run)
+        for node in nodes:
+            have = self.nodes.get(node.key)
+            if have is None:
+                self.nodes[node.key] = node
+            else:
+                have.merge(node)
+
+    def __len__(self) -> int:
+        return len(self.runs) + len(self.nodes)
+
+    def sources(self) -> set[str]:
+        out: set[str] = set()
+        for run in self.runs.values():
+            out.update(run.sources)
+        for node in self.nodes.values():
+            out.update(node.sources)
+        return out
+
+    def split_by_run(self) -> list[WriteBatch]:
+        """One batch per run, to isolate a write the store rejects."""
+        parts: dict[tuple[str, str], WriteBatch] = {}
+        for key, run in self.runs.items():
+            parts.setdefault(key, WriteBatch()).runs[key] = run
+        for key, node in self.nodes.items():
+            parts.setdefault(key[:2], WriteBatch()).nodes[key] = node
+        return list(parts.values())
+
+    def workspaces(self) -> set[str]:
+        return {k[0] for k in self.runs}
+
+
+def coalesce(items: Iterable[tuple[str, ev.Decoded]]) -> WriteBatch:
+    """Coalesce decoded events (with their stream references) into one write batch."""
+    batch = WriteBatch()
+    for source, decoded in items:
+        run, nodes = patches(decoded, source)
+        batch.add(run, nodes)
+    return batch
+
+
+def fold(items: Iterable[ev.Decoded]) -> tuple[dict[tuple[str, str], dict[str, Any]],
+                                               dict[tuple[str, str, str], dict[str, Any]]]:
+    """The documents a set of events must end as: the reference for every store."""
+    batch = coalesce(("", d) for d in items)
+    runs = {k: r.to_doc() for k, r in batch.runs.items()}
+    nodes = {k: n.doc for k, n in batch.nodes.items()}
+    return runs, nodes

@@ -1,0 +1,224 @@
+"""The event contract (v1): msgspec Structs, decoding and validation at the edge.
+
+An event is validated against its Struct, but what is stored is the event's own
+JSON object (with times normalised to UTC datetimes), so fields this version does
+not know are kept: the schema grows without migrations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any, Final
+
+import msgspec
+from msgspec import Meta, Struct
+
+from .constants import SCHEMA_VERSION, Reason
+from .errors import InvalidEvent
+
+#: 1-200 printable characters: no C0/C1 control characters, no DEL.
+Id = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f-\x9f]+$")]
+WorkspaceId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,48}$")]
+Label = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f-\x9f]+$")]
+Status = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,32}$")]
+Time = Annotated[datetime, Meta(tz=True)]
+Count = Annotated[int, Meta(ge=0)]
+Attempt = Annotated[int, Meta(ge=1, le=1_000_000)]
+Duration = Annotated[float, Meta(ge=0)]
+
+MAX_SNAPSHOT_NODES: Final = 10_000
+
+RUN_STARTED: Final = "run.started"
+NODE_COMPLETED: Final = "node.completed"
+NODE_FAILED: Final = "node.failed"
+RUN_COMPLETED: Final = "run.completed"
+RUN_FAILED: Final = "run.failed"
+RUN_SNAPSHOT: Final = "run.snapshot"
+EVENT_TYPES: Final = (RUN_STARTED, NODE_COMPLETED, NODE_FAILED, RUN_COMPLETED, RUN_FAILED,
+                      RUN_SNAPSHOT)
+
+#: Node fields holding times, normalised to UTC datetimes when stored.
+NODE_TIME_FIELDS: Final = ("startedAt", "completedAt")
+#: Run-level fields holding times.
+RUN_TIME_FIELDS: Final = ("ts", "startedAt", "completedAt")
+
+
+class Tokens(Struct, frozen=True):
+    input: Count = 0
+    output: Count = 0
+
+
+class Action(Struct, frozen=True):
+    """An external side effect; ``type`` names it (``salesforce.create_lead``)."""
+
+    type: Label
+
+
+class ErrorInfo(Struct, frozen=True):
+    type: str | None = None
+    message: str | None = None
+    retries: Count = 0
+
+
+class Trigger(Struct, frozen=True):
+    type: str | None = None
+    source: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class Node(Struct, frozen=True):
+    """One node execution. ``(runId, nodeId, attempt)`` identifies it."""
+
+    nodeId: Id
+    type: Label
+    startedAt: Time | None = None
+    completedAt: Time | None = None
+    attempt: Attempt = 1
+    input: Any = None
+    output: Any = None
+    model: str | None = None
+    tokens_used: Tokens | None = None
+    evaluation: Any = None
+    result: Any = None
+    skippedBranches: list[str] | None = None
+    actions: list[str | Action] | None = None
+    error: ErrorInfo | None = None
+
+
+class _Event(Struct, frozen=True, tag_field="type"):
+    v: int
+    eventId: Id
+    workspaceId: WorkspaceId
+    workflowId: Id
+    runId: Id
+    ts: Time
+
+
+class RunStarted(_Event, frozen=True, tag=RUN_STARTED):
+    trigger: Trigger | None = None
+    startedAt: Time | None = None
+
+
+class NodeCompleted(_Event, frozen=True, tag=NODE_COMPLETED):
+    node: Node
+
+
+class NodeFailed(_Event, frozen=True, tag=NODE_FAILED):
+    node: Node
+
+
+class RunCompleted(_Event, frozen=True, tag=RUN_COMPLETED):
+    status: Status = "completed"
+    totalDuration: Duration | None = None
+    error: Any = None
+    startedAt: Time | None = None
+    completedAt: Time | None = None
+
+
+class RunFailed(_Event, frozen=True, tag=RUN_FAILED):
+    status: Status = "failed"
+    totalDuration: Duration | None = None
+    error: Any = None
+    startedAt: Time | None = None
+    completedAt: Time | None = None
+
+
+class RunSnapshot(_Event, frozen=True, tag=RUN_SNAPSHOT):
+    """A whole run in one event: buffer the nodes, write the run once."""
+
+    trigger: Trigger | None = None
+    status: Status | None = None
+    startedAt: Time | None = None
+    completedAt: Time | None = None
+    totalDuration: Duration | None = None
+    error: Any = None
+    nodes: Annotated[list[Node], Meta(max_length=MAX_SNAPSHOT_NODES)] = []
+
+
+Event = RunStarted | NodeCompleted | NodeFailed | RunCompleted | RunFailed | RunSnapshot
+NodeEvent = NodeCompleted | NodeFailed
+TerminalEvent = RunCompleted | RunFailed
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """A valid event: ``event`` is the checked Struct, ``doc`` the JSON object to store."""
+
+    event: Event
+    doc: dict[str, Any]
+
+
+_json_decoder = msgspec.json.Decoder()
+_json_encoder = msgspec.json.Encoder()
+
+
+def decode(data: bytes | str, *, max_bytes: int) -> Decoded:
+    """Decode and validate one stream entry payload, or raise :class:`InvalidEvent`."""
+    size = len(data)
+    if size > max_bytes:
+        raise InvalidEvent(Reason.TOO_LARGE, f"event is {size} bytes, the limit is {max_bytes}")
+    try:
+        raw = _json_decoder.decode(data)
+    except UnicodeDecodeError as exc:
+        raise InvalidEvent(Reason.INVALID_UTF8, str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidEvent(Reason.INVALID_JSON, str(exc)) from None
+    except RecursionError:
+        raise InvalidEvent(Reason.INVALID_JSON, "JSON is nested too deeply") from None
+    return validate(raw)
+
+
+def validate(raw: Any) -> Decoded:
+    """Validate an already-parsed JSON value as a v1 event."""
+    if not isinstance(raw, dict):
+        raise InvalidEvent(Reason.SCHEMA, f"an event is a JSON object, got {type(raw).__name__}")
+    version = raw.get("v")
+    if version != SCHEMA_VERSION or isinstance(version, bool):
+        raise InvalidEvent(
+            Reason.UNSUPPORTED_VERSION,
+            f"event version {version!r} is not supported (this worker reads v{SCHEMA_VERSION})",
+        )
+    try:
+        event: Event = msgspec.convert(raw, Event)  # type: ignore[arg-type]
+    except msgspec.ValidationError as exc:
+        raise InvalidEvent(Reason.SCHEMA, str(exc)) from None
+    if isinstance(event, TerminalEvent) and event.status == "running":
+        raise InvalidEvent(Reason.SCHEMA, "a terminal event cannot have status 'running'")
+    return Decoded(event, _normalise(event, raw))
+
+
+def _normalise(event: Event, raw: dict[str, Any]) -> dict[str, Any]:
+    """The stored form: times as UTC datetimes, node defaults filled in."""
+    doc = dict(raw)
+    for name in RUN_TIME_FIELDS:
+        value = getattr(event, name, None)
+        if value is not None:
+            doc[name] = value.astimezone(UTC)
+    if isinstance(event, NodeCompleted | NodeFailed):
+        doc["node"] = _normalise_node(event.node, raw["node"])
+    elif isinstance(event, RunSnapshot):
+        doc["nodes"] = [_normalise_node(n, r) for n, r in zip(event.nodes, raw.get("nodes") or [],
+                                                               strict=True)]
+    return doc
+
+
+def _normalise_node(node: Node, raw: dict[str, Any]) -> dict[str, Any]:
+    doc = dict(raw)
+    doc["attempt"] = node.attempt
+    for name in NODE_TIME_FIELDS:
+        value = getattr(node, name)
+        if value is not None:
+            doc[name] = value.astimezone(UTC)
+    return doc
+
+
+def encode(event: dict[str, Any] | Struct) -> bytes:
+    """Encode an event as the JSON a stream entry carries."""
+    return _json_encoder.encode(event)
+
+
+def parse_time(value: str) -> datetime:
+    """Parse an RFC 3339 time with an offset into a UTC datetime."""
+    parsed: datetime = msgspec.convert(value, Time)  # type: ignore[arg-type]
+    return parsed.astimezone(UTC)

@@ -1,0 +1,150 @@
+"""One frozen settings object, built from the environment and CLI flags."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+from urllib.parse import urlsplit
+
+from . import constants as c
+from .errors import ConfigError
+
+_STORE_SCHEMES = ("sqlite", "postgresql", "postgres", "mongodb", "mongodb+srv", "null")
+
+
+def default_consumer() -> str:
+    """``hostname-pid``: unique per process, stable for its lifetime."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Worker configuration. Invalid combinations are rejected at construction."""
+
+    redis_url: str = c.DEFAULT_REDIS_URL
+    streams: tuple[str, ...] = (c.DEFAULT_STREAM,)
+    group: str = c.DEFAULT_GROUP
+    consumer: str = ""
+    store_url: str = c.DEFAULT_STORE_URL
+    batch_size: int = c.DEFAULT_BATCH_SIZE
+    block_ms: int = c.DEFAULT_BLOCK_MS
+    claim_idle_ms: int = c.DEFAULT_CLAIM_IDLE_MS
+    max_deliveries: int = c.DEFAULT_MAX_DELIVERIES
+    metrics_port: int = c.DEFAULT_METRICS_PORT
+    metrics_host: str = "0.0.0.0"
+    max_event_bytes: int = c.DEFAULT_MAX_EVENT_BYTES
+    max_inflight: int = c.DEFAULT_MAX_INFLIGHT
+    shutdown_grace_s: float = c.DEFAULT_SHUTDOWN_GRACE_S
+    reclaim_interval_s: float = c.DEFAULT_RECLAIM_INTERVAL_S
+    trim: bool = True
+    trim_interval_s: float = c.DEFAULT_TRIM_INTERVAL_S
+    trim_retention_s: float = c.DEFAULT_TRIM_RETENTION_S
+    burst: bool = False
+    log_level: str = "info"
+    log_format: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.consumer:
+            object.__setattr__(self, "consumer", default_consumer())
+        self._validate()
+
+    def _validate(self) -> None:
+        if urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):
+            raise ConfigError(
+                f"AUDIT_REDIS_URL must be redis://, rediss:// or unix://, got {self.redis_url!r}"
+            )
+        scheme = urlsplit(self.store_url).scheme
+        if scheme not in _STORE_SCHEMES:
+            raise ConfigError(
+                "AUDIT_STORE_URL must start with one of "
+                + ", ".join(s + "://" for s in _STORE_SCHEMES)
+                + f"; got {self.store_url!r}"
+            )
+        if not self.streams or any(not s for s in self.streams):
+            raise ConfigError("AUDIT_STREAM must name at least one stream")
+        if any(s.endswith(c.DLQ_SUFFIX) for s in self.streams):
+            raise ConfigError(f"AUDIT_STREAM must not be a dead-letter stream (*{c.DLQ_SUFFIX})")
+        if not self.group:
+            raise ConfigError("AUDIT_GROUP must not be empty")
+        _positive("AUDIT_BATCH_SIZE", self.batch_size, upper=100_000)
+        _positive("AUDIT_BLOCK_MS", self.block_ms, upper=600_000)
+        _positive("AUDIT_CLAIM_IDLE_MS", self.claim_idle_ms)
+        _positive("AUDIT_MAX_DELIVERIES", self.max_deliveries, upper=1_000)
+        _positive("AUDIT_MAX_EVENT_BYTES", self.max_event_bytes, upper=512 * 1024 * 1024)
+        _positive("AUDIT_MAX_INFLIGHT", self.max_inflight, upper=64)
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"AUDIT_METRICS_PORT must be 0..65535, got {self.metrics_port}")
+        if self.shutdown_grace_s < 0 or self.reclaim_interval_s <= 0 or self.trim_interval_s <= 0:
+            raise ConfigError("grace and interval settings must be positive")
+        if self.trim_retention_s < 0:
+            raise ConfigError("AUDIT_TRIM_RETENTION_S must be >= 0")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"AUDIT_LOG_LEVEL must be debug|info|warning|error, got {self.log_level!r}")
+        if self.log_format not in ("auto", "json", "console"):
+            raise ConfigError(f"AUDIT_LOG_FORMAT must be auto|json|console, got {self.log_format!r}")
+
+    @property
+    def store_scheme(self) -> str:
+        return urlsplit(self.store_url).scheme
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, **overrides: Any
+    ) -> Settings:
+        """Read ``AUDIT_*`` variables; keyword overrides (CLI flags) win when not None."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            name = _ENV_NAMES.get(f.name, "AUDIT_" + f.name.upper())
+            raw = env.get(name)
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse(name, f.name, raw)
+        for key, value in overrides.items():
+            if value is not None:
+                values[key] = value
+        try:
+            return cls(**values)
+        except TypeError as exc:  # an unknown override name is a programming error
+            raise ConfigError(str(exc)) from exc
+
+    def with_(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+
+_ENV_NAMES = {"streams": "AUDIT_STREAM"}
+_INTS = {
+    "batch_size", "block_ms", "claim_idle_ms", "max_deliveries", "metrics_port",
+    "max_event_bytes", "max_inflight",
+}
+_FLOATS = {"shutdown_grace_s", "reclaim_interval_s", "trim_interval_s", "trim_retention_s"}
+_BOOLS = {"trim", "burst"}
+
+
+def _parse(env_name: str, field: str, raw: str) -> Any:
+    try:
+        if field in _INTS:
+            return int(raw)
+        if field in _FLOATS:
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"{env_name} must be a number, got {raw!r}") from None
+    if field in _BOOLS:
+        low = raw.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{env_name} must be true or false, got {raw!r}")
+    if field == "streams":
+        return tuple(s.strip() for s in raw.split(",") if s.strip())
+    return raw
+
+
+def _positive(name: str, value: int, upper: int | None = None) -> None:
+    if value <= 0 or (upper is not None and value > upper):
+        bound = f" and at most {upper}" if upper is not None else ""
+        raise ConfigError(f"{name} must be positive{bound}, got {value}")

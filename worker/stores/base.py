@@ -1,0 +1,124 @@
+"""The store protocol every backend implements, and the factory that picks one.
+
+Documents cross this boundary in their canonical form (see ``worker.documents``):
+plain dicts whose known time fields are timezone-aware UTC datetimes. Every store
+returns exactly what :func:`worker.documents.fold` says for the events written;
+the shared conformance suite (``tests/store_conformance.py``) checks it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol, runtime_checkable
+from urllib.parse import urlsplit
+
+from ..documents import WriteBatch
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A part of a batch the store refused for good: its events are dead-lettered."""
+
+    sources: tuple[str, ...]
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """Outcome of a write. Everything not rejected is durable."""
+
+    rejected: tuple[Rejection, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RunQuery:
+    """Filters of ``list_runs``; results are newest ``startedAt`` first."""
+
+    workflow_id: str | None = None
+    status: str | None = None
+    trigger_source: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    limit: int = 50
+
+
+@dataclass(frozen=True, slots=True)
+class NodeQuery:
+    """Filters of ``scan_nodes`` (by node ``startedAt``)."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+    types: tuple[str, ...] = ()
+    run_ids: tuple[str, ...] = ()
+    fields: tuple[str, ...] = field(default=())  # a projection hint; () means everything
+
+
+@runtime_checkable
+class Store(Protocol):
+    """An async audit store. Implementations are thin adapters over one database."""
+
+    #: Short name used in metrics labels: ``sqlite``, ``postgresql``, ``mongodb``, ``null``.
+    name: str
+
+    async def open(self) -> None:
+        """Connect, and create schema and indexes if missing (idempotent)."""
+
+    async def close(self) -> None:
+        """Release connections."""
+
+    async def migrate(self) -> None:
+        """Create schema and indexes idempotently."""
+
+    async def ping(self) -> None:
+        """Raise :class:`worker.errors.StoreUnavailable` if the store cannot be reached."""
+
+    async def write(self, batch: WriteBatch) -> WriteResult:
+        """Merge a batch durably (see ``worker.documents``), all or per rejection.
+
+        Raises :class:`~worker.errors.StoreUnavailable` for a transient failure (retry the
+        whole batch) and :class:`~worker.errors.StoreRejected` when the batch as a whole
+        cannot be written (the caller splits it per run to isolate the cause).
+        """
+
+    async def get_run(self, workspace: str, run_id: str) -> dict[str, Any] | None:
+        """One run document, or None."""
+
+    async def get_nodes(self, workspace: str, run_id: str) -> list[dict[str, Any]]:
+        """A run's node documents in execution order (startedAt, attempt, nodeId)."""
+
+    async def list_runs(self, workspace: str, query: RunQuery) -> list[dict[str, Any]]:
+        """Run documents matching ``query``, newest first, at most ``query.limit``."""
+
+    def scan_nodes(self, workspace: str, query: NodeQuery) -> AsyncIterator[dict[str, Any]]:
+        """Stream node documents matching ``query`` (for insights and archival)."""
+
+    async def workspaces(self) -> list[str]:
+        """Workspaces that hold data."""
+
+    async def delete_runs(self, workspace: str, run_ids: Sequence[str]) -> int:
+        """Delete runs and all their node documents; returns runs deleted."""
+
+
+def open_store(url: str, **options: Any) -> Store:
+    """The store a URL names (not yet opened)."""
+    scheme = urlsplit(url).scheme
+    if scheme == "null":
+        from .null import NullStore
+
+        return NullStore()
+    if scheme == "sqlite":
+        from .sqlite import SQLiteStore
+
+        return SQLiteStore(url, **options)
+    if scheme in ("postgresql", "postgres"):
+        from .postgres import PostgresStore
+
+        return PostgresStore(url, **options)
+    if scheme in ("mongodb", "mongodb+srv"):
+        from .mongo import MongoStore
+
+        return MongoStore(url, **options)
+    raise ConfigError(f"no store for URL scheme {scheme!r}")

@@ -1,0 +1,55 @@
+"""A store that discards writes: the pipeline's own ceiling, for benchmarks."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from ..documents import WriteBatch
+from .base import NodeQuery, RunQuery, WriteResult
+
+
+class NullStore:
+    """Accepts every write and keeps nothing."""
+
+    name = "null"
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.rows = 0
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def migrate(self) -> None:
+        return None
+
+    async def ping(self) -> None:
+        return None
+
+    async def write(self, batch: WriteBatch) -> WriteResult:
+        self.batches += 1
+        self.rows += len(batch)
+        return WriteResult()
+
+    async def get_run(self, workspace: str, run_id: str) -> dict[str, Any] | None:
+        return None
+
+    async def get_nodes(self, workspace: str, run_id: str) -> list[dict[str, Any]]:
+        return []
+
+    async def list_runs(self, workspace: str, query: RunQuery) -> list[dict[str, Any]]:
+        return []
+
+    async def scan_nodes(self, workspace: str, query: NodeQuery) -> AsyncIterator[dict[str, Any]]:
+        return
+        yield
+
+    async def workspaces(self) -> list[str]:
+        return []
+
+    async def delete_runs(self, workspace: str, run_ids: Sequence[str]) -> int:
+        return 0
