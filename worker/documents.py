@@ -380,8 +380,8 @@ class WriteBatch:
         parts: dict[tuple[str, str], WriteBatch] = {}
         for key, run in self.runs.items():
             parts.setdefault(key, WriteBatch()).runs[key] = run
-        for key, node in self.nodes.items():
-            parts.setdefault(key[:2], WriteBatch()).nodes[key] = node
+        for nkey, node in self.nodes.items():
+            parts.setdefault((nkey[0], nkey[1]), WriteBatch()).nodes[nkey] = node
         return list(parts.values())
 
     def workspaces(self) -> set[str]:

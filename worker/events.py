@@ -180,7 +180,7 @@ def validate(raw: Any) -> Decoded:
             f"event version {version!r} is not supported (this worker reads v{SCHEMA_VERSION})",
         )
     try:
-        event: Event = msgspec.convert(raw, Event)  # type: ignore[arg-type]
+        event: Event = msgspec.convert(raw, Event)
     except msgspec.ValidationError as exc:
         raise InvalidEvent(Reason.SCHEMA, str(exc)) from None
     if isinstance(event, TerminalEvent) and event.status == "running":
@@ -220,5 +220,5 @@ def encode(event: dict[str, Any] | Struct) -> bytes:
 
 def parse_time(value: str) -> datetime:
     """Parse an RFC 3339 time with an offset into a UTC datetime."""
-    parsed: datetime = msgspec.convert(value, Time)  # type: ignore[arg-type]
+    parsed: datetime = msgspec.convert(value, Time)
     return parsed.astimezone(UTC)

@@ -105,20 +105,25 @@ class Store(Protocol):
 def open_store(url: str, **options: Any) -> Store:
     """The store a URL names (not yet opened)."""
     scheme = urlsplit(url).scheme
+    store: Store
     if scheme == "null":
         from .null import NullStore
 
-        return NullStore()
+        store = NullStore()
+        return store
     if scheme == "sqlite":
         from .sqlite import SQLiteStore
 
-        return SQLiteStore(url, **options)
+        store = SQLiteStore(url, **options)
+        return store
     if scheme in ("postgresql", "postgres"):
         from .postgres import PostgresStore
 
-        return PostgresStore(url, **options)
+        store = PostgresStore(url, **options)
+        return store
     if scheme in ("mongodb", "mongodb+srv"):
         from .mongo import MongoStore
 
-        return MongoStore(url, **options)
+        store = MongoStore(url, **options)
+        return store
     raise ConfigError(f"no store for URL scheme {scheme!r}")

@@ -1,0 +1,230 @@
+"""Test doubles and tools shared by the worker tests."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import anyio
+import redis.asyncio as aioredis
+
+from worker.documents import WriteBatch
+from worker.errors import StoreRejected, StoreUnavailable
+from worker.stores.base import NodeQuery, RunQuery, Store, WriteResult
+
+
+class ControlledStore:
+    """Wraps a real store: can be taken down, slowed, or made to choke on some runs."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.down = False
+        self.delay = 0.0
+        self.crash_runs: set[str] = set()   # raise an unexpected error (a poison message)
+        self.reject_runs: set[str] = set()  # raise StoreRejected (permanent)
+        self.writes = 0
+        self.failures = 0
+
+    async def open(self) -> None:
+        await self.inner.open()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def migrate(self) -> None:
+        await self.inner.migrate()
+
+    async def ping(self) -> None:
+        if self.down:
+            raise StoreUnavailable("store is down (test)")
+        await self.inner.ping()
+
+    async def write(self, batch: WriteBatch) -> WriteResult:
+        if self.delay:
+            await anyio.sleep(self.delay)
+        if self.down:
+            self.failures += 1
+            raise StoreUnavailable("store is down (test)")
+        runs = {run_id for _, run_id in batch.runs}
+        if runs & self.crash_runs:
+            self.failures += 1
+            raise RuntimeError("boom: this run crashes the writer")
+        if runs & self.reject_runs:
+            self.failures += 1
+            raise StoreRejected("value too long for this store (test)")
+        self.writes += 1
+        return await self.inner.write(batch)
+
+    async def get_run(self, workspace: str, run_id: str) -> dict[str, Any] | None:
+        return await self.inner.get_run(workspace, run_id)
+
+    async def get_nodes(self, workspace: str, run_id: str) -> list[dict[str, Any]]:
+        return await self.inner.get_nodes(workspace, run_id)
+
+    async def list_runs(self, workspace: str, query: RunQuery) -> list[dict[str, Any]]:
+        return await self.inner.list_runs(workspace, query)
+
+    def scan_nodes(self, workspace: str, query: NodeQuery) -> AsyncIterator[dict[str, Any]]:
+        return self.inner.scan_nodes(workspace, query)
+
+    async def workspaces(self) -> list[str]:
+        return await self.inner.workspaces()
+
+    async def delete_runs(self, workspace: str, run_ids: Sequence[str]) -> int:
+        return await self.inner.delete_runs(workspace, run_ids)
+
+
+async def dlq_entries(redis: aioredis.Redis, stream: str) -> list[dict[str, Any]]:
+    """The dead-letter stream's entries as dicts of text fields (event kept as bytes)."""
+    out = []
+    for entry_id, fields in await redis.xrange(stream + ":dlq"):
+        row = {k.decode(): (v if k == b"event" else v.decode()) for k, v in fields.items()}
+        row["_id"] = entry_id.decode()
+        out.append(row)
+    return out
+
+
+async def pending_count(redis: aioredis.Redis, stream: str, group: str) -> int:
+    summary = await redis.xpending(stream, group)
+    return int(summary["pending"])
+
+
+def event_ids_of(events: Sequence[dict[str, Any]]) -> set[str]:
+    return {e["eventId"] for e in events}
+
+
+def payload(event: dict[str, Any]) -> bytes:
+    return json.dumps(event).encode()
+
+
+class TcpProxy:
+    """A TCP proxy in the test's event loop that can cut the link (store outages)."""
+
+    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+        self.upstream = (upstream_host, upstream_port)
+        self.port = 0
+        self.cut = False
+        self._conns: set[Any] = set()
+        self._tg: Any = None
+
+    async def __aenter__(self) -> TcpProxy:
+        self._listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+        self.port = self._listener.extra(anyio.abc.SocketAttribute.local_port)
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._tg.start_soon(self._listener.serve, self._handle)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._tg.cancel_scope.cancel()
+        await self._tg.__aexit__(None, None, None)
+        await self._listener.aclose()
+
+    async def set_cut(self, cut: bool) -> None:
+        """Cut: drop every open connection and refuse new ones until restored."""
+        self.cut = cut
+        if cut:
+            for conn in list(self._conns):
+                await conn.aclose()
+
+    async def _handle(self, client: Any) -> None:
+        if self.cut:
+            await client.aclose()
+            return
+        try:
+            upstream = await anyio.connect_tcp(*self.upstream)
+        except OSError:
+            await client.aclose()
+            return
+        self._conns.update((client, upstream))
+
+        async def pump(src: Any, dst: Any) -> None:
+            try:
+                async for chunk in src:
+                    await dst.send(chunk)
+            except Exception:
+                pass
+            finally:
+                await src.aclose()
+                await dst.aclose()
+                tg.cancel_scope.cancel()
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(pump, client, upstream)
+                tg.start_soon(pump, upstream, client)
+        finally:
+            self._conns.discard(client)
+            self._conns.discard(upstream)
+
+
+class MemoryStore:
+    """The reference merge of worker.documents, kept in memory (worker-loop tests)."""
+
+    name = "memory"
+
+    def __init__(self) -> None:
+        from worker.documents import NodeDoc, RunPatch
+
+        self.runs: dict[tuple[str, str], RunPatch] = {}
+        self.nodes: dict[tuple[str, str, str], NodeDoc] = {}
+        self.batches = 0
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def migrate(self) -> None:
+        return None
+
+    async def ping(self) -> None:
+        return None
+
+    async def write(self, batch: WriteBatch) -> WriteResult:
+        import copy
+
+        self.batches += 1
+        for key, run in batch.runs.items():
+            clean = copy.deepcopy(run)
+            clean.sources = []
+            if key in self.runs:
+                self.runs[key].merge(clean)
+            else:
+                self.runs[key] = clean
+        for nkey, node in batch.nodes.items():
+            clean_node = copy.deepcopy(node)
+            clean_node.sources = []
+            if nkey in self.nodes:
+                self.nodes[nkey].merge(clean_node)
+            else:
+                self.nodes[nkey] = clean_node
+        return WriteResult()
+
+    async def get_run(self, workspace: str, run_id: str) -> dict[str, Any] | None:
+        run = self.runs.get((workspace, run_id))
+        return run.to_doc() if run else None
+
+    async def get_nodes(self, workspace: str, run_id: str) -> list[dict[str, Any]]:
+        return [n.doc for k, n in self.nodes.items() if k[:2] == (workspace, run_id)]
+
+    async def list_runs(self, workspace: str, query: RunQuery) -> list[dict[str, Any]]:
+        return [r.to_doc() for k, r in self.runs.items() if k[0] == workspace][: query.limit]
+
+    async def scan_nodes(self, workspace: str, query: NodeQuery) -> AsyncIterator[dict[str, Any]]:
+        for k, n in self.nodes.items():
+            if k[0] == workspace:
+                yield n.doc
+
+    async def workspaces(self) -> list[str]:
+        return sorted({k[0] for k in self.runs})
+
+    async def delete_runs(self, workspace: str, run_ids: Sequence[str]) -> int:
+        gone = 0
+        for run_id in run_ids:
+            if self.runs.pop((workspace, run_id), None) is not None:
+                gone += 1
+        return gone

@@ -1,0 +1,270 @@
+"""The worker loop against real Redis: delivery, dead letters, reclaim, backpressure."""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+import anyio
+import pytest
+import redis.asyncio as aioredis
+
+from tests.helpers import ControlledStore, MemoryStore, dlq_entries, pending_count
+from worker import samples
+from worker.constants import Reason
+from worker.consumer import Worker
+from worker.emitter import AuditEmitter, make_event
+from worker.metrics import Metrics
+from worker.reclaim import Reclaimer
+from worker.settings import Settings
+
+pytestmark = [pytest.mark.anyio, pytest.mark.redis]
+
+
+def settings(stream: str, redis_url: str, **kw: Any) -> Settings:
+    base: dict[str, Any] = dict(
+        redis_url=redis_url, streams=(stream,), metrics_port=0, block_ms=50, burst=True,
+        batch_size=50, claim_idle_ms=200, reclaim_interval_s=0.1, max_deliveries=3,
+        consumer="w1", shutdown_grace_s=5,
+    )
+    base.update(kw)
+    return Settings(**base)
+
+
+def runs(n: int, seed: int = 7, workspace: str = "ws1") -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    return [samples.lead_triage_run(rng, workspace, f"run{i}", prompt_size=lambda r: 300)
+            for i in range(n)]
+
+
+def events_of(rs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for i, r in enumerate(rs):
+        out.extend(samples.run_events(r, snapshot=i % 2 == 1))
+    return out
+
+
+async def run_burst(worker: Worker, timeout: float = 30) -> None:
+    with anyio.fail_after(timeout):
+        await worker.run()
+
+
+async def test_burst_drains_everything_and_dead_letters_bad_input(
+    redis_client: aioredis.Redis, stream: str, redis_url: str
+) -> None:
+    """Valid events are stored and ACKed; each bad entry lands in the DLQ with its reason."""
+    emitter = AuditEmitter(redis_client, [stream])
+    rs = runs(20)
+    evs = events_of(rs)
+    await emitter.emit_many(evs)
+    await emitter.emit_raw(stream, b"{broken")
+    await emitter.emit_raw(stream, json.dumps({**evs[0], "v": 7}).encode())
+    await redis_client.xadd(stream, {"other": "field"})
+    store = MemoryStore()
+    worker = Worker(settings(stream, redis_url), store, redis_client)
+    await run_burst(worker)
+
+    assert await pending_count(redis_client, stream, "audit-writers") == 0
+    assert len(store.runs) == 20
+    for r in rs:
+        doc = await store.get_run("ws1", r["runId"])
+        assert doc is not None
+        assert doc["status"] == r["status"]
+        assert doc["summary"]["nodeExecutions"] == len(r["nodes"])
+    dead = await dlq_entries(redis_client, stream)
+    assert [d["reason"] for d in dead] == [Reason.INVALID_JSON, Reason.UNSUPPORTED_VERSION,
+                                           Reason.MISSING_FIELD]
+    assert dead[0]["event"] == b"{broken"
+    assert dead[0]["stream"] == stream
+    assert dead[0]["deliveries"] == "1"
+    assert dead[1]["id"] != dead[0]["id"]
+    assert "v7" in dead[1]["error"] or "7" in dead[1]["error"]
+
+
+async def test_entries_added_before_the_group_exists_are_not_skipped(
+    redis_client: aioredis.Redis, stream: str, redis_url: str
+) -> None:
+    """The group is created from ID 0, so a backlog written first is consumed."""
+    evs = events_of(runs(3))
+    await AuditEmitter(redis_client, [stream]).emit_many(evs)
+    assert not await redis_client.exists(stream + ":dlq")
+    store = MemoryStore()
+    await run_burst(Worker(settings(stream, redis_url), store, redis_client))
+    assert len(store.runs) == 3
+
+
+async def test_poison_message_is_dead_lettered_after_max_deliveries_and_blocks_nothing(
+    redis_client: aioredis.Redis, stream: str, redis_url: str
+) -> None:
+    """A run that crashes the writer is redelivered, then dead-lettered; others flow."""
+    rs = runs(10)
+    poison = rs[4]["runId"]
+    await AuditEmitter(redis_client, [stream]).emit_many(events_of(rs))
+    store = ControlledStore(MemoryStore())
+    store.crash_runs.add(poison)
+    metrics = Metrics()
+    worker = Worker(settings(stream, redis_url, max_deliveries=3), store, redis_client, metrics)
+    await run_burst(worker)
+
+    inner = store.inner
+    assert isinstance(inner, MemoryStore)
+    assert {k[1] for k in inner.runs} == {r["runId"] for r in rs} - {poison}
+    dead = await dlq_entries(redis_client, stream)
+    assert dead
+    assert {d["reason"] for d in dead} == {Reason.MAX_DELIVERIES}
+    assert all(json.loads(d["event"])["runId"] == poison for d in dead)
+    assert all(int(d["deliveries"]) == 4 for d in dead)
+    assert await pending_count(redis_client, stream, "audit-writers") == 0
+    reclaimed = metrics.registry.get_sample_value(
+        "audit_fleet_entries_reclaimed_total", {"stream": stream})
+    assert reclaimed is not None and reclaimed >= 3 * len(dead)
+
+
+async def test_store_rejection_dead_letters_only_the_rejected_run(
+    redis_client: aioredis.Redis, stream: str, redis_url: str
+) -> None:
+    """A permanent store error is isolated to its run by splitting the batch."""
+    rs = runs(8)
+    bad = rs[2]["runId"]
+    await AuditEmitter(redis_client, [stream]).emit_many(events_of(rs))
+    store = ControlledStore(MemoryStore())
+    store.reject_runs.add(bad)
+    await run_burst(Worker(settings(stream, redis_url), store, redis_client))
+    inner = store.inner
+    assert isinstance(inner, MemoryStore)
+    assert {k[1] for k in inner.runs} == {r["runId"] for r in rs} - {bad}
+    dead = await dlq_entries(redis_client, stream)
+    assert {d["reason"] for d in dead} == {Reason.STORE_REJECTED}
+    assert all("too long" in d["error"] for d in dead)
+    assert len(dead) == len(samples.run_events(rs[2], snapshot=False)) or len(dead) == 1
+
+
+async def test_outage_applies_backpressure_and_acks_nothing_early(
+    redis_client: aioredis.Redis, stream: str, redis_url: str
+) -> None:
+    """While the store is down nothing is ACKed and the reader stops; then all drains."""
+    rs = runs(60)
+    evs = events_of(rs)
+    await AuditEmitter(redis_client, [stream]).emit_many(evs)
+    store = ControlledStore(MemoryStore())
+    store.down = True
+    cfg = settings(stream, redis_url, batch_size=20, max_inflight=2)
+    metrics = Metrics()
+    worker = Worker(cfg, store, redis_client, metrics, retry_max_backoff_s=0.05)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        await anyio.sleep(1.5)
+        groups = await redis_client.xinfo_groups(stream)
+        read = int(groups[0]["entries-read"])
+        assert read <= (cfg.max_inflight + 1) * cfg.batch_size  # bounded: backpressure
+        assert await pending_count(redis_client, stream, cfg.group) == read  # nothing ACKed
+        assert store.failures > 3
+        store.down = False
+        with anyio.fail_after(30):
+            while worker.stopping is False:
+                await anyio.sleep(0.05)
+    inner = store.inner
+    assert isinstance(inner, MemoryStore)
+    assert len(inner.runs) == 60
+    assert await pending_count(redis_client, stream, cfg.group) == 0
+    retries = metrics.registry.get_sample_value("audit_fleet_store_retries_total",
+                                                {"store": "memory"})
+    assert retries is not None and retries > 3
+
+
+async def test_graceful_stop_finishes_and_acks_in_flight_batches(
+    redis_client: aioredis.Redis, stream: str, redis_url: str
+) -> None:
+    """stop() ends reading; batches already read are written and ACKed before exit."""
+    evs = events_of(runs(100))
+    await AuditEmitter(redis_client, [stream]).emit_many(evs)
+    store = ControlledStore(MemoryStore())
+    store.delay = 0.2
+    worker = Worker(settings(stream, redis_url, burst=False, batch_size=25), store, redis_client)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        await anyio.sleep(0.5)
+        worker.stop()
+    assert store.writes > 0
+    assert await pending_count(redis_client, stream, "audit-writers") == 0
+    groups = await redis_client.xinfo_groups(stream)
+    assert int(groups[0]["entries-read"]) < len(evs)  # it stopped reading early
+
+
+async def test_lease_renewal_keeps_peers_from_stealing_slow_batches(
+    redis_client: aioredis.Redis, stream: str, redis_url: str
+) -> None:
+    """Entries held during a slow write stay un-idle, so a peer's XAUTOCLAIM gets nothing."""
+    await AuditEmitter(redis_client, [stream]).emit_many(events_of(runs(5)))
+    store = ControlledStore(MemoryStore())
+    store.delay = 1.5
+    cfg = settings(stream, redis_url, burst=False, claim_idle_ms=300)
+    worker = Worker(cfg, store, redis_client)
+    peer = Worker(cfg.with_(consumer="peer"), MemoryStore(), redis_client)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        await anyio.sleep(1.0)
+        stolen = await Reclaimer(peer).sweep(stream)
+        worker.stop()
+    assert stolen == []
+    assert await pending_count(redis_client, stream, cfg.group) == 0
+
+
+async def test_reclaim_counts_entries_deleted_while_pending(
+    redis_client: aioredis.Redis, stream: str, redis_url: str
+) -> None:
+    """XAUTOCLAIM's deleted-IDs element is counted, and the rest is claimed."""
+    emitter = AuditEmitter(redis_client, [stream])
+    ids = await emitter.emit_many(events_of(runs(2)))
+    cfg = settings(stream, redis_url, claim_idle_ms=1)
+    dead_worker = Worker(cfg.with_(consumer="dead"), MemoryStore(), redis_client)
+    await dead_worker.ensure_groups()
+    await redis_client.xreadgroup(cfg.group, "dead", {stream: ">"}, count=100)
+    await redis_client.xdel(stream, ids[0], ids[1])
+    await anyio.sleep(0.01)
+    metrics = Metrics()
+    survivor = Worker(cfg, MemoryStore(), redis_client, metrics)
+    claimed = await Reclaimer(survivor).sweep(stream)
+    assert {e.id for e in claimed} == set(ids[2:])
+    assert all(e.deliveries == 2 for e in claimed)
+    assert metrics.registry.get_sample_value(
+        "audit_fleet_entries_reclaimed_deleted_total", {"stream": stream}) == 2
+
+
+async def test_group_is_recreated_after_flushall(private_redis: str, stream: str) -> None:
+    """NOGROUP (Redis flushed or restarted empty) recreates the group and carries on."""
+    client = aioredis.Redis.from_url(private_redis)
+    emitter = AuditEmitter(client, [stream])
+    rs = runs(6)
+    store = MemoryStore()
+    worker = Worker(settings(stream, private_redis, burst=False), store, client)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        await emitter.emit_many(events_of(rs[:3]))
+        with anyio.fail_after(10):
+            while len(store.runs) < 3:
+                await anyio.sleep(0.05)
+        await client.flushall()
+        await emitter.emit_many(events_of(rs[3:]))
+        with anyio.fail_after(10):
+            while len(store.runs) < 6:
+                await anyio.sleep(0.05)
+        worker.stop()
+    assert await pending_count(client, stream, "audit-writers") == 0
+    await client.aclose()
+
+
+async def test_invalid_workspace_never_reaches_the_store(
+    redis_client: aioredis.Redis, stream: str, redis_url: str
+) -> None:
+    """A hostile workspace ID is refused at the edge and dead-lettered."""
+    event = make_event("run.started", "ws1", "wf", "r1")
+    event["workspaceId"] = "admin.$cmd"
+    await redis_client.xadd(stream, {"event": json.dumps(event)})
+    store = MemoryStore()
+    await run_burst(Worker(settings(stream, redis_url), store, redis_client))
+    assert store.runs == {}
+    dead = await dlq_entries(redis_client, stream)
+    assert [d["reason"] for d in dead] == [Reason.SCHEMA]
+    assert "workspaceId" in dead[0]["error"]

@@ -1,0 +1,438 @@
+"""The worker: read → decode/validate → coalesce per run → upsert → ack.
+
+Reading, writing and acknowledging overlap: one reader task feeds a bounded
+channel that ``max_inflight`` writer tasks drain, so the next XREADGROUP runs
+while the previous batch is decoded and written, and a slow or unavailable
+store stops the reader (backpressure) instead of piling entries up in memory.
+Reclaiming, lease renewal and the operational loops run beside it in one task
+group; all of them stop together on SIGTERM/SIGINT:
+
+1. stop reading (the reader finishes its current XREADGROUP BLOCK),
+2. drain: in-flight batches are written and acknowledged within the grace period,
+3. cancel whatever is left under the hard deadline; unacknowledged entries stay
+   pending in the group and a peer (or this worker's next run) reclaims them.
+"""
+
+from __future__ import annotations
+
+
+import signal
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import redis.asyncio as aioredis
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_never
+from tenacity.wait import wait_exponential_jitter
+
+from . import constants as c
+from .documents import WriteBatch, coalesce
+from .errors import InvalidEvent, StoreRejected, StoreUnavailable
+from .events import Decoded, decode
+from .logs import get_logger
+from .metrics import Metrics
+from .redisio import DeadLetter, Entry, ensure_group, entries_from_read, is_nogroup, settle, text
+from .settings import Settings
+from .stores.base import Store, WriteResult
+
+#: Errors that mean Redis is (briefly) unreachable: back off and try again.
+REDIS_TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
+
+Loop = Callable[[], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class Batch:
+    """Entries read together, written together and acknowledged together."""
+
+    entries: list[Entry]
+    reclaimed: bool = False
+    read_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What happened to a batch: acknowledged entries, dead letters, entries left pending."""
+
+    written: list[Entry] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)
+    abandoned: list[Entry] = field(default_factory=list)
+
+
+def prepare(
+    entries: Sequence[Entry], max_bytes: int, max_deliveries: int
+) -> tuple[list[tuple[str, Decoded]], list[DeadLetter]]:
+    """Decode a batch: valid events keyed by their index, and dead letters (pure)."""
+    valid: list[tuple[str, Decoded]] = []
+    dead: list[DeadLetter] = []
+    for index, entry in enumerate(entries):
+        if entry.deliveries > max_deliveries:
+            dead.append(DeadLetter(entry, c.Reason.MAX_DELIVERIES,
+                                   f"delivered {entry.deliveries} times "
+                                   f"(AUDIT_MAX_DELIVERIES={max_deliveries})"))
+            continue
+        if entry.payload is None:
+            dead.append(DeadLetter(entry, c.Reason.MISSING_FIELD,
+                                   f"entry has no {c.EVENT_FIELD!r} field"))
+            continue
+        try:
+            valid.append((str(index), decode(entry.payload, max_bytes=max_bytes)))
+        except InvalidEvent as exc:
+            dead.append(DeadLetter(entry, exc.reason, exc.detail))
+    return valid, dead
+
+
+class Worker:
+    """One member of the fleet: a consumer in the group, reading every configured stream."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        redis: aioredis.Redis | None = None,
+        metrics: Metrics | None = None,
+        *,
+        side_loops: Sequence[Loop] = (),
+        handle_signals: bool = False,
+        retry_max_backoff_s: float = 10.0,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.redis = redis if redis is not None else aioredis.Redis.from_url(settings.redis_url)
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.side_loops = list(side_loops)
+        self.handle_signals = handle_signals
+        self.retry_max_backoff_s = retry_max_backoff_s
+        self.log = get_logger(group=settings.group, consumer=settings.consumer)
+        self.held: dict[str, set[str]] = {s: set() for s in settings.streams}
+        self.inflight = 0
+        self.stopping = False
+        self._stop = anyio.Event()
+        self._pipe_scope: anyio.CancelScope | None = None
+        self.heartbeats: dict[str, float] = {}
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the worker to stop reading and drain (safe to call more than once)."""
+        if not self.stopping:
+            self.stopping = True
+            self._stop.set()
+
+    def beat(self, loop: str) -> None:
+        now = time.time()
+        self.heartbeats[loop] = now
+        self.metrics.loop_heartbeat.labels(loop).set(now)
+
+    async def ensure_groups(self) -> None:
+        for stream in self.settings.streams:
+            if await ensure_group(self.redis, stream, self.settings.group):
+                self.log.info("group_created", stream=stream)
+
+    async def run(self) -> None:
+        """Run until stopped (signal, :meth:`stop`, or an idle group in burst mode)."""
+        from .reclaim import Reclaimer
+
+        await self.ensure_groups()
+        reclaimer = Reclaimer(self)
+        send, recv = anyio.create_memory_object_stream[Batch](0)
+        self.log.info("worker_started", streams=list(self.settings.streams),
+                      store=self.store.name, burst=self.settings.burst)
+        async with anyio.create_task_group() as side:
+            side.start_soon(self._grace_watchdog)
+            side.start_soon(self._supervise, "leases", self._lease_keeper)
+            if self.handle_signals:
+                side.start_soon(self._signal_watcher)
+            for loop in self.side_loops:
+                side.start_soon(self._supervise, getattr(loop, "__name__", "loop"), loop)
+            async with anyio.create_task_group() as pipe:
+                self._pipe_scope = pipe.cancel_scope
+                async with send, recv:
+                    pipe.start_soon(self._reader, send.clone())
+                    pipe.start_soon(reclaimer.run, send.clone())
+                    for _ in range(self.settings.max_inflight):
+                        pipe.start_soon(self._writer, recv.clone())
+            side.cancel_scope.cancel()
+        self.log.info("worker_stopped")
+
+    async def _grace_watchdog(self) -> None:
+        await self._stop.wait()
+        if self._pipe_scope is not None:
+            self._pipe_scope.deadline = anyio.current_time() + self.settings.shutdown_grace_s
+
+    async def _signal_watcher(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                if self.stopping and self._pipe_scope is not None:
+                    self.log.warning("second_signal_cancelling", signal=signum)
+                    self._pipe_scope.cancel()
+                    return
+                self.log.info("signal_received_draining", signal=signum,
+                              grace_s=self.settings.shutdown_grace_s)
+                self.stop()
+
+    async def _supervise(self, name: str, loop: Loop) -> None:
+        """Run a side loop forever; log a failure and start it again after a pause."""
+        while True:
+            try:
+                await loop()
+                return
+            except Exception:
+                self.log.exception("loop_failed", loop=name)
+                await anyio.sleep(1.0)
+
+    async def sleep_or_stop(self, seconds: float) -> None:
+        with anyio.move_on_after(seconds):
+            await self._stop.wait()
+
+    # -- reading -------------------------------------------------------------------
+
+    async def _reader(self, send: ObjectSendStream[Batch]) -> None:
+        s = self.settings
+        streams: dict[Any, Any] = {name: ">" for name in s.streams}
+        backoff = 0.1
+        async with send:
+            while not self.stopping:
+                self.beat("reader")
+                try:
+                    response = await self.redis.xreadgroup(
+                        s.group, s.consumer, streams, count=s.batch_size, block=s.block_ms
+                    )
+                except REDIS_TRANSIENT as exc:
+                    self.log.warning("redis_unavailable", error=str(exc), retry_in_s=backoff)
+                    await self.sleep_or_stop(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+                except Exception as exc:
+                    if not is_nogroup(exc):
+                        raise
+                    self.log.warning("nogroup_recreating", error=str(exc))
+                    await self.ensure_groups()
+                    continue
+                backoff = 0.1
+                entries = entries_from_read(response)
+                if not entries:
+                    if s.burst and await self.drained():
+                        self.log.info("burst_drained")
+                        self.stop()
+                    continue
+                self.hold(entries)
+                for name, count in _count_by_stream(entries).items():
+                    self.metrics.events_read.labels(name).inc(count)
+                await send.send(Batch(entries))
+
+    def hold(self, entries: Sequence[Entry]) -> None:
+        for e in entries:
+            self.held.setdefault(e.stream, set()).add(e.id)
+
+    def release(self, entries: Sequence[Entry]) -> None:
+        for e in entries:
+            self.held.get(e.stream, set()).discard(e.id)
+
+    async def drained(self) -> bool:
+        """True when nothing is in flight here and the group has no undelivered or
+        pending entries on any stream (the ``--burst`` exit condition)."""
+        if self.inflight or any(self.held.values()):
+            return False
+        for stream in self.settings.streams:
+            try:
+                groups = await self.redis.xinfo_groups(stream)
+            except Exception as exc:
+                if "no such key" in str(exc).lower():
+                    continue
+                raise
+            mine = next((g for g in groups if text(g["name"]) == self.settings.group), None)
+            if mine is None:
+                return False
+            if int(mine["pending"]):
+                return False
+            lag = mine.get("lag")
+            if lag is None or int(lag) > 0:
+                info = await self.redis.xinfo_stream(stream)
+                if _id_tuple(text(mine["last-delivered-id"])) < _id_tuple(
+                    text(info["last-generated-id"])
+                ) and int(info["length"]) > 0:
+                    return False
+        return True
+
+    # -- writing -------------------------------------------------------------------
+
+    async def _writer(self, recv: ObjectReceiveStream[Batch]) -> None:
+        async with recv:
+            async for batch in recv:
+                self.inflight += 1
+                self.metrics.batches_in_flight.inc()
+                try:
+                    await self.process(batch)
+                finally:
+                    self.inflight -= 1
+                    self.metrics.batches_in_flight.dec()
+                    self.beat("writer")
+
+    async def process(self, batch: Batch) -> Outcome:
+        """Decode, write durably, dead-letter what can never be stored, then acknowledge."""
+        s = self.settings
+        valid, dead = prepare(batch.entries, s.max_event_bytes, s.max_deliveries)
+        outcome = Outcome(dead=dead)
+        if valid:
+            by_source = {source: batch.entries[int(source)] for source, _ in valid}
+            await self._write_all(coalesce(valid), by_source, outcome)
+        await self._settle(outcome)
+        self.release(batch.entries)
+        now_ms = time.time() * 1000
+        for entry in outcome.written:
+            self.metrics.end_to_end_seconds.observe(max(0.0, now_ms - entry.id_ms) / 1000)
+        for name, count in _count_by_stream(outcome.written).items():
+            self.metrics.events_written.labels(name).inc(count)
+        for d in outcome.dead:
+            self.metrics.events_dead_lettered.labels(d.entry.stream, d.reason).inc()
+            self.log.warning("dead_lettered", stream=d.entry.stream, id=d.entry.id,
+                             reason=d.reason, error=d.error[:300], deliveries=d.entry.deliveries)
+        if outcome.written:
+            self.metrics.batches.labels(outcome.written[0].stream).inc()
+            self.metrics.batch_size.observe(len(outcome.written))
+        return outcome
+
+    async def _write_all(
+        self, batch: WriteBatch, by_source: dict[str, Entry], outcome: Outcome
+    ) -> None:
+        try:
+            result = await self._write(batch)
+        except StoreRejected as exc:
+            if len(batch.runs) <= 1:
+                self._reject(batch, str(exc), by_source, outcome)
+                return
+            self.log.warning("batch_rejected_splitting", runs=len(batch.runs), error=str(exc)[:300])
+            for part in batch.split_by_run():
+                await self._write_all(part, by_source, outcome)
+            return
+        except Exception as exc:
+            if len(batch.runs) > 1:
+                self.log.exception("batch_failed_splitting", runs=len(batch.runs))
+                for part in batch.split_by_run():
+                    await self._write_all(part, by_source, outcome)
+                return
+            # One run that fails for an unknown reason: leave it pending; it is
+            # redelivered by reclaim and dead-lettered after AUDIT_MAX_DELIVERIES.
+            entries = [by_source[src] for src in batch.sources()]
+            self.log.error("write_failed_leaving_pending", error=repr(exc)[:300],
+                           entries=len(entries))
+            outcome.abandoned.extend(entries)
+            return
+        rejected: set[str] = set()
+        for rejection in result.rejected:
+            for source in rejection.sources:
+                if source not in rejected and source in by_source:
+                    rejected.add(source)
+                    outcome.dead.append(DeadLetter(by_source[source], c.Reason.STORE_REJECTED,
+                                                   rejection.reason))
+        outcome.written.extend(by_source[src] for src in sorted(batch.sources() - rejected,
+                                                                 key=int))
+
+    def _reject(self, batch: WriteBatch, reason: str, by_source: dict[str, Entry],
+                outcome: Outcome) -> None:
+        for source in sorted(batch.sources(), key=int):
+            outcome.dead.append(DeadLetter(by_source[source], c.Reason.STORE_REJECTED, reason))
+
+    async def _write(self, batch: WriteBatch) -> WriteResult:
+        """One durable write; transient store errors are retried with exponential
+        backoff and jitter (bounded delay, no attempt limit: during an outage entries
+        stay pending and unacknowledged, and the reader stops — backpressure)."""
+        store = self.store.name
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(StoreUnavailable),
+            wait=wait_exponential_jitter(multiplier=0.05, max=self.retry_max_backoff_s),
+            stop=stop_never,
+            before_sleep=self._on_retry,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                start = time.perf_counter()
+                outcome = "ok"
+                try:
+                    return await self.store.write(batch)
+                except StoreUnavailable:
+                    outcome = "unavailable"
+                    raise
+                except StoreRejected:
+                    outcome = "rejected"
+                    raise
+                except Exception:
+                    outcome = "error"
+                    raise
+                finally:
+                    self.metrics.store_write_seconds.labels(store, outcome).observe(
+                        time.perf_counter() - start
+                    )
+        raise AssertionError("unreachable: tenacity either returns or raises")
+
+    def _on_retry(self, state: RetryCallState) -> None:
+        self.metrics.retries.labels(self.store.name).inc()
+        exc = state.outcome.exception() if state.outcome else None
+        wait = state.next_action.sleep if state.next_action else 0.0
+        self.beat("writer")
+        self.log.warning("store_unavailable_retrying", attempt=state.attempt_number,
+                         retry_in_s=round(wait, 3), error=str(exc)[:300])
+
+    async def _settle(self, outcome: Outcome) -> None:
+        """Dead-letter and ACK; keeps trying while Redis is unreachable."""
+        delay = 0.1
+        while True:
+            try:
+                await settle(self.redis, self.settings.group, self.settings.consumer,
+                             outcome.written, outcome.dead)
+                return
+            except REDIS_TRANSIENT as exc:
+                self.log.warning("ack_failed_retrying", error=str(exc), retry_in_s=delay)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    # -- leases ----------------------------------------------------------------------
+
+    async def _lease_keeper(self) -> None:
+        """Keep entries held here from looking idle to peers' XAUTOCLAIM.
+
+        XCLAIM ... JUSTID resets an entry's idle time without incrementing its
+        delivery count, so a batch waiting out a long store outage is neither stolen
+        nor pushed towards the dead-letter threshold.
+        """
+        interval = max(0.05, self.settings.claim_idle_ms / 3000)
+        while True:
+            await anyio.sleep(interval)
+            self.beat("leases")
+            for stream, ids in list(self.held.items()):
+                pending: list[Any] = list(ids)
+                for i in range(0, len(pending), 1000):
+                    chunk = pending[i : i + 1000]
+                    try:
+                        await self.redis.xclaim(stream, self.settings.group,
+                                                self.settings.consumer, 0, chunk, justid=True)
+                    except REDIS_TRANSIENT as exc:
+                        self.log.warning("lease_refresh_failed", error=str(exc))
+                    except Exception as exc:
+                        if not is_nogroup(exc):
+                            raise
+
+
+def _count_by_stream(entries: Sequence[Entry]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for e in entries:
+        counts[e.stream] = counts.get(e.stream, 0) + 1
+    return counts
+
+
+def _id_tuple(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return (int(ms), int(seq or 0))
+
+
+def claim_interval(settings: Settings) -> float:
+    return max(0.05, min(settings.reclaim_interval_s, settings.claim_idle_ms / 1000))
+
+

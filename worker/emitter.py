@@ -1,0 +1,205 @@
+"""The producer SDK: emit audit events to Redis Streams from a workflow engine.
+
+>>> emitter = AuditEmitter.from_url("redis://localhost:6379/0")
+>>> async with RunRecorder(emitter, "workspace_abc", "wf_lead_triage",
+...                        trigger={"type": "webhook", "source": "gmail"}) as run:
+...     run.record_node({"nodeId": "classify", "type": "ai", ...})
+
+Events are validated against the v1 contract before ``XADD``, so a producer bug
+fails in the producer, not in the fleet. Streams are never trimmed here (no
+``MAXLEN``): trimming is the fleet's job, below what every group acknowledged.
+"""
+
+from __future__ import annotations
+
+import uuid
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from . import constants as c
+from . import events as ev
+
+
+def new_event_id() -> str:
+    """A fresh, unique event ID (the idempotency key)."""
+    return uuid.uuid4().hex
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def _iso(value: Any) -> Any:
+    return value.astimezone(UTC).isoformat() if isinstance(value, datetime) else value
+
+
+def make_event(
+    type: str, workspace_id: str, workflow_id: str, run_id: str, **fields: Any
+) -> dict[str, Any]:
+    """A v1 event with ``v``, ``eventId`` and ``ts`` filled in (datetimes become RFC 3339)."""
+    event: dict[str, Any] = {
+        "v": c.SCHEMA_VERSION,
+        "eventId": fields.pop("eventId", None) or new_event_id(),
+        "type": type,
+        "workspaceId": workspace_id,
+        "workflowId": workflow_id,
+        "runId": run_id,
+        "ts": _iso(fields.pop("ts", None)) or now_iso(),
+    }
+    for key, value in fields.items():
+        if value is not None:
+            event[key] = _iso(value)
+    return event
+
+
+class AuditEmitter:
+    """Validates events and appends them to the audit stream(s)."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        streams: Sequence[str] = (c.DEFAULT_STREAM,),
+        *,
+        max_event_bytes: int = c.DEFAULT_MAX_EVENT_BYTES,
+        validate: bool = True,
+    ) -> None:
+        if not streams:
+            raise ValueError("at least one stream is required")
+        self.redis = redis
+        self.streams = tuple(streams)
+        self.max_event_bytes = max_event_bytes
+        self.validate = validate
+
+    @classmethod
+    def from_url(cls, url: str = c.DEFAULT_REDIS_URL, **kwargs: Any) -> AuditEmitter:
+        return cls(aioredis.Redis.from_url(url), **kwargs)
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+
+    def stream_for(self, run_id: str) -> str:
+        """The stream a run's events go to: stable, so one run stays in one shard."""
+        if len(self.streams) == 1:
+            return self.streams[0]
+        return self.streams[zlib.crc32(run_id.encode()) % len(self.streams)]
+
+    def encode(self, event: Mapping[str, Any]) -> bytes:
+        """Encode (and validate) one event; raises :class:`worker.errors.InvalidEvent`."""
+        payload = ev.encode(dict(event))
+        if self.validate:
+            ev.decode(payload, max_bytes=self.max_event_bytes)
+        return payload
+
+    async def emit(self, event: Mapping[str, Any]) -> str:
+        """Append one event; returns its stream entry ID."""
+        payload = self.encode(event)
+        entry_id = await self.redis.xadd(self.stream_for(event["runId"]),
+                                         {c.EVENT_FIELD: payload})
+        return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+    async def emit_many(self, events: Iterable[Mapping[str, Any]]) -> list[str]:
+        """Append many events in one pipelined round trip; all are validated first."""
+        encoded = [(self.stream_for(e["runId"]), self.encode(e)) for e in events]
+        if not encoded:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream, payload in encoded:
+                pipe.xadd(stream, {c.EVENT_FIELD: payload})
+            ids = await pipe.execute()
+        return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+
+    async def emit_raw(self, stream: str, payload: bytes) -> str:
+        """Append a payload as is, without validation (tests, replays of dead letters)."""
+        entry_id = await self.redis.xadd(stream, {c.EVENT_FIELD: payload})
+        return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+
+class RunRecorder:
+    """Buffers one run's node results and flushes them when the run ends.
+
+    ``mode="snapshot"`` (the default) writes the whole run as one ``run.snapshot``
+    event: the design's "buffer the nodes, write the run once" pattern.
+    ``mode="events"`` emits ``run.started``, one event per node and the terminal
+    event, pipelined at flush. Used as an async context manager, an exception
+    inside the block ends the run as failed (and is re-raised).
+    """
+
+    def __init__(
+        self,
+        emitter: AuditEmitter,
+        workspace_id: str,
+        workflow_id: str,
+        run_id: str | None = None,
+        *,
+        trigger: Mapping[str, Any] | None = None,
+        mode: str = "snapshot",
+        **extra: Any,
+    ) -> None:
+        if mode not in ("snapshot", "events"):
+            raise ValueError("mode must be 'snapshot' or 'events'")
+        self.emitter = emitter
+        self.workspace_id = workspace_id
+        self.workflow_id = workflow_id
+        self.run_id = run_id or f"run_{uuid.uuid4().hex[:16]}"
+        self.trigger = dict(trigger) if trigger else None
+        self.mode = mode
+        self.extra = extra
+        self.started_at = datetime.now(UTC)
+        self.nodes: list[dict[str, Any]] = []
+        self.flushed = False
+
+    def record_node(self, node: Mapping[str, Any] | None = None, **fields: Any) -> None:
+        """Buffer one node execution (``nodeId`` and ``type`` required)."""
+        data = {**(node or {}), **fields}
+        data.setdefault("completedAt", datetime.now(UTC))
+        self.nodes.append({k: _iso(v) for k, v in data.items() if v is not None})
+
+    def events(
+        self, status: str = "completed", error: Any = None, completed_at: datetime | None = None
+    ) -> list[dict[str, Any]]:
+        """The events this run flushes as."""
+        done = completed_at or datetime.now(UTC)
+        duration = round((done - self.started_at).total_seconds() * 1000, 3)
+        ids = (self.workspace_id, self.workflow_id, self.run_id)
+        if self.mode == "snapshot":
+            return [make_event(
+                "run.snapshot", *ids, trigger=self.trigger, status=status,
+                startedAt=self.started_at, completedAt=done, totalDuration=duration,
+                error=error, nodes=self.nodes, **self.extra,
+            )]
+        out = [make_event("run.started", *ids, trigger=self.trigger, startedAt=self.started_at,
+                          ts=self.started_at, **self.extra)]
+        for node in self.nodes:
+            kind = "node.failed" if node.get("error") else "node.completed"
+            out.append(make_event(kind, *ids, node=node, ts=node.get("completedAt")))
+        terminal = "run.completed" if status == "completed" else "run.failed"
+        out.append(make_event(terminal, *ids, status=status, totalDuration=duration,
+                              error=error, completedAt=done, ts=done))
+        return out
+
+    async def flush(self, status: str = "completed", error: Any = None) -> list[str]:
+        """Emit the run (once); returns the stream entry IDs."""
+        if self.flushed:
+            return []
+        ids = await self.emitter.emit_many(self.events(status, error))
+        self.flushed = True
+        return ids
+
+    async def __aenter__(self) -> RunRecorder:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            await self.flush()
+        elif isinstance(exc, Exception):
+            await self.flush("failed", {"type": type(exc).__name__, "message": str(exc)[:2000]})

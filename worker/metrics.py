@@ -1,0 +1,159 @@
+"""Prometheus metrics of one worker, on an injected registry.
+
+Two kinds of metric live here:
+
+* per-worker metrics (counters, histograms, gauges) that every worker exports about
+  its own work: events read and written, batches, store latency, heartbeats …
+* fleet-level gauges polled from Redis (lag, pending, stream and dead-letter length,
+  consumers). Exactly one worker of a group, elected with a short Redis lock, exports
+  them; see :mod:`worker.fleet` and docs/metrics.md.
+
+Every name is prefixed (``audit_fleet_`` by default). Counters appear with ``_total`` in
+the exposition, durations end in ``_seconds`` and timestamps in ``_timestamp_seconds``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
+
+from . import __version__
+from .fleet import FleetCollector
+
+PREFIX = "audit_fleet"
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_E2E_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
+_SIZE_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+
+#: Values of the ``outcome`` label of ``store_write_seconds``.
+STORE_OUTCOMES = ("ok", "unavailable", "rejected", "error")
+
+#: Suffixes each metric type adds in the text exposition.
+_SUFFIXES: dict[str, tuple[str, ...]] = {
+    "counter": ("_total", "_created"),
+    "histogram": ("_bucket", "_sum", "_count", "_created"),
+    "summary": ("", "_sum", "_count", "_created"),
+    "gauge": ("",),
+    "info": ("_info",),
+    "stateset": ("",),
+    "unknown": ("",),
+}
+
+
+class Metrics:
+    """Every metric a worker exports. One instance per worker (and per test)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, prefix: str = PREFIX) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.prefix = prefix
+        p, r = prefix, self.registry
+
+        # -- the worker's own work ----------------------------------------------------
+        self.events_read = Counter(
+            f"{p}_events_read", "Stream entries read (new and reclaimed)", ["stream"], registry=r
+        )
+        self.events_written = Counter(
+            f"{p}_events_written", "Events durably written and acknowledged", ["stream"],
+            registry=r,
+        )
+        self.events_dead_lettered = Counter(
+            f"{p}_events_dead_lettered", "Events moved to the dead-letter stream",
+            ["stream", "reason"], registry=r,
+        )
+        self.entries_reclaimed = Counter(
+            f"{p}_entries_reclaimed", "Pending entries claimed from idle consumers (XAUTOCLAIM)",
+            ["stream"], registry=r,
+        )
+        self.entries_reclaimed_deleted = Counter(
+            f"{p}_entries_reclaimed_deleted",
+            "Pending entries whose stream entry no longer existed when claimed", ["stream"],
+            registry=r,
+        )
+        self.batches = Counter(f"{p}_batches", "Batches written", ["stream"], registry=r)
+        self.batch_size = Histogram(
+            f"{p}_batch_size_events", "Events per batch", buckets=_SIZE_BUCKETS, registry=r
+        )
+        self.store_write_seconds = Histogram(
+            f"{p}_store_write_seconds", "Store write latency", ["store", "outcome"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.end_to_end_seconds = Histogram(
+            f"{p}_end_to_end_seconds",
+            "From the stream entry ID's time to the durable acknowledgement",
+            buckets=_E2E_BUCKETS, registry=r,
+        )
+        self.retries = Counter(
+            f"{p}_store_retries", "Store write attempts retried after a transient error",
+            ["store"], registry=r,
+        )
+        self.batches_in_flight = Gauge(
+            f"{p}_batches_in_flight", "Batches read but not yet acknowledged", registry=r
+        )
+        self.loop_heartbeat = Gauge(
+            f"{p}_loop_heartbeat_timestamp_seconds", "Last time each worker loop made progress",
+            ["loop"], registry=r,
+        )
+
+        # -- side loops: errors, hygiene, fleet polling ----------------------------------
+        self.loop_errors = Counter(
+            f"{p}_loop_errors", "Iterations of a side loop that failed (and were retried)",
+            ["loop"], registry=r,
+        )
+        self.trimmed_entries = Counter(
+            f"{p}_trimmed_entries", "Stream entries removed by XTRIM MINID (acknowledged by "
+            "every group and older than the retention floor)", ["stream"], registry=r,
+        )
+        self.consumers_deleted = Counter(
+            f"{p}_consumers_deleted", "Dead consumers removed with XGROUP DELCONSUMER "
+            "(only with no pending entries)", ["stream", "group"], registry=r,
+        )
+        self.fleet_poller = Gauge(
+            f"{p}_fleet_poller", "1 while this worker is the elected fleet poller, else 0",
+            registry=r,
+        )
+        self.build_info = Gauge(
+            f"{p}_build_info", "Always 1; the labels say which version runs", ["version"],
+            registry=r,
+        )
+        self.build_info.labels(__version__).set(1)
+
+        #: Fleet-level gauges polled from Redis; empty unless this worker is the poller.
+        self.fleet = FleetCollector(prefix)
+        r.register(self.fleet)
+
+    def heartbeat(self, loop: str) -> None:
+        """Record that ``loop`` made progress now (read by ``/healthz``)."""
+        self.loop_heartbeat.labels(loop).set(time.time())
+
+    def heartbeats(self) -> dict[str, float]:
+        """The last heartbeat (seconds since the epoch) of every loop that has beaten."""
+        out: dict[str, float] = {}
+        for family in self.loop_heartbeat.collect():
+            for sample in family.samples:
+                out[sample.labels["loop"]] = sample.value
+        return out
+
+    def families(self) -> list[Metric]:
+        """Every metric family this worker can export, fleet gauges included."""
+        by_name = {f.name: f for f in self.registry.collect()}
+        for family in self.fleet.describe():
+            by_name.setdefault(family.name, family)
+        return list(by_name.values())
+
+
+def exposition_names(families: Iterable[Metric]) -> set[str]:
+    """Sample names as they appear in the text exposition (``x_total``, ``x_bucket`` …)."""
+    names: set[str] = set()
+    for family in families:
+        for suffix in _SUFFIXES.get(family.type, ("",)):
+            names.add(family.name + suffix)
+    return names
+
+
+def exported_names(metrics: Metrics) -> set[str]:
+    """Every sample name ``metrics`` can export (what alerts and dashboards may use)."""
+    return exposition_names(metrics.families())

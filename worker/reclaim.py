@@ -1,0 +1,108 @@
+"""Reclaim: take over entries that crashed or stuck peers left pending (XAUTOCLAIM).
+
+Each sweep walks the group's pending entries list with XAUTOCLAIM, carrying the
+cursor between calls until it wraps to ``0-0``. Claimed entries go through the
+same pipeline as new ones (same backpressure); an entry delivered more than
+``AUDIT_MAX_DELIVERIES`` times is a poison message and is dead-lettered instead.
+Redis 7 also returns the IDs of pending entries that no longer exist in the
+stream (deleted or trimmed); it has already removed them from the pending list,
+so they are counted and logged.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from anyio.abc import ObjectSendStream
+
+from .redisio import Entry, entries_from_read, is_nogroup, text
+
+if TYPE_CHECKING:
+    from .consumer import Batch, Worker
+
+
+class Reclaimer:
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.settings = worker.settings
+        self.redis = worker.redis
+        self.metrics = worker.metrics
+        self.log = worker.log
+        self.cursors: dict[str, str] = {s: "0-0" for s in self.settings.streams}
+
+    async def run(self, send: ObjectSendStream[Batch]) -> None:
+        from .consumer import REDIS_TRANSIENT, claim_interval
+
+        async with send:
+            while not self.worker.stopping:
+                self.worker.beat("reclaim")
+                for stream in self.settings.streams:
+                    try:
+                        await self.sweep(stream, send)
+                    except REDIS_TRANSIENT as exc:
+                        self.log.warning("reclaim_redis_unavailable", stream=stream,
+                                         error=str(exc))
+                    except Exception as exc:
+                        if not is_nogroup(exc):
+                            raise
+                        await self.worker.ensure_groups()
+                        self.cursors[stream] = "0-0"
+                    if self.worker.stopping:
+                        return
+                await self.worker.sleep_or_stop(claim_interval(self.settings))
+
+    async def sweep(self, stream: str, send: ObjectSendStream[Batch] | None = None) -> list[Entry]:
+        """One pass over the pending entries list of ``stream``; returns what was claimed.
+
+        With ``send`` the claimed entries are handed to the pipeline batch by batch;
+        without it they are returned (tests, tools).
+        """
+        from .consumer import Batch
+
+        s = self.settings
+        claimed_all: list[Entry] = []
+        while True:
+            cursor, claimed, deleted = await self.claim(stream, self.cursors[stream])
+            self.cursors[stream] = cursor
+            if deleted:
+                self.metrics.entries_reclaimed_deleted.labels(stream).inc(len(deleted))
+                self.log.warning("reclaimed_deleted_entries", stream=stream, count=len(deleted),
+                                 first=deleted[0])
+            if claimed:
+                self.metrics.entries_reclaimed.labels(stream).inc(len(claimed))
+                self.metrics.events_read.labels(stream).inc(len(claimed))
+                self.log.info("reclaimed", stream=stream, count=len(claimed))
+                if send is None:
+                    claimed_all.extend(claimed)
+                else:
+                    self.worker.hold(claimed)
+                    await send.send(Batch(claimed, reclaimed=True))
+            if cursor == "0-0" or self.worker.stopping:
+                return claimed_all
+
+    async def claim(self, stream: str, cursor: str) -> tuple[str, list[Entry], list[str]]:
+        """One XAUTOCLAIM call, with the delivery count of every claimed entry."""
+        s = self.settings
+        reply: Any = await self.redis.xautoclaim(
+            stream, s.group, s.consumer, s.claim_idle_ms, cursor, count=s.batch_size
+        )
+        next_cursor = text(reply[0])
+        raw = reply[1] or []
+        deleted = [text(i) for i in reply[2]] if len(reply) > 2 and reply[2] else []
+        live = [(i, f) for i, f in raw if f is not None]
+        deleted.extend(text(i) for i, f in raw if f is None)  # Redis 6.2 reports them as nil
+        entries = entries_from_read([(stream, live)]) if live else []
+        if entries:
+            counts = await self.delivery_counts(stream, entries)
+            for entry in entries:
+                entry.deliveries = counts.get(entry.id, 1)
+        return next_cursor, entries, deleted
+
+    async def delivery_counts(self, stream: str, entries: list[Entry]) -> dict[str, int]:
+        """Delivery counts of entries this consumer now owns (one XPENDING range)."""
+        s = self.settings
+        rows = await self.redis.xpending_range(
+            stream, s.group, min=entries[0].id, max=entries[-1].id,
+            count=len(entries) + 1000, consumername=s.consumer,
+        )
+        return {text(r["message_id"]): int(r["times_delivered"]) for r in rows}

@@ -1,0 +1,128 @@
+"""Small Redis helpers shared by the worker loops: groups, entries, dead letters, ACKs."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from . import constants as c
+
+
+@dataclass(slots=True)
+class Entry:
+    """One stream entry held by this worker until it is acknowledged."""
+
+    stream: str
+    id: str
+    payload: bytes | None
+    deliveries: int = 1
+
+    @property
+    def id_ms(self) -> int:
+        """Milliseconds part of the entry ID: when the producer appended it."""
+        return int(self.id.split("-", 1)[0])
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    entry: Entry
+    reason: str
+    error: str
+
+
+def text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def is_nogroup(exc: BaseException) -> bool:
+    """The group (or its stream) is gone: Redis restarted empty, FLUSHALL, or DEL.
+
+    A blocked XREADGROUP whose stream is deleted is answered with ``UNBLOCKED``.
+    """
+    return isinstance(exc, ResponseError) and str(exc).startswith(("NOGROUP", "UNBLOCKED"))
+
+
+def entries_from_read(response: Any) -> list[Entry]:
+    """Entries of an XREADGROUP reply (RESP2 list or RESP3 map)."""
+    items = response.items() if isinstance(response, dict) else response or ()
+    out: list[Entry] = []
+    for stream, messages in items:
+        name = text(stream)
+        if isinstance(messages, list) and messages and isinstance(messages[0], list):
+            messages = messages[0]  # RESP3 wraps the list once more
+        for entry_id, fields in messages:
+            out.append(Entry(name, text(entry_id), _payload(fields)))
+    return out
+
+
+def _payload(fields: Any) -> bytes | None:
+    if not fields:
+        return None
+    value = fields.get(c.EVENT_FIELD.encode())
+    if value is None:
+        value = fields.get(c.EVENT_FIELD)
+    if isinstance(value, str):
+        return value.encode()
+    return value if isinstance(value, bytes) else None
+
+
+async def ensure_group(redis: aioredis.Redis, stream: str, group: str) -> bool:
+    """Create the group from ID 0 (entries added before it are not skipped).
+
+    Returns True if it was created, False if it existed.
+    """
+    try:
+        await redis.xgroup_create(stream, group, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" in str(exc):
+            return False
+        raise
+    return True
+
+
+def dead_letter_fields(dead: DeadLetter, consumer: str) -> dict[Any, Any]:
+    return {
+        "reason": dead.reason,
+        "error": dead.error[:2000],
+        "stream": dead.entry.stream,
+        "id": dead.entry.id,
+        "deliveries": dead.entry.deliveries,
+        "event": dead.entry.payload if dead.entry.payload is not None else b"",
+        "consumer": consumer,
+        "ts": int(time.time() * 1000),
+    }
+
+
+async def settle(
+    redis: aioredis.Redis,
+    group: str,
+    consumer: str,
+    acks: Iterable[Entry],
+    dead: Sequence[DeadLetter],
+) -> None:
+    """Dead-letter, then acknowledge, in one pipelined round trip.
+
+    XADD to the dead-letter stream comes before the XACK of the same entry, so a
+    crash in between leaves the entry pending (redelivered), never lost.
+    """
+    by_stream: dict[str, list[str]] = {}
+    for entry in acks:
+        by_stream.setdefault(entry.stream, []).append(entry.id)
+    for d in dead:
+        by_stream.setdefault(d.entry.stream, []).append(d.entry.id)
+    if not by_stream:
+        return
+    async with redis.pipeline(transaction=False) as pipe:
+        for d in dead:
+            pipe.xadd(c.dlq_key(d.entry.stream), dead_letter_fields(d, consumer))
+        for stream, ids in by_stream.items():
+            pipe.xack(stream, group, *ids)
+        results = await pipe.execute(raise_on_error=False)
+    for result in results:
+        if isinstance(result, Exception) and not is_nogroup(result):
+            raise result
