@@ -1,0 +1,145 @@
+"""Crash safety end to end: two worker processes on PostgreSQL, one killed with SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from worker import samples
+from worker.emitter import AuditEmitter
+
+pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow]
+
+GROUP = "audit-writers"
+
+
+def spawn(name: str, stream: str, redis_url: str, store_url: str, log: Path) -> subprocess.Popen[bytes]:
+    env = dict(
+        os.environ,
+        AUDIT_REDIS_URL=redis_url, AUDIT_STREAM=stream, AUDIT_GROUP=GROUP, AUDIT_CONSUMER=name,
+        AUDIT_STORE_URL=store_url, AUDIT_METRICS_PORT="0", AUDIT_BATCH_SIZE="200",
+        AUDIT_BLOCK_MS="100", AUDIT_CLAIM_IDLE_MS="1500", AUDIT_RECLAIM_INTERVAL_S="0.3",
+        AUDIT_LOG_FORMAT="json", AUDIT_TRIM="false",
+    )
+    return subprocess.Popen([sys.executable, "-m", "worker", "run"], env=env,
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+
+def workload(seed: int, target: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Ground-truth runs and their events: mixed snapshots, shuffled runs, replays."""
+    rng = random.Random(seed)
+    runs: list[dict[str, Any]] = []
+    events: list[dict[str, Any]] = []
+    i = 0
+    while len(events) < target:
+        run = samples.lead_triage_run(rng, "ws_crash", f"run{i:05d}", prompt_size=lambda r: 400)
+        evs = samples.run_events(run, snapshot=rng.random() < 0.2)
+        if rng.random() < 0.3:
+            rng.shuffle(evs)  # out of order: terminal before start, nodes reversed …
+        runs.append(run)
+        events.extend(evs)
+        i += 1
+    replays = rng.sample(events, k=len(events) // 25)
+    stream_order = events + replays
+    # interleave runs like a busy engine would (bounded displacement keeps runs spread)
+    for j in range(len(stream_order) - 1, 0, -1):
+        k = max(0, j - rng.randrange(0, 50))
+        stream_order[j], stream_order[k] = stream_order[k], stream_order[j]
+    return runs, stream_order
+
+
+async def _pending_of(client: aioredis.Redis, stream: str, consumer: str) -> int:
+    for c in await client.xinfo_consumers(stream, GROUP):
+        if c["name"].decode() == consumer:
+            return int(c["pending"])
+    return 0
+
+
+async def test_kill_9_mid_batch_loses_and_duplicates_nothing(
+    redis_client: aioredis.Redis, stream: str, redis_url: str, pg_url: str, tmp_path: Path
+) -> None:
+    """Every emitted event is stored exactly once though a worker dies mid-batch."""
+    runs, stream_order = workload(seed=11, target=20_000)
+    emitter = AuditEmitter(redis_client, [stream])
+    await emitter.emit_many(stream_order[:2000])
+    a = spawn("w-a", stream, redis_url, pg_url, tmp_path / "a.log")
+    b = spawn("w-b", stream, redis_url, pg_url, tmp_path / "b.log")
+    try:
+        sent = 2000
+        killed_pending = 0
+        with anyio.fail_after(120):
+            while sent < len(stream_order):  # events keep flowing while A dies
+                await emitter.emit_many(stream_order[sent:sent + 500])
+                sent += 500
+                if a.poll() is None and sent >= 8000:
+                    while await _pending_of(redis_client, stream, "w-a") == 0:
+                        await anyio.sleep(0.001)
+                    a.send_signal(signal.SIGKILL)
+                    a.wait()
+                    killed_pending = await _pending_of(redis_client, stream, "w-a")
+                await anyio.sleep(0.05)
+            assert killed_pending > 0, "worker A must die holding unacknowledged entries"
+            while True:  # B drains the rest and reclaims A's pending entries
+                summary = await redis_client.xpending(stream, GROUP)
+                groups = await redis_client.xinfo_groups(stream)
+                if summary["pending"] == 0 and groups[0]["lag"] == 0:
+                    break
+                assert b.poll() is None, (tmp_path / "b.log").read_text()[-3000:]
+                await anyio.sleep(0.2)
+        b.send_signal(signal.SIGTERM)
+        assert b.wait(timeout=30) == 0
+    finally:
+        for p in (a, b):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+    assert await _pending_of(redis_client, stream, "w-a") == 0
+    reclaimed = [json.loads(line) for line in (tmp_path / "b.log").read_text().splitlines()
+                 if '"reclaimed"' in line]
+    assert sum(r["count"] for r in reclaimed) >= killed_pending
+    assert not await redis_client.exists(stream + ":dlq")
+
+    conn = await asyncpg.connect(pg_url)
+    try:
+        run_rows = await conn.fetch(
+            "SELECT run_id, status, started_at, completed_at, doc::text AS doc "
+            "FROM workflow_runs WHERE workspace_id = 'ws_crash'")
+        node_rows = await conn.fetch(
+            "SELECT run_id, node_id, attempt, doc->>'eventId' AS event_id "
+            "FROM workflow_node_runs WHERE workspace_id = 'ws_crash'")
+    finally:
+        await conn.close()
+
+    emitted = {e["eventId"]: e for e in stream_order}
+    stored_run_events = [i for r in run_rows for i in json.loads(r["doc"])["eventIds"]]
+    stored_node_events = [r["event_id"] for r in node_rows]
+    run_level = {i for i, e in emitted.items() if not e["type"].startswith("node.")}
+    assert len(stored_run_events) == len(set(stored_run_events))  # nothing twice
+    assert set(stored_run_events) == run_level                    # nothing lost
+    node_keys = [(r["run_id"], r["node_id"], r["attempt"]) for r in node_rows]
+    assert len(node_keys) == len(set(node_keys))
+    expected_nodes = {(run["runId"], n["nodeId"], n.get("attempt", 1))
+                      for run in runs for n in run["nodes"]}
+    assert set(node_keys) == expected_nodes
+    assert set(stored_node_events) <= set(emitted)
+    by_id = {r["run_id"]: r for r in run_rows}
+    assert set(by_id) == {run["runId"] for run in runs}
+    for run in runs:
+        row = by_id[run["runId"]]
+        assert row["status"] == run["status"]
+        assert row["started_at"] == run["startedAt"]
+        assert row["completed_at"] == run["completedAt"]
+        summary = json.loads(row["doc"])["summary"]
+        assert summary["nodeExecutions"] == len(run["nodes"])
