@@ -1,0 +1,83 @@
+"""The producer SDK: validation before XADD, sharding, pipelining and RunRecorder."""
+
+from __future__ import annotations
+
+import json
+
+import fakeredis
+import pytest
+
+from worker.emitter import AuditEmitter, RunRecorder, make_event
+from worker.errors import InvalidEvent
+from worker.events import decode
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def fake() -> fakeredis.FakeAsyncRedis:
+    return fakeredis.FakeAsyncRedis()
+
+
+async def entries(client: fakeredis.FakeAsyncRedis, stream: str) -> list[dict[str, object]]:
+    return [json.loads(f[b"event"]) for _, f in await client.xrange(stream)]
+
+
+async def test_invalid_events_are_refused_before_xadd(fake: fakeredis.FakeAsyncRedis) -> None:
+    """A producer bug fails in the producer: nothing reaches the stream."""
+    emitter = AuditEmitter(fake, ["s"])
+    bad = make_event("run.started", "bad/ws", "wf", "r1")
+    with pytest.raises(InvalidEvent):
+        await emitter.emit(bad)
+    with pytest.raises(InvalidEvent):
+        await emitter.emit_many([make_event("run.started", "ws", "wf", "r1"), bad])
+    assert await fake.exists("s") == 0
+
+
+async def test_sharding_keeps_each_run_on_one_stream(fake: fakeredis.FakeAsyncRedis) -> None:
+    """With several streams, all events of a run go to the same one."""
+    emitter = AuditEmitter(fake, ["s0", "s1", "s2"])
+    events = [make_event("run.started", "ws", "wf", f"run{i}") for i in range(60)]
+    events += [make_event("run.completed", "ws", "wf", f"run{i}") for i in range(60)]
+    ids = await emitter.emit_many(events)
+    assert len(ids) == 120
+    seen: dict[str, str] = {}
+    for stream in ("s0", "s1", "s2"):
+        got = await entries(fake, stream)
+        assert got, "every shard receives some runs"
+        for e in got:
+            assert seen.setdefault(str(e["runId"]), stream) == stream
+
+
+async def test_run_recorder_flushes_one_snapshot(fake: fakeredis.FakeAsyncRedis) -> None:
+    """The default mode writes the whole run as one valid run.snapshot event."""
+    emitter = AuditEmitter(fake, ["s"])
+    async with RunRecorder(emitter, "ws", "wf_lead_triage",
+                           trigger={"type": "webhook", "source": "gmail"}) as run:
+        run.record_node(nodeId="classify", type="ai", model="m",
+                        tokens_used={"input": 450, "output": 85})
+        run.record_node(nodeId="route", type="conditional", result="fast-track")
+    (event,) = await entries(fake, "s")
+    assert event["type"] == "run.snapshot"
+    assert event["status"] == "completed"
+    assert [n["nodeId"] for n in event["nodes"]] == ["classify", "route"]  # type: ignore[index]
+    decode(json.dumps(event).encode(), max_bytes=1 << 20)
+
+
+async def test_run_recorder_events_mode_and_failure(fake: fakeredis.FakeAsyncRedis) -> None:
+    """In events mode a raised exception ends the run with run.failed, then re-raises."""
+    emitter = AuditEmitter(fake, ["s"])
+    with pytest.raises(RuntimeError):
+        async with RunRecorder(emitter, "ws", "wf", mode="events") as run:
+            run.record_node(nodeId="fetch", type="action",
+                            error={"type": "Timeout", "message": "t", "retries": 2})
+            raise RuntimeError("engine crashed")
+    types = [e["type"] for e in await entries(fake, "s")]
+    assert types == ["run.started", "node.failed", "run.failed"]
+
+
+async def test_emitter_never_trims(fake: fakeredis.FakeAsyncRedis) -> None:
+    """No MAXLEN: every appended entry stays until the fleet trims it."""
+    emitter = AuditEmitter(fake, ["s"])
+    await emitter.emit_many([make_event("run.started", "ws", "wf", f"r{i}") for i in range(500)])
+    assert await fake.xlen("s") == 500
