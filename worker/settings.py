@@ -42,6 +42,7 @@ class Settings:
     trim: bool = True
     trim_interval_s: float = c.DEFAULT_TRIM_INTERVAL_S
     trim_retention_s: float = c.DEFAULT_TRIM_RETENTION_S
+    fleet_poll_interval_s: float = c.DEFAULT_FLEET_POLL_INTERVAL_S
     burst: bool = False
     log_level: str = "info"
     log_format: str = "auto"
@@ -77,7 +78,8 @@ class Settings:
         _positive("AUDIT_MAX_INFLIGHT", self.max_inflight, upper=64)
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"AUDIT_METRICS_PORT must be 0..65535, got {self.metrics_port}")
-        if self.shutdown_grace_s < 0 or self.reclaim_interval_s <= 0 or self.trim_interval_s <= 0:
+        if (self.shutdown_grace_s < 0 or self.reclaim_interval_s <= 0 or self.trim_interval_s <= 0
+                or self.fleet_poll_interval_s <= 0):
             raise ConfigError("grace and interval settings must be positive")
         if self.trim_retention_s < 0:
             raise ConfigError("AUDIT_TRIM_RETENTION_S must be >= 0")
@@ -120,7 +122,8 @@ _INTS = {
     "batch_size", "block_ms", "claim_idle_ms", "max_deliveries", "metrics_port",
     "max_event_bytes", "max_inflight",
 }
-_FLOATS = {"shutdown_grace_s", "reclaim_interval_s", "trim_interval_s", "trim_retention_s"}
+_FLOATS = {"shutdown_grace_s", "reclaim_interval_s", "trim_interval_s", "trim_retention_s",
+           "fleet_poll_interval_s"}
 _BOOLS = {"trim", "burst"}
 
 

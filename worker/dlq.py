@@ -1,0 +1,537 @@
+"""Dead letters: ``audit-fleet dlq list|show|replay|purge``.
+
+The worker moves an entry it can never store to ``<stream>:dlq`` with the fields of
+``constants.DLQ_FIELDS``: reason, error, stream, id, deliveries, event (the original
+payload bytes), consumer and ts (ms since the epoch). This module reads them back with
+filters (reason, workspace, time range, IDs, limit), re-enqueues them, or deletes them.
+
+Replay is crash-safe by ordering: the original payload is XADDed to the source stream
+first, and the dead letter is XDELed only after Redis confirmed that XADD. A crash in
+between leaves the event in both places, so it is written twice and the idempotent
+store merge absorbs the duplicate; it is never in neither.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import re
+import sys
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from . import constants as c
+from .fleet import id_ms, parse_id, redis_time_ms, text
+from .status import format_table
+
+#: JSON schema version of ``dlq ... --json``.
+DLQ_SCHEMA_VERSION = 1
+
+_PAGE = 500
+_REPLAY_BATCH = 100
+_SHOW_PREVIEW_CHARS = 4000
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+class _WorkspaceOnly(msgspec.Struct):
+    workspaceId: Any = None
+
+
+_workspace_decoder = msgspec.json.Decoder(_WorkspaceOnly)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterEntry:
+    """One entry of a dead-letter stream."""
+
+    dlq: str
+    id: str
+    reason: str
+    error: str
+    stream: str
+    source_id: str
+    deliveries: int | None
+    consumer: str
+    ts_ms: int | None
+    event: bytes | None
+
+    @property
+    def source_stream(self) -> str:
+        """The stream this dead-letter stream belongs to (where replay sends the event)."""
+        return self.dlq[: -len(c.DLQ_SUFFIX)]
+
+    @property
+    def dead_lettered_ms(self) -> int:
+        """When it was dead-lettered, by Redis's clock (the time in its dead-letter ID)."""
+        return id_ms(self.id)
+
+    @property
+    def workspace(self) -> str | None:
+        """The event's ``workspaceId``, or None when the payload is not a JSON object with one."""
+        if not self.event:
+            return None
+        try:
+            value = _workspace_decoder.decode(self.event).workspaceId
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return None
+        return value if isinstance(value, str) else None
+
+    def to_dict(self, *, with_event: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "dlq": self.dlq,
+            "id": self.id,
+            "dead_lettered_at": _iso(self.dead_lettered_ms),
+            "ts_ms": self.ts_ms,
+            "reason": self.reason,
+            "error": self.error,
+            "stream": self.stream,
+            "source_id": self.source_id,
+            "deliveries": self.deliveries,
+            "consumer": self.consumer,
+            "workspace": self.workspace,
+            "event_bytes": len(self.event) if self.event is not None else None,
+        }
+        if with_event:
+            out["event"], out["event_encoding"] = _event_text(self.event)
+        return out
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z"
+    )
+
+
+def _event_text(event: bytes | None) -> tuple[str | None, str | None]:
+    if event is None:
+        return None, None
+    try:
+        return event.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        import base64
+
+        return base64.b64encode(event).decode(), "base64"
+
+
+def _field(fields: dict[Any, Any], name: str) -> Any:
+    value = fields.get(name.encode())
+    return fields.get(name) if value is None else value
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(text(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def parse_entry(dlq: str, entry_id: Any, fields: Any) -> DeadLetterEntry:
+    """A dead-letter entry from XRANGE's ``(id, fields)``; missing fields become empty."""
+    event = _field(fields, "event")
+    return DeadLetterEntry(
+        dlq=dlq,
+        id=text(entry_id),
+        reason=text(_field(fields, "reason") or ""),
+        error=text(_field(fields, "error") or ""),
+        stream=text(_field(fields, "stream") or ""),
+        source_id=text(_field(fields, "id") or ""),
+        deliveries=_int_or_none(_field(fields, "deliveries")),
+        consumer=text(_field(fields, "consumer") or ""),
+        ts_ms=_int_or_none(_field(fields, "ts")),
+        event=event.encode() if isinstance(event, str) else event,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DlqFilter:
+    """Which dead letters a command acts on. Empty tuples and None mean "any"."""
+
+    reasons: tuple[str, ...] = ()
+    workspaces: tuple[str, ...] = ()
+    since_ms: int | None = None
+    until_ms: int | None = None
+    ids: tuple[str, ...] = ()
+    limit: int | None = None
+
+    def matches(self, entry: DeadLetterEntry) -> bool:
+        if self.reasons and entry.reason not in self.reasons:
+            return False
+        if self.ids and entry.id not in self.ids:
+            return False
+        when = entry.dead_lettered_ms
+        if self.since_ms is not None and when < self.since_ms:
+            return False
+        if self.until_ms is not None and when > self.until_ms:
+            return False
+        return not self.workspaces or entry.workspace in self.workspaces
+
+
+async def scan(
+    redis: aioredis.Redis, stream: str, flt: DlqFilter = DlqFilter()
+) -> AsyncIterator[DeadLetterEntry]:
+    """Matching entries of ``stream``'s dead-letter stream, oldest first, paged by XRANGE.
+
+    The time range is the XRANGE itself (a dead-letter ID holds the time it was
+    dead-lettered); the other filters are applied to each entry.
+    """
+    dlq = c.dlq_key(stream)
+    if flt.ids:
+        for entry_id in sorted(set(flt.ids), key=_id_key):
+            found: list[Any] = await redis.xrange(dlq, entry_id, entry_id) or []
+            for got_id, fields in found:
+                entry = parse_entry(dlq, got_id, fields or {})
+                if flt.matches(entry):
+                    yield entry
+        return
+    start = "-" if flt.since_ms is None else str(max(0, flt.since_ms))
+    end = "+" if flt.until_ms is None else str(max(0, flt.until_ms))
+    while True:
+        page: list[Any] = await redis.xrange(dlq, start, end, count=_PAGE) or []
+        for got_id, fields in page:
+            entry = parse_entry(dlq, got_id, fields or {})
+            if flt.matches(entry):
+                yield entry
+        if len(page) < _PAGE:
+            return
+        start = "(" + text(page[-1][0])
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    try:
+        return parse_id(entry_id)
+    except ValueError:
+        return (0, 0)
+
+
+async def find(
+    redis: aioredis.Redis, streams: Sequence[str], flt: DlqFilter = DlqFilter()
+) -> list[DeadLetterEntry]:
+    """Matching entries across the dead-letter streams of ``streams``, at most ``flt.limit``."""
+    out: list[DeadLetterEntry] = []
+    for stream in streams:
+        async for entry in scan(redis, stream, flt):
+            if flt.limit is not None and len(out) >= flt.limit:
+                return out
+            out.append(entry)
+    return out
+
+
+@dataclass(slots=True)
+class ReplayResult:
+    """``replayed`` maps a dead-letter ID to the new ID in the source stream."""
+
+    replayed: dict[str, str] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+async def replay(
+    redis: aioredis.Redis, entries: Iterable[DeadLetterEntry], *, batch: int = _REPLAY_BATCH
+) -> ReplayResult:
+    """Re-enqueue each entry's original payload to its source stream, then delete it.
+
+    XADD (pipelined per batch) first; XDEL only the entries whose XADD Redis confirmed.
+    Entries without a payload field are skipped and stay in the dead-letter stream.
+    """
+    result = ReplayResult()
+    chunk: list[DeadLetterEntry] = []
+    for entry in entries:
+        if entry.event is None:
+            result.skipped.append(entry.id)
+            continue
+        chunk.append(entry)
+        if len(chunk) >= batch:
+            await _replay_chunk(redis, chunk, result)
+            chunk = []
+    if chunk:
+        await _replay_chunk(redis, chunk, result)
+    return result
+
+
+async def _replay_chunk(
+    redis: aioredis.Redis, chunk: list[DeadLetterEntry], result: ReplayResult
+) -> None:
+    async with redis.pipeline(transaction=False) as pipe:
+        for entry in chunk:
+            pipe.xadd(entry.source_stream, {c.EVENT_FIELD: entry.event or b""})
+        added = await pipe.execute(raise_on_error=False)
+    enqueued: list[tuple[DeadLetterEntry, str]] = []
+    for entry, new_id in zip(chunk, added, strict=True):
+        if isinstance(new_id, Exception):
+            result.failed[entry.id] = str(new_id)
+        else:
+            enqueued.append((entry, text(new_id)))
+    if enqueued:
+        await _delete_replayed(redis, enqueued)
+        result.replayed.update({entry.id: new_id for entry, new_id in enqueued})
+
+
+async def _delete_replayed(
+    redis: aioredis.Redis, enqueued: list[tuple[DeadLetterEntry, str]]
+) -> None:
+    """Second step of a replay: only after the XADDs above succeeded."""
+    by_dlq: dict[str, list[str]] = {}
+    for entry, _ in enqueued:
+        by_dlq.setdefault(entry.dlq, []).append(entry.id)
+    for dlq, ids in by_dlq.items():
+        await redis.xdel(dlq, *ids)
+
+
+async def purge(redis: aioredis.Redis, entries: Iterable[DeadLetterEntry]) -> int:
+    """Delete ``entries`` from their dead-letter streams; the number deleted."""
+    by_dlq: dict[str, list[str]] = {}
+    for entry in entries:
+        by_dlq.setdefault(entry.dlq, []).append(entry.id)
+    deleted = 0
+    for dlq, ids in by_dlq.items():
+        for i in range(0, len(ids), _PAGE):
+            deleted += int(await redis.xdel(dlq, *ids[i: i + _PAGE]))
+    return deleted
+
+
+# -- time arguments ---------------------------------------------------------------------
+
+
+def parse_when(value: str, now_ms: int) -> int:
+    """A time argument in ms since the epoch.
+
+    Accepts a duration before now (``90s``, ``15m``, ``2h``, ``7d``, ``1w``), an ISO 8601
+    time (``2026-02-15T10:30:00Z``; no offset means UTC), or milliseconds since the epoch.
+    """
+    raw = value.strip()
+    m = _DURATION.match(raw)
+    if m:
+        return now_ms - int(float(m.group(1)) * _UNIT_S[m.group(2)] * 1000)
+    if raw.isdigit():
+        return int(raw)
+    try:
+        when = datetime.fromisoformat(raw)
+    except ValueError:
+        raise ValueError(
+            f"{value!r} is not a time: use 15m, 2h, 7d, an ISO 8601 time or epoch milliseconds"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return int(when.timestamp() * 1000)
+
+
+# -- the command ------------------------------------------------------------------------------
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``audit-fleet dlq list|show|replay|purge``; handlers set ``func``."""
+    from .cli import add_worker_flags
+
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "dlq", help="inspect, replay or purge dead letters",
+        description="Dead letters live in <stream>:dlq, one per configured stream.",
+    )
+    sub = p.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
+
+    def filters(q: argparse.ArgumentParser, *, limit: int | None) -> None:
+        add_worker_flags(q)
+        q.add_argument("--reason", action="append", default=[],
+                       help="only this reason (repeatable), e.g. schema_violation")
+        q.add_argument("--workspace", action="append", default=[],
+                       help="only events of this workspaceId (repeatable)")
+        q.add_argument("--since", help="dead-lettered at or after: 2h, 7d, ISO 8601 or epoch ms")
+        q.add_argument("--until", help="dead-lettered at or before (same forms as --since)")
+        q.add_argument("--id", action="append", default=[], dest="ids",
+                       help="only this dead-letter entry ID (repeatable)")
+        q.add_argument("--limit", type=int, default=limit,
+                       help=f"at most this many entries (default {limit or 'all'})")
+        q.add_argument("--json", action="store_true", help="stable JSON for scripts")
+
+    q = sub.add_parser("list", help="list dead letters (oldest first)")
+    filters(q, limit=50)
+    q.set_defaults(func=run_list)
+
+    q = sub.add_parser("show", help="show dead letters in full, with their payload")
+    add_worker_flags(q)
+    q.add_argument("entry_ids", nargs="+", metavar="ID", help="dead-letter entry ID")
+    q.add_argument("--full", action="store_true",
+                   help=f"print the whole payload (default: first {_SHOW_PREVIEW_CHARS} chars)")
+    q.add_argument("--json", action="store_true", help="stable JSON for scripts")
+    q.set_defaults(func=run_show)
+
+    q = sub.add_parser(
+        "replay", help="re-enqueue dead letters to their stream, then remove them",
+        description="XADD each payload to the source stream, then XDEL it from the "
+        "dead-letter stream: a crash in between duplicates an event, never loses one.",
+    )
+    filters(q, limit=None)
+    q.add_argument("--dry-run", action="store_true", help="show what would be replayed")
+    q.set_defaults(func=run_replay)
+
+    q = sub.add_parser("purge", help="delete dead letters for good (asks for --yes)")
+    filters(q, limit=None)
+    q.add_argument("--yes", action="store_true", help="really delete the matching entries")
+    q.set_defaults(func=run_purge)
+    return p
+
+
+async def _open(args: argparse.Namespace) -> tuple[aioredis.Redis, Sequence[str]]:
+    from .cli import settings_from_args
+
+    settings = settings_from_args(args)
+    return aioredis.Redis.from_url(settings.redis_url), settings.streams
+
+
+def _filter(args: argparse.Namespace, now_ms: int) -> DlqFilter:
+    from .errors import ConfigError
+
+    try:
+        since = parse_when(args.since, now_ms) if args.since else None
+        until = parse_when(args.until, now_ms) if args.until else None
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if args.limit is not None and args.limit < 0:
+        raise ConfigError("--limit must be >= 0")
+    return DlqFilter(
+        reasons=tuple(args.reason), workspaces=tuple(args.workspace), since_ms=since,
+        until_ms=until, ids=tuple(args.ids), limit=args.limit,
+    )
+
+
+def _rows(entries: Sequence[DeadLetterEntry]) -> list[list[str]]:
+    return [
+        [
+            e.dlq,
+            e.id,
+            _iso(e.dead_lettered_ms)[:19].replace("T", " "),
+            e.reason or "-",
+            e.source_id or "-",
+            "-" if e.deliveries is None else str(e.deliveries),
+            e.workspace or "-",
+            _one_line(e.error, 60),
+        ]
+        for e in entries
+    ]
+
+
+def _one_line(value: str, limit: int) -> str:
+    s = " ".join(value.split())
+    return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
+_HEADERS = ["DLQ", "ID", "DEAD-LETTERED (UTC)", "REASON", "SOURCE-ID", "DELIVERIES", "WORKSPACE",
+            "ERROR"]
+
+
+def _print_json(kind: str, payload: dict[str, Any]) -> None:
+    print(json.dumps({"version": DLQ_SCHEMA_VERSION, "command": kind, **payload}, indent=2))
+
+
+async def _guarded(args: argparse.Namespace, action: Any) -> int:
+    redis, streams = await _open(args)
+    try:
+        result: int = await action(redis, streams)
+        return result
+    except RedisError as exc:
+        print(f"audit-fleet: Redis error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await redis.aclose()
+
+
+async def run_list(args: argparse.Namespace) -> int:
+    async def action(redis: aioredis.Redis, streams: Sequence[str]) -> int:
+        flt = _filter(args, await redis_time_ms(redis))
+        entries = await find(redis, streams, flt)
+        if args.json:
+            _print_json("list", {"count": len(entries),
+                                 "entries": [e.to_dict() for e in entries]})
+        elif entries:
+            print(format_table(_HEADERS, _rows(entries)))
+        else:
+            print("no dead letters match")
+        return 0
+
+    return await _guarded(args, action)
+
+
+async def run_show(args: argparse.Namespace) -> int:
+    async def action(redis: aioredis.Redis, streams: Sequence[str]) -> int:
+        entries = await find(redis, streams, DlqFilter(ids=tuple(args.entry_ids)))
+        missing = sorted(set(args.entry_ids) - {e.id for e in entries})
+        if args.json:
+            _print_json("show", {"entries": [e.to_dict(with_event=True) for e in entries],
+                                 "missing": missing})
+        else:
+            for e in entries:
+                print(_show_text(e, full=args.full))
+            for entry_id in missing:
+                print(f"{entry_id}: no such dead letter", file=sys.stderr)
+        return 1 if missing else 0
+
+    return await _guarded(args, action)
+
+
+def _show_text(e: DeadLetterEntry, *, full: bool) -> str:
+    d = e.to_dict()
+    lines = [f"{k + ':':<18}{'-' if v is None else v}" for k, v in d.items()]
+    payload, encoding = _event_text(e.event)
+    if payload is not None and encoding == "utf-8":
+        with contextlib.suppress(ValueError):
+            payload = json.dumps(json.loads(payload), indent=2, ensure_ascii=False)
+    if payload is not None and not full and len(payload) > _SHOW_PREVIEW_CHARS:
+        payload = payload[:_SHOW_PREVIEW_CHARS] + f"\n… ({len(payload)} chars; --full shows all)"
+    lines.append(f"{'event:':<18}({encoding or 'absent'})")
+    if payload is not None:
+        lines.append(payload)
+    return "\n".join(lines) + "\n"
+
+
+async def run_replay(args: argparse.Namespace) -> int:
+    async def action(redis: aioredis.Redis, streams: Sequence[str]) -> int:
+        entries = await find(redis, streams, _filter(args, await redis_time_ms(redis)))
+        if args.dry_run:
+            if args.json:
+                _print_json("replay", {"dry_run": True, "count": len(entries),
+                                       "entries": [e.to_dict() for e in entries]})
+            else:
+                print(f"would replay {len(entries)} dead letters")
+                if entries:
+                    print(format_table(_HEADERS, _rows(entries)))
+            return 0
+        result = await replay(redis, entries)
+        if args.json:
+            _print_json("replay", {"dry_run": False, "replayed": result.replayed,
+                                   "skipped": result.skipped, "failed": result.failed})
+        else:
+            print(f"replayed {len(result.replayed)} dead letters to their streams"
+                  + (f"; skipped {len(result.skipped)} without a payload" if result.skipped
+                     else ""))
+            for entry_id, error in result.failed.items():
+                print(f"{entry_id}: not replayed: {error}", file=sys.stderr)
+        return 1 if result.failed else 0
+
+    return await _guarded(args, action)
+
+
+async def run_purge(args: argparse.Namespace) -> int:
+    async def action(redis: aioredis.Redis, streams: Sequence[str]) -> int:
+        entries = await find(redis, streams, _filter(args, await redis_time_ms(redis)))
+        if not args.yes:
+            message = f"{len(entries)} dead letters match; pass --yes to delete them"
+            if args.json:
+                _print_json("purge", {"deleted": 0, "matched": len(entries),
+                                      "confirmed": False})
+            print(message, file=sys.stderr)
+            return 1
+        deleted = await purge(redis, entries)
+        if args.json:
+            _print_json("purge", {"deleted": deleted, "matched": len(entries), "confirmed": True})
+        else:
+            print(f"deleted {deleted} dead letters")
+        return 0
+
+    return await _guarded(args, action)
