@@ -1,0 +1,539 @@
+"""``audit-fleet explain``: the full decision chain of one run.
+
+A run's stored documents (the run and its node executions) are turned into an
+:class:`Explanation`: the trigger, each node in execution order with its timing,
+model, tokens, prompt and raw output, each conditional's evaluation, result and
+skipped branches, the actions taken, the errors and retries, and the total
+duration and status. It renders as text for a terminal and as stable JSON
+(``explainVersion`` 1; keys never change meaning, new keys may be added).
+
+Prompts (node ``input``) and trigger metadata can hold personal data. Unless
+``show_prompts`` is set, their strings are redacted (emails, phone numbers, long
+digit runs, API-key-like tokens) and shortened. Outputs are shown raw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from .documents import action_name
+from .errors import AuditFleetError
+from .queries import (
+    add_store_flag,
+    check_workspace,
+    dumps,
+    format_ms,
+    jsonable,
+    opened_store,
+)
+from .stores import Store
+
+EXPLAIN_VERSION: Final = 1
+#: Longest prompt string shown when prompts are not shown in full.
+PROMPT_LIMIT: Final = 200
+
+#: Node keys with a place of their own in a step; the rest is shown as ``extra``.
+_NODE_KNOWN: Final = frozenset({
+    "nodeId", "type", "attempt", "status", "startedAt", "completedAt", "durationMs", "model",
+    "tokens_used", "input", "output", "evaluation", "result", "skippedBranches", "actions",
+    "error", "nodeKey", "eventId", "workspaceId", "runId", "workflowId",
+})
+#: Run keys with a place of their own; ``nodeIndex`` and ``eventIds`` are bookkeeping.
+_RUN_KNOWN: Final = frozenset({
+    "workspaceId", "runId", "workflowId", "status", "startedAt", "completedAt", "trigger",
+    "totalDuration", "error", "summary", "nodeIndex", "eventIds",
+})
+
+# -- redaction -------------------------------------------------------------------------------
+
+_SECRET = re.compile(
+    r"(?:\bBearer\s+[A-Za-z0-9._~+/=-]{8,})"
+    r"|(?:\b(?:sk|pk|rk|ghp|gho|ghs|xox[abpr]|api|key|token)[-_][A-Za-z0-9_-]{12,})"
+    r"|(?:\bAKIA[0-9A-Z]{16}\b)"
+    r"|(?:\b(?=[A-Za-z0-9_-]*\d)(?=[A-Za-z0-9_-]*[A-Za-z])[A-Za-z0-9_-]{32,}\b)",
+    re.IGNORECASE,
+)
+_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
+_CARD = re.compile(r"(?<![\w.])\d(?:[ -]?\d){12,18}(?![\w.])")
+_DIGITS = re.compile(r"\d{9,}")
+_PHONE = re.compile(
+    r"(?<![\w.])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{2,4}\)[\s.-]?|\d{2,4}[\s.-])"
+    r"\d{3,4}[\s.-]?\d{3,4}(?![\w.])"
+)
+
+
+def redact_text(text: str, limit: int | None = PROMPT_LIMIT) -> str:
+    """Mask emails, phone numbers, long digit runs and API-key-like tokens, then shorten."""
+    out = _SECRET.sub("[secret]", text)
+    out = _EMAIL.sub("[email]", out)
+    out = _CARD.sub("[number]", out)
+    out = _DIGITS.sub("[number]", out)
+    out = _PHONE.sub("[phone]", out)
+    if limit is not None and len(out) > limit:
+        out = f"{out[:limit]}… [+{len(out) - limit} chars]"
+    return out
+
+
+def redact(value: Any, limit: int | None = PROMPT_LIMIT) -> Any:
+    """:func:`redact_text` applied to every string (and mapping key) inside ``value``."""
+    if isinstance(value, str):
+        return redact_text(value, limit)
+    if isinstance(value, Mapping):
+        return {redact_text(str(k), None): redact(v, limit) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact(v, limit) for v in value]
+    return value
+
+
+# -- the model -------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class Step:
+    """One node execution in the decision chain."""
+
+    position: int
+    node_id: str
+    type: str | None
+    attempt: int
+    status: str | None
+    started_at: datetime | None
+    completed_at: datetime | None
+    duration_ms: float | None
+    model: str | None
+    tokens: dict[str, int] | None
+    input: Any
+    output: Any
+    evaluation: Any
+    result: Any
+    skipped_branches: list[Any]
+    actions: list[Any]
+    error: Any
+    node_key: str | None
+    event_id: str | None
+    extra: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "position": self.position,
+            "nodeId": self.node_id,
+            "type": self.type,
+            "attempt": self.attempt,
+            "status": self.status,
+            "startedAt": self.started_at,
+            "completedAt": self.completed_at,
+            "durationMs": self.duration_ms,
+            "model": self.model,
+            "tokens": self.tokens,
+            "input": self.input,
+            "output": self.output,
+            "evaluation": self.evaluation,
+            "result": self.result,
+            "skippedBranches": self.skipped_branches,
+            "actions": self.actions,
+            "error": self.error,
+            "nodeKey": self.node_key,
+            "eventId": self.event_id,
+            "extra": self.extra,
+        }
+
+
+@dataclass(slots=True)
+class Explanation:
+    """Why a run did what it did: everything stored about it, in execution order."""
+
+    workspace_id: str
+    run_id: str
+    workflow_id: str | None
+    status: str | None
+    started_at: datetime | None
+    completed_at: datetime | None
+    total_duration_ms: float | None
+    trigger: Any
+    error: Any
+    summary: dict[str, Any]
+    extra: dict[str, Any]
+    steps: list[Step]
+    redacted: bool
+    source: str
+    #: Node executions the run's index lists that have no stored trace (expired, archived).
+    missing_nodes: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """The stable machine form."""
+        out: dict[str, Any] = jsonable({
+            "explainVersion": EXPLAIN_VERSION,
+            "source": self.source,
+            "redacted": self.redacted,
+            "run": {
+                "workspaceId": self.workspace_id,
+                "runId": self.run_id,
+                "workflowId": self.workflow_id,
+                "status": self.status,
+                "startedAt": self.started_at,
+                "completedAt": self.completed_at,
+                "totalDurationMs": self.total_duration_ms,
+                "trigger": self.trigger,
+                "error": self.error,
+                "summary": self.summary,
+                "extra": self.extra,
+            },
+            "nodes": [s.to_json() for s in self.steps],
+            "decisions": [
+                {"nodeId": s.node_id, "attempt": s.attempt, "evaluation": s.evaluation,
+                 "result": s.result, "skippedBranches": s.skipped_branches}
+                for s in self.steps if s.type == "conditional" or s.evaluation is not None
+            ],
+            "actions": [
+                {"nodeId": s.node_id, "attempt": s.attempt, "action": a}
+                for s in self.steps for a in s.actions
+            ],
+            "errors": self.errors(),
+            "retries": self.retries(),
+            "missingNodes": self.missing_nodes,
+        })
+        return out
+
+    def errors(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for s in self.steps:
+            if s.error is None and s.status != "failed":
+                continue
+            err = s.error if isinstance(s.error, Mapping) else {"message": s.error}
+            out.append({"nodeId": s.node_id, "attempt": s.attempt, "type": err.get("type"),
+                        "message": err.get("message"), "retries": err.get("retries")})
+        if self.error is not None:
+            err = self.error if isinstance(self.error, Mapping) else {"message": self.error}
+            out.append({"nodeId": None, "attempt": None, "type": err.get("type"),
+                        "message": err.get("message"), "retries": err.get("retries")})
+        return out
+
+    def retries(self) -> list[dict[str, Any]]:
+        """Nodes that ran more than once, or that report retries in their error."""
+        attempts: dict[str, list[int]] = {}
+        reported: dict[str, int] = {}
+        for s in self.steps:
+            attempts.setdefault(s.node_id, []).append(s.attempt)
+            if isinstance(s.error, Mapping) and isinstance(s.error.get("retries"), int):
+                reported[s.node_id] = max(reported.get(s.node_id, 0), s.error["retries"])
+        out = []
+        for node_id, seen in attempts.items():
+            if len(seen) > 1 or reported.get(node_id, 0) > 0:
+                out.append({"nodeId": node_id, "attempts": sorted(seen),
+                            "reportedRetries": reported.get(node_id, 0)})
+        return out
+
+
+def _time(value: Any) -> datetime | None:
+    return value if isinstance(value, datetime) else None
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return value
+    return None
+
+
+def execution_order(nodes: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Nodes by start time (completion time when unknown), attempt, node ID; untimed last."""
+    far = datetime.max.replace(tzinfo=UTC)
+
+    def key(doc: Mapping[str, Any]) -> tuple[bool, datetime, int, str]:
+        when = _time(doc.get("startedAt")) or _time(doc.get("completedAt"))
+        attempt = doc.get("attempt")
+        return (when is None, when or far, attempt if isinstance(attempt, int) else 1,
+                str(doc.get("nodeId")))
+
+    return sorted(nodes, key=key)
+
+
+def _tokens(doc: Mapping[str, Any]) -> dict[str, int] | None:
+    raw = doc.get("tokens_used")
+    if not isinstance(raw, Mapping):
+        return None
+    tokens = {k: v for k, v in raw.items() if isinstance(v, int) and not isinstance(v, bool)}
+    tokens["total"] = tokens.get("input", 0) + tokens.get("output", 0)
+    return tokens
+
+
+def _step(position: int, doc: Mapping[str, Any], show_prompts: bool) -> Step:
+    attempt = doc.get("attempt")
+    actions = doc.get("actions")
+    branches = doc.get("skippedBranches")
+    prompt = doc.get("input")
+    return Step(
+        position=position,
+        node_id=str(doc.get("nodeId")),
+        type=doc.get("type"),
+        attempt=attempt if isinstance(attempt, int) else 1,
+        status=doc.get("status"),
+        started_at=_time(doc.get("startedAt")),
+        completed_at=_time(doc.get("completedAt")),
+        duration_ms=_number(doc.get("durationMs")),
+        model=doc.get("model"),
+        tokens=_tokens(doc),
+        input=prompt if show_prompts else redact(prompt),
+        output=doc.get("output"),
+        evaluation=doc.get("evaluation"),
+        result=doc.get("result"),
+        skipped_branches=list(branches) if isinstance(branches, list) else [],
+        actions=list(actions) if isinstance(actions, list) else [],
+        error=doc.get("error"),
+        node_key=doc.get("nodeKey"),
+        event_id=doc.get("eventId"),
+        extra={k: v for k, v in sorted(doc.items()) if k not in _NODE_KNOWN},
+    )
+
+
+def build(workspace: str, run_id: str, run: Mapping[str, Any] | None,
+          nodes: Sequence[Mapping[str, Any]], *, show_prompts: bool = False,
+          source: str = "store") -> Explanation:
+    """The explanation of one run from its stored documents (pure)."""
+    run = run or {}
+    ordered = execution_order(nodes)
+    steps = [_step(i, doc, show_prompts) for i, doc in enumerate(ordered, start=1)]
+    trigger = run.get("trigger")
+    if not show_prompts and isinstance(trigger, Mapping) and "metadata" in trigger:
+        trigger = dict(trigger, metadata=redact(trigger["metadata"]))
+    workflow = run.get("workflowId") or next(
+        (d.get("workflowId") for d in ordered if d.get("workflowId")), None)
+    present = {d.get("nodeKey") for d in ordered}
+    index = run.get("nodeIndex") if isinstance(run.get("nodeIndex"), Mapping) else {}
+    missing = [
+        {"nodeKey": key, "nodeId": entry.get("nodeId"), "attempt": entry.get("attempt"),
+         "type": entry.get("type"), "status": entry.get("status")}
+        for key, entry in sorted((index or {}).items())
+        if key not in present and isinstance(entry, Mapping)
+    ]
+    summary = run.get("summary")
+    return Explanation(
+        workspace_id=workspace,
+        run_id=run_id,
+        workflow_id=workflow,
+        status=run.get("status"),
+        started_at=_time(run.get("startedAt")),
+        completed_at=_time(run.get("completedAt")),
+        total_duration_ms=_number(run.get("totalDuration")),
+        trigger=trigger,
+        error=run.get("error"),
+        summary=dict(summary) if isinstance(summary, Mapping) else {},
+        extra={k: v for k, v in sorted(run.items()) if k not in _RUN_KNOWN},
+        steps=steps,
+        redacted=not show_prompts,
+        source=source,
+        missing_nodes=missing,
+    )
+
+
+# -- terminal rendering ----------------------------------------------------------------------
+
+def _clock(value: datetime | None) -> str:
+    if value is None:
+        return "?"
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(jsonable(value), ensure_ascii=False, sort_keys=True)
+
+
+def _block(label: str, value: Any, indent: str) -> list[str]:
+    """``label: value``; a long mapping is shown one key per line."""
+    if isinstance(value, str):
+        lines = value.splitlines() or [""]
+        first = f"{indent}{label}: {lines[0]}"
+        return [first] + [f"{indent}{' ' * (len(label) + 2)}{ln}" for ln in lines[1:]]
+    text = _compact(value)
+    if isinstance(value, Mapping) and len(text) > 80:
+        out = [f"{indent}{label}:"]
+        for key, item in value.items():
+            out.extend(_block(str(key), item, indent + "  "))
+        return out
+    return [f"{indent}{label}: {text}"]
+
+
+def _error_text(error: Any) -> str:
+    if not isinstance(error, Mapping):
+        return str(error)
+    parts = [str(error.get("type") or "error")]
+    if error.get("message"):
+        parts.append(str(error["message"]))
+    text = ": ".join(parts)
+    retries = error.get("retries")
+    if isinstance(retries, int) and retries:
+        text += f" (retried {retries}x)"
+    return text
+
+
+def render(ex: Explanation) -> str:
+    """The human view of an explanation, for a terminal."""
+    lines = [
+        f"Run {ex.run_id}   workflow {ex.workflow_id or '?'}   workspace {ex.workspace_id}",
+        f"Status: {ex.status or '?'}   total duration: {format_ms(ex.total_duration_ms)}"
+        f"   started {_clock(ex.started_at)}   completed {_clock(ex.completed_at)}",
+    ]
+    if ex.source != "store":
+        lines.append(f"Read from: {ex.source}")
+    trigger = ex.trigger if isinstance(ex.trigger, Mapping) else None
+    if trigger is not None:
+        lines.append(f"Trigger: {trigger.get('type') or '?'} from {trigger.get('source') or '?'}")
+        for key, value in trigger.items():
+            if key not in ("type", "source"):
+                lines.extend(_block(str(key), value, "  "))
+    elif ex.trigger is not None:
+        lines.append(f"Trigger: {_compact(ex.trigger)}")
+    else:
+        lines.append("Trigger: (not recorded)")
+    s = ex.summary
+    if s:
+        actions = ", ".join(s.get("actionsPerformed") or []) or "none"
+        lines.append(
+            f"Summary: {s.get('nodesExecuted', '?')} nodes, {s.get('aiCallsMade', '?')} AI calls,"
+            f" {s.get('totalTokens', '?')} tokens, actions: {actions}"
+        )
+    for key, value in ex.extra.items():
+        lines.extend(_block(key, value, ""))
+    lines.append("")
+    if not ex.steps:
+        lines.append("(no node traces stored)")
+    for st in ex.steps:
+        head = f"{st.position:>2}. {st.node_id}  [{st.type or '?'}]"
+        if st.attempt != 1:
+            head += f"  attempt {st.attempt}"
+        head += f"  {st.status or '?'}"
+        if st.started_at or st.completed_at:
+            head += f"  {_clock(st.started_at)} -> {_clock(st.completed_at)}"
+        if st.duration_ms is not None:
+            head += f"  ({format_ms(st.duration_ms)})"
+        lines.append(head)
+        pad = "    "
+        if st.model or st.tokens:
+            tok = st.tokens or {}
+            text = f"{pad}model: {st.model or '?'}"
+            if st.tokens is not None:
+                text += (f"   tokens: {tok.get('input', 0)} in / {tok.get('output', 0)} out"
+                         f" = {tok.get('total', 0)}")
+            lines.append(text)
+        if st.input is not None:
+            if isinstance(st.input, Mapping) and "prompt" in st.input:
+                lines.extend(_block("prompt", st.input["prompt"], pad))
+                rest = {k: v for k, v in st.input.items() if k != "prompt"}
+                if rest:
+                    lines.extend(_block("input", rest, pad))
+            else:
+                lines.extend(_block("input", st.input, pad))
+        if st.output is not None:
+            lines.extend(_block("output", st.output, pad))
+        if st.evaluation is not None:
+            lines.extend(_block("evaluation", st.evaluation, pad))
+        if st.result is not None:
+            lines.extend(_block("result", st.result, pad))
+        if st.skipped_branches:
+            lines.append(f"{pad}skipped branches: "
+                         + ", ".join(str(b) for b in st.skipped_branches))
+        if st.actions:
+            names = [action_name(a) or _compact(a) for a in st.actions]
+            lines.append(f"{pad}actions: " + ", ".join(names))
+            for a in st.actions:
+                if isinstance(a, Mapping) and set(a) - {"type"}:
+                    lines.append(f"{pad}  {_compact(a)}")
+        if st.error is not None:
+            lines.append(f"{pad}error: {_error_text(st.error)}")
+        for key, value in st.extra.items():
+            lines.extend(_block(key, value, pad))
+    if ex.missing_nodes:
+        lines.append("")
+        lines.append(f"{len(ex.missing_nodes)} node execution(s) in the run index have no "
+                     "stored trace (expired from hot storage; see explain --archive):")
+        for m in ex.missing_nodes:
+            lines.append(f"  - {m['nodeId']} [{m.get('type') or '?'}] attempt {m.get('attempt')}"
+                         f" {m.get('status') or ''}".rstrip())
+    retries = ex.retries()
+    errors = ex.errors()
+    lines.append("")
+    if errors:
+        lines.append(f"Errors ({len(errors)}):")
+        for e in errors:
+            where = e["nodeId"] or "run"
+            lines.append(f"  - {where}: {_error_text(e)}")
+    else:
+        lines.append("Errors: none")
+    if retries:
+        lines.append("Retries:")
+        for r in retries:
+            lines.append(f"  - {r['nodeId']}: attempts {r['attempts']},"
+                         f" reported retries {r['reportedRetries']}")
+    lines.append(f"Outcome: {ex.status or '?'} after {format_ms(ex.total_duration_ms)}")
+    if ex.redacted:
+        lines.append("(prompts redacted and shortened; --show-prompts shows them in full)")
+    return "\n".join(lines)
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+async def find_workspace(store: Store, run_id: str) -> str | None:
+    """The workspace holding ``run_id`` when none is given (an error if several do)."""
+    found = [ws for ws in await store.workspaces() if await store.get_run(ws, run_id)]
+    if len(found) > 1:
+        raise AuditFleetError(f"run {run_id!r} exists in several workspaces "
+                              f"({', '.join(sorted(found))}): pass --workspace")
+    return found[0] if found else None
+
+
+async def explain_run(store: Store, workspace: str, run_id: str, *,
+                      show_prompts: bool = False) -> Explanation | None:
+    """The explanation of a run in hot storage, or None if nothing of it is stored."""
+    run = await store.get_run(workspace, run_id)
+    nodes = await store.get_nodes(workspace, run_id)
+    if run is None and not nodes:
+        return None
+    return build(workspace, run_id, run, nodes, show_prompts=show_prompts)
+
+
+async def cmd_explain(args: argparse.Namespace) -> int:
+    run_id: str = args.run_id
+    ex: Explanation | None
+    if args.archive:
+        from .archive import Archive, read_run
+
+        if not args.workspace:
+            raise AuditFleetError("explain --archive needs --workspace")
+        workspace = check_workspace(args.workspace)
+        found = await read_run(Archive.at(args.archive), workspace, run_id)
+        ex = None
+        if found is not None:
+            run, nodes, segments = found
+            ex = build(workspace, run_id, run, nodes, show_prompts=args.show_prompts,
+                       source="archive " + ", ".join(segments))
+    else:
+        async with opened_store(args) as store:
+            ws = check_workspace(args.workspace) if args.workspace else \
+                await find_workspace(store, run_id)
+            ex = None if ws is None else await explain_run(
+                store, ws, run_id, show_prompts=args.show_prompts)
+    if ex is None:
+        raise AuditFleetError(f"run {run_id!r} not found")
+    print(dumps(ex.to_json()) if args.json else render(ex))
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add ``explain`` to the ``audit-fleet`` command."""
+    p = subparsers.add_parser(
+        "explain", help="show why a run did what it did",
+        description="The full decision chain of one run: trigger, nodes in execution order "
+        "with timing, model, tokens, prompt and output, decisions, actions, errors, outcome.")
+    p.add_argument("run_id", metavar="RUN_ID")
+    add_store_flag(p)
+    p.add_argument("-w", "--workspace", help="workspace ID (default: search all)")
+    p.add_argument("--json", action="store_true", help="stable JSON (explainVersion 1)")
+    p.add_argument("--show-prompts", action="store_true",
+                   help="show prompts and trigger metadata in full, unredacted")
+    p.add_argument("--archive", metavar="DIR",
+                   help="read the run from the archive in DIR instead of the store")
+    p.set_defaults(func=cmd_explain)
