@@ -1,0 +1,992 @@
+"""The MongoDB store on the wire, without a MongoDB server.
+
+A mockupdb server stands in for a replica-set primary. It answers through a small
+in-memory emulator (``FakeMongo``) that evaluates the update pipelines the store sends
+with MongoDB's documented expression semantics, so writes can be read back; tests
+inject failures (duplicate keys, write-concern errors, not-primary, hang-ups,
+oversized documents) per command. The tests pin the exact commands the store sends
+and what it makes of each reply.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import bson
+import pytest
+from bson.int64 import Int64
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from mockupdb import MockupDB
+
+from worker import events as ev
+from worker.documents import coalesce, fold, node_key
+from worker.errors import ConfigError, StoreRejected, StoreUnavailable
+from worker.stores import _mongo_codec as mc
+from worker.stores.base import NodeQuery, RunQuery
+from worker.stores.mongo import MongoStore
+
+pytestmark = pytest.mark.mongo
+
+# --------------------------------------------------------------------------- expressions
+
+MISSING: Any = type("Missing", (), {"__repr__": lambda self: "MISSING"})()
+_TYPE_ORDER = {type(None): 1, int: 2, float: 2, Int64: 2, str: 3, dict: 4, list: 5,
+               bytes: 6, bool: 8, datetime: 9}
+
+
+def _canon(value: Any) -> Any:
+    """Plain dicts and aware-free datetimes, as the emulator keeps values."""
+    if isinstance(value, dict):
+        return {k: _canon(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_canon(v) for v in value]
+    if isinstance(value, datetime) and value.tzinfo is not None:
+        return value.astimezone(UTC).replace(tzinfo=None)
+    return value
+
+
+def _bson_key(value: Any) -> tuple[int, Any]:
+    """Sort key in BSON comparison order (null and missing lowest)."""
+    if value is MISSING or value is None:
+        return (1, 0)
+    rank = _TYPE_ORDER.get(type(value), 7)
+    if isinstance(value, dict):
+        return (rank, [(k, _bson_key(v)) for k, v in value.items()])
+    if isinstance(value, list):
+        return (rank, [_bson_key(v) for v in value])
+    if isinstance(value, datetime):
+        return (rank, _canon(value))
+    return (rank, value)
+
+
+def _get(doc: Any, path: str) -> Any:
+    for part in path.split("."):
+        if isinstance(doc, dict):
+            doc = doc.get(part, MISSING)
+        elif isinstance(doc, list):
+            doc = [_get(d, part) for d in doc if isinstance(d, dict)]
+        else:
+            return MISSING
+    return doc
+
+
+def _type(value: Any) -> str:
+    if value is MISSING:
+        return "missing"
+    if value is None:
+        return "null"
+    return {bool: "bool", int: "int", float: "double", str: "string", dict: "object",
+            list: "array", datetime: "date"}.get(type(value), "unknown")
+
+
+def evaluate(expr: Any, root: dict[str, Any], names: dict[str, Any]) -> Any:
+    """An aggregation expression's value (the subset of operators the store uses)."""
+    if isinstance(expr, str):
+        if expr.startswith("$$"):
+            name, _, rest = expr[2:].partition(".")
+            base = root if name in ("ROOT", "CURRENT") else names[name]
+            return _get(base, rest) if rest else base
+        if expr.startswith("$"):
+            return _get(root, expr[1:])
+        return expr
+    if isinstance(expr, list):
+        return [None if (v := evaluate(e, root, names)) is MISSING else v for e in expr]
+    if not isinstance(expr, dict):
+        return expr
+    if len(expr) == 1 and next(iter(expr)).startswith("$"):
+        op, arg = next(iter(expr.items()))
+        return _OPERATORS[op](arg, root, names)
+    out = {}
+    for key, value in expr.items():
+        assert not key.startswith("$"), f"bad field name {key!r}"
+        assert "." not in key, f"bad field name {key!r}"
+        got = evaluate(value, root, names)
+        if got is not MISSING:
+            out[key] = got
+    return out
+
+
+def _args(arg: Any, root: dict[str, Any], names: dict[str, Any]) -> list[Any]:
+    items = arg if isinstance(arg, list) else [arg]
+    return [evaluate(a, root, names) for a in items]
+
+
+def _nullish(value: Any) -> bool:
+    return value is None or value is MISSING
+
+
+def _op_min_max(pick: Callable[..., Any]) -> Callable[..., Any]:
+    def run(arg: Any, root: dict[str, Any], names: dict[str, Any]) -> Any:
+        values = [v for v in _args(arg, root, names) if not _nullish(v)]
+        return pick(values, key=_bson_key) if values else None
+    return run
+
+
+def _cmp(test: Callable[[Any, Any], bool]) -> Callable[..., Any]:
+    def run(arg: Any, root: dict[str, Any], names: dict[str, Any]) -> bool:
+        a, b = (evaluate(x, root, names) for x in arg)
+        return test(_bson_key(a), _bson_key(b))
+    return run
+
+
+def _let(arg: Any, root: dict[str, Any], names: dict[str, Any]) -> Any:
+    scope = dict(names)
+    for name, value in arg["vars"].items():
+        scope[name] = evaluate(value, root, names)
+    return evaluate(arg["in"], root, scope)
+
+
+def _map(arg: Any, root: dict[str, Any], names: dict[str, Any]) -> Any:
+    items = evaluate(arg["input"], root, names)
+    if _nullish(items):
+        return None
+    name = arg.get("as", "this")
+    return [evaluate(arg["in"], root, {**names, name: item}) for item in items]
+
+
+def _filter(arg: Any, root: dict[str, Any], names: dict[str, Any]) -> Any:
+    items = evaluate(arg["input"], root, names)
+    if _nullish(items):
+        return None
+    name = arg.get("as", "this")
+    return [i for i in items if evaluate(arg["cond"], root, {**names, name: i}) is True]
+
+
+def _reduce(arg: Any, root: dict[str, Any], names: dict[str, Any]) -> Any:
+    value = evaluate(arg["initialValue"], root, names)
+    for item in evaluate(arg["input"], root, names) or []:
+        value = evaluate(arg["in"], root, {**names, "value": value, "this": item})
+    return value
+
+
+def _set_union(arg: Any, root: dict[str, Any], names: dict[str, Any]) -> Any:
+    out: list[Any] = []
+    for values in _args(arg, root, names):
+        if _nullish(values):
+            return None
+        for v in values:
+            if v not in out:
+                out.append(v)
+    # MongoDB gives no order: hand it back shuffled so nothing relies on one.
+    random.Random(len(out)).shuffle(out)
+    return out
+
+
+def _switch(arg: Any, root: dict[str, Any], names: dict[str, Any]) -> Any:
+    for branch in arg["branches"]:
+        if evaluate(branch["case"], root, names) is True:
+            return evaluate(branch["then"], root, names)
+    return evaluate(arg["default"], root, names)
+
+
+def _cond(arg: Any, root: dict[str, Any], names: dict[str, Any]) -> Any:
+    test, yes, no = arg if isinstance(arg, list) else (arg["if"], arg["then"], arg["else"])
+    return evaluate(yes if evaluate(test, root, names) is True else no, root, names)
+
+
+def _merge_objects(arg: Any, root: dict[str, Any], names: dict[str, Any]) -> Any:
+    out: dict[str, Any] = {}
+    for value in _args(arg, root, names):
+        if not _nullish(value):
+            out.update(value)
+    return out
+
+
+def _object_to_array(arg: Any, root: dict[str, Any], names: dict[str, Any]) -> Any:
+    value = evaluate(arg, root, names)
+    return None if _nullish(value) else [{"k": k, "v": v} for k, v in value.items()]
+
+
+def _sort_array(arg: Any, root: dict[str, Any], names: dict[str, Any]) -> Any:
+    assert arg["sortBy"] in (1, -1)
+    values = evaluate(arg["input"], root, names)
+    return None if _nullish(values) else sorted(values, key=_bson_key,
+                                                reverse=arg["sortBy"] == -1)
+
+
+def _sum(arg: Any, root: dict[str, Any], names: dict[str, Any]) -> Any:
+    values = _args(arg, root, names)
+    if not isinstance(arg, list) and isinstance(values[0], list):
+        values = values[0]
+    return sum(v for v in values if isinstance(v, int | float) and not isinstance(v, bool))
+
+
+def _if_null(arg: Any, root: dict[str, Any], names: dict[str, Any]) -> Any:
+    *firsts, last = arg
+    for expr in firsts:
+        value = evaluate(expr, root, names)
+        if not _nullish(value):
+            return value
+    return evaluate(last, root, names)
+
+
+_OPERATORS: dict[str, Callable[..., Any]] = {
+    "$literal": lambda arg, root, names: arg,
+    "$ifNull": _if_null,
+    "$min": _op_min_max(min),
+    "$max": _op_min_max(max),
+    "$eq": _cmp(lambda a, b: a == b),
+    "$gt": _cmp(lambda a, b: a > b),
+    "$or": lambda arg, root, names: any(v is True for v in _args(arg, root, names)),
+    "$and": lambda arg, root, names: all(v is True for v in _args(arg, root, names)),
+    "$type": lambda arg, root, names: _type(evaluate(arg, root, names)),
+    "$switch": _switch,
+    "$cond": _cond,
+    "$let": _let,
+    "$map": _map,
+    "$filter": _filter,
+    "$reduce": _reduce,
+    "$size": lambda arg, root, names: len(evaluate(arg, root, names)),
+    "$setUnion": _set_union,
+    "$sortArray": _sort_array,
+    "$concatArrays": lambda arg, root, names: list(itertools.chain(*_args(arg, root, names))),
+    "$sum": _sum,
+    "$mergeObjects": _merge_objects,
+    "$objectToArray": _object_to_array,
+}
+
+
+def apply_pipeline(doc: dict[str, Any], pipeline: list[dict[str, Any]]) -> dict[str, Any]:
+    """An update pipeline applied to one document ($set and $replaceWith stages)."""
+    for stage in pipeline:
+        (name, spec), = stage.items()
+        if name in ("$set", "$addFields"):
+            out = dict(doc)
+            for field, expr in spec.items():
+                assert not field.startswith("$"), field
+                assert "." not in field, field
+                value = evaluate(expr, doc, {})
+                plain_object = isinstance(expr, dict) and not any(
+                    k.startswith("$") for k in expr)
+                if plain_object and isinstance(doc.get(field), dict):
+                    value = {**doc[field], **value}  # $set merges an object literal
+                if value is MISSING:
+                    out.pop(field, None)
+                else:
+                    out[field] = value
+            doc = out
+        elif name in ("$replaceWith", "$replaceRoot"):
+            new = evaluate(spec if name == "$replaceWith" else spec["newRoot"], doc, {})
+            assert isinstance(new, dict), new
+            if "_id" in doc:
+                assert new.get("_id", doc["_id"]) == doc["_id"], "_id is immutable"
+                new = {"_id": doc["_id"], **new}
+            doc = new
+        else:
+            raise AssertionError(f"stage {name} is not emulated")
+    return doc
+
+
+# --------------------------------------------------------------------------- queries
+
+
+def matches(doc: dict[str, Any], filt: dict[str, Any]) -> bool:
+    for key, cond in filt.items():
+        value = _get(doc, key)
+        if isinstance(cond, dict) and cond and all(k.startswith("$") for k in cond):
+            for op, arg in cond.items():
+                if not _query_op(op, value, arg):
+                    return False
+        elif not _equal(value, cond):
+            return False
+    return True
+
+
+def _equal(value: Any, cond: Any) -> bool:
+    if cond is None:
+        return _nullish(value)
+    if isinstance(value, list) and not isinstance(cond, list):
+        return any(_bson_key(v) == _bson_key(cond) for v in value)
+    return value is not MISSING and _bson_key(value) == _bson_key(_canon(cond))
+
+
+def _query_op(op: str, value: Any, arg: Any) -> bool:
+    if op == "$in":
+        return any(_equal(value, a) for a in arg)
+    if op == "$ne":
+        return not _equal(value, arg)
+    if op == "$exists":
+        return (value is not MISSING) == bool(arg)
+    if _nullish(value):
+        return False
+    key, bound = _bson_key(value), _bson_key(_canon(arg))
+    if key[0] != bound[0]:
+        return False
+    return {"$gte": key >= bound, "$gt": key > bound, "$lt": key < bound,
+            "$lte": key <= bound}[op]
+
+
+def _project(doc: dict[str, Any], projection: dict[str, Any] | None) -> dict[str, Any]:
+    if not projection:
+        return doc
+    keep = {k for k, v in projection.items() if v}
+    return {k: v for k, v in doc.items() if k in keep or k == "_id"}
+
+
+class FakeMongo:
+    """An in-memory replica-set primary behind mockupdb: commands in, replies out."""
+
+    def __init__(self, server: MockupDB) -> None:
+        self.server = server
+        self.lock = threading.Lock()
+        self.data: dict[str, dict[str, dict[bytes, dict[str, Any]]]] = {}
+        self.indexes: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        self.commands: list[dict[str, Any]] = []
+        self.faults: list[tuple[str, Callable[[Any], bool]]] = []
+        self.version = [7, 0, 2, 0]
+        self.hello = {
+            "ismaster": True, "isWritablePrimary": True, "helloOk": True, "setName": "rs0",
+            "hosts": [server.address_string], "me": server.address_string,
+            "secondary": False, "maxWireVersion": 21, "minWireVersion": 0, "setVersion": 1,
+            "logicalSessionTimeoutMinutes": 30, "maxBsonObjectSize": 16 * 1024 * 1024,
+            "maxMessageSizeBytes": 48_000_000, "maxWriteBatchSize": 100_000,
+        }
+
+    # ---- plumbing
+
+    def fail_next(self, command: str, reply: Callable[[Any], bool], times: int = 1) -> None:
+        """Answer the next ``times`` ``command`` requests with ``reply`` instead."""
+        with self.lock:
+            self.faults.extend([(command, reply)] * times)
+
+    def sent(self, command: str) -> list[dict[str, Any]]:
+        with self.lock:
+            return [c for c in self.commands if next(iter(c)) == command]
+
+    def handle(self, request: Any) -> bool:
+        name = request.command_name
+        if name in ("ismaster", "isMaster", "hello"):
+            return bool(request.ok(**self.hello))
+        doc = _canon(dict(request.doc))
+        with self.lock:
+            self.commands.append(doc)
+            for i, (command, reply) in enumerate(self.faults):
+                if command == name:
+                    del self.faults[i]
+                    return reply(request)
+            handler = getattr(self, "do_" + name, None)
+            if handler is None:
+                return bool(request.ok())
+            return bool(request.ok(**handler(doc)))
+
+    def coll(self, db: str, name: str) -> dict[bytes, dict[str, Any]]:
+        return self.data.setdefault(db, {}).setdefault(name, {})
+
+    @staticmethod
+    def key(_id: Any) -> bytes:
+        return bson.encode({"k": _id})
+
+    def docs(self, db: str, name: str) -> list[dict[str, Any]]:
+        return list(self.data.get(db, {}).get(name, {}).values())
+
+    # ---- commands
+
+    def do_buildInfo(self, doc: dict[str, Any]) -> dict[str, Any]:
+        return {"version": ".".join(map(str, self.version[:3])), "versionArray": self.version}
+
+    def do_ping(self, doc: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def do_listDatabases(self, doc: dict[str, Any]) -> dict[str, Any]:
+        names = sorted(db for db, colls in self.data.items() if colls)
+        return {"databases": [{"name": n} for n in names], "totalSize": 0}
+
+    def do_createIndexes(self, doc: dict[str, Any]) -> dict[str, Any]:
+        self.coll(doc["$db"], doc["createIndexes"])
+        have = self.indexes.setdefault((doc["$db"], doc["createIndexes"]), [])
+        for spec in doc["indexes"]:
+            if spec["name"] not in {i["name"] for i in have}:
+                have.append(spec)
+        return {"numIndexesBefore": 1, "numIndexesAfter": 1 + len(have)}
+
+    def do_listIndexes(self, doc: dict[str, Any]) -> dict[str, Any]:
+        specs = self.indexes.get((doc["$db"], doc["listIndexes"]), [])
+        return self._cursor(doc["$db"], doc["listIndexes"], specs)
+
+    def do_update(self, doc: dict[str, Any]) -> dict[str, Any]:
+        coll = self.coll(doc["$db"], doc["update"])
+        n = modified = 0
+        upserted = []
+        for index, op in enumerate(doc["updates"]):
+            _id = op["q"]["_id"]
+            assert op.get("multi") in (None, False)
+            old = coll.get(self.key(_id))
+            if old is None and not op.get("upsert"):
+                continue
+            new = apply_pipeline(old if old is not None else {"_id": _id}, op["u"])
+            coll[self.key(_id)] = new
+            n += 1
+            if old is None:
+                upserted.append({"index": index, "_id": _id})
+            elif new != old:
+                modified += 1
+        return {"n": n, "nModified": modified, "upserted": upserted}
+
+    def do_insert(self, doc: dict[str, Any]) -> dict[str, Any]:
+        coll = self.coll(doc["$db"], doc["insert"])
+        errors = []
+        for index, item in enumerate(doc["documents"]):
+            if self.key(item["_id"]) in coll:
+                errors.append({"index": index, "code": 11000, "errmsg": "E11000 duplicate key"})
+            else:
+                coll[self.key(item["_id"])] = item
+        reply: dict[str, Any] = {"n": len(doc["documents"]) - len(errors)}
+        if errors:
+            reply["writeErrors"] = errors
+        return reply
+
+    def do_find(self, doc: dict[str, Any]) -> dict[str, Any]:
+        found = [d for d in self.docs(doc["$db"], doc["find"])
+                 if matches(d, doc.get("filter") or {})]
+        for field, direction in reversed(list((doc.get("sort") or {}).items())):
+            found.sort(key=lambda d, f=field: _bson_key(_get(d, f)), reverse=direction == -1)
+        if doc.get("limit"):
+            found = found[: doc["limit"]]
+        found = [_project(d, doc.get("projection")) for d in found]
+        return self._cursor(doc["$db"], doc["find"], found)
+
+    def do_distinct(self, doc: dict[str, Any]) -> dict[str, Any]:
+        values: list[Any] = []
+        for d in self.docs(doc["$db"], doc["distinct"]):
+            value = _get(d, doc["key"])
+            if matches(d, doc.get("query") or {}) and value is not MISSING \
+                    and value not in values:
+                values.append(value)
+        return {"values": values}
+
+    def do_delete(self, doc: dict[str, Any]) -> dict[str, Any]:
+        coll = self.coll(doc["$db"], doc["delete"])
+        n = 0
+        for op in doc["deletes"]:
+            for key, item in list(coll.items()):
+                if matches(item, op["q"]):
+                    del coll[key]
+                    n += 1
+                    if op.get("limit") == 1:
+                        break
+        return {"n": n}
+
+    @staticmethod
+    def _cursor(db: str, coll: str, docs: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"cursor": {"id": Int64(0), "ns": f"{db}.{coll}", "firstBatch": docs}}
+
+
+@pytest.fixture(scope="module")
+def mongod() -> Iterator[FakeMongo]:
+    """One mockupdb server for the module; each test gets it reset."""
+    server = MockupDB(auto_ismaster=False, request_timeout=5)
+    server.run()
+    fake = FakeMongo(server)
+    server.autoresponds(fake.handle)
+    try:
+        yield fake
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def fake(mongod: FakeMongo) -> FakeMongo:
+    with mongod.lock:
+        mongod.data.clear()
+        mongod.indexes.clear()
+        mongod.commands.clear()
+        mongod.faults.clear()
+        mongod.version = [7, 0, 2, 0]
+    return mongod
+
+
+def url_of(fake: FakeMongo, path: str = "", **query: Any) -> str:
+    params = {"replicaSet": "rs0", "serverSelectionTimeoutMS": 1500,
+              "connectTimeoutMS": 1000, "socketTimeoutMS": 3000, **query}
+    qs = "&".join(f"{k}={v}" for k, v in params.items())
+    return f"mongodb://{fake.server.address_string}/{path}?{qs}"
+
+
+@pytest.fixture
+async def store(fake: FakeMongo) -> AsyncIterator[MongoStore]:
+    s = MongoStore(url_of(fake), env={})
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+# --------------------------------------------------------------------------- events
+
+T0 = datetime(2026, 2, 15, 10, 30, tzinfo=UTC)
+
+
+def at(seconds: float) -> str:
+    return (T0 + timedelta(seconds=seconds)).isoformat()
+
+
+def event(kind: str, eid: str, run: str = "run-1", ws: str = "acme", **fields: Any
+          ) -> ev.Decoded:
+    raw = {"v": 1, "eventId": eid, "type": kind, "workspaceId": ws, "workflowId": "wf_lead",
+           "runId": run, "ts": at(10), **fields}
+    return ev.validate(raw)
+
+
+def lead_triage(run: str = "run-1", ws: str = "acme", prompt: str = "Classify this email...",
+                ) -> list[ev.Decoded]:
+    """The design's reference record as individual events."""
+    return [
+        event("run.started", f"{run}-s", run, ws, ts=at(0),
+              trigger={"type": "webhook", "source": "gmail",
+                       "metadata": {"from": "lead@example.com", "subject": "Pricing"}}),
+        event("node.completed", f"{run}-n1", run, ws, ts=at(2.2), node={
+            "nodeId": "classify", "type": "ai", "startedAt": at(1), "completedAt": at(2.2),
+            "input": {"prompt": prompt, "context_tokens": 450},
+            "output": {"intent": "purchase_inquiry", "confidence": 0.91,
+                       "reasoning": "Explicitly asks for enterprise pricing"},
+            "model": "claude-sonnet-4-20250514", "tokens_used": {"input": 450, "output": 85}}),
+        event("node.completed", f"{run}-n2", run, ws, ts=at(2.3), node={
+            "nodeId": "route", "type": "conditional", "startedAt": at(2.25),
+            "completedAt": at(2.3),
+            "evaluation": "intent == 'purchase_inquiry' AND confidence >= 0.9",
+            "result": "fast-track", "skippedBranches": ["standard-nurture", "support-queue"]}),
+        event("node.completed", f"{run}-n3", run, ws, ts=at(4.5), node={
+            "nodeId": "update-crm", "type": "action", "startedAt": at(2.4),
+            "completedAt": at(4.5),
+            "actions": [{"type": "salesforce.create_lead", "id": "00Q123"}]}),
+        event("run.completed", f"{run}-c", run, ws, ts=at(4.8), totalDuration=4800),
+    ]
+
+
+def batch_of(decoded: list[ev.Decoded], first: int = 1) -> Any:
+    return coalesce((f"{first + i}-0", d) for i, d in enumerate(decoded))
+
+
+def expected(decoded: list[ev.Decoded]) -> tuple[dict[Any, Any], dict[Any, Any]]:
+    return fold(decoded)
+
+
+# --------------------------------------------------------------------------- pure parts
+
+_keys = st.text(alphabet=st.sampled_from(list("ab$._%\x00 é5F")), max_size=6)
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_keys, inner, max_size=3),
+    max_leaves=12,
+)
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(_keys, _json, max_size=5))
+def test_key_escaping_round_trips_and_leaves_no_operator_or_path(doc: dict[str, Any]) -> None:
+    """Escaped keys hold no $, dot or NUL (no leading _ at the top) and unescape exactly."""
+    stored = mc.escape_doc(doc)
+    assert mc.unescape_doc(stored) == doc
+
+    def check(value: Any, top: bool) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                assert key
+                assert not any(ch in key for ch in "$.\x00")
+                assert not (top and key.startswith("_"))
+                check(inner, False)
+        elif isinstance(value, list):
+            for inner in value:
+                check(inner, False)
+
+    check(stored, True)
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("audit_acme", None),
+        ("audit_" + "a" * 57, None),
+        ("audit_" + "a" * 58, "at most 63"),
+        ("audit_a.b", "forbids"),
+        ("audit_a b", "forbids"),
+        ("audit_a$b", "forbids"),
+        ("audit_a/b", "forbids"),
+        ("audit_a\x00b", "forbids"),
+        ("admin", "reserved"),
+        ("Local", "reserved"),
+        ("config", "reserved"),
+        ("", "empty"),
+    ],
+)
+def test_database_names_follow_mongodb_rules(name: str, problem: str | None) -> None:
+    """Forbidden characters, the 64-byte limit and reserved names are refused."""
+    found = mc.db_name_problem(name)
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None
+        assert problem in found
+
+
+def test_index_specs_are_the_designs_in_key_order() -> None:
+    """Exactly the design's indexes; in a shared database each starts with workspaceId."""
+    assert mc.run_indexes(False) == [[("workflowId", 1), ("startedAt", -1)],
+                                     [("status", 1), ("startedAt", -1)],
+                                     [("trigger.source", 1)]]
+    assert mc.node_indexes(False) == [[("runId", 1)], [("type", 1), ("startedAt", -1)]]
+    assert all(spec[0] == ("workspaceId", 1) for spec in mc.run_indexes(True)
+               + mc.node_indexes(True))
+
+
+_STATUS = st.sampled_from(["completed", "failed", "cancelled", "timed_out"])
+
+
+#: What a node execution reports besides its status and times: the same for every event
+#: of one execution, since fold() keeps the first of two contradicting reports.
+NODE_FIELDS: dict[str, dict[str, Any]] = {
+    "classify": {"type": "ai", "tokens_used": {"input": 450, "output": 85},
+                 "output": {"k.v": 1, "$gt": "x"}},
+    "route": {"type": "conditional", "actions": [], "result": "$fast"},
+    "crm": {"type": "action", "actions": ["crm.update", {"type": "mail", "id": 1}]},
+}
+EXTRAS: dict[str, Any] = {"tag": "t", "$tag": {"a.b": 1}, "a.b": None}
+
+
+@st.composite
+def run_events(draw: st.DrawFn) -> list[ev.Decoded]:
+    """Events of up to two runs: starts, nodes (retries, failures), ends and snapshots."""
+    out: list[ev.Decoded] = []
+    counter = itertools.count()
+    for run in draw(st.sampled_from([["r1"], ["r1", "r2"]])):
+        trigger = {"source": draw(st.sampled_from(["gmail", "$x"]))}
+        for _ in range(draw(st.integers(0, 2))):
+            extra = draw(st.sampled_from(sorted(EXTRAS)))
+            out.append(event("run.started", f"e{next(counter)}", run,
+                             ts=at(draw(st.integers(0, 5))), trigger=trigger,
+                             **{extra: EXTRAS[extra]}))
+        for _ in range(draw(st.integers(0, 4))):
+            node_id = draw(st.sampled_from(sorted(NODE_FIELDS)))
+            node = {"nodeId": node_id, "attempt": draw(st.integers(1, 2)),
+                    "startedAt": at(draw(st.integers(0, 9))), **NODE_FIELDS[node_id]}
+            kind = draw(st.sampled_from(["node.completed", "node.failed"]))
+            out.append(event(kind, f"e{next(counter)}", run, node=node))
+        for _ in range(draw(st.integers(0, 2))):
+            out.append(event("run.completed", f"e{next(counter)}", run,
+                             ts=at(draw(st.integers(5, 20))), status=draw(_STATUS),
+                             totalDuration=draw(st.integers(0, 9000))))
+        if draw(st.booleans()):
+            out.append(event("run.snapshot", f"e{next(counter)}", run, ts=at(30),
+                             trigger=trigger,
+                             status=draw(st.sampled_from(["running", "completed"])),
+                             nodes=[{"nodeId": "classify", "startedAt": at(draw(
+                                 st.integers(0, 9))), **NODE_FIELDS["classify"]}]))
+    return out
+
+
+def _apply(docs: dict[Any, dict[str, Any]], batch: Any) -> None:
+    for run in batch.runs.values():
+        old = docs.get(run.key, {"_id": run.run_id})
+        docs[run.key] = apply_pipeline(old, _canon(mc.run_pipeline(run)))
+    for node in batch.nodes.values():
+        stored = {"_id": node.node_key, **mc.escape_doc(node.doc)}
+        old = docs.get(node.key, {"_id": node.node_key})
+        docs[node.key] = apply_pipeline(old, _canon(mc.node_pipeline(node, stored)))
+
+
+def _revive(doc: dict[str, Any]) -> dict[str, Any]:
+    out = mc.unescape_doc(doc)
+    for name in ("startedAt", "completedAt"):
+        if isinstance(out.get(name), datetime):
+            out[name] = out[name].replace(tzinfo=UTC)
+    if isinstance(out.get("nodeIndex"), dict):
+        out["nodeIndex"] = dict(sorted(out["nodeIndex"].items()))
+    return out
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(run_events(), st.randoms(use_true_random=False), st.integers(1, 4))
+def test_update_pipelines_merge_exactly_like_the_fold(
+    decoded: list[ev.Decoded], rng: random.Random, batches: int
+) -> None:
+    """Pipelines applied per batch, in any order, with redelivery, end as fold() says."""
+    replayed = decoded + rng.sample(decoded, k=len(decoded) // 2)
+    rng.shuffle(replayed)
+    docs: dict[Any, dict[str, Any]] = {}
+    for i in range(batches):
+        _apply(docs, batch_of(replayed[i::batches]))
+    runs, nodes = fold(decoded)
+    assert {k: _revive(v) for k, v in docs.items() if len(k) == 2} == runs
+    assert {k: _revive(v) for k, v in docs.items() if len(k) == 3} == nodes
+
+
+# --------------------------------------------------------------------------- wire: writes
+
+def updates(fake: FakeMongo, coll: str) -> list[dict[str, Any]]:
+    return [c for c in fake.sent("update") if c["update"] == coll]
+
+
+def _keys_everywhere(value: Any) -> Iterator[str]:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            yield key
+            yield from _keys_everywhere(inner)
+    elif isinstance(value, list):
+        for inner in value:
+            yield from _keys_everywhere(inner)
+
+
+def _literal_keys(value: Any) -> Iterator[str]:
+    """Keys inside $literal values and stored field names of a pipeline."""
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            if key == "$literal":
+                yield from _keys_everywhere(inner)
+            else:
+                yield from _literal_keys(inner)
+    elif isinstance(value, list):
+        for inner in value:
+            yield from _literal_keys(inner)
+
+
+@pytest.mark.anyio
+async def test_batch_is_one_unordered_majority_bulk_per_database_and_collection(
+    fake: FakeMongo, store: MongoStore
+) -> None:
+    """Two workspaces: one update command per database and collection, ordered false,
+    w majority with journal, upserts of update pipelines keyed by _id."""
+    decoded = lead_triage("run-1", "acme") + lead_triage("run-2", "acme") \
+        + lead_triage("run-9", "beta")
+    result = await store.write(batch_of(decoded))
+    assert result.rejected == ()
+    sent = fake.sent("update")
+    assert sorted((c["$db"], c["update"]) for c in sent) == [
+        ("audit_acme", "workflow_node_runs"), ("audit_acme", "workflow_runs"),
+        ("audit_beta", "workflow_node_runs"), ("audit_beta", "workflow_runs")]
+    for command in sent:
+        assert command["ordered"] is False
+        assert command["writeConcern"] == {"w": "majority", "j": True}
+        assert "txnNumber" in command  # retryable writes
+        for op in command["updates"]:
+            assert op["upsert"] is True
+            assert op.get("multi", False) is False
+            assert isinstance(op["u"], list)
+            assert list(op["q"]) == ["_id"]
+    runs = next(c for c in sent if c["update"] == "workflow_runs" and c["$db"] == "audit_acme")
+    assert [op["q"]["_id"] for op in runs["updates"]] == ["run-1", "run-2"]
+    stages = runs["updates"][0]["u"]
+    assert [next(iter(s)) for s in stages] == ["$set", "$set"]
+    assert list(stages[1]["$set"]) == ["summary"]
+    merged = stages[0]["$set"]
+    assert merged["startedAt"] == {"$min": ["$startedAt", {"$literal": _canon(
+        datetime.fromisoformat(at(0)))}]}
+    assert merged["completedAt"]["$max"][0] == "$completedAt"
+    assert merged["trigger"]["$ifNull"][0] == "$trigger"
+    assert "$sortArray" in merged["eventIds"]
+    nodes = next(c for c in sent if c["update"] == "workflow_node_runs"
+                 and c["$db"] == "audit_acme")
+    key = node_key("run-1", "classify", 1)
+    op = next(o for o in nodes["updates"] if o["q"] == {"_id": key})
+    (stage,) = op["u"]
+    cond = stage["$replaceWith"]["$cond"]
+    assert cond[2] == "$$ROOT"
+    assert cond[1]["$literal"]["_id"] == key
+    assert "$inc" not in repr(sent)
+
+
+@pytest.mark.anyio
+async def test_round_trip_matches_the_fold(fake: FakeMongo, store: MongoStore) -> None:
+    """What the store returns is exactly fold() of the events written, in two batches."""
+    decoded = lead_triage()
+    await store.write(batch_of(decoded[3:]))
+    await store.write(batch_of(decoded[:3] + decoded[4:], first=10))
+    runs, nodes = expected(decoded)
+    assert await store.get_run("acme", "run-1") == runs[("acme", "run-1")]
+    got = await store.get_nodes("acme", "run-1")
+    assert [n["nodeId"] for n in got] == ["classify", "route", "update-crm"]
+    assert got == [nodes[k] for k in sorted(nodes, key=lambda k: got_index(nodes[k]))]
+    run = await store.get_run("acme", "run-1")
+    assert run is not None
+    assert run["summary"] == {"nodesExecuted": 3, "nodeExecutions": 3, "aiCallsMade": 1,
+                              "actionsPerformed": ["salesforce.create_lead"],
+                              "totalTokens": 535, "failedNodes": 0}
+    assert run["startedAt"].tzinfo is not None
+    assert "_id" not in run
+
+
+def got_index(doc: dict[str, Any]) -> tuple[Any, ...]:
+    return (doc["startedAt"], doc["attempt"], doc["nodeId"])
+
+
+@pytest.mark.anyio
+async def test_indexes_are_created_once_per_database_with_exact_specs(
+    fake: FakeMongo, store: MongoStore
+) -> None:
+    """createIndexes carries the design's keys in order; a second batch does not resend."""
+    await store.write(batch_of(lead_triage()))
+    await store.write(batch_of(lead_triage("run-2"), first=20))
+    sent = fake.sent("createIndexes")
+    assert [(c["$db"], c["createIndexes"]) for c in sent] == [
+        ("audit_acme", "workflow_runs"), ("audit_acme", "workflow_node_runs")]
+    assert [list(i["key"].items()) for i in sent[0]["indexes"]] == mc.run_indexes(False)
+    assert [list(i["key"].items()) for i in sent[1]["indexes"]] == mc.node_indexes(False)
+    assert [i["name"] for i in sent[0]["indexes"]] == [
+        "workflowId_1_startedAt_-1", "status_1_startedAt_-1", "trigger.source_1"]
+    assert not any("prompt" in repr(i) or "output" in repr(i) or "input" in repr(i)
+                   for c in sent for i in c["indexes"])
+    await store.migrate()
+    assert len(fake.sent("createIndexes")) == 4  # migrate re-applies them (idempotent)
+
+
+@pytest.mark.anyio
+async def test_hostile_field_names_are_escaped_on_the_wire_and_read_back_unchanged(
+    fake: FakeMongo, store: MongoStore
+) -> None:
+    """$-prefixed, dotted, NUL, %-holding, empty and _id keys never reach the server raw."""
+    hostile = {"$where": "sleep(1000)", "a.b": {"$gt": ""}, "nul\x00key": 1, "50%": "$x",
+               "": "empty", "_id": "mine", "nested": [{"$set": {"x.y": 1}}]}
+    decoded = [
+        event("run.started", "e1", **{"$inc": {"summary.totalTokens": 1}, "a.b": 2,
+                                      "_id": "spoof", "meta": hostile}),
+        event("node.completed", "e2", node={"nodeId": "classify", "type": "ai",
+                                            "output": hostile, "input": {"$regex": ".*"},
+                                            "_payload": "user data"}),
+    ]
+    await store.write(batch_of(decoded))
+    for command in fake.sent("update"):
+        for op in command["updates"]:
+            for key in _literal_keys(op["u"]):
+                assert not key.startswith("$")
+                assert "." not in key
+                assert "\x00" not in key
+            for stage in op["u"]:
+                for field in stage.get("$set", {}):
+                    assert not field.startswith("$")
+                    assert "." not in field
+    stored = fake.docs("audit_acme", "workflow_runs")[0]
+    assert stored["%24inc"] == {"summary%2EtotalTokens": 1}
+    assert stored["_id"] == "run-1"
+    assert stored["%5Fid"] == "spoof"
+    runs, nodes = expected(decoded)
+    assert await store.get_run("acme", "run-1") == runs[("acme", "run-1")]
+    assert await store.get_nodes("acme", "run-1") == list(nodes.values())
+
+
+@pytest.mark.anyio
+async def test_duplicate_key_on_upsert_is_retried(fake: FakeMongo, store: MongoStore) -> None:
+    """An E11000 from a racing upsert re-sends only that operation; nothing is rejected."""
+    decoded = lead_triage("run-1") + lead_triage("run-2")
+
+    def race(request: Any) -> bool:
+        if request.doc["update"] != "workflow_runs":
+            return bool(request.ok(**fake.do_update(_canon(dict(request.doc)))))
+        ops = request.doc["updates"]
+        return bool(request.ok(n=0, writeErrors=[{
+            "index": 1, "code": 11000,
+            "errmsg": f"E11000 duplicate key error dup key: {{ _id: \"{ops[1]['q']['_id']}\" }}",
+        }], **{k: v for k, v in fake.do_update(_canon({**request.doc, "updates": ops[:1]}))
+               .items() if k != "n"}))
+
+    fake.fail_next("update", race, times=2)
+    result = await store.write(batch_of(decoded))
+    assert result.rejected == ()
+    runs_sent = updates(fake, "workflow_runs")
+    assert [[op["q"]["_id"] for op in c["updates"]] for c in runs_sent] == [
+        ["run-1", "run-2"], ["run-2"]]
+    runs, _ = expected(decoded)
+    assert await store.get_run("acme", "run-2") == runs[("acme", "run-2")]
+
+
+@pytest.mark.anyio
+async def test_write_concern_error_makes_the_batch_retry(
+    fake: FakeMongo, store: MongoStore
+) -> None:
+    """A write-concern timeout is transient: StoreUnavailable, and the retry converges."""
+    decoded = lead_triage()
+    fake.fail_next("update", lambda r: bool(r.ok(
+        n=len(r.doc["updates"]), nModified=0,
+        writeConcernError={"code": 64, "codeName": "WriteConcernFailed",
+                           "errmsg": "waiting for replication timed out",
+                           "errInfo": {"wtimeout": True}})))
+    with pytest.raises(StoreUnavailable, match="replication timed out"):
+        await store.write(batch_of(decoded))
+    assert (await store.write(batch_of(decoded))).rejected == ()
+    runs, _ = expected(decoded)
+    assert await store.get_run("acme", "run-1") == runs[("acme", "run-1")]
+
+
+@pytest.mark.anyio
+async def test_not_primary_is_transient(fake: FakeMongo, store: MongoStore) -> None:
+    """NotWritablePrimary (after the driver's own retry) surfaces as StoreUnavailable."""
+    def not_primary(request: Any) -> bool:
+        return bool(request.command_err(code=10107, errmsg="not primary",
+                                        errorLabels=["RetryableWriteError"]))
+
+    fake.fail_next("update", not_primary, times=4)
+    with pytest.raises(StoreUnavailable):
+        await store.write(batch_of(lead_triage()))
+
+
+@pytest.mark.anyio
+async def test_network_error_is_transient(fake: FakeMongo, store: MongoStore) -> None:
+    """A connection dropped mid-write (twice, beating the driver's retry) is retryable."""
+    fake.fail_next("update", lambda r: bool(r.hangup()), times=4)
+    with pytest.raises(StoreUnavailable, match="unreachable"):
+        await store.write(batch_of(lead_triage()))
+
+
+@pytest.mark.anyio
+async def test_oversized_document_rejects_only_its_events(
+    fake: FakeMongo, store: MongoStore
+) -> None:
+    """A server 'too large' error on one run rejects that run's events with the server's
+    message; the other run is written."""
+    decoded = lead_triage("run-1") + lead_triage("run-2")
+    message = "BSONObj size: 16793700 (0x1003F64) is invalid. Size must be between 0 and " \
+              "16793600(16MB)"
+
+    def too_large(request: Any) -> bool:
+        doc = _canon(dict(request.doc))
+        if doc["update"] != "workflow_runs":
+            return bool(request.ok(**fake.do_update(doc)))
+        reply = fake.do_update({**doc, "updates": doc["updates"][:1]})
+        return bool(request.ok(n=reply["n"], nModified=reply["nModified"],
+                               upserted=reply["upserted"], writeErrors=[
+            {"index": 1, "code": 10334, "codeName": "BSONObjectTooLarge", "errmsg": message}]))
+
+    fake.fail_next("update", too_large, times=2)
+    result = await store.write(batch_of(decoded))
+    (rejection,) = result.rejected
+    assert message in rejection.reason
+    assert "run 'run-2'" in rejection.reason
+    assert set(rejection.sources) == {f"{i}-0" for i in range(6, 11)}
+    assert await store.get_run("acme", "run-1") is not None
+
+
+@pytest.mark.anyio
+async def test_unencodable_value_is_rejected_before_sending(
+    fake: FakeMongo, store: MongoStore
+) -> None:
+    """An integer beyond BSON's int64 rejects its own events; the rest is written."""
+    decoded = [event("node.completed", "e1", node={"nodeId": "n", "type": "ai",
+                                                   "output": {"big": 2**70}}),
+               event("run.started", "e2", "run-2")]
+    result = await store.write(batch_of(decoded))
+    (rejection,) = result.rejected
+    assert rejection.sources == ("1-0",)
+    assert "node 'n' attempt 1 of run 'run-1'" in rejection.reason
+    assert "BSON" in rejection.reason
+    assert not any("big" in repr(c) for c in fake.sent("update"))
+    assert await store.get_run("acme", "run-2") is not None
+
+
+@pytest.mark.anyio
+async def test_command_level_failure_maps_to_rejected_or_unavailable(
+    fake: FakeMongo, store: MongoStore
+) -> None:
+    """A whole-command data error is StoreRejected (the worker splits the batch);
+    an authorization error keeps the events pending (StoreUnavailable)."""
+    await store.write(batch_of(lead_triage()))
+    fake.fail_next("update", lambda r: bool(r.command_err(code=2, errmsg="bad value")))
+    with pytest.raises(StoreRejected, match="bad value"):
+        await store.write(batch_of(lead_triage(), first=50))
+    fake.fail_next("update", lambda r: bool(r.command_err(code=13, errmsg="not authorized")))
+    with pytest.raises(StoreUnavailable, match="not authorized"):
+        await store.write(batch_of(lead_triage(), first=60))

@@ -1,0 +1,745 @@
+"""The MongoDB store: database per workspace, bulk idempotent upserts on PyMongo async.
+
+Layout
+    ``workflow_runs`` (``_id`` = runId) and ``workflow_node_runs`` (``_id`` = the node
+    execution's deterministic key from runId, nodeId and attempt), in one database per
+    workspace (``<prefix><workspaceId>``, ``AUDIT_MONGO_TENANCY=database``, the default)
+    or in one shared database with compound ``_id`` s and every index prefixed by
+    ``workspaceId`` (``AUDIT_MONGO_TENANCY=field``; the database is the URL's path, or
+    ``audit``). Node payloads above ``AUDIT_MONGO_LARGE_PAYLOAD_BYTES`` (default 4 MiB)
+    move to the GridFS bucket ``node_payloads`` under a deterministic file id.
+
+Writes
+    One unordered ``bulk_write`` per database and collection per batch, of
+    ``UpdateOne(filter, pipeline, upsert=True)`` (see :mod:`._mongo_codec`), with write
+    concern ``{w: "majority", j: true}`` unless the URL sets ``w`` / ``journal``, and
+    retryable writes on. A ``BulkWriteError`` is split per operation: duplicate keys
+    from racing upserts are retried, transient errors raise
+    :class:`~worker.errors.StoreUnavailable` (the worker retries the batch), and
+    permanent ones reject only the events behind that operation.
+
+Database names
+    Validated against MongoDB's rules (forbidden characters, under 64 bytes, not
+    admin/local/config). MongoDB refuses two databases whose names differ only by
+    case; the store keeps a map of existing names (lower case -> name) from
+    ``listDatabases``, refreshed whenever a batch names a database it does not know and
+    once more before it refuses one, and rejects the later workspace's events with a
+    reason. A server-side refusal (code 13297) racing another worker is mapped the same.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC
+from typing import Any, Final
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import anyio
+import bson
+from bson.codec_options import CodecOptions
+from bson.errors import InvalidDocument
+from gridfs import AsyncGridFSBucket
+from gridfs.errors import NoFile
+from pymongo import AsyncMongoClient, IndexModel, UpdateOne
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import (
+    BulkWriteError,
+    ConnectionFailure,
+    DuplicateKeyError,
+    OperationFailure,
+    PyMongoError,
+    WriteConcernError,
+)
+
+from ..documents import NodeDoc, RunPatch, WriteBatch
+from ..errors import ConfigError, StoreError, StoreRejected, StoreUnavailable
+from . import _mongo_codec as mc
+from .base import NodeQuery, Rejection, RunQuery, WriteResult
+
+Doc = dict[str, Any]
+
+DEFAULT_PREFIX: Final = "audit_"
+DEFAULT_SHARED_DB: Final = "audit"
+DEFAULT_LARGE_PAYLOAD_BYTES: Final = 4 * 1024 * 1024
+#: The server's document limit; a single update larger than this cannot be sent.
+MAX_BSON_BYTES: Final = 16 * 1024 * 1024
+#: Oldest server whose update pipelines support every operator used ($sortArray).
+MIN_SERVER_VERSION: Final = (5, 2)
+DUPLICATE_KEY_RETRIES: Final = 5
+
+DUPLICATE_KEY_CODES: Final = frozenset({11000, 11001, 12582})
+#: Errors a retry of the same batch can outlive: failover, shutdown, network, timeouts,
+#: write-concern failures, lock and interruption codes.
+TRANSIENT_CODES: Final = frozenset({
+    6, 7, 24, 46, 50, 63, 64, 79, 89, 91, 100, 112, 133, 134, 150, 189, 251, 262, 9001,
+    10058, 10107, 11600, 11601, 11602, 13388, 13435, 13436,
+})
+#: Errors of the deployment or the server version, not of the data: retrying (and an
+#: operator) can fix them, dead-lettering the events cannot.
+ENVIRONMENT_CODES: Final = frozenset({
+    13, 18, 168, 8000, 31082, 40324, 40352, 31325,
+})
+TRANSIENT_LABELS: Final = ("RetryableWriteError", "TransientTransactionError",
+                           "SystemOverloadedError", "RetryableError")
+DB_DIFFERS_BY_CASE: Final = 13297
+INVALID_NAMESPACE: Final = 73
+TENANCY_MODES: Final = ("database", "field")
+
+_URL_WRITE_CONCERN: Final = frozenset({"w", "journal", "wtimeoutms"})
+
+
+@dataclass(frozen=True, slots=True)
+class MongoOptions:
+    """Store options; :meth:`from_env` reads ``AUDIT_MONGO_*``, keywords override."""
+
+    tenancy: str = "database"
+    db_prefix: str = DEFAULT_PREFIX
+    large_payload_bytes: int = DEFAULT_LARGE_PAYLOAD_BYTES
+    #: Write concern; None leaves it to the URL, or ``majority`` with journal.
+    w: int | str | None = None
+    journal: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.tenancy not in TENANCY_MODES:
+            raise ConfigError(f"AUDIT_MONGO_TENANCY must be database or field, got "
+                              f"{self.tenancy!r}")
+        problem = mc.prefix_problem(self.db_prefix)
+        if problem:
+            raise ConfigError(problem)
+        if self.large_payload_bytes <= 0 or self.large_payload_bytes > MAX_BSON_BYTES // 2:
+            raise ConfigError("AUDIT_MONGO_LARGE_PAYLOAD_BYTES must be positive and at most "
+                              f"{MAX_BSON_BYTES // 2}, got {self.large_payload_bytes}")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> MongoOptions:
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        if env.get("AUDIT_MONGO_TENANCY"):
+            values["tenancy"] = env["AUDIT_MONGO_TENANCY"].strip().lower()
+        if "AUDIT_MONGO_DB_PREFIX" in env:
+            values["db_prefix"] = env["AUDIT_MONGO_DB_PREFIX"]
+        raw = env.get("AUDIT_MONGO_LARGE_PAYLOAD_BYTES")
+        if raw:
+            try:
+                values["large_payload_bytes"] = int(raw)
+            except ValueError:
+                raise ConfigError("AUDIT_MONGO_LARGE_PAYLOAD_BYTES must be a number, got "
+                                  f"{raw!r}") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise ConfigError(f"unknown MongoDB store option: {exc}") from None
+
+
+@dataclass(slots=True)
+class _Op:
+    """One update of a bulk write, and the stream entries behind it."""
+
+    model: UpdateOne
+    sources: list[str]
+    what: str
+
+    def reject(self, reason: str) -> Rejection:
+        return Rejection(tuple(dict.fromkeys(self.sources)), f"{self.what}: {reason}")
+
+
+@dataclass(slots=True)
+class _Blob:
+    """A node payload stored out of line in GridFS."""
+
+    file_id: str
+    data: bytes
+    metadata: Doc
+    op: _Op
+
+
+@dataclass(slots=True)
+class _Target:
+    """What one batch writes to one database."""
+
+    name: str
+    runs: list[_Op] = field(default_factory=list)
+    nodes: list[_Op] = field(default_factory=list)
+    blobs: list[_Blob] = field(default_factory=list)
+
+    def sources(self) -> list[str]:
+        return [s for op in (*self.runs, *self.nodes) for s in op.sources]
+
+
+class MongoStore:
+    """The MongoDB store (see the module docstring)."""
+
+    name = "mongodb"
+
+    def __init__(self, url: str, *, env: Mapping[str, str] | None = None,
+                 **options: Any) -> None:
+        self.url = url
+        self.options = MongoOptions.from_env(env, **options)
+        self.shared = self.options.tenancy == "field"
+        self.prefix = self.options.db_prefix
+        self.shared_db = unquote(urlsplit(url).path.lstrip("/")) or DEFAULT_SHARED_DB
+        if self.shared:
+            problem = mc.db_name_problem(self.shared_db)
+            if problem:
+                raise ConfigError(f"the shared MongoDB database cannot be used: {problem}")
+        self.codec = CodecOptions(document_class=dict, tz_aware=True, tzinfo=UTC)
+        self._client: AsyncMongoClient[Doc] | None = None
+        self._indexed: set[str] = set()
+        #: lower-case database name -> its spelling on the server (case-collision check)
+        self._db_names: dict[str, str] | None = None
+        self._can_list_dbs = True
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _client_options(self) -> dict[str, Any]:
+        query = {k.lower() for k, _ in parse_qsl(urlsplit(self.url).query)}
+        opts: dict[str, Any] = {"tz_aware": True, "tzinfo": UTC, "appname": "audit-fleet"}
+        if self.options.w is not None:
+            opts["w"] = self.options.w
+        elif not query & _URL_WRITE_CONCERN:
+            opts["w"] = "majority"
+        if self.options.journal is not None:
+            opts["journal"] = self.options.journal
+        elif not query & _URL_WRITE_CONCERN:
+            opts["journal"] = True
+        if "retrywrites" not in query:
+            opts["retryWrites"] = True
+        return opts
+
+    @property
+    def client(self) -> AsyncMongoClient[Doc]:
+        if self._client is None:
+            raise StoreError("the MongoDB store is not open")
+        return self._client
+
+    async def open(self) -> None:
+        if self._client is not None:
+            return
+        try:
+            self._client = AsyncMongoClient(self.url, **self._client_options())
+        except PyMongoError as exc:
+            raise ConfigError(f"AUDIT_STORE_URL is not a usable MongoDB URL: {exc}") from None
+        try:
+            await self._check_version()
+            if self.shared:
+                await self._ensure_indexes(self.shared_db)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+
+    async def _check_version(self) -> None:
+        info = await self._call(self.client.admin.command("buildInfo"))
+        version = tuple(int(p) for p in (info.get("versionArray") or [0, 0])[:2])
+        if version < MIN_SERVER_VERSION:
+            raise ConfigError(
+                f"MongoDB {info.get('version')} is too old: the store needs "
+                f"{MIN_SERVER_VERSION[0]}.{MIN_SERVER_VERSION[1]} or newer ($sortArray)"
+            )
+
+    async def migrate(self) -> None:
+        """Create the indexes in every database this store owns (idempotent)."""
+        if self.shared:
+            await self._ensure_indexes(self.shared_db, force=True)
+            return
+        names = await self._call(self.client.list_database_names())
+        for name in names:
+            if name.startswith(self.prefix) and _workspace_ok(name[len(self.prefix):]):
+                await self._ensure_indexes(name, force=True)
+
+    async def ping(self) -> None:
+        await self._call(self.client.admin.command("ping"))
+
+    async def _call(self, awaitable: Any) -> Any:
+        """Await a driver call, mapping connection-level failures to StoreUnavailable."""
+        try:
+            return await awaitable
+        except ConnectionFailure as exc:
+            raise StoreUnavailable(f"MongoDB is unreachable: {exc}") from exc
+        except OperationFailure as exc:
+            if _transient(exc) or exc.code in ENVIRONMENT_CODES:
+                raise StoreUnavailable(f"MongoDB: {_message(exc)}") from exc
+            raise StoreError(f"MongoDB: {_message(exc)}") from exc
+        except PyMongoError as exc:
+            raise StoreUnavailable(f"MongoDB: {exc}") from exc
+
+    # ------------------------------------------------------------------ databases
+
+    def _db(self, name: str) -> AsyncDatabase[Doc]:
+        return self.client.get_database(name, codec_options=self.codec)
+
+    def _db_name(self, workspace: str) -> str:
+        return self.shared_db if self.shared else self.prefix + workspace
+
+    def _read_db(self, workspace: str) -> AsyncDatabase[Doc] | None:
+        """The database to read a workspace from, or None if it cannot exist."""
+        if self.shared:
+            return self._db(self.shared_db)
+        name = self._db_name(workspace)
+        return None if mc.db_name_problem(name) else self._db(name)
+
+    async def _ensure_indexes(self, name: str, *, force: bool = False) -> None:
+        if name in self._indexed and not force:
+            return
+        db = self._db(name)
+        runs = [IndexModel(keys) for keys in mc.run_indexes(self.shared)]
+        nodes = [IndexModel(keys) for keys in mc.node_indexes(self.shared)]
+        await self._call(db[mc.RUNS].create_indexes(runs))
+        await self._call(db[mc.NODES].create_indexes(nodes))
+        self._indexed.add(name)
+
+    async def _refresh_db_names(self) -> None:
+        if not self._can_list_dbs:
+            self._db_names = self._db_names or {}
+            return
+        try:
+            names = await self.client.list_database_names()
+        except ConnectionFailure as exc:
+            raise StoreUnavailable(f"MongoDB is unreachable: {exc}") from exc
+        except OperationFailure as exc:
+            if _transient(exc):
+                raise StoreUnavailable(f"MongoDB: {_message(exc)}") from exc
+            # Not allowed to list databases: the server's own check (13297) remains.
+            self._can_list_dbs = False
+            names = []
+        self._db_names = {n.lower(): n for n in names}
+
+    def _claim(self, names: Iterable[str]) -> dict[str, str]:
+        """Record new names; return name -> the existing name it collides with."""
+        known = self._db_names if self._db_names is not None else {}
+        self._db_names = known
+        clashes: dict[str, str] = {}
+        for name in sorted(names):
+            existing = known.setdefault(name.lower(), name)
+            if existing != name:
+                clashes[name] = existing
+        return clashes
+
+    async def _resolve(self, workspaces: Iterable[str]) -> tuple[dict[str, str], dict[str, str]]:
+        """(workspace -> database name, workspace -> why it is refused)."""
+        names: dict[str, str] = {}
+        refused: dict[str, str] = {}
+        for ws in workspaces:
+            name = self._db_name(ws)
+            problem = mc.db_name_problem(name) if not self.shared else None
+            if problem:
+                refused[ws] = f"workspace {ws!r} cannot be stored in MongoDB: {problem}"
+            else:
+                names[ws] = name
+        if self.shared or not names:
+            return names, refused
+        refreshed = False
+        if self._db_names is None or any(n.lower() not in self._db_names
+                                         for n in names.values()):
+            await self._refresh_db_names()
+            refreshed = True
+        clashes = self._claim(names.values())
+        if clashes and not refreshed:
+            await self._refresh_db_names()
+            clashes = self._claim(names.values())
+        for ws, name in list(names.items()):
+            if name in clashes:
+                del names[ws]
+                refused[ws] = (f"workspace {ws!r} cannot be stored in MongoDB: database name "
+                               f"{name!r} differs only by case from the existing database "
+                               f"{clashes[name]!r}")
+        return names, refused
+
+    # ------------------------------------------------------------------ writes
+
+    async def write(self, batch: WriteBatch) -> WriteResult:
+        if not len(batch):
+            return WriteResult()
+        rejected: list[Rejection] = []
+        workspaces = {k[0] for k in batch.runs} | {k[0] for k in batch.nodes}
+        names, refused = await self._resolve(workspaces)
+        targets: dict[str, _Target] = {}
+        for run in batch.runs.values():
+            if run.workspace_id in refused:
+                rejected.append(Rejection(tuple(dict.fromkeys(run.sources)),
+                                          refused[run.workspace_id]))
+                continue
+            target = targets.setdefault(names[run.workspace_id],
+                                        _Target(names[run.workspace_id]))
+            self._add_run(target, run, rejected)
+        for node in batch.nodes.values():
+            if node.workspace_id in refused:
+                rejected.append(Rejection(tuple(dict.fromkeys(node.sources)),
+                                          refused[node.workspace_id]))
+                continue
+            target = targets.setdefault(names[node.workspace_id],
+                                        _Target(names[node.workspace_id]))
+            self._add_node(target, node, rejected)
+        for target in targets.values():
+            try:
+                await self._ensure_indexes(target.name)
+            except StoreError as exc:
+                if _code(exc) in (DB_DIFFERS_BY_CASE, INVALID_NAMESPACE):
+                    self._db_names = None
+                    rejected.extend(op.reject(str(exc)) for op in (*target.runs, *target.nodes))
+                    target.runs, target.nodes, target.blobs = [], [], []
+                    continue
+                raise StoreUnavailable(str(exc)) from exc
+            await self._upload(target, rejected)
+        await self._bulk_all(targets.values(), rejected)
+        return WriteResult(tuple(rejected))
+
+    def _add_run(self, target: _Target, run: RunPatch, rejected: list[Rejection]) -> None:
+        what = f"run {run.run_id!r}"
+        filt = {"_id": mc.run_id_key(run.workspace_id, run.run_id, shared=self.shared)}
+        op = _Op(UpdateOne(filt, [], upsert=True), run.sources, what)
+        try:
+            pipeline = mc.run_pipeline(run)
+            size = len(bson.encode({"u": pipeline}))
+        except (InvalidDocument, OverflowError, RecursionError, TypeError) as exc:
+            rejected.append(op.reject(f"cannot be encoded as BSON: {exc}"))
+            return
+        if size > MAX_BSON_BYTES:
+            rejected.append(op.reject(f"the update is {size} bytes, above MongoDB's "
+                                      f"{MAX_BSON_BYTES}-byte document limit"))
+            return
+        op.model = UpdateOne(filt, pipeline, upsert=True)
+        target.runs.append(op)
+
+    def _add_node(self, target: _Target, node: NodeDoc, rejected: list[Rejection]) -> None:
+        what = f"node {node.node_id!r} attempt {node.attempt} of run {node.run_id!r}"
+        key = mc.node_id_key(node.workspace_id, node.node_key, shared=self.shared)
+        op = _Op(UpdateOne({"_id": key}, [], upsert=True), node.sources, what)
+        try:
+            stored = {"_id": key, **mc.escape_doc(node.doc)}
+            size = len(bson.encode(stored))
+            blob: _Blob | None = None
+            if size > self.options.large_payload_bytes:
+                stored, rest = mc.split_payload(stored)
+                file_id = mc.payload_file_id(node.workspace_id, node.node_key, node.event_id)
+                data = bson.encode(rest)
+                stored[mc.PAYLOAD_FIELD] = {"fileId": file_id, "bytes": len(data),
+                                            "fields": sorted(rest)}
+                size = len(bson.encode(stored))
+                blob = _Blob(file_id, data, {
+                    "workspaceId": node.workspace_id, "runId": node.run_id,
+                    "nodeKey": node.node_key, "eventId": node.event_id,
+                }, op)
+        except (InvalidDocument, OverflowError, RecursionError, TypeError) as exc:
+            rejected.append(op.reject(f"cannot be encoded as BSON: {exc}"))
+            return
+        if size > MAX_BSON_BYTES:
+            rejected.append(op.reject(f"the document is {size} bytes inline, above MongoDB's "
+                                      f"{MAX_BSON_BYTES}-byte limit"))
+            return
+        op.model = UpdateOne({"_id": key}, mc.node_pipeline(node, stored), upsert=True)
+        target.nodes.append(op)
+        if blob is not None:
+            target.blobs.append(blob)
+
+    async def _upload(self, target: _Target, rejected: list[Rejection]) -> None:
+        """Store out-of-line payloads before the node documents that point at them."""
+        if not target.blobs:
+            return
+        db = self._db(target.name)
+        bucket = AsyncGridFSBucket(db, bucket_name=mc.PAYLOAD_BUCKET)
+        files = db[f"{mc.PAYLOAD_BUCKET}.files"]
+        ids = [b.file_id for b in target.blobs]
+        found = await self._call(files.find({"_id": {"$in": ids}}, {"_id": 1}).to_list())
+        have = {d["_id"] for d in found}
+        for blob in target.blobs:
+            if blob.file_id in have:
+                continue
+            try:
+                await self._upload_one(db, bucket, blob)
+            except StoreRejected as exc:
+                target.nodes.remove(blob.op)
+                rejected.append(blob.op.reject(str(exc)))
+
+    async def _upload_one(self, db: AsyncDatabase[Doc], bucket: AsyncGridFSBucket,
+                          blob: _Blob) -> None:
+        chunks = db[f"{mc.PAYLOAD_BUCKET}.chunks"]
+        files = db[f"{mc.PAYLOAD_BUCKET}.files"]
+        for _ in range(2):
+            try:
+                await bucket.upload_from_stream_with_id(
+                    blob.file_id, blob.metadata["nodeKey"], blob.data, metadata=blob.metadata)
+                return
+            except DuplicateKeyError:
+                # A racing worker stored it, or a crashed upload left chunks behind.
+                if await self._call(files.find_one({"_id": blob.file_id}, {"_id": 1})):
+                    return
+                await self._call(chunks.delete_many({"files_id": blob.file_id}))
+            except ConnectionFailure as exc:
+                raise StoreUnavailable(f"MongoDB is unreachable: {exc}") from exc
+            except OperationFailure as exc:
+                if _transient(exc) or exc.code in ENVIRONMENT_CODES:
+                    raise StoreUnavailable(f"MongoDB: {_message(exc)}") from exc
+                raise StoreRejected(f"payload file: {_message(exc)}") from exc
+        raise StoreUnavailable(f"payload file {blob.file_id} kept colliding; retrying")
+
+    async def _bulk_all(self, targets: Iterable[_Target], rejected: list[Rejection]) -> None:
+        jobs = [(t, coll, ops) for t in targets
+                for coll, ops in ((mc.NODES, t.nodes), (mc.RUNS, t.runs)) if ops]
+        failures: list[BaseException] = []
+
+        async def run(target: _Target, coll: str, ops: list[_Op]) -> None:
+            try:
+                rejected.extend(await self._bulk(target, coll, ops))
+            except Exception as exc:
+                failures.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            for job in jobs:
+                tg.start_soon(run, *job)
+        if failures:
+            for exc in failures:
+                if isinstance(exc, StoreUnavailable):
+                    raise exc
+            raise failures[0]
+
+    async def _bulk(self, target: _Target, coll_name: str, ops: list[_Op]) -> list[Rejection]:
+        """One unordered bulk write, split per operation on failure."""
+        coll: AsyncCollection[Doc] = self._db(target.name)[coll_name]
+        rejections: list[Rejection] = []
+        pending = ops
+        for _ in range(DUPLICATE_KEY_RETRIES + 1):
+            try:
+                await coll.bulk_write([op.model for op in pending], ordered=False)
+                return rejections
+            except BulkWriteError as exc:
+                pending = self._split(exc, pending, rejections)
+                if not pending:
+                    return rejections
+            except ConnectionFailure as exc:
+                raise StoreUnavailable(f"MongoDB is unreachable: {exc}") from exc
+            except WriteConcernError as exc:
+                raise StoreUnavailable(f"MongoDB write concern: {_message(exc)}") from exc
+            except OperationFailure as exc:
+                if _transient(exc) or exc.code in ENVIRONMENT_CODES:
+                    raise StoreUnavailable(f"MongoDB: {_message(exc)}") from exc
+                if exc.code in (DB_DIFFERS_BY_CASE, INVALID_NAMESPACE):
+                    self._db_names = None
+                    return rejections + [op.reject(_message(exc)) for op in pending]
+                raise StoreRejected(f"MongoDB refused the batch: {_message(exc)}") from exc
+            except (InvalidDocument, OverflowError) as exc:
+                raise StoreRejected(f"MongoDB cannot encode the batch: {exc}") from exc
+            except PyMongoError as exc:
+                raise StoreUnavailable(f"MongoDB: {exc}") from exc
+        raise StoreUnavailable(f"duplicate keys on upsert into {target.name}.{coll_name} "
+                               f"persisted after {DUPLICATE_KEY_RETRIES} retries")
+
+    @staticmethod
+    def _split(exc: BulkWriteError, ops: list[_Op], rejections: list[Rejection]) -> list[_Op]:
+        """Sort a bulk failure per operation; return the operations to send again."""
+        details = exc.details or {}
+        concern = details.get("writeConcernErrors") or []
+        if concern:
+            err = concern[0]
+            raise StoreUnavailable(
+                f"MongoDB write concern not satisfied: {err.get('errmsg')} "
+                f"(code {err.get('code')})"
+            ) from exc
+        retry: list[_Op] = []
+        transient: Doc | None = None
+        for err in details.get("writeErrors") or []:
+            op = ops[err["index"]]
+            code = err.get("code")
+            if code in DUPLICATE_KEY_CODES:
+                retry.append(op)
+            elif code in TRANSIENT_CODES or code in ENVIRONMENT_CODES:
+                transient = err
+            else:
+                rejections.append(op.reject(f"{_clip(str(err.get('errmsg')))} (code {code})"))
+        if transient is not None or any(exc.has_error_label(x) for x in TRANSIENT_LABELS):
+            err = transient or {}
+            raise StoreUnavailable(f"MongoDB: {err.get('errmsg', exc)} "
+                                   f"(code {err.get('code')})") from exc
+        return retry
+
+    # ------------------------------------------------------------------ reads
+
+    def _filter(self, workspace: str, **fields: Any) -> Doc:
+        out: Doc = {"workspaceId": workspace} if self.shared else {}
+        out.update((k, v) for k, v in fields.items() if v is not None)
+        return out
+
+    async def get_run(self, workspace: str, run_id: str) -> Doc | None:
+        db = self._read_db(workspace)
+        if db is None:
+            return None
+        key = mc.run_id_key(workspace, run_id, shared=self.shared)
+        doc = await self._call(db[mc.RUNS].find_one({"_id": key}))
+        return None if doc is None else _run_doc(doc)
+
+    async def get_nodes(self, workspace: str, run_id: str) -> list[Doc]:
+        db = self._read_db(workspace)
+        if db is None:
+            return []
+        cursor = db[mc.NODES].find(self._filter(workspace, runId=run_id))
+        docs = [await self._node_doc(db, d) for d in await self._call(cursor.to_list())]
+        docs.sort(key=node_order)
+        return docs
+
+    async def list_runs(self, workspace: str, query: RunQuery) -> list[Doc]:
+        db = self._read_db(workspace)
+        if db is None or query.limit <= 0:
+            return []
+        span: Doc = {}
+        if query.since is not None:
+            span["$gte"] = query.since
+        if query.until is not None:
+            span["$lt"] = query.until
+        filt = self._filter(workspace, workflowId=query.workflow_id, status=query.status,
+                            **{"trigger.source": query.trigger_source,
+                               "startedAt": span or None})
+        # newest first, unknown start last (MongoDB sorts null lowest), ties by runId
+        cursor = db[mc.RUNS].find(filt, sort=[("startedAt", -1), ("runId", 1)],
+                                  limit=query.limit)
+        return [_run_doc(d) for d in await self._call(cursor.to_list())]
+
+    async def scan_nodes(self, workspace: str, query: NodeQuery) -> AsyncIterator[Doc]:
+        """Nodes in (startedAt, runId, nodeId, attempt) order, unknown start last.
+
+        With ``fields``, each document holds only those top-level fields (when present).
+        """
+        db = self._read_db(workspace)
+        if db is None:
+            return
+        span: Doc = {}
+        if query.since is not None:
+            span["$gte"] = query.since
+        if query.until is not None:
+            span["$lt"] = query.until
+        base = self._filter(
+            workspace,
+            runId={"$in": list(query.run_ids)} if query.run_ids else None,
+            type={"$in": list(query.types)} if query.types else None,
+        )
+        # MongoDB sorts null first: scan the dated nodes, then (without a time bound)
+        # the undated ones, so the order matches the other stores'.
+        passes = [{**base, "startedAt": span or {"$ne": None}}]
+        if not span:
+            passes.append({**base, "startedAt": None})
+        projection = None
+        if query.fields:
+            wanted = set(query.fields) | {mc.PAYLOAD_FIELD}
+            projection = {mc.escape_key(f, top=True): 1 for f in sorted(wanted)}
+        order = [("startedAt", 1), ("runId", 1), ("nodeId", 1), ("attempt", 1)]
+        for filt in passes:
+            cursor = db[mc.NODES].find(filt, projection, sort=order, batch_size=500,
+                                       allow_disk_use=True)
+            try:
+                async for stored in cursor:
+                    doc = await self._node_doc(db, stored, query.fields)
+                    if query.fields:
+                        doc = {k: doc[k] for k in query.fields if k in doc}
+                    yield doc
+            except ConnectionFailure as exc:
+                raise StoreUnavailable(f"MongoDB is unreachable: {exc}") from exc
+            except OperationFailure as exc:
+                raise StoreUnavailable(f"MongoDB: {_message(exc)}") from exc
+            finally:
+                await cursor.close()
+
+    async def _node_doc(self, db: AsyncDatabase[Doc], stored: Doc,
+                        fields: Sequence[str] = ()) -> Doc:
+        ref = stored.get(mc.PAYLOAD_FIELD)
+        if isinstance(ref, dict):
+            wanted = {mc.escape_key(f, top=True) for f in fields}
+            if not fields or wanted & set(ref.get("fields") or ()):
+                data = await self._download(db, ref["fileId"])
+                stored = {**stored, **bson.decode(data, codec_options=self.codec)}
+        return mc.unescape_doc(stored)
+
+    async def _download(self, db: AsyncDatabase[Doc], file_id: Any) -> bytes:
+        bucket = AsyncGridFSBucket(db, bucket_name=mc.PAYLOAD_BUCKET)
+        try:
+            grid = await bucket.open_download_stream(file_id)
+            data: bytes = await grid.read()
+        except NoFile:
+            raise StoreError(f"node payload file {file_id} is missing") from None
+        except ConnectionFailure as exc:
+            raise StoreUnavailable(f"MongoDB is unreachable: {exc}") from exc
+        return data
+
+    async def workspaces(self) -> list[str]:
+        if self.shared:
+            found = await self._call(self._db(self.shared_db)[mc.RUNS].distinct("workspaceId"))
+            return sorted(str(ws) for ws in found)
+        out: list[str] = []
+        for name in await self._call(self.client.list_database_names()):
+            ws = name[len(self.prefix):]
+            if not name.startswith(self.prefix) or not _workspace_ok(ws):
+                continue
+            if await self._call(self._db(name)[mc.RUNS].find_one({}, {"_id": 1})) is not None:
+                out.append(ws)
+        return sorted(out)
+
+    async def delete_runs(self, workspace: str, run_ids: Sequence[str]) -> int:
+        """Delete node documents, then payload files, then runs (a rerun completes it)."""
+        db = self._read_db(workspace)
+        if db is None or not run_ids:
+            return 0
+        ids = list(dict.fromkeys(run_ids))
+        await self._call(db[mc.NODES].delete_many(self._filter(workspace,
+                                                               runId={"$in": ids})))
+        files = db[f"{mc.PAYLOAD_BUCKET}.files"]
+        meta: Doc = {"metadata.runId": {"$in": ids}}
+        if self.shared:
+            meta = {"metadata.workspaceId": workspace, **meta}
+        file_ids = [d["_id"] for d in await self._call(files.find(meta, {"_id": 1}).to_list())]
+        if file_ids:
+            chunks = db[f"{mc.PAYLOAD_BUCKET}.chunks"]
+            await self._call(chunks.delete_many({"files_id": {"$in": file_ids}}))
+            await self._call(files.delete_many({"_id": {"$in": file_ids}}))
+        keys = [mc.run_id_key(workspace, r, shared=self.shared) for r in ids]
+        result = await self._call(db[mc.RUNS].delete_many({"_id": {"$in": keys}}))
+        return int(result.deleted_count)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def node_order(doc: Mapping[str, Any]) -> tuple[Any, ...]:
+    """Execution order: startedAt (unknown last), attempt, nodeId."""
+    started = doc.get("startedAt")
+    return (started is None, started.timestamp() if started is not None else 0.0,
+            int(doc.get("attempt") or 0), str(doc.get("nodeId")))
+
+
+def _run_doc(stored: Mapping[str, Any]) -> Doc:
+    doc = mc.unescape_doc(stored)
+    index = doc.get("nodeIndex")
+    if isinstance(index, dict):
+        doc["nodeIndex"] = dict(sorted(index.items()))
+    return doc
+
+
+def _workspace_ok(ws: str) -> bool:
+    return 1 <= len(ws) <= 48 and all(ch.isascii() and (ch.isalnum() or ch in "_-")
+                                      for ch in ws)
+
+
+def _transient(exc: OperationFailure) -> bool:
+    if exc.code in TRANSIENT_CODES:
+        return True
+    return any(exc.has_error_label(label) for label in TRANSIENT_LABELS)
+
+
+def _code(exc: BaseException) -> int | None:
+    cause = exc.__cause__
+    return cause.code if isinstance(cause, OperationFailure) else None
+
+
+def _message(exc: OperationFailure) -> str:
+    details = exc.details or {}
+    text = details.get("errmsg") or str(exc)
+    return f"{_clip(str(text))} (code {exc.code})"
+
+
+def _clip(text: str, limit: int = 1000) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
