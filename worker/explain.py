@@ -304,12 +304,12 @@ def build(workspace: str, run_id: str, run: Mapping[str, Any] | None,
         (d.get("workflowId") for d in ordered if d.get("workflowId")), None)
     present = {d.get("nodeKey") for d in ordered}
     index = run.get("nodeIndex") if isinstance(run.get("nodeIndex"), Mapping) else {}
-    missing = [
+    missing = sorted((
         {"nodeKey": key, "nodeId": entry.get("nodeId"), "attempt": entry.get("attempt"),
          "type": entry.get("type"), "status": entry.get("status")}
-        for key, entry in sorted((index or {}).items())
+        for key, entry in (index or {}).items()
         if key not in present and isinstance(entry, Mapping)
-    ]
+    ), key=lambda m: (str(m["nodeId"]), str(m["attempt"]), m["nodeKey"]))
     summary = run.get("summary")
     return Explanation(
         workspace_id=workspace,

@@ -1,0 +1,281 @@
+"""Tiered retention: policy per data class and workspace, plan, run, and idempotence."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import reference as ref
+from tests.test_explain import (  # noqa: F401 - fixtures
+    fixture_store,
+    fixture_store_url,
+    run_cli,
+    workspace_name,
+    write_events,
+)
+from worker import archive as arc
+from worker import explain, retention
+from worker.errors import ConfigError
+from worker.stores import Store
+
+pytestmark = pytest.mark.anyio
+
+DAY = timedelta(days=1)
+NOW = datetime(2026, 9, 1, 12, 0, tzinfo=UTC)
+
+
+def run_events(ws: str, run_id: str, finished: datetime, *, failed: bool = True
+               ) -> list[dict[str, Any]]:
+    """A run that finished at ``finished``: an ai node, an action that failed once, retry."""
+    iso = lambda d: d.isoformat().replace("+00:00", "Z")  # noqa: E731
+    start = finished - timedelta(seconds=10)
+    env = {"v": 1, "workspaceId": ws, "workflowId": "wf", "runId": run_id}
+    nodes: list[dict[str, Any]] = [
+        {"nodeId": "classify", "type": "ai", "startedAt": iso(start + timedelta(seconds=1)),
+         "completedAt": iso(start + timedelta(seconds=2)), "model": "m",
+         "input": {"prompt": f"secret prompt of {run_id}"}, "output": {"confidence": 0.5},
+         "tokens_used": {"input": 10, "output": 2}},
+        {"nodeId": "act", "type": "action", "attempt": 1,
+         "startedAt": iso(start + timedelta(seconds=3)),
+         "completedAt": iso(start + timedelta(seconds=4)),
+         "input": {"payload": "p"}, "error": {"type": "Timeout", "message": "slow", "retries": 1},
+         "status": "failed"},
+        {"nodeId": "act", "type": "action", "attempt": 2,
+         "startedAt": iso(start + timedelta(seconds=5)),
+         "completedAt": iso(start + timedelta(seconds=6)), "actions": ["crm.update"]},
+    ]
+    if not failed:
+        nodes = [nodes[0], nodes[2]]
+    return [env | {"eventId": f"{run_id}:snap", "type": "run.snapshot", "ts": iso(finished),
+                   "status": "failed" if failed else "completed", "startedAt": iso(start),
+                   "completedAt": iso(finished), "totalDuration": 10_000,
+                   "error": {"type": "Gave up"} if failed else None,
+                   "trigger": {"type": "cron", "source": "scheduler"}, "nodes": nodes}]
+
+
+# -- policy ----------------------------------------------------------------------------------
+
+def test_default_policy_is_the_designs() -> None:
+    """Hot storage defaults: summaries 90, node traces 30, prompts 30, errors 90 days."""
+    hot = retention.Policy().hot
+    assert (hot.run_summaries, hot.node_traces, hot.prompts, hot.error_details) == (
+        90, 30, 30, 90)
+
+
+def test_policy_from_toml_with_workspace_overrides(tmp_path: Path) -> None:
+    """A TOML policy sets defaults and per-workspace overrides on top of them."""
+    path = tmp_path / "policy.toml"
+    path.write_text('period = "day"\n[hot]\nrun_summaries = 365\nnode_traces = 60\n'
+                    '[workspaces.acme.hot]\nprompts = 7\n'
+                    '[workspaces.legal.hot]\nrun_summaries = "forever"\n'
+                    'error_details = "forever"\n')
+    policy = retention.Policy.load(path)
+    assert policy.period == "day"
+    assert policy.for_workspace("other") == retention.HotDays(365, 60, 30, 90)
+    assert policy.for_workspace("acme") == retention.HotDays(365, 60, 7, 90)
+    assert policy.for_workspace("legal") == retention.HotDays(None, 60, 30, None)
+    as_json = tmp_path / "policy.json"
+    as_json.write_text(json.dumps(policy.to_json()))
+    assert retention.Policy.load(as_json) == policy
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ({"hot": {"prompts": 60}}, "prompts cannot be kept longer than node_traces"),
+    ({"hot": {"node_traces": 120}}, "node_traces cannot be kept longer than run_summaries"),
+    ({"hot": {"errors": 5}}, "unknown data classes errors"),
+    ({"hot": {"prompts": -1}}, "must be a number of days"),
+    ({"period": "week"}, "period must be one of"),
+    ({"workspaces": {"bad name": {"hot": {}}}}, "a workspace is"),
+    ({"retain": 1}, "unknown retention policy keys"),
+])
+def test_bad_policies_are_refused(raw: dict[str, Any], message: str) -> None:
+    """Inconsistent or unknown settings fail with a message naming the problem."""
+    with pytest.raises(ConfigError, match=message):
+        retention.Policy.from_mapping(raw)
+
+
+def test_decide_per_data_class() -> None:
+    """Each expired class maps to its own hot-storage action; failed nodes keep errors."""
+    run = {"runId": "r", "completedAt": NOW - 40 * DAY, "error": {"type": "E"}}
+    nodes = [{"nodeKey": "a", "input": {"p": 1}, "output": 1},
+             {"nodeKey": "b", "input": {"p": 2}, "error": {"type": "E"}},
+             {"nodeKey": "c"}]
+    hot = retention.HotDays()
+    act = retention.decide(run, nodes, hot, NOW, "month", None)
+    assert act is not None
+    assert act.expired == ("node_traces", "prompts")
+    assert act.delete_nodes == ["a", "c"]
+    assert act.strip_prompts == ["b"]
+    assert act.strip_node_errors == []
+    assert not act.strip_run_error
+    assert not act.delete_run
+    assert act.period == "2026-07"
+    old = retention.decide(run | {"completedAt": NOW - 95 * DAY}, nodes, hot, NOW, "day",
+                           None)
+    assert old is not None
+    assert old.delete_run
+    assert old.period == "2026-05-29"
+    young = retention.decide(run | {"completedAt": NOW - 10 * DAY}, nodes, hot, NOW, "day",
+                             None)
+    assert young is None
+    prompts_only = retention.HotDays(prompts=7)
+    act = retention.decide(run | {"completedAt": NOW - 10 * DAY}, nodes, prompts_only, NOW,
+                           "day", None)
+    assert act is not None
+    assert act.strip_prompts == ["a", "b"]
+    assert act.delete_nodes == []
+    errors_short = retention.HotDays(node_traces=200, prompts=200, error_details=20,
+                                     run_summaries=300)
+    act = retention.decide(run, nodes, errors_short, NOW, "day", None)
+    assert act is not None
+    assert act.strip_node_errors == ["b"]
+    assert act.strip_run_error
+
+
+# -- plan and run against the stores --------------------------------------------------------
+
+async def _state(store: Store, ws: str, run_id: str) -> tuple[dict[str, Any] | None,
+                                                              list[dict[str, Any]]]:
+    return await store.get_run(ws, run_id), await store.get_nodes(ws, run_id)
+
+
+async def test_plan_changes_nothing_and_run_applies_every_tier(store: Store,
+                                                                tmp_path: Path) -> None:
+    """plan reports; run archives, then strips prompts, drops traces, keeps what it must."""
+    ws = workspace_name()
+    ages = {"young": 10, "traces": 40, "old": 100}
+    for run_id, days in ages.items():
+        await write_events(store, run_events(ws, run_id, NOW - days * DAY))
+    before = {r: await _state(store, ws, r) for r in ages}
+    archive = arc.Archive.at(tmp_path / "archive")
+    plan = await retention.run_retention(store, retention.Policy(), now=NOW, archive=archive,
+                                         apply=False, workspaces=[ws])
+    assert {r: await _state(store, ws, r) for r in ages} == before
+    assert not (tmp_path / "archive" / ws).exists()
+    p = plan[0]
+    assert (p.runs_examined, p.runs_affected, p.runs_archived) == (2, 2, 2)
+    assert (p.runs_deleted, p.nodes_deleted, p.prompts_stripped) == (1, 2, 1)
+    assert p.errors_stripped == 0
+    assert [s["period"] for s in p.segments] == ["2026-05", "2026-07"]
+
+    done = await retention.run_retention(store, retention.Policy(), now=NOW, archive=archive,
+                                         apply=True, workspaces=[ws])
+    d = done[0]
+    assert (d.runs_affected, d.runs_deleted, d.nodes_deleted, d.prompts_stripped) == (
+        p.runs_affected, p.runs_deleted, p.nodes_deleted, p.prompts_stripped)
+    assert [(m["seq"], m["period"]) for m in d.segments] == [(1, "2026-05"), (2, "2026-07")]
+    # young: untouched
+    assert await _state(store, ws, "young") == before["young"]
+    # old: gone from hot storage, whole in the archive
+    assert await _state(store, ws, "old") == (None, [])
+    found = await arc.read_run(archive, ws, "old")
+    assert found is not None
+    assert found[0] == before["old"][0]
+    assert sorted(found[1], key=lambda n: n["nodeKey"]) == sorted(
+        before["old"][1], key=lambda n: n["nodeKey"])
+    # traces: summary and errors stay; the failed node stays without its prompt
+    run, nodes = await _state(store, ws, "traces")
+    assert run == before["traces"][0]
+    assert [(n["nodeId"], n["attempt"]) for n in nodes] == [("act", 1)]
+    assert "input" not in nodes[0]
+    assert nodes[0]["error"] == {"type": "Timeout", "message": "slow", "retries": 1}
+    ex = await explain.explain_run(store, ws, "traces")
+    assert ex is not None
+    assert [(m["nodeId"], m["attempt"]) for m in ex.missing_nodes] == [
+        ("act", 2), ("classify", 1)]
+    assert archive.verify(ws).ok
+    # idempotent: nothing more to do, no new segment
+    again = await retention.run_retention(store, retention.Policy(), now=NOW, archive=archive,
+                                          apply=True, workspaces=[ws])
+    assert (again[0].runs_affected, again[0].segments) == (0, [])
+    assert len(archive.manifests(ws)) == 2
+
+
+async def test_later_tiers_reuse_the_archived_copy(store: Store, tmp_path: Path) -> None:
+    """When the stripped run later expires entirely, nothing is archived a second time."""
+    ws = workspace_name()
+    await write_events(store, run_events(ws, "r1", NOW - 40 * DAY))
+    archive = arc.Archive.at(tmp_path / "a")
+    await retention.run_retention(store, retention.Policy(), now=NOW, archive=archive,
+                                  apply=True, workspaces=[ws])
+    later = await retention.run_retention(store, retention.Policy(), now=NOW + 60 * DAY,
+                                          archive=archive, apply=True, workspaces=[ws])
+    assert later[0].runs_deleted == 1
+    assert later[0].docs_archived == 0
+    assert later[0].segments == []
+    assert await store.get_run(ws, "r1") is None
+    assert len(archive.manifests(ws)) == 1
+    found = await arc.read_run(archive, ws, "r1")
+    assert found is not None
+    assert len(found[1]) == 3
+
+
+async def test_a_late_node_is_archived_before_its_run_is_removed(store: Store,
+                                                                 tmp_path: Path) -> None:
+    """A node that arrived after the run was archived goes into a new segment."""
+    ws = workspace_name()
+    await write_events(store, run_events(ws, "r1", NOW - 40 * DAY, failed=False))
+    archive = arc.Archive.at(tmp_path / "a")
+    await retention.run_retention(store, retention.Policy(), now=NOW, archive=archive,
+                                  apply=True, workspaces=[ws])
+    late = {"v": 1, "workspaceId": ws, "workflowId": "wf", "runId": "r1", "eventId": "late",
+            "type": "node.completed", "ts": "2026-07-23T12:00:00Z",
+            "node": {"nodeId": "audit", "type": "action", "startedAt": "2026-07-23T11:59:59Z",
+                     "completedAt": "2026-07-23T12:00:00Z", "actions": ["log.write"]}}
+    await write_events(store, [late])
+    again = await retention.run_retention(store, retention.Policy(), now=NOW, archive=archive,
+                                          apply=True, workspaces=[ws])
+    assert again[0].docs_archived == 2  # the new node and the run document it changed
+    found = await arc.read_run(archive, ws, "r1")
+    assert found is not None
+    assert {n["nodeId"] for n in found[1]} == {"classify", "act", "audit"}
+    assert found[0] is not None
+    assert found[0]["summary"]["nodeExecutions"] == 3
+
+
+async def test_workspace_overrides_and_no_archive(store: Store, store_url: str,
+                                                  capsys: pytest.CaptureFixture[str],
+                                                  tmp_path: Path) -> None:
+    """A workspace override strips prompts early; --no-archive drops without a segment."""
+    ws_a, ws_b = workspace_name("a"), workspace_name("b")
+    for ws in (ws_a, ws_b):
+        await write_events(store, run_events(ws, "r1", NOW - 10 * DAY))
+    policy = tmp_path / "p.toml"
+    policy.write_text(f"[workspaces.{ws_a}.hot]\nprompts = 7\n")
+    for ws in (ws_a, ws_b):
+        args = run_cli(retention.register, ["retention", "run", "--no-archive", "-w", ws,
+                                            "--policy", str(policy), "--store-url", store_url,
+                                            "--now", NOW.isoformat(), "--json"])
+        assert await args.func(args) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["applied"] is True
+        assert out["workspaces"][0]["segments"] == []
+    a_nodes = await store.get_nodes(ws_a, "r1")
+    b_nodes = await store.get_nodes(ws_b, "r1")
+    assert len(a_nodes) == len(b_nodes) == 3
+    assert all("input" not in n and "output" not in n for n in a_nodes)
+    assert [n["error"]["type"] for n in a_nodes if n.get("error")] == ["Timeout"]
+    assert any("input" in n for n in b_nodes)
+
+
+async def test_cli_plan_table_and_run_needs_an_archive(store: Store, store_url: str,
+                                                      capsys: pytest.CaptureFixture[str]
+                                                      ) -> None:
+    """plan prints a table; run without --archive-dir or --no-archive is refused."""
+    ws = workspace_name()
+    await write_events(store, ref.reference_events(ws))
+    args = run_cli(retention.register, ["retention", "plan", "-w", ws, "--store-url",
+                                        store_url, "--now", "2026-06-01"])
+    assert await args.func(args) == 0
+    text = capsys.readouterr().out
+    assert "Plan at 2026-06-01T00:00:00.000000Z" in text
+    assert f"{ws}: segment 2026-02: 1 runs, 4 node docs (to write)" in text
+    args = run_cli(retention.register, ["retention", "run", "-w", ws, "--store-url",
+                                        store_url])
+    with pytest.raises(ConfigError, match="--archive-dir"):
+        await args.func(args)
+    assert await store.get_run(ws, ref.RUN_ID) is not None
