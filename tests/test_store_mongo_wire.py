@@ -24,11 +24,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mockupdb import MockupDB
 
+from tests.store_conformance import StoreConformance
 from worker import events as ev
 from worker.documents import coalesce, fold, node_key
 from worker.errors import ConfigError, StoreRejected, StoreUnavailable
 from worker.stores import _mongo_codec as mc
-from worker.stores.base import NodeQuery, RunQuery
+from worker.stores.base import NodeQuery, RunQuery, Store
 from worker.stores.mongo import MongoStore
 
 pytestmark = pytest.mark.mongo
@@ -313,6 +314,8 @@ def _query_op(op: str, value: Any, arg: Any) -> bool:
         return not _equal(value, arg)
     if op == "$exists":
         return (value is not MISSING) == bool(arg)
+    if op == "$eq":
+        return _equal(value, arg)
     if _nullish(value):
         return False
     key, bound = _bson_key(value), _bson_key(_canon(arg))
@@ -687,15 +690,13 @@ def _apply(docs: dict[Any, dict[str, Any]], batch: Any) -> None:
         docs[run.key] = apply_pipeline(old, _canon(mc.run_pipeline(run)))
     for node in batch.nodes.values():
         stored = {"_id": node.node_key, **mc.escape_doc(node.doc)}
+        mc.add_exact_times(stored, node.doc)
         old = docs.get(node.key, {"_id": node.node_key})
         docs[node.key] = apply_pipeline(old, _canon(mc.node_pipeline(node, stored)))
 
 
 def _revive(doc: dict[str, Any]) -> dict[str, Any]:
-    out = mc.unescape_doc(doc)
-    for name in ("startedAt", "completedAt"):
-        if isinstance(out.get(name), datetime):
-            out[name] = out[name].replace(tzinfo=UTC)
+    out = mc.from_stored(doc)
     if isinstance(out.get("nodeIndex"), dict):
         out["nodeIndex"] = dict(sorted(out["nodeIndex"].items()))
     return out
@@ -990,3 +991,348 @@ async def test_command_level_failure_maps_to_rejected_or_unavailable(
     fake.fail_next("update", lambda r: bool(r.command_err(code=13, errmsg="not authorized")))
     with pytest.raises(StoreUnavailable, match="not authorized"):
         await store.write(batch_of(lead_triage(), first=60))
+
+
+# --------------------------------------------------------------------------- tenancy
+
+
+@pytest.mark.anyio
+async def test_workspace_differing_only_by_case_is_refused(
+    fake: FakeMongo, store: MongoStore
+) -> None:
+    """A database that exists as audit_Acme refuses workspace 'acme' with a reason; in one
+    batch, the first spelling (sorted) wins and the other is refused."""
+    fake.coll("audit_Acme", "workflow_runs")
+    result = await store.write(batch_of(lead_triage("run-1", "acme")))
+    assert {s for r in result.rejected for s in r.sources} == {f"{i}-0" for i in range(1, 6)}
+    assert "differs only by case from the existing database 'audit_Acme'" \
+        in result.rejected[0].reason
+    assert not any(c["$db"] == "audit_acme" for c in fake.sent("update"))
+    assert (await store.write(batch_of(lead_triage("run-1", "Acme")))).rejected == ()
+
+    mixed = lead_triage("r", "Beta") + lead_triage("r", "beta")
+    result = await store.write(batch_of(mixed, first=100))
+    assert {s for r in result.rejected for s in r.sources} == {f"{i}-0"
+                                                               for i in range(105, 110)}
+    assert await store.get_run("Beta", "r") is not None
+
+
+@pytest.mark.anyio
+async def test_case_clash_cache_is_refreshed_when_a_database_is_dropped(
+    fake: FakeMongo, store: MongoStore
+) -> None:
+    """A clash seen in a stale name cache is checked again against the server."""
+    fake.coll("audit_Old", "workflow_runs")
+    assert (await store.write(batch_of(lead_triage("r", "old")))).rejected != ()
+    fake.data.pop("audit_Old")
+    assert (await store.write(batch_of(lead_triage("r", "old"), first=10))).rejected == ()
+
+
+@pytest.mark.anyio
+async def test_server_case_refusal_racing_another_worker_is_a_rejection(
+    fake: FakeMongo, store: MongoStore
+) -> None:
+    """A 13297 from the server (another worker created the other spelling) rejects the
+    workspace's events instead of failing the batch."""
+    fake.fail_next("createIndexes", lambda r: bool(r.command_err(
+        code=13297, errmsg="db already exists with different case already have: [audit_Zed]"
+        " trying to create [audit_zed]")))
+    result = await store.write(batch_of(lead_triage("r", "zed")))
+    assert {s for r in result.rejected for s in r.sources} == {f"{i}-0" for i in range(1, 6)}
+    assert "different case" in result.rejected[0].reason
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("workspace", ["admin", "local", "config", "Admin"])
+async def test_reserved_database_names_are_refused(fake: FakeMongo, workspace: str) -> None:
+    """With an empty prefix, a workspace named like a system database goes to the DLQ."""
+    store = MongoStore(url_of(fake), env={"AUDIT_MONGO_DB_PREFIX": ""})
+    await store.open()
+    try:
+        result = await store.write(batch_of(lead_triage("r", workspace)))
+    finally:
+        await store.close()
+    assert {s for r in result.rejected for s in r.sources} == {f"{i}-0" for i in range(1, 6)}
+    assert "reserved by MongoDB" in result.rejected[0].reason
+    assert fake.sent("update") == []
+    assert fake.sent("createIndexes") == []
+
+
+@pytest.mark.anyio
+async def test_field_tenancy_prefixes_ids_indexes_and_queries_with_workspace(
+    fake: FakeMongo
+) -> None:
+    """AUDIT_MONGO_TENANCY=field: one shared database (the URL's), compound _ids, and
+    every index and query led by workspaceId."""
+    store = MongoStore(url_of(fake, "auditshared"), env={"AUDIT_MONGO_TENANCY": "field"})
+    await store.open()
+    try:
+        decoded = lead_triage("run-1", "acme") + lead_triage("run-1", "beta")
+        assert (await store.write(batch_of(decoded))).rejected == ()
+        created = fake.sent("createIndexes")
+        assert {c["$db"] for c in created} == {"auditshared"}
+        for command in created:
+            for index in command["indexes"]:
+                assert next(iter(index["key"])) == "workspaceId"
+        assert [list(i["key"].items()) for i in created[0]["indexes"]] == mc.run_indexes(True)
+        assert [list(i["key"].items()) for i in created[1]["indexes"]] == mc.node_indexes(True)
+        sent = fake.sent("update")
+        assert {c["$db"] for c in sent} == {"auditshared"}
+        run_ids = [op["q"]["_id"] for c in sent if c["update"] == "workflow_runs"
+                   for op in c["updates"]]
+        assert sorted(map(repr, run_ids)) == sorted(map(repr, [
+            {"workspaceId": "acme", "runId": "run-1"}, {"workspaceId": "beta", "runId": "run-1"}]))
+        runs, nodes = expected(decoded)
+        assert await store.get_run("beta", "run-1") == runs[("beta", "run-1")]
+        got = await store.get_nodes("acme", "run-1")
+        assert got == [n for k, n in nodes.items() if k[0] == "acme"]
+        listed = await store.list_runs("acme", RunQuery(workflow_id="wf_lead"))
+        assert [r["workspaceId"] for r in listed] == ["acme"]
+        assert await store.workspaces() == ["acme", "beta"]
+        finds = fake.sent("find")
+        assert all(next(iter(f["filter"])) in ("_id", "workspaceId") for f in finds)
+        assert list(finds[-1]["filter"]) == ["workspaceId", "workflowId"]
+        assert await store.delete_runs("acme", ["run-1"]) == 1
+        assert await store.get_run("acme", "run-1") is None
+        assert await store.get_run("beta", "run-1") is not None
+    finally:
+        await store.close()
+
+
+# --------------------------------------------------------------------------- payloads
+
+
+@pytest.mark.anyio
+async def test_large_payload_is_stored_in_gridfs_and_read_back(fake: FakeMongo) -> None:
+    """A node payload above the threshold moves to GridFS under a deterministic id; the
+    node document stays small; reads put it back; redelivery uploads nothing twice."""
+    store = MongoStore(url_of(fake), env={"AUDIT_MONGO_LARGE_PAYLOAD_BYTES": "4096"})
+    await store.open()
+    try:
+        prompt = "Classify this email... " + "x" * 20_000
+        decoded = lead_triage(prompt=prompt)
+        assert (await store.write(batch_of(decoded))).rejected == ()
+        key = node_key("run-1", "classify", 1)
+        file_id = mc.payload_file_id("acme", key, "run-1-n1")
+        files = fake.docs("audit_acme", "node_payloads.files")
+        assert [f["_id"] for f in files] == [file_id]
+        assert files[0]["metadata"]["runId"] == "run-1"
+        assert fake.docs("audit_acme", "node_payloads.chunks")
+        node = next(d for d in fake.docs("audit_acme", "workflow_node_runs") if d["_id"] == key)
+        assert "input" not in node
+        assert "output" not in node
+        assert node["_payload"]["fileId"] == file_id
+        assert node["type"] == "ai"
+        assert len(bson.encode(node)) < 4096
+        run_doc = fake.docs("audit_acme", "workflow_runs")[0]
+        assert len(bson.encode(run_doc)) < 4096
+
+        runs, nodes = expected(decoded)
+        got = await store.get_nodes("acme", "run-1")
+        assert got[0] == nodes[("acme", "run-1", key)]
+        assert got[0]["input"]["prompt"] == prompt
+        scanned = [d async for d in store.scan_nodes("acme", NodeQuery(
+            types=("ai",), fields=("nodeId", "input")))]
+        assert scanned == [{"nodeId": "classify", "input": {"prompt": prompt,
+                                                            "context_tokens": 450}}]
+
+        inserts = len(fake.sent("insert"))
+        assert (await store.write(batch_of(decoded, first=50))).rejected == ()
+        assert len(fake.sent("insert")) == inserts  # the file already exists
+        assert await store.get_run("acme", "run-1") == runs[("acme", "run-1")]
+
+        assert await store.delete_runs("acme", ["run-1"]) == 1
+        assert fake.docs("audit_acme", "node_payloads.files") == []
+        assert fake.docs("audit_acme", "node_payloads.chunks") == []
+        assert fake.docs("audit_acme", "workflow_node_runs") == []
+    finally:
+        await store.close()
+
+
+@pytest.mark.anyio
+async def test_leftover_chunks_of_a_crashed_upload_are_replaced(fake: FakeMongo) -> None:
+    """Chunks without a files document (an upload cut short) do not block the retry."""
+    store = MongoStore(url_of(fake), env={"AUDIT_MONGO_LARGE_PAYLOAD_BYTES": "4096"})
+    await store.open()
+    try:
+        decoded = lead_triage(prompt="y" * 50_000)
+        key = node_key("run-1", "classify", 1)
+        file_id = mc.payload_file_id("acme", key, "run-1-n1")
+        fake.coll("audit_acme", "node_payloads.chunks")[fake.key("stale")] = {
+            "_id": "stale", "files_id": file_id, "n": 0, "data": b"partial"}
+        real_insert = fake.do_insert
+
+        def unique_chunks(doc: dict[str, Any]) -> dict[str, Any]:
+            if doc["insert"].endswith(".chunks"):
+                have = {(c["files_id"], c["n"]) for c in fake.docs(doc["$db"], doc["insert"])}
+                if any((c["files_id"], c["n"]) in have for c in doc["documents"]):
+                    return {"n": 0, "writeErrors": [{"index": 0, "code": 11000,
+                                                     "errmsg": "E11000 files_id_1_n_1"}]}
+            return real_insert(doc)
+
+        fake.do_insert = unique_chunks  # type: ignore[method-assign]
+        assert (await store.write(batch_of(decoded))).rejected == ()
+        chunks = fake.docs("audit_acme", "node_payloads.chunks")
+        assert all(c["_id"] != "stale" for c in chunks)
+        got = await store.get_nodes("acme", "run-1")
+        assert got[0]["input"]["prompt"] == "y" * 50_000
+    finally:
+        await store.close()
+
+
+# --------------------------------------------------------------------------- reads
+
+
+@pytest.mark.anyio
+async def test_reads_send_queries_in_index_key_order(fake: FakeMongo, store: MongoStore) -> None:
+    """get_run by _id, get_nodes by runId, list_runs by (workflowId|status, startedAt)
+    sorted newest first, ties by runId."""
+    decoded = lead_triage("run-1") + lead_triage("run-2")
+    decoded += [event("run.started", "x1", "run-3", ts=at(-60)),
+                event("node.completed", "x2", "run-4", node={"nodeId": "n", "type": "ai"})]
+    await store.write(batch_of(decoded))
+    fake.commands.clear()
+    await store.get_run("acme", "run-1")
+    (find,) = fake.sent("find")
+    assert find["find"] == "workflow_runs"
+    assert find["filter"] == {"_id": "run-1"}
+    assert find["limit"] == 1
+    await store.get_nodes("acme", "run-1")
+    assert fake.sent("find")[-1]["filter"] == {"runId": "run-1"}
+
+    since = T0 - timedelta(seconds=30)
+    listed = await store.list_runs("acme", RunQuery(workflow_id="wf_lead", since=since,
+                                                    until=T0 + timedelta(hours=1), limit=10))
+    find = fake.sent("find")[-1]
+    assert list(find["filter"]) == ["workflowId", "startedAt", "_startedAtUs"]
+    assert find["filter"]["startedAt"] == {"$gte": _canon(since),
+                                           "$lte": _canon(T0 + timedelta(hours=1))}
+    assert find["filter"]["_startedAtUs"] == {"$gte": mc.micros(since),
+                                              "$lt": mc.micros(T0 + timedelta(hours=1))}
+    assert list(find["sort"].items()) == [("startedAt", -1), ("_startedAtUs", -1),
+                                          ("runId", 1)]
+    assert find["limit"] == 10
+    assert [r["runId"] for r in listed] == ["run-4", "run-1", "run-2"]
+
+    await store.list_runs("acme", RunQuery(status="completed", trigger_source="gmail"))
+    assert list(fake.sent("find")[-1]["filter"]) == ["status", "trigger.source"]
+    everything = await store.list_runs("acme", RunQuery())
+    assert [r["runId"] for r in everything] == ["run-4", "run-1", "run-2", "run-3"]
+    assert await store.list_runs("acme", RunQuery(limit=0)) == []
+
+
+@pytest.mark.anyio
+async def test_scan_nodes_streams_in_order_with_exact_projection(
+    fake: FakeMongo, store: MongoStore
+) -> None:
+    """scan_nodes filters by type/run/time, orders by (startedAt, runId, nodeId, attempt)
+    with undated nodes last, and keeps only the requested fields."""
+    decoded = lead_triage("run-2") + lead_triage("run-1")
+    decoded.append(event("node.completed", "u1", "run-1", node={"nodeId": "late", "type": "ai"}))
+    await store.write(batch_of(decoded))
+    everything = [d async for d in store.scan_nodes("acme", NodeQuery())]
+    assert [(d["runId"], d["nodeId"]) for d in everything] == [
+        ("run-1", "classify"), ("run-2", "classify"), ("run-1", "route"), ("run-2", "route"),
+        ("run-1", "update-crm"), ("run-2", "update-crm"), ("run-1", "late")]
+    ai = [d async for d in store.scan_nodes("acme", NodeQuery(
+        types=("ai",), run_ids=("run-1",), since=T0, until=T0 + timedelta(seconds=2),
+        fields=("nodeId", "tokens_used", "nope")))]
+    assert ai == [{"nodeId": "classify", "tokens_used": {"input": 450, "output": 85}}]
+    find = fake.sent("find")[-1]
+    assert list(find["filter"]) == ["runId", "type", "startedAt", "_startedAtUs"]
+    assert find["allowDiskUse"] is True
+
+
+@pytest.mark.anyio
+async def test_workspaces_and_delete_runs(fake: FakeMongo, store: MongoStore) -> None:
+    """Workspaces are the prefixed databases that hold runs; delete_runs removes a run's
+    node documents and the run, and counts runs."""
+    await store.write(batch_of(lead_triage("run-1", "acme") + lead_triage("run-2", "acme")
+                               + lead_triage("run-1", "beta")))
+    fake.coll("other_db", "things")
+    fake.coll("audit_empty", "workflow_runs")
+    assert await store.workspaces() == ["acme", "beta"]
+    assert await store.delete_runs("acme", ["run-1", "run-1", "missing"]) == 1
+    assert await store.get_run("acme", "run-1") is None
+    assert await store.get_nodes("acme", "run-1") == []
+    assert len(await store.get_nodes("acme", "run-2")) == 3
+    assert await store.get_run("beta", "run-1") is not None
+    assert await store.delete_runs("acme", []) == 0
+    assert await store.get_run("bad.name", "run-1") is None  # never a database name
+
+
+# --------------------------------------------------------------------------- setup
+
+
+@pytest.mark.anyio
+async def test_server_older_than_5_2_is_refused_at_open(fake: FakeMongo) -> None:
+    """The pipelines need $sortArray: an older server is a configuration error."""
+    fake.version = [5, 0, 14, 0]
+    store = MongoStore(url_of(fake), env={})
+    with pytest.raises(ConfigError, match="too old"):
+        await store.open()
+    assert store._client is None
+
+
+@pytest.mark.anyio
+async def test_write_concern_and_retryable_writes_follow_the_url(fake: FakeMongo) -> None:
+    """w and journal in the URL replace the majority/journal default."""
+    store = MongoStore(url_of(fake, w=1, journal="false"), env={})
+    await store.open()
+    try:
+        await store.write(batch_of(lead_triage()))
+    finally:
+        await store.close()
+    for command in fake.sent("update"):
+        assert command["writeConcern"] == {"w": 1, "j": False}
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"AUDIT_MONGO_TENANCY": "collection"}, "database or field"),
+        ({"AUDIT_MONGO_DB_PREFIX": "audit."}, "forbidden"),
+        ({"AUDIT_MONGO_LARGE_PAYLOAD_BYTES": "lots"}, "must be a number"),
+        ({"AUDIT_MONGO_LARGE_PAYLOAD_BYTES": "0"}, "must be positive"),
+    ],
+)
+def test_bad_options_fail_at_construction(env: dict[str, str], message: str) -> None:
+    """Store options from the environment are validated with a clear message."""
+    with pytest.raises(ConfigError, match=message):
+        MongoStore("mongodb://localhost:27017", env=env)
+
+
+def test_field_tenancy_database_comes_from_the_url() -> None:
+    """In field mode the shared database is the URL's path, or 'audit'."""
+    env = {"AUDIT_MONGO_TENANCY": "field"}
+    assert MongoStore("mongodb://h/tenants", env=env).shared_db == "tenants"
+    assert MongoStore("mongodb://h", env=env).shared_db == "audit"
+    with pytest.raises(ConfigError):
+        MongoStore("mongodb://h/ad%2Emin", env=env)
+
+
+@pytest.mark.anyio
+async def test_unreachable_server_is_unavailable() -> None:
+    """Nothing listening: open() and ping() raise StoreUnavailable, not a driver error."""
+    from tests.conftest import free_port
+
+    url = f"mongodb://127.0.0.1:{free_port()}/?serverSelectionTimeoutMS=300"
+    store = MongoStore(url, env={})
+    with pytest.raises(StoreUnavailable, match="unreachable"):
+        await store.open()
+
+
+# --------------------------------------------------------------------------- conformance
+
+
+class TestMongoWireConformance(StoreConformance):
+    """The shared conformance suite, through the real driver, against the emulator."""
+
+    @pytest.fixture
+    async def store(self, fake: FakeMongo) -> AsyncIterator[Store]:
+        s = MongoStore(url_of(fake), env={})
+        await s.open()
+        try:
+            yield s
+        finally:
+            await s.close()

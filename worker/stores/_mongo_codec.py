@@ -20,6 +20,13 @@ Merge
     ``summary`` is recomputed from the merged ``nodeIndex``, ``eventIds`` is a sorted
     set union; a node document is replaced only by a greater ``(status rank, eventId)``.
     They use ``$sortArray`` (MongoDB 5.2 or newer).
+
+Exact times
+    BSON dates hold milliseconds; events carry microseconds. Beside each stored
+    ``startedAt`` / ``completedAt`` date the store keeps ``_startedAtUs`` /
+    ``_completedAtUs`` (int64 microseconds since the epoch), merged by the same
+    ``$min`` / ``$max``. Flooring to milliseconds is monotonic, so the date always is
+    the floor of its shadow; reads return the exact time, indexes use the date.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from ..documents import COMPLETED, FAILED, RUNNING, NodeDoc, RunPatch, status_rank
@@ -49,6 +57,11 @@ PINNED_NODE_FIELDS: Final = frozenset({
     "workspaceId", "runId", "workflowId", "nodeKey", "nodeId", "attempt", "status", "eventId",
     "durationMs", "type", "startedAt", "completedAt", "model", "tokens_used",
 })
+
+#: Time fields and their exact (microsecond) shadows.
+EXACT_TIMES: Final = (("startedAt", "_startedAtUs"), ("completedAt", "_completedAtUs"))
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND: Final = timedelta(microseconds=1)
 
 _ESCAPES: Final = {"%": "%25", "$": "%24", ".": "%2E", "\x00": "%00"}
 _NEEDS_ESCAPE: Final = re.compile(r"[%$.\x00]")
@@ -83,6 +96,47 @@ def prefix_problem(prefix: str) -> str | None:
     if len(prefix.encode()) > MAX_DB_NAME_BYTES - 1:
         return f"AUDIT_MONGO_DB_PREFIX {prefix!r} is too long"
     return None
+
+
+# --------------------------------------------------------------------------- times
+
+
+def micros(value: datetime | None) -> int | None:
+    """Microseconds since the epoch of an aware datetime (naive ones are taken as UTC)."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return (value - _EPOCH) // _MICROSECOND
+
+
+def from_micros(value: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=value)
+
+
+def floor_ms(value: datetime) -> datetime:
+    """The BSON date a datetime is stored as (milliseconds, rounded down)."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.replace(microsecond=value.microsecond // 1000 * 1000)
+
+
+def add_exact_times(stored: dict[str, Any], doc: Mapping[str, Any]) -> None:
+    """Add the microsecond shadows of ``doc``'s time fields to a stored document."""
+    for name, shadow in EXACT_TIMES:
+        value = doc.get(name)
+        if isinstance(value, datetime):
+            stored[shadow] = micros(value)
+
+
+def from_stored(stored: Mapping[str, Any]) -> dict[str, Any]:
+    """The canonical document of a stored one: exact times, keys unescaped."""
+    doc = unescape_doc(stored)
+    for name, shadow in EXACT_TIMES:
+        exact = stored.get(shadow)
+        if isinstance(exact, int) and isinstance(doc.get(name), datetime):
+            doc[name] = from_micros(exact)
+    return doc
 
 
 # --------------------------------------------------------------------------- escaping
@@ -247,7 +301,9 @@ def run_pipeline(run: RunPatch) -> list[dict[str, Any]]:
                              lit(status), "$$old"]},
         }},
         "startedAt": {"$min": ["$startedAt", lit(run.started_at)]},
+        "_startedAtUs": {"$min": ["$_startedAtUs", lit(micros(run.started_at))]},
         "completedAt": {"$max": ["$completedAt", lit(run.completed_at)]},
+        "_completedAtUs": {"$max": ["$_completedAtUs", lit(micros(run.completed_at))]},
         "trigger": {"$ifNull": ["$trigger", lit(escape_value(run.trigger))]},
         "totalDuration": {"$max": ["$totalDuration", lit(run.total_duration)]},
         "error": {"$ifNull": ["$error", lit(escape_value(run.error))]},
@@ -279,6 +335,6 @@ def node_pipeline(node: NodeDoc, stored: Mapping[str, Any]) -> list[dict[str, An
 
 def split_payload(doc: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(inline, out of line) parts of an escaped node document whose payload is too large."""
-    inline = {k: v for k, v in doc.items() if k in PINNED_NODE_FIELDS or k == "_id"}
+    inline = {k: v for k, v in doc.items() if k in PINNED_NODE_FIELDS or k.startswith("_")}
     rest = {k: v for k, v in doc.items() if k not in inline}
     return inline, rest

@@ -32,7 +32,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any, Final
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -41,7 +41,7 @@ import bson
 from bson.codec_options import CodecOptions
 from bson.errors import InvalidDocument
 from gridfs import AsyncGridFSBucket
-from gridfs.errors import NoFile
+from gridfs.errors import FileExists, NoFile
 from pymongo import AsyncMongoClient, IndexModel, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
@@ -415,6 +415,7 @@ class MongoStore:
         op = _Op(UpdateOne({"_id": key}, [], upsert=True), node.sources, what)
         try:
             stored = {"_id": key, **mc.escape_doc(node.doc)}
+            mc.add_exact_times(stored, node.doc)
             size = len(bson.encode(stored))
             blob: _Blob | None = None
             if size > self.options.large_payload_bytes:
@@ -468,7 +469,7 @@ class MongoStore:
                 await bucket.upload_from_stream_with_id(
                     blob.file_id, blob.metadata["nodeKey"], blob.data, metadata=blob.metadata)
                 return
-            except DuplicateKeyError:
+            except (DuplicateKeyError, FileExists):
                 # A racing worker stored it, or a crashed upload left chunks behind.
                 if await self._call(files.find_one({"_id": blob.file_id}, {"_id": 1})):
                     return
@@ -588,17 +589,13 @@ class MongoStore:
         db = self._read_db(workspace)
         if db is None or query.limit <= 0:
             return []
-        span: Doc = {}
-        if query.since is not None:
-            span["$gte"] = query.since
-        if query.until is not None:
-            span["$lt"] = query.until
+        span, exact = _time_range(query.since, query.until)
         filt = self._filter(workspace, workflowId=query.workflow_id, status=query.status,
-                            **{"trigger.source": query.trigger_source,
-                               "startedAt": span or None})
+                            **{"trigger.source": query.trigger_source, "startedAt": span,
+                               "_startedAtUs": exact})
         # newest first, unknown start last (MongoDB sorts null lowest), ties by runId
-        cursor = db[mc.RUNS].find(filt, sort=[("startedAt", -1), ("runId", 1)],
-                                  limit=query.limit)
+        cursor = db[mc.RUNS].find(filt, sort=[("startedAt", -1), ("_startedAtUs", -1),
+                                              ("runId", 1)], limit=query.limit)
         return [_run_doc(d) for d in await self._call(cursor.to_list())]
 
     async def scan_nodes(self, workspace: str, query: NodeQuery) -> AsyncIterator[Doc]:
@@ -609,11 +606,7 @@ class MongoStore:
         db = self._read_db(workspace)
         if db is None:
             return
-        span: Doc = {}
-        if query.since is not None:
-            span["$gte"] = query.since
-        if query.until is not None:
-            span["$lt"] = query.until
+        span, exact = _time_range(query.since, query.until)
         base = self._filter(
             workspace,
             runId={"$in": list(query.run_ids)} if query.run_ids else None,
@@ -622,13 +615,16 @@ class MongoStore:
         # MongoDB sorts null first: scan the dated nodes, then (without a time bound)
         # the undated ones, so the order matches the other stores'.
         passes = [{**base, "startedAt": span or {"$ne": None}}]
-        if not span:
+        if exact:
+            passes[0]["_startedAtUs"] = exact
+        else:
             passes.append({**base, "startedAt": None})
         projection = None
         if query.fields:
-            wanted = set(query.fields) | {mc.PAYLOAD_FIELD}
-            projection = {mc.escape_key(f, top=True): 1 for f in sorted(wanted)}
-        order = [("startedAt", 1), ("runId", 1), ("nodeId", 1), ("attempt", 1)]
+            projection = {mc.escape_key(f, top=True): 1 for f in sorted(set(query.fields))}
+            projection[mc.PAYLOAD_FIELD] = 1
+        order = [("startedAt", 1), ("_startedAtUs", 1), ("runId", 1), ("nodeId", 1),
+                 ("attempt", 1)]
         for filt in passes:
             cursor = db[mc.NODES].find(filt, projection, sort=order, batch_size=500,
                                        allow_disk_use=True)
@@ -653,7 +649,7 @@ class MongoStore:
             if not fields or wanted & set(ref.get("fields") or ()):
                 data = await self._download(db, ref["fileId"])
                 stored = {**stored, **bson.decode(data, codec_options=self.codec)}
-        return mc.unescape_doc(stored)
+        return mc.from_stored(stored)
 
     async def _download(self, db: AsyncDatabase[Doc], file_id: Any) -> bytes:
         bucket = AsyncGridFSBucket(db, bucket_name=mc.PAYLOAD_BUCKET)
@@ -711,8 +707,26 @@ def node_order(doc: Mapping[str, Any]) -> tuple[Any, ...]:
             int(doc.get("attempt") or 0), str(doc.get("nodeId")))
 
 
+def _time_range(since: datetime | None, until: datetime | None) -> tuple[Doc | None,
+                                                                         Doc | None]:
+    """Filters on a start time: (on the indexed date, on the exact microseconds).
+
+    ``since`` is inclusive and ``until`` exclusive; the date bounds are widened to whole
+    milliseconds so the index narrows the scan and the shadow decides exactly.
+    """
+    span: Doc = {}
+    exact: Doc = {}
+    if since is not None:
+        span["$gte"] = mc.floor_ms(since)
+        exact["$gte"] = mc.micros(since)
+    if until is not None:
+        span["$lte"] = mc.floor_ms(until)
+        exact["$lt"] = mc.micros(until)
+    return span or None, exact or None
+
+
 def _run_doc(stored: Mapping[str, Any]) -> Doc:
-    doc = mc.unescape_doc(stored)
+    doc = mc.from_stored(stored)
     index = doc.get("nodeIndex")
     if isinstance(index, dict):
         doc["nodeIndex"] = dict(sorted(index.items()))
