@@ -351,7 +351,7 @@ def _block(label: str, value: Any, indent: str) -> list[str]:
     text = _compact(value)
     if isinstance(value, Mapping) and len(text) > 80:
         out = [f"{indent}{label}:"]
-        for key, item in value.items():
+        for key, item in sorted(value.items(), key=lambda kv: str(kv[0])):
             out.extend(_block(str(key), item, indent + "  "))
         return out
     return [f"{indent}{label}: {text}"]
@@ -371,7 +371,8 @@ def _error_text(error: Any) -> str:
 
 
 def render(ex: Explanation) -> str:
-    """The human view of an explanation, for a terminal."""
+    """The human view of an explanation, for a terminal (mapping keys in sorted order, so
+    every store renders the same text)."""
     lines = [
         f"Run {ex.run_id}   workflow {ex.workflow_id or '?'}   workspace {ex.workspace_id}",
         f"Status: {ex.status or '?'}   total duration: {format_ms(ex.total_duration_ms)}"
@@ -382,7 +383,7 @@ def render(ex: Explanation) -> str:
     trigger = ex.trigger if isinstance(ex.trigger, Mapping) else None
     if trigger is not None:
         lines.append(f"Trigger: {trigger.get('type') or '?'} from {trigger.get('source') or '?'}")
-        for key, value in trigger.items():
+        for key, value in sorted(trigger.items(), key=lambda kv: str(kv[0])):
             if key not in ("type", "source"):
                 lines.extend(_block(str(key), value, "  "))
     elif ex.trigger is not None:
@@ -422,7 +423,7 @@ def render(ex: Explanation) -> str:
         if st.input is not None:
             if isinstance(st.input, Mapping) and "prompt" in st.input:
                 lines.extend(_block("prompt", st.input["prompt"], pad))
-                rest = {k: v for k, v in st.input.items() if k != "prompt"}
+                rest = {k: v for k, v in sorted(st.input.items()) if k != "prompt"}
                 if rest:
                     lines.extend(_block("input", rest, pad))
             else:

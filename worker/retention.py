@@ -319,7 +319,8 @@ class Retention:
             report.runs_examined += 1
             periods.setdefault(period_of(when, self.policy.period), []).append(run)
         for period in sorted(periods):
-            await self._period(workspace, hot, period, periods[period], report, catalog)
+            runs = sorted(periods[period], key=lambda r: (run_age_time(r), str(r["runId"])))
+            await self._period(workspace, hot, period, runs, report, catalog)
         return report
 
     async def _period(self, workspace: str, hot: HotDays, period: str,
@@ -337,7 +338,8 @@ class Retention:
                 async for node in self.store.scan_nodes(workspace, query):
                     nodes.setdefault(str(node["runId"]), []).append(node)
                 for run in chunk:
-                    action = decide(run, nodes[str(run["runId"])], hot, self.now,
+                    mine = sorted(nodes[str(run["runId"])], key=lambda n: str(n["nodeKey"]))
+                    action = decide(run, mine, hot, self.now,
                                     self.policy.period, catalog)
                     if action is None:
                         continue
