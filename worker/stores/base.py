@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Final, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 from ..documents import WriteBatch
@@ -54,6 +54,20 @@ class NodeQuery:
     types: tuple[str, ...] = ()
     run_ids: tuple[str, ...] = ()
     fields: tuple[str, ...] = field(default=())  # a projection hint; () means everything
+
+#: Fields retention may remove from node documents: prompts, responses, error details.
+STRIPPABLE_NODE_FIELDS: Final = frozenset({"input", "output", "error"})
+#: Fields retention may null in run documents: error details.
+STRIPPABLE_RUN_FIELDS: Final = frozenset({"error"})
+
+
+def check_strippable(fields: Sequence[str], allowed: frozenset[str]) -> tuple[str, ...]:
+    """The field names to strip, sorted; only names from ``allowed`` (never user input)."""
+    names = tuple(sorted(set(fields)))
+    bad = [name for name in names if name not in allowed]
+    if bad or not names:
+        raise ValueError(f"cannot strip {bad or 'nothing'}: allowed are {sorted(allowed)}")
+    return names
 
 
 @runtime_checkable

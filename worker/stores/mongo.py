@@ -57,7 +57,15 @@ from pymongo.errors import (
 from ..documents import NodeDoc, RunPatch, WriteBatch
 from ..errors import ConfigError, StoreError, StoreRejected, StoreUnavailable
 from . import _mongo_codec as mc
-from .base import NodeQuery, Rejection, RunQuery, WriteResult
+from .base import (
+    STRIPPABLE_NODE_FIELDS,
+    STRIPPABLE_RUN_FIELDS,
+    NodeQuery,
+    Rejection,
+    RunQuery,
+    WriteResult,
+    check_strippable,
+)
 
 Doc = dict[str, Any]
 
@@ -696,6 +704,98 @@ class MongoStore:
         result = await self._call(db[mc.RUNS].delete_many({"_id": {"$in": keys}}))
         return int(result.deleted_count)
 
+
+    # ------------------------------------------------------------------ retention
+
+    async def scan_runs(self, workspace: str, before: datetime) -> AsyncIterator[Doc]:
+        """Runs whose completedAt (startedAt if never completed) is before ``before``."""
+        db = self._read_db(workspace)
+        if db is None:
+            return
+        bound = mc.micros(before)
+        filt = self._filter(workspace, startedAt={"$lte": mc.floor_ms(before)},
+                            _startedAtUs={"$lt": bound})
+        filt["$or"] = [{"_completedAtUs": {"$lt": bound}}, {"_completedAtUs": None}]
+        cursor = db[mc.RUNS].find(filt, batch_size=500)
+        try:
+            async for stored in cursor:
+                yield _run_doc(stored)
+        except ConnectionFailure as exc:
+            raise StoreUnavailable(f"MongoDB is unreachable: {exc}") from exc
+        except OperationFailure as exc:
+            raise StoreUnavailable(f"MongoDB: {_message(exc)}") from exc
+        finally:
+            await cursor.close()
+
+    def _node_ids(self, workspace: str, keys: Sequence[tuple[str, str]]) -> list[Any]:
+        return [mc.node_id_key(workspace, key, shared=self.shared)
+                for key in sorted({k for _, k in keys})]
+
+    async def _drop_payloads(self, db: AsyncDatabase[Doc], workspace: str,
+                             node_keys: Sequence[str]) -> None:
+        files = db[f"{mc.PAYLOAD_BUCKET}.files"]
+        meta: Doc = {"metadata.nodeKey": {"$in": list(node_keys)}}
+        if self.shared:
+            meta = {"metadata.workspaceId": workspace, **meta}
+        file_ids = [d["_id"] for d in await self._call(files.find(meta, {"_id": 1}).to_list())]
+        if file_ids:
+            chunks = db[f"{mc.PAYLOAD_BUCKET}.chunks"]
+            await self._call(chunks.delete_many({"files_id": {"$in": file_ids}}))
+            await self._call(files.delete_many({"_id": {"$in": file_ids}}))
+
+    async def delete_nodes(self, workspace: str, keys: Sequence[tuple[str, str]]) -> int:
+        """Delete node documents, then their payload files (a rerun completes it)."""
+        db = self._read_db(workspace)
+        if db is None or not keys:
+            return 0
+        result = await self._call(db[mc.NODES].delete_many(
+            {"_id": {"$in": self._node_ids(workspace, keys)}}))
+        await self._drop_payloads(db, workspace, sorted({k for _, k in keys}))
+        return int(result.deleted_count)
+
+    async def strip_node_fields(self, workspace: str, keys: Sequence[tuple[str, str]],
+                                fields: Sequence[str]) -> int:
+        """``$unset`` the fields; a payload stored out of line is folded back inline."""
+        names = check_strippable(fields, STRIPPABLE_NODE_FIELDS)
+        db = self._read_db(workspace)
+        if db is None or not keys:
+            return 0
+        escaped = [mc.escape_key(n, top=True) for n in names]
+        ids = self._node_ids(workspace, keys)
+        present = [{f: {"$ne": None}} for f in escaped]
+        result = await self._call(db[mc.NODES].update_many(
+            {"_id": {"$in": ids}, "$or": present}, {"$unset": dict.fromkeys(escaped, "")}))
+        changed = int(result.modified_count)
+        moved = await self._call(db[mc.NODES].find(
+            {"_id": {"$in": ids}, f"{mc.PAYLOAD_FIELD}.fields": {"$in": escaped}}).to_list())
+        for stored in moved:
+            ref = stored[mc.PAYLOAD_FIELD]
+            rest = bson.decode(await self._download(db, ref["fileId"]),
+                               codec_options=self.codec)
+            keep = {k: v for k, v in rest.items() if k not in escaped}
+            if len(bson.encode({**stored, **keep})) > MAX_BSON_BYTES:
+                raise StoreRejected(f"node {stored['_id']!r}: what remains after stripping "
+                                    "does not fit in one document")
+            update: Doc = {"$unset": {mc.PAYLOAD_FIELD: ""}}
+            if keep:
+                update["$set"] = keep
+            await self._call(db[mc.NODES].update_one({"_id": stored["_id"]}, update))
+            await self._drop_payloads(db, workspace, [str(stored.get("nodeKey"))])
+            changed += 1
+        return changed
+
+    async def strip_run_fields(self, workspace: str, run_ids: Sequence[str],
+                               fields: Sequence[str]) -> int:
+        names = check_strippable(fields, STRIPPABLE_RUN_FIELDS)
+        db = self._read_db(workspace)
+        if db is None or not run_ids:
+            return 0
+        escaped = [mc.escape_key(n, top=True) for n in names]
+        ids = [mc.run_id_key(workspace, r, shared=self.shared) for r in sorted(set(run_ids))]
+        result = await self._call(db[mc.RUNS].update_many(
+            {"_id": {"$in": ids}, "$or": [{f: {"$ne": None}} for f in escaped]},
+            {"$set": dict.fromkeys(escaped)}))
+        return int(result.modified_count)
 
 # ---------------------------------------------------------------------- helpers
 
