@@ -22,9 +22,10 @@ back and verified. Files of a sequence number above HEAD are leftovers of an
 interrupted append and are removed by :meth:`Archive.recover` before the next
 append. Only after a verified commit does retention delete anything from hot storage.
 
-Extension point: another backend (an S3-compatible bucket, say) implements the
-:class:`BlobStore` protocol: atomic ``put_file``/``put_bytes`` (a whole object or
-nothing), ``get_bytes``, ``list``, ``delete``, and a per-workspace writer ``lock``.
+Backends implement the :class:`BlobStore` protocol: atomic ``put_file``/``put_bytes``
+(a whole object or nothing), ``get_bytes``, ``list``, ``delete``, a local ``scratch``
+folder and a per-workspace writer ``lock``. :class:`LocalBlobStore` is a directory;
+:class:`S3BlobStore` an S3-compatible bucket through boto3 (``audit-fleet[s3]``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import io
 import json
 import os
 import re
+import tempfile
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -244,6 +246,84 @@ class LocalBlobStore:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
+
+class S3BlobStore:
+    """An S3-compatible bucket (AWS S3, MinIO, Ceph, R2, ...) through boto3.
+
+    ``s3://bucket/prefix`` names it. Credentials and region come from boto3's usual
+    chain (environment, config files, instance roles); ``AUDIT_S3_ENDPOINT_URL`` (or
+    boto3's own ``AWS_ENDPOINT_URL``) points it at a non-AWS endpoint. An object is
+    written whole by one request (``upload_file`` completes a multipart upload only at
+    the end), so every put is atomic. There is no cross-process lock on a bucket: run
+    one retention job per workspace at a time.
+    """
+
+    def __init__(self, bucket: str, prefix: str = "", *, client: Any = None,
+                 scratch_root: str | Path | None = None) -> None:
+        if client is None:
+            try:
+                import boto3  # type: ignore[import-untyped,import-not-found,unused-ignore]
+            except ImportError:
+                raise ConfigError(
+                    "S3 archives need boto3: pip install 'audit-fleet[s3]'"
+                ) from None
+            endpoint = os.environ.get("AUDIT_S3_ENDPOINT_URL") or None
+            client = boto3.client("s3", endpoint_url=endpoint)
+        self.client = client
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        root = scratch_root or os.environ.get("AUDIT_ARCHIVE_SCRATCH")
+        self._scratch = Path(root) if root else Path(tempfile.gettempdir()) / "audit-archive"
+
+    def _key(self, key: str) -> str:
+        if not key or any(p in ("", ".", "..") for p in key.split("/")):
+            raise ArchiveError(f"bad archive key {key!r}")
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def put_file(self, key: str, path: Path) -> None:
+        self.client.upload_file(str(path), self.bucket, self._key(key))
+        path.unlink(missing_ok=True)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            reply = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        except self.client.exceptions.NoSuchKey:
+            raise FileNotFoundError(key) from None
+        data: bytes = reply["Body"].read()
+        return data
+
+    def list(self, prefix: str) -> list[str]:
+        base = f"{self.prefix}/" if self.prefix else ""
+        folder = f"{base}{prefix}/" if prefix else base
+        out: list[str] = []
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=folder, Delimiter="/")
+        for page in pages:
+            for item in page.get("CommonPrefixes") or ():
+                name = item["Prefix"][len(folder):].rstrip("/")
+                if name and not name.startswith("."):
+                    out.append(f"{prefix}/{name}" if prefix else name)
+            for item in page.get("Contents") or ():
+                name = item["Key"][len(folder):]
+                if name and "/" not in name and not name.startswith("."):
+                    out.append(f"{prefix}/{name}" if prefix else name)
+        return sorted(out)
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def scratch(self, workspace: str) -> Path:
+        folder = self._scratch / self.bucket / workspace
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    @contextlib.contextmanager
+    def lock(self, workspace: str) -> Iterator[None]:
+        yield
+
 # -- segments --------------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -352,10 +432,13 @@ class Archive:
 
     @classmethod
     def at(cls, location: str | Path, fault: Any = None) -> Archive:
-        """The archive at a directory path (``file://`` URLs are accepted)."""
+        """The archive at a directory path (or ``file://`` URL), or ``s3://bucket/prefix``."""
         text = str(location)
         if text.startswith("s3://"):
-            raise ConfigError("S3 archives need an S3 BlobStore; see docs/retention.md")
+            bucket, _, prefix = text[len("s3://"):].partition("/")
+            if not bucket:
+                raise ConfigError(f"an S3 archive URL names a bucket: {text!r}")
+            return cls(S3BlobStore(bucket, prefix), fault)
         if text.startswith("file://"):
             text = text[len("file://"):]
         return cls(LocalBlobStore(text), fault)
