@@ -284,6 +284,27 @@ def test_alert_rules_are_complete_and_name_exported_metrics() -> None:
     check_expressions([r["expr"] for r in rules])
 
 
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    out = set()
+    for heading in re.findall(r"^#+\s+(.+)$", markdown, re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        out.add(slug)
+    return out
+
+
+def test_alert_runbooks_point_at_real_sections() -> None:
+    """Every runbook link in the alert rules and metrics.md names a section of operations.md."""
+    anchors = _anchors((ROOT / "docs" / "operations.md").read_text())
+    links = [r["annotations"]["runbook"] for r in alert_rules() if "runbook" in r["annotations"]]
+    text = " ".join(str(r["annotations"]) for r in alert_rules())
+    text += (ROOT / "docs" / "metrics.md").read_text()
+    links += re.findall(r"operations\.md#([\w-]+)", text)
+    assert len(links) >= 10
+    for link in links:
+        assert link.split("#")[-1] in anchors, link
+
+
 def test_dashboard_names_exported_metrics() -> None:
     """Every panel query and template variable of the dashboard uses real metrics."""
     dashboard = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
