@@ -284,11 +284,34 @@ def apply_pipeline(doc: dict[str, Any], pipeline: list[dict[str, Any]]) -> dict[
     return doc
 
 
+def apply_operators(doc: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """A classic update document ($set and $unset of top-level fields)."""
+    out = dict(doc)
+    for op, fields in update.items():
+        for field, value in fields.items():
+            assert "." not in field, "only top-level fields are emulated"
+            if op == "$set":
+                out[field] = value
+            elif op == "$unset":
+                out.pop(field, None)
+            else:
+                raise AssertionError(f"update operator {op} is not emulated")
+    return out
+
+
 # --------------------------------------------------------------------------- queries
 
 
 def matches(doc: dict[str, Any], filt: dict[str, Any]) -> bool:
     for key, cond in filt.items():
+        if key == "$or":
+            if not any(matches(doc, part) for part in cond):
+                return False
+            continue
+        if key == "$and":
+            if not all(matches(doc, part) for part in cond):
+                return False
+            continue
         value = _get(doc, key)
         if isinstance(cond, dict) and cond and all(k.startswith("$") for k in cond):
             for op, arg in cond.items():
@@ -410,26 +433,48 @@ class FakeMongo:
 
     def do_listIndexes(self, doc: dict[str, Any]) -> dict[str, Any]:
         specs = self.indexes.get((doc["$db"], doc["listIndexes"]), [])
-        return self._cursor(doc["$db"], doc["listIndexes"], specs)
+        ident = {"v": 2, "key": {"_id": 1}, "name": "_id_"}
+        return self._cursor(doc["$db"], doc["listIndexes"], [ident, *specs])
+
+    def do_dropDatabase(self, doc: dict[str, Any]) -> dict[str, Any]:
+        self.data.pop(doc["$db"], None)
+        for key in [k for k in self.indexes if k[0] == doc["$db"]]:
+            del self.indexes[key]
+        return {}
 
     def do_update(self, doc: dict[str, Any]) -> dict[str, Any]:
         coll = self.coll(doc["$db"], doc["update"])
         n = modified = 0
-        upserted = []
+        upserted: list[dict[str, Any]] = []
+        errors: list[dict[str, Any]] = []
         for index, op in enumerate(doc["updates"]):
-            _id = op["q"]["_id"]
-            assert op.get("multi") in (None, False)
-            old = coll.get(self.key(_id))
-            if old is None and not op.get("upsert"):
-                continue
-            new = apply_pipeline(old if old is not None else {"_id": _id}, op["u"])
-            coll[self.key(_id)] = new
-            n += 1
-            if old is None:
-                upserted.append({"index": index, "_id": _id})
-            elif new != old:
-                modified += 1
-        return {"n": n, "nModified": modified, "upserted": upserted}
+            _id = op["q"].get("_id")
+            if list(op["q"]) == ["_id"] and not (isinstance(_id, dict)
+                                                and any(k.startswith("$") for k in _id)):
+                targets = [(self.key(_id), coll.get(self.key(_id)))]
+            else:
+                assert not op.get("upsert"), "upserts are keyed by _id"
+                targets = [(k, d) for k, d in coll.items() if matches(d, op["q"])]
+                if not op.get("multi"):
+                    targets = targets[:1]
+            for key, old in targets:
+                if old is None and not op.get("upsert"):
+                    continue
+                base = old if old is not None else {"_id": _id}
+                new = (apply_pipeline(base, op["u"]) if isinstance(op["u"], list)
+                       else apply_operators(base, op["u"]))
+                if len(bson.encode(new)) > 16 * 1024 * 1024:
+                    errors.append({"index": index, "code": 17419, "errmsg": "Resulting "
+                                   "document after update is larger than 16777216"})
+                    continue
+                coll[key] = new
+                n += 1
+                if old is None:
+                    upserted.append({"index": index, "_id": _id})
+                elif new != old:
+                    modified += 1
+        reply = {"n": n, "nModified": modified, "upserted": upserted}
+        return reply | ({"writeErrors": errors} if errors else {})
 
     def do_insert(self, doc: dict[str, Any]) -> dict[str, Any]:
         coll = self.coll(doc["$db"], doc["insert"])
