@@ -279,3 +279,74 @@ async def test_cli_plan_table_and_run_needs_an_archive(store: Store, store_url: 
     with pytest.raises(ConfigError, match="--archive-dir"):
         await args.func(args)
     assert await store.get_run(ws, ref.RUN_ID) is not None
+
+
+# -- MongoDB: the exact commands of the retention operations (mockupdb) ----------------------
+
+@pytest.fixture(name="wire")
+def fixture_wire() -> Any:
+    """The MongoDB wire emulator of the store's own tests, on a server of this test."""
+    from mockupdb import MockupDB
+
+    from tests import test_store_mongo_wire as mw
+
+    server = MockupDB(auto_ismaster=False, request_timeout=5)
+    server.run()
+    fake = mw.FakeMongo(server)
+    server.autoresponds(fake.handle)
+    try:
+        yield fake
+    finally:
+        server.stop()
+
+
+@pytest.mark.mongo
+async def test_mongo_retention_operations_send_these_commands(wire: Any) -> None:
+    """scan_runs, delete_nodes and the strip operations send exact, index-friendly commands."""
+    from tests import test_store_mongo_wire as mw
+    from worker.stores.mongo import MongoStore
+
+    store = MongoStore(mw.url_of(wire), env={})
+    await store.open()
+    try:
+        await write_events(store, run_events("acme", "r1", NOW - 40 * DAY))
+        nodes = await store.get_nodes("acme", "r1")
+        keys = [("r1", n["nodeKey"]) for n in nodes]
+        wire.commands.clear()
+        assert [d["runId"] async for d in store.scan_runs("acme", NOW - 30 * DAY)] == ["r1"]
+        (find,) = wire.sent("find")
+        bound = NOW - 30 * DAY
+        assert find["$db"] == "audit_acme"
+        assert find["find"] == "workflow_runs"
+        assert find["filter"] == mw._canon({
+            "startedAt": {"$lte": bound}, "_startedAtUs": {"$lt": int(bound.timestamp() * 1e6)},
+            "$or": [{"_completedAtUs": {"$lt": int(bound.timestamp() * 1e6)}},
+                    {"_completedAtUs": None}]})
+        wire.commands.clear()
+        wire.fail_next("update", lambda r: bool(r.ok(n=2, nModified=2)))
+        assert await store.strip_node_fields("acme", keys[:2], ["output", "input"]) == 2
+        (update,) = wire.sent("update")
+        (op,) = update["updates"]
+        assert update["update"] == "workflow_node_runs"
+        assert op["multi"] is True
+        assert op["q"]["_id"] == {"$in": sorted(k for _, k in keys[:2])}
+        assert op["q"]["$or"] == [{"input": {"$ne": None}}, {"output": {"$ne": None}}]
+        assert op["u"] == {"$unset": {"input": "", "output": ""}}
+        wire.commands.clear()
+        wire.fail_next("update", lambda r: bool(r.ok(n=1, nModified=1)))
+        assert await store.strip_run_fields("acme", ["r1"], ["error"]) == 1
+        (update,) = wire.sent("update")
+        assert update["update"] == "workflow_runs"
+        assert update["updates"][0]["u"] == {"$set": {"error": None}}
+        assert update["updates"][0]["q"] == {"_id": {"$in": ["r1"]},
+                                             "$or": [{"error": {"$ne": None}}]}
+        wire.commands.clear()
+        assert await store.delete_nodes("acme", keys[:1]) == 1
+        delete = wire.sent("delete")[0]
+        assert delete["delete"] == "workflow_node_runs"
+        assert delete["deletes"][0]["q"] == {"_id": {"$in": [keys[0][1]]}}
+        assert len(await store.get_nodes("acme", "r1")) == len(nodes) - 1
+        with pytest.raises(ValueError, match="cannot strip"):
+            await store.strip_node_fields("acme", keys, ["nodeId"])
+    finally:
+        await store.close()
