@@ -226,3 +226,29 @@ async def test_sqlite_and_postgres_answer_identically(tmp_path: Path, pg_url: st
             await store.close()
         answers.append(out)
     assert answers[0] == answers[1]
+
+
+@pytest.mark.mongo
+class TestMongoWireQueries(QueryConformance):
+    """The read queries through the real driver against the store tests' wire emulator.
+
+    The emulator evaluates the store's writes and finds but not multi-document updates,
+    so retention runs here only against a real server (``TestMongoQueries``).
+    """
+
+    test_retention_leaves_the_specified_state = None  # type: ignore[assignment]
+
+    @pytest.fixture
+    def store_url(self) -> Any:
+        from mockupdb import MockupDB
+
+        from tests import test_store_mongo_wire as mw
+
+        server = MockupDB(auto_ismaster=False, request_timeout=5)
+        server.run()
+        fake = mw.FakeMongo(server)
+        server.autoresponds(fake.handle)
+        try:
+            yield mw.url_of(fake)
+        finally:
+            server.stop()
