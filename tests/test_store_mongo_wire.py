@@ -12,25 +12,32 @@ from __future__ import annotations
 
 import itertools
 import random
+import shutil
+import subprocess
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import fields
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import bson
 import pytest
+import yaml
 from bson.int64 import Int64
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mockupdb import MockupDB
 
 from tests.store_conformance import StoreConformance
+from tests.test_queries_conformance import QueryConformance
 from worker import events as ev
 from worker.documents import coalesce, fold, node_key
 from worker.errors import ConfigError, StoreRejected, StoreUnavailable
+from worker.settings import _ENV_NAMES, Settings
 from worker.stores import _mongo_codec as mc
 from worker.stores.base import NodeQuery, RunQuery, Store
-from worker.stores.mongo import MongoStore
+from worker.stores.mongo import ENV_OPTIONS, MongoStore
 
 pytestmark = pytest.mark.mongo
 
@@ -287,8 +294,8 @@ def apply_pipeline(doc: dict[str, Any], pipeline: list[dict[str, Any]]) -> dict[
 def apply_operators(doc: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     """A classic update document ($set and $unset of top-level fields)."""
     out = dict(doc)
-    for op, fields in update.items():
-        for field, value in fields.items():
+    for op, changes in update.items():
+        for field, value in changes.items():
             assert "." not in field, "only top-level fields are emulated"
             if op == "$set":
                 out[field] = value
@@ -1381,3 +1388,66 @@ class TestMongoWireConformance(StoreConformance):
             yield s
         finally:
             await s.close()
+
+
+@pytest.mark.anyio
+class TestMongoWireQueries(QueryConformance):
+    """explain, runs, insights and retention on the MongoDB store, against the emulator."""
+
+    @pytest.fixture
+    def store_url(self, fake: FakeMongo) -> str:
+        return url_of(fake)
+
+
+# --------------------------------------------------------------------------- deploy
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+
+
+def test_compose_matches_the_configuration_the_code_reads() -> None:
+    """deploy/compose.yaml: two workers on the image from deploy/Dockerfile, configured
+    only with variables the worker and the MongoDB store read, on a one-node replica set
+    that an init step initiates; Prometheus scrapes exactly those workers."""
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = compose["services"]
+    assert {"redis", "mongo", "mongo-init", "prometheus"} <= set(services)
+    workers = {name: spec for name, spec in services.items() if name.startswith("worker-")}
+    assert len(workers) == 2
+    known = {_ENV_NAMES.get(f.name, "AUDIT_" + f.name.upper()) for f in fields(Settings)}
+    known |= set(ENV_OPTIONS)
+    consumers = set()
+    for spec in workers.values():
+        env = {k: str(v) for k, v in spec["environment"].items()}
+        assert set(env) - known == set()
+        settings = Settings.from_env(env)
+        assert settings.store_url == "mongodb://mongo:27017/?replicaSet=rs0"
+        assert settings.redis_url == "redis://redis:6379/0"
+        assert settings.metrics_port == 9464
+        store = MongoStore(settings.store_url, env=env)
+        assert (store.options.tenancy, store.prefix) == ("database", "audit_")
+        consumers.add(settings.consumer)
+        assert spec["command"] == ["run"]
+        assert spec["build"]["dockerfile"] == "deploy/Dockerfile"
+        assert spec["depends_on"]["mongo-init"]["condition"] == \
+            "service_completed_successfully"
+        assert int(spec["stop_grace_period"].rstrip("s")) > settings.shutdown_grace_s
+    assert len(consumers) == 2
+    assert services["mongo"]["command"][-3:] == ["--replSet", "rs0", "--bind_ip_all"] or \
+        "rs0" in services["mongo"]["command"]
+    assert "rs.initiate" in services["mongo-init"]["command"][-1]
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert "FROM python:3.11-slim" in dockerfile
+    assert "pip install" in dockerfile
+
+    prom = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    targets = {t for job in prom["scrape_configs"] for group in job["static_configs"]
+               for t in group["targets"]}
+    assert targets == {f"{name}:9464" for name in workers}
+    for rules in prom.get("rule_files", []):
+        assert (DEPLOY / rules).is_file()
+        mounted = [v for v in services["prometheus"]["volumes"] if v.startswith(f"./{rules}:")]
+        assert mounted
+    if shutil.which("promtool"):
+        check = subprocess.run(["promtool", "check", "config", "prometheus.yml"],
+                               cwd=DEPLOY, capture_output=True, text=True, timeout=60)
+        assert check.returncode == 0, check.stdout + check.stderr

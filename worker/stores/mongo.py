@@ -95,6 +95,9 @@ TRANSIENT_LABELS: Final = ("RetryableWriteError", "TransientTransactionError",
 DB_DIFFERS_BY_CASE: Final = 13297
 INVALID_NAMESPACE: Final = 73
 TENANCY_MODES: Final = ("database", "field")
+#: Environment variables the store reads (beside AUDIT_STORE_URL in worker/settings.py).
+ENV_OPTIONS: Final = ("AUDIT_MONGO_TENANCY", "AUDIT_MONGO_DB_PREFIX",
+                      "AUDIT_MONGO_LARGE_PAYLOAD_BYTES")
 
 _URL_WRITE_CONCERN: Final = frozenset({"w", "journal", "wtimeoutms"})
 
