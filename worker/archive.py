@@ -814,7 +814,8 @@ def register(subparsers: Any) -> None:
     sub = p.add_subparsers(dest="archive_command", metavar="ACTION", required=True)
 
     def common(q: argparse.ArgumentParser, *, workspace_required: bool = False) -> None:
-        q.add_argument("--archive-dir", help="archive directory (AUDIT_ARCHIVE_DIR)")
+        q.add_argument("--archive-dir", metavar="DIR",
+                       help="archive directory or s3://bucket/prefix (AUDIT_ARCHIVE_DIR)")
         q.add_argument("-w", "--workspace", required=workspace_required,
                        help="workspace ID" + ("" if workspace_required else " (default: all)"))
         q.add_argument("--json", action="store_true", help="stable JSON")

@@ -536,5 +536,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("--show-prompts", action="store_true",
                    help="show prompts and trigger metadata in full, unredacted")
     p.add_argument("--archive", metavar="DIR",
-                   help="read the run from the archive in DIR instead of the store")
+                   help="read the run from the archive (directory or s3://bucket/prefix) "
+                   "instead of the store")
     p.set_defaults(func=cmd_explain)

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -440,10 +441,11 @@ def render(reports: Sequence[WorkspaceReport], *, applied: bool, now: datetime) 
 async def _cmd(args: argparse.Namespace, apply: bool) -> int:
     policy = Policy.load(args.policy) if args.policy else Policy()
     now = parse_time(args.now) if args.now else utcnow()
-    archive = Archive.at(args.archive_dir) if args.archive_dir else None
+    location = args.archive_dir or os.environ.get("AUDIT_ARCHIVE_DIR")
+    archive = Archive.at(location) if location else None
     if apply and archive is None and not args.no_archive:
-        raise ConfigError("retention run needs --archive-dir, or --no-archive to drop "
-                          "expired data without keeping it")
+        raise ConfigError("retention run needs --archive-dir (AUDIT_ARCHIVE_DIR), or "
+                          "--no-archive to drop expired data without keeping it")
     workspaces = [check_workspace(args.workspace)] if args.workspace else []
     async with opened_store(args) as store:
         reports = await run_retention(store, policy, now=now, archive=archive, apply=apply,
@@ -475,7 +477,8 @@ def register(subparsers: Any) -> None:
         q.add_argument("-w", "--workspace", help="only this workspace (default: all)")
         q.add_argument("--policy", metavar="FILE", help="policy file, TOML or .json "
                        "(default: the design's 90/30/30/90 days)")
-        q.add_argument("--archive-dir", metavar="DIR", help="archive directory")
+        q.add_argument("--archive-dir", metavar="DIR",
+                       help="archive directory or s3://bucket/prefix (AUDIT_ARCHIVE_DIR)")
         q.add_argument("--now", metavar="ISO", help="evaluate ages at this time (default now)")
         q.add_argument("--json", action="store_true", help="stable JSON")
         if name == "run":
