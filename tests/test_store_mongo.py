@@ -4,9 +4,11 @@ plus what only a real server shows (its own errors, races and indexes).
 Runs when ``AUDIT_TEST_MONGODB_URL`` names a MongoDB 5.2+ replica set, e.g.::
 
     docker run -d --name audit-mongo -p 27017:27017 mongo:7 --replSet rs0
-    docker exec audit-mongo mongosh --quiet --eval 'rs.initiate()'
-    AUDIT_TEST_MONGODB_URL='mongodb://localhost:27017/?replicaSet=rs0&directConnection=true' \\
-        .venv/bin/pytest -k mongo
+    docker exec audit-mongo mongosh --quiet --eval \\
+        "rs.initiate({_id: 'rs0', members: [{_id: 0, host: 'localhost:27017'}]})"
+    AUDIT_TEST_MONGODB_URL='mongodb://localhost:27017/?replicaSet=rs0' .venv/bin/pytest -k mongo
+
+(docs/mongodb.md has the details.)
 
 Every test writes under a database prefix of its own and drops those databases after.
 """
