@@ -24,7 +24,9 @@ pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.postgres, pytest
 GROUP = "audit-writers"
 
 
-def spawn(name: str, stream: str, redis_url: str, store_url: str, log: Path) -> subprocess.Popen[bytes]:
+def spawn(
+    name: str, stream: str, redis_url: str, store_url: str, log: Path
+) -> subprocess.Popen[bytes]:
     env = dict(
         os.environ,
         AUDIT_REDIS_URL=redis_url, AUDIT_STREAM=stream, AUDIT_GROUP=GROUP, AUDIT_CONSUMER=name,

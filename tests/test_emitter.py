@@ -67,11 +67,14 @@ async def test_run_recorder_flushes_one_snapshot(fake: fakeredis.FakeAsyncRedis)
 async def test_run_recorder_events_mode_and_failure(fake: fakeredis.FakeAsyncRedis) -> None:
     """In events mode a raised exception ends the run with run.failed, then re-raises."""
     emitter = AuditEmitter(fake, ["s"])
-    with pytest.raises(RuntimeError):
+    async def failing_run() -> None:
         async with RunRecorder(emitter, "ws", "wf", mode="events") as run:
             run.record_node(nodeId="fetch", type="action",
                             error={"type": "Timeout", "message": "t", "retries": 2})
             raise RuntimeError("engine crashed")
+
+    with pytest.raises(RuntimeError):
+        await failing_run()
     types = [e["type"] for e in await entries(fake, "s")]
     assert types == ["run.started", "node.failed", "run.failed"]
 

@@ -45,8 +45,8 @@ def events_of(rs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-async def run_burst(worker: Worker, timeout: float = 30) -> None:
-    with anyio.fail_after(timeout):
+async def run_burst(worker: Worker, limit_s: float = 30) -> None:
+    with anyio.fail_after(limit_s):
         await worker.run()
 
 
@@ -118,7 +118,8 @@ async def test_poison_message_is_dead_lettered_after_max_deliveries_and_blocks_n
     assert await pending_count(redis_client, stream, "audit-writers") == 0
     reclaimed = metrics.registry.get_sample_value(
         "audit_fleet_entries_reclaimed_total", {"stream": stream})
-    assert reclaimed is not None and reclaimed >= 3 * len(dead)
+    assert reclaimed is not None
+    assert reclaimed >= 3 * len(dead)
 
 
 async def test_store_rejection_dead_letters_only_the_rejected_run(
@@ -170,7 +171,8 @@ async def test_outage_applies_backpressure_and_acks_nothing_early(
     assert await pending_count(redis_client, stream, cfg.group) == 0
     retries = metrics.registry.get_sample_value("audit_fleet_store_retries_total",
                                                 {"store": "memory"})
-    assert retries is not None and retries > 3
+    assert retries is not None
+    assert retries > 3
 
 
 async def test_graceful_stop_finishes_and_acks_in_flight_batches(

@@ -18,7 +18,10 @@ from .settings import Settings
 Handler = Callable[[argparse.Namespace], Awaitable[int]]
 
 #: Modules that add their own subcommands with ``register(subparsers)``.
-COMMAND_MODULES = ("demo",)
+COMMAND_MODULES = (
+    "demo", "status", "dlq", "health", "trim", "explain", "queries", "insights", "retention",
+    "archive",
+)
 
 
 def add_worker_flags(p: argparse.ArgumentParser) -> None:

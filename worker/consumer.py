@@ -15,7 +15,6 @@ group; all of them stop together on SIGTERM/SIGINT:
 
 from __future__ import annotations
 
-
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -224,7 +223,19 @@ class Worker:
                 self.hold(entries)
                 for name, count in _count_by_stream(entries).items():
                     self.metrics.events_read.labels(name).inc(count)
-                await send.send(Batch(entries))
+                await self.hand_over(send, Batch(entries), "reader")
+
+    async def hand_over(self, send: ObjectSendStream[Batch], batch: Batch, loop: str) -> None:
+        """Pass a batch to the writers, waiting while they are busy (backpressure).
+
+        The wait can be long during a store outage; the loop keeps beating its
+        heartbeat meanwhile, so /healthz reports a live process, not a stuck one.
+        """
+        while True:
+            with anyio.move_on_after(1.0):
+                await send.send(batch)
+                return
+            self.beat(loop)
 
     def hold(self, entries: Sequence[Entry]) -> None:
         for e in entries:

@@ -69,7 +69,7 @@ async def redis_for_demo(url: str) -> AsyncIterator[str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = subprocess.Popen(
+    proc = await anyio.open_process(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
@@ -83,7 +83,8 @@ async def redis_for_demo(url: str) -> AsyncIterator[str]:
         yield local
     finally:
         proc.terminate()
-        proc.wait(timeout=10)
+        with anyio.move_on_after(10, shield=True):
+            await proc.wait()
 
 
 def _bar(done: int, total: int, width: int = 32) -> str:
@@ -126,22 +127,25 @@ async def cmd_demo(args: argparse.Namespace) -> int:
         log = Path(tempfile.gettempdir()) / "audit-fleet-demo.log"
         with log.open("ab") as log_file:
             procs = [
-                subprocess.Popen(
+                await anyio.open_process(
                     [sys.executable, "-m", "worker", "run", "--consumer", f"demo-worker-{n + 1}"],
                     env=env, stdout=log_file, stderr=log_file,
                 )
                 for n in range(args.workers)
             ]
             began = time.monotonic()
-            while any(p.poll() is None for p in procs):
+            live = sys.stdout.isatty()
+            while any(p.returncode is None for p in procs):
                 done = await _group_done(client, stream, settings.group) - start_len
                 done = max(0, min(done, total))
-                print(f"\r{_bar(done, total)} {done}/{total} events stored or dead-lettered "
-                      f"by {args.workers} workers", end="", flush=True)
+                if live:
+                    print(f"\r{_bar(done, total)} {done}/{total} events stored or "
+                          f"dead-lettered by {args.workers} workers", end="", flush=True)
                 await anyio.sleep(0.2)
             elapsed = time.monotonic() - began
-        codes = [p.returncode for p in procs]
-        print(f"\r{_bar(total, total)} {total}/{total} events handled in {elapsed:.1f}s "
+        codes = [await p.wait() for p in procs]
+        lead = "\r" if live else ""
+        print(f"{lead}{_bar(total, total)} {total}/{total} events handled in {elapsed:.1f}s "
               f"(worker exit codes {codes}; logs: {log})")
         dlq = await client.xlen(stream + ":dlq")
         print(f"dead-letter stream {stream}:dlq holds {dlq} entries "
@@ -184,13 +188,8 @@ async def _explain(store_url: str, workspace: str, run_id: str) -> int:
     if run is None:
         print(f"run {run_id} was not found in {store_url}", file=sys.stderr)
         return 1
-    try:
-        from .explain import render_text  # type: ignore[attr-defined]
-    except ImportError:
-        render_text = None
-    if render_text is not None:
-        print(render_text(run, nodes))
-    else:
-        print(f"run {run_id}: {run['status']} ({len(nodes)} node executions)")
+    from .explain import build, render
+
+    print(render(build(workspace, run_id, run, nodes)))
     print(f"\nexplain it yourself: audit-fleet explain {run_id} --workspace {workspace}")
     return 0

@@ -59,7 +59,6 @@ class Reclaimer:
         """
         from .consumer import Batch
 
-        s = self.settings
         claimed_all: list[Entry] = []
         while True:
             cursor, claimed, deleted = await self.claim(stream, self.cursors[stream])
@@ -76,7 +75,7 @@ class Reclaimer:
                     claimed_all.extend(claimed)
                 else:
                     self.worker.hold(claimed)
-                    await send.send(Batch(claimed, reclaimed=True))
+                    await self.worker.hand_over(send, Batch(claimed, reclaimed=True), "reclaim")
             if cursor == "0-0" or self.worker.stopping:
                 return claimed_all
 

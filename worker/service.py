@@ -7,15 +7,18 @@ import redis.asyncio as aioredis
 
 from .consumer import Worker
 from .errors import StoreUnavailable
+from .fleet import fleet_side_loop
+from .health import build_health_server
 from .logs import get_logger
 from .metrics import Metrics
 from .settings import Settings
 from .stores import Store, open_store
+from .trim import trim_side_loop
 
 
 async def open_store_waiting(settings: Settings, attempts: int | None = None) -> Store:
     """Open the store, waiting (with backoff) while it is unreachable."""
-    log = get_logger(store_url_scheme=settings.store_scheme)
+    log = get_logger(store=settings.store_scheme)
     delay = 0.5
     tries = 0
     while True:
@@ -32,18 +35,32 @@ async def open_store_waiting(settings: Settings, attempts: int | None = None) ->
             delay = min(delay * 2, 10.0)
 
 
-def build_worker(settings: Settings, store: Store, metrics: Metrics | None = None) -> Worker:
-    redis = aioredis.Redis.from_url(settings.redis_url)
-    worker = Worker(settings, store, redis, metrics or Metrics(), handle_signals=True)
-    return worker
+def build_worker(
+    settings: Settings, store: Store, redis: aioredis.Redis, metrics: Metrics
+) -> Worker:
+    """A worker with the fleet-gauge poller and stream hygiene running beside it."""
+    side_loops = [fleet_side_loop(redis, settings, metrics)]
+    if settings.trim:
+        side_loops.append(trim_side_loop(redis, settings, metrics))
+    return Worker(settings, store, redis, metrics, side_loops=side_loops, handle_signals=True)
 
 
 async def run_worker(settings: Settings) -> None:
-    """The ``audit-fleet run`` process: exits 0 after a graceful stop."""
+    """The ``audit-fleet run`` process: exits normally after a graceful stop."""
     store = await open_store_waiting(settings)
-    worker = build_worker(settings, store)
+    redis = aioredis.Redis.from_url(settings.redis_url)
+    metrics = Metrics()
+    worker = build_worker(settings, store, redis, metrics)
     try:
-        await worker.run()
+        async with anyio.create_task_group() as tg:
+            if settings.metrics_port:
+                server = build_health_server(
+                    settings, metrics, {"redis": redis.ping, "store": store.ping},
+                    draining=lambda: worker.stopping,
+                )
+                await tg.start(server.serve, settings.metrics_host, settings.metrics_port)
+            await worker.run()
+            tg.cancel_scope.cancel()
     finally:
-        await worker.redis.aclose()
+        await redis.aclose()
         await store.close()

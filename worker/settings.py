@@ -84,9 +84,13 @@ class Settings:
         if self.trim_retention_s < 0:
             raise ConfigError("AUDIT_TRIM_RETENTION_S must be >= 0")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
-            raise ConfigError(f"AUDIT_LOG_LEVEL must be debug|info|warning|error, got {self.log_level!r}")
+            raise ConfigError(
+                f"AUDIT_LOG_LEVEL must be debug|info|warning|error, got {self.log_level!r}"
+            )
         if self.log_format not in ("auto", "json", "console"):
-            raise ConfigError(f"AUDIT_LOG_FORMAT must be auto|json|console, got {self.log_format!r}")
+            raise ConfigError(
+                f"AUDIT_LOG_FORMAT must be auto|json|console, got {self.log_format!r}"
+            )
 
     @property
     def store_scheme(self) -> str:
