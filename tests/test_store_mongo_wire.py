@@ -241,6 +241,10 @@ _OPERATORS: dict[str, Callable[..., Any]] = {
     "$max": _op_min_max(max),
     "$eq": _cmp(lambda a, b: a == b),
     "$gt": _cmp(lambda a, b: a > b),
+    "$ne": _cmp(lambda a, b: a != b),
+    "$in": lambda arg, root, names: any(
+        _bson_key(evaluate(arg[0], root, names)) == _bson_key(v)
+        for v in evaluate(arg[1], root, names)),
     "$or": lambda arg, root, names: any(v is True for v in _args(arg, root, names)),
     "$and": lambda arg, root, names: all(v is True for v in _args(arg, root, names)),
     "$type": lambda arg, root, names: _type(evaluate(arg, root, names)),
@@ -721,6 +725,10 @@ def run_events(draw: st.DrawFn) -> list[ev.Decoded]:
             node_id = draw(st.sampled_from(sorted(NODE_FIELDS)))
             node = {"nodeId": node_id, "attempt": draw(st.integers(1, 2)),
                     "startedAt": at(draw(st.integers(0, 9))), **NODE_FIELDS[node_id]}
+            # every status rank: running < completed < other ("skipped") < failed
+            status = draw(st.sampled_from([None, None, "running", "skipped"]))
+            if status is not None:
+                node["status"] = status
             kind = draw(st.sampled_from(["node.completed", "node.failed"]))
             out.append(event(kind, f"e{next(counter)}", run, node=node))
         for _ in range(draw(st.integers(0, 2))):
