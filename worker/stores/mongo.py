@@ -11,7 +11,8 @@ Layout
 
 Writes
     One unordered ``bulk_write`` per database and collection per batch, of
-    ``UpdateOne(filter, pipeline, upsert=True)`` (see :mod:`._mongo_codec`), with write
+    ``UpdateOne(filter, pipeline, upsert=True)`` (the pipelines are in
+    :mod:`._mongo_codec`, the bulk writes and their failures in :mod:`._mongo_write`), with write
     concern ``{w: "majority", j: true}`` unless the URL sets ``w`` / ``journal``, and
     retryable writes on. A ``BulkWriteError`` is split per operation: duplicate keys
     from racing upserts are retried, transient errors raise
@@ -30,33 +31,28 @@ Database names
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-import anyio
 import bson
 from bson.codec_options import CodecOptions
-from bson.errors import InvalidDocument
 from gridfs import AsyncGridFSBucket
-from gridfs.errors import FileExists, NoFile
-from pymongo import AsyncMongoClient, IndexModel, UpdateOne
-from pymongo.asynchronous.collection import AsyncCollection
+from gridfs.errors import NoFile
+from pymongo import AsyncMongoClient, IndexModel
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import (
-    BulkWriteError,
     ConnectionFailure,
-    DuplicateKeyError,
     OperationFailure,
     PyMongoError,
-    WriteConcernError,
 )
 
-from ..documents import NodeDoc, RunPatch, WriteBatch
+from ..documents import WriteBatch
 from ..errors import ConfigError, StoreError, StoreRejected, StoreUnavailable
 from . import _mongo_codec as mc
+from . import _mongo_write as mw
 from .base import (
     STRIPPABLE_NODE_FIELDS,
     STRIPPABLE_RUN_FIELDS,
@@ -68,32 +64,13 @@ from .base import (
 )
 
 Doc = dict[str, Any]
+T = TypeVar("T")
 
 DEFAULT_PREFIX: Final = "audit_"
 DEFAULT_SHARED_DB: Final = "audit"
 DEFAULT_LARGE_PAYLOAD_BYTES: Final = 4 * 1024 * 1024
-#: The server's document limit; a single update larger than this cannot be sent.
-MAX_BSON_BYTES: Final = 16 * 1024 * 1024
 #: Oldest server whose update pipelines support every operator used ($sortArray).
 MIN_SERVER_VERSION: Final = (5, 2)
-DUPLICATE_KEY_RETRIES: Final = 5
-
-DUPLICATE_KEY_CODES: Final = frozenset({11000, 11001, 12582})
-#: Errors a retry of the same batch can outlive: failover, shutdown, network, timeouts,
-#: write-concern failures, lock and interruption codes.
-TRANSIENT_CODES: Final = frozenset({
-    6, 7, 24, 46, 50, 63, 64, 79, 89, 91, 100, 112, 133, 134, 150, 189, 251, 262, 9001,
-    10058, 10107, 11600, 11601, 11602, 13388, 13435, 13436,
-})
-#: Errors of the deployment or the server version, not of the data: retrying (and an
-#: operator) can fix them, dead-lettering the events cannot.
-ENVIRONMENT_CODES: Final = frozenset({
-    13, 18, 168, 8000, 31082, 40324, 40352, 31325,
-})
-TRANSIENT_LABELS: Final = ("RetryableWriteError", "TransientTransactionError",
-                           "SystemOverloadedError", "RetryableError")
-DB_DIFFERS_BY_CASE: Final = 13297
-INVALID_NAMESPACE: Final = 73
 TENANCY_MODES: Final = ("database", "field")
 #: Environment variables the store reads (beside AUDIT_STORE_URL in worker/settings.py).
 ENV_OPTIONS: Final = ("AUDIT_MONGO_TENANCY", "AUDIT_MONGO_DB_PREFIX",
@@ -120,9 +97,9 @@ class MongoOptions:
         problem = mc.prefix_problem(self.db_prefix)
         if problem:
             raise ConfigError(problem)
-        if self.large_payload_bytes <= 0 or self.large_payload_bytes > MAX_BSON_BYTES // 2:
+        if self.large_payload_bytes <= 0 or self.large_payload_bytes > mw.MAX_BSON_BYTES // 2:
             raise ConfigError("AUDIT_MONGO_LARGE_PAYLOAD_BYTES must be positive and at most "
-                              f"{MAX_BSON_BYTES // 2}, got {self.large_payload_bytes}")
+                              f"{mw.MAX_BSON_BYTES // 2}, got {self.large_payload_bytes}")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> MongoOptions:
@@ -144,41 +121,6 @@ class MongoOptions:
             return cls(**values)
         except TypeError as exc:
             raise ConfigError(f"unknown MongoDB store option: {exc}") from None
-
-
-@dataclass(slots=True)
-class _Op:
-    """One update of a bulk write, and the stream entries behind it."""
-
-    model: UpdateOne
-    sources: list[str]
-    what: str
-
-    def reject(self, reason: str) -> Rejection:
-        return Rejection(tuple(dict.fromkeys(self.sources)), f"{self.what}: {reason}")
-
-
-@dataclass(slots=True)
-class _Blob:
-    """A node payload stored out of line in GridFS."""
-
-    file_id: str
-    data: bytes
-    metadata: Doc
-    op: _Op
-
-
-@dataclass(slots=True)
-class _Target:
-    """What one batch writes to one database."""
-
-    name: str
-    runs: list[_Op] = field(default_factory=list)
-    nodes: list[_Op] = field(default_factory=list)
-    blobs: list[_Blob] = field(default_factory=list)
-
-    def sources(self) -> list[str]:
-        return [s for op in (*self.runs, *self.nodes) for s in op.sources]
 
 
 class MongoStore:
@@ -269,18 +211,9 @@ class MongoStore:
     async def ping(self) -> None:
         await self._call(self.client.admin.command("ping"))
 
-    async def _call(self, awaitable: Any) -> Any:
-        """Await a driver call, mapping connection-level failures to StoreUnavailable."""
-        try:
-            return await awaitable
-        except ConnectionFailure as exc:
-            raise StoreUnavailable(f"MongoDB is unreachable: {exc}") from exc
-        except OperationFailure as exc:
-            if _transient(exc) or exc.code in ENVIRONMENT_CODES:
-                raise StoreUnavailable(f"MongoDB: {_message(exc)}") from exc
-            raise StoreError(f"MongoDB: {_message(exc)}") from exc
-        except PyMongoError as exc:
-            raise StoreUnavailable(f"MongoDB: {exc}") from exc
+    async def _call(self, awaitable: Awaitable[T]) -> T:
+        """Await a driver call, mapping its failures to the store's errors."""
+        return await mw.call(awaitable)
 
     # ------------------------------------------------------------------ databases
 
@@ -316,8 +249,8 @@ class MongoStore:
         except ConnectionFailure as exc:
             raise StoreUnavailable(f"MongoDB is unreachable: {exc}") from exc
         except OperationFailure as exc:
-            if _transient(exc):
-                raise StoreUnavailable(f"MongoDB: {_message(exc)}") from exc
+            if mw.transient(exc):
+                raise StoreUnavailable(f"MongoDB: {mw.message(exc)}") from exc
             # Not allowed to list databases: the server's own check (13297) remains.
             self._can_list_dbs = False
             names = []
@@ -372,205 +305,37 @@ class MongoStore:
         rejected: list[Rejection] = []
         workspaces = {k[0] for k in batch.runs} | {k[0] for k in batch.nodes}
         names, refused = await self._resolve(workspaces)
-        targets: dict[str, _Target] = {}
+        targets: dict[str, mw.Target] = {}
         for run in batch.runs.values():
             if run.workspace_id in refused:
                 rejected.append(Rejection(tuple(dict.fromkeys(run.sources)),
                                           refused[run.workspace_id]))
                 continue
-            target = targets.setdefault(names[run.workspace_id],
-                                        _Target(names[run.workspace_id]))
-            self._add_run(target, run, rejected)
+            name = names[run.workspace_id]
+            mw.add_run(targets.setdefault(name, mw.Target(name)), run, shared=self.shared,
+                       rejected=rejected)
         for node in batch.nodes.values():
             if node.workspace_id in refused:
                 rejected.append(Rejection(tuple(dict.fromkeys(node.sources)),
                                           refused[node.workspace_id]))
                 continue
-            target = targets.setdefault(names[node.workspace_id],
-                                        _Target(names[node.workspace_id]))
-            self._add_node(target, node, rejected)
+            name = names[node.workspace_id]
+            mw.add_node(targets.setdefault(name, mw.Target(name)), node, shared=self.shared,
+                        large_bytes=self.options.large_payload_bytes, rejected=rejected)
         for target in targets.values():
             try:
                 await self._ensure_indexes(target.name)
             except StoreError as exc:
-                if _code(exc) in (DB_DIFFERS_BY_CASE, INVALID_NAMESPACE):
+                if mw.code_of(exc) in mw.NAME_CODES:  # another worker made the other case
                     self._db_names = None
-                    rejected.extend(op.reject(str(exc)) for op in (*target.runs, *target.nodes))
-                    target.runs, target.nodes, target.blobs = [], [], []
+                    rejected.extend(op.reject(str(exc)) for op in target.ops())
+                    target.clear()
                     continue
                 raise StoreUnavailable(str(exc)) from exc
-            await self._upload(target, rejected)
-        await self._bulk_all(targets.values(), rejected)
+            await mw.upload(self._db(target.name), target, rejected)
+        if await mw.bulk_all(self._db, targets.values(), rejected):
+            self._db_names = None
         return WriteResult(tuple(rejected))
-
-    def _add_run(self, target: _Target, run: RunPatch, rejected: list[Rejection]) -> None:
-        what = f"run {run.run_id!r}"
-        filt = {"_id": mc.run_id_key(run.workspace_id, run.run_id, shared=self.shared)}
-        op = _Op(UpdateOne(filt, [], upsert=True), run.sources, what)
-        try:
-            pipeline = mc.run_pipeline(run)
-            size = len(bson.encode({"u": pipeline}))
-        except (InvalidDocument, OverflowError, RecursionError, TypeError) as exc:
-            rejected.append(op.reject(f"cannot be encoded as BSON: {exc}"))
-            return
-        if size > MAX_BSON_BYTES:
-            rejected.append(op.reject(f"the update is {size} bytes, above MongoDB's "
-                                      f"{MAX_BSON_BYTES}-byte document limit"))
-            return
-        op.model = UpdateOne(filt, pipeline, upsert=True)
-        target.runs.append(op)
-
-    def _add_node(self, target: _Target, node: NodeDoc, rejected: list[Rejection]) -> None:
-        what = f"node {node.node_id!r} attempt {node.attempt} of run {node.run_id!r}"
-        key = mc.node_id_key(node.workspace_id, node.node_key, shared=self.shared)
-        op = _Op(UpdateOne({"_id": key}, [], upsert=True), node.sources, what)
-        try:
-            stored = {"_id": key, **mc.escape_doc(node.doc)}
-            mc.add_exact_times(stored, node.doc)
-            size = len(bson.encode(stored))
-            blob: _Blob | None = None
-            if size > self.options.large_payload_bytes:
-                stored, rest = mc.split_payload(stored)
-                file_id = mc.payload_file_id(node.workspace_id, node.node_key, node.event_id)
-                data = bson.encode(rest)
-                stored[mc.PAYLOAD_FIELD] = {"fileId": file_id, "bytes": len(data),
-                                            "fields": sorted(rest)}
-                size = len(bson.encode(stored))
-                blob = _Blob(file_id, data, {
-                    "workspaceId": node.workspace_id, "runId": node.run_id,
-                    "nodeKey": node.node_key, "eventId": node.event_id,
-                }, op)
-        except (InvalidDocument, OverflowError, RecursionError, TypeError) as exc:
-            rejected.append(op.reject(f"cannot be encoded as BSON: {exc}"))
-            return
-        if size > MAX_BSON_BYTES:
-            rejected.append(op.reject(f"the document is {size} bytes inline, above MongoDB's "
-                                      f"{MAX_BSON_BYTES}-byte limit"))
-            return
-        op.model = UpdateOne({"_id": key}, mc.node_pipeline(node, stored), upsert=True)
-        target.nodes.append(op)
-        if blob is not None:
-            target.blobs.append(blob)
-
-    async def _upload(self, target: _Target, rejected: list[Rejection]) -> None:
-        """Store out-of-line payloads before the node documents that point at them."""
-        if not target.blobs:
-            return
-        db = self._db(target.name)
-        bucket = AsyncGridFSBucket(db, bucket_name=mc.PAYLOAD_BUCKET)
-        files = db[f"{mc.PAYLOAD_BUCKET}.files"]
-        ids = [b.file_id for b in target.blobs]
-        found = await self._call(files.find({"_id": {"$in": ids}}, {"_id": 1}).to_list())
-        have = {d["_id"] for d in found}
-        for blob in target.blobs:
-            if blob.file_id in have:
-                continue
-            try:
-                await self._upload_one(db, bucket, blob)
-            except StoreRejected as exc:
-                target.nodes.remove(blob.op)
-                rejected.append(blob.op.reject(str(exc)))
-
-    async def _upload_one(self, db: AsyncDatabase[Doc], bucket: AsyncGridFSBucket,
-                          blob: _Blob) -> None:
-        chunks = db[f"{mc.PAYLOAD_BUCKET}.chunks"]
-        files = db[f"{mc.PAYLOAD_BUCKET}.files"]
-        for _ in range(2):
-            try:
-                await bucket.upload_from_stream_with_id(
-                    blob.file_id, blob.metadata["nodeKey"], blob.data, metadata=blob.metadata)
-                return
-            except (DuplicateKeyError, FileExists):
-                # A racing worker stored it, or a crashed upload left chunks behind.
-                if await self._call(files.find_one({"_id": blob.file_id}, {"_id": 1})):
-                    return
-                await self._call(chunks.delete_many({"files_id": blob.file_id}))
-            except ConnectionFailure as exc:
-                raise StoreUnavailable(f"MongoDB is unreachable: {exc}") from exc
-            except OperationFailure as exc:
-                if _transient(exc) or exc.code in ENVIRONMENT_CODES:
-                    raise StoreUnavailable(f"MongoDB: {_message(exc)}") from exc
-                raise StoreRejected(f"payload file: {_message(exc)}") from exc
-        raise StoreUnavailable(f"payload file {blob.file_id} kept colliding; retrying")
-
-    async def _bulk_all(self, targets: Iterable[_Target], rejected: list[Rejection]) -> None:
-        jobs = [(t, coll, ops) for t in targets
-                for coll, ops in ((mc.NODES, t.nodes), (mc.RUNS, t.runs)) if ops]
-        failures: list[BaseException] = []
-
-        async def run(target: _Target, coll: str, ops: list[_Op]) -> None:
-            try:
-                rejected.extend(await self._bulk(target, coll, ops))
-            except Exception as exc:
-                failures.append(exc)
-
-        async with anyio.create_task_group() as tg:
-            for job in jobs:
-                tg.start_soon(run, *job)
-        if failures:
-            for exc in failures:
-                if isinstance(exc, StoreUnavailable):
-                    raise exc
-            raise failures[0]
-
-    async def _bulk(self, target: _Target, coll_name: str, ops: list[_Op]) -> list[Rejection]:
-        """One unordered bulk write, split per operation on failure."""
-        coll: AsyncCollection[Doc] = self._db(target.name)[coll_name]
-        rejections: list[Rejection] = []
-        pending = ops
-        for _ in range(DUPLICATE_KEY_RETRIES + 1):
-            try:
-                await coll.bulk_write([op.model for op in pending], ordered=False)
-                return rejections
-            except BulkWriteError as exc:
-                pending = self._split(exc, pending, rejections)
-                if not pending:
-                    return rejections
-            except ConnectionFailure as exc:
-                raise StoreUnavailable(f"MongoDB is unreachable: {exc}") from exc
-            except WriteConcernError as exc:
-                raise StoreUnavailable(f"MongoDB write concern: {_message(exc)}") from exc
-            except OperationFailure as exc:
-                if _transient(exc) or exc.code in ENVIRONMENT_CODES:
-                    raise StoreUnavailable(f"MongoDB: {_message(exc)}") from exc
-                if exc.code in (DB_DIFFERS_BY_CASE, INVALID_NAMESPACE):
-                    self._db_names = None
-                    return rejections + [op.reject(_message(exc)) for op in pending]
-                raise StoreRejected(f"MongoDB refused the batch: {_message(exc)}") from exc
-            except (InvalidDocument, OverflowError) as exc:
-                raise StoreRejected(f"MongoDB cannot encode the batch: {exc}") from exc
-            except PyMongoError as exc:
-                raise StoreUnavailable(f"MongoDB: {exc}") from exc
-        raise StoreUnavailable(f"duplicate keys on upsert into {target.name}.{coll_name} "
-                               f"persisted after {DUPLICATE_KEY_RETRIES} retries")
-
-    @staticmethod
-    def _split(exc: BulkWriteError, ops: list[_Op], rejections: list[Rejection]) -> list[_Op]:
-        """Sort a bulk failure per operation; return the operations to send again."""
-        details = exc.details or {}
-        concern = details.get("writeConcernErrors") or []
-        if concern:
-            err = concern[0]
-            raise StoreUnavailable(
-                f"MongoDB write concern not satisfied: {err.get('errmsg')} "
-                f"(code {err.get('code')})"
-            ) from exc
-        retry: list[_Op] = []
-        transient: Doc | None = None
-        for err in details.get("writeErrors") or []:
-            op = ops[err["index"]]
-            code = err.get("code")
-            if code in DUPLICATE_KEY_CODES:
-                retry.append(op)
-            elif code in TRANSIENT_CODES or code in ENVIRONMENT_CODES:
-                transient = err
-            else:
-                rejections.append(op.reject(f"{_clip(str(err.get('errmsg')))} (code {code})"))
-        if transient is not None or any(exc.has_error_label(x) for x in TRANSIENT_LABELS):
-            err = transient or {}
-            raise StoreUnavailable(f"MongoDB: {err.get('errmsg', exc)} "
-                                   f"(code {err.get('code')})") from exc
-        return retry
 
     # ------------------------------------------------------------------ reads
 
@@ -648,7 +413,7 @@ class MongoStore:
             except ConnectionFailure as exc:
                 raise StoreUnavailable(f"MongoDB is unreachable: {exc}") from exc
             except OperationFailure as exc:
-                raise StoreUnavailable(f"MongoDB: {_message(exc)}") from exc
+                raise StoreUnavailable(f"MongoDB: {mw.message(exc)}") from exc
             finally:
                 await cursor.close()
 
@@ -726,7 +491,7 @@ class MongoStore:
         except ConnectionFailure as exc:
             raise StoreUnavailable(f"MongoDB is unreachable: {exc}") from exc
         except OperationFailure as exc:
-            raise StoreUnavailable(f"MongoDB: {_message(exc)}") from exc
+            raise StoreUnavailable(f"MongoDB: {mw.message(exc)}") from exc
         finally:
             await cursor.close()
 
@@ -776,7 +541,7 @@ class MongoStore:
             rest = bson.decode(await self._download(db, ref["fileId"]),
                                codec_options=self.codec)
             keep = {k: v for k, v in rest.items() if k not in escaped}
-            if len(bson.encode({**stored, **keep})) > MAX_BSON_BYTES:
+            if len(bson.encode({**stored, **keep})) > mw.MAX_BSON_BYTES:
                 raise StoreRejected(f"node {stored['_id']!r}: what remains after stripping "
                                     "does not fit in one document")
             update: Doc = {"$unset": {mc.PAYLOAD_FIELD: ""}}
@@ -839,24 +604,3 @@ def _run_doc(stored: Mapping[str, Any]) -> Doc:
 def _workspace_ok(ws: str) -> bool:
     return 1 <= len(ws) <= 48 and all(ch.isascii() and (ch.isalnum() or ch in "_-")
                                       for ch in ws)
-
-
-def _transient(exc: OperationFailure) -> bool:
-    if exc.code in TRANSIENT_CODES:
-        return True
-    return any(exc.has_error_label(label) for label in TRANSIENT_LABELS)
-
-
-def _code(exc: BaseException) -> int | None:
-    cause = exc.__cause__
-    return cause.code if isinstance(cause, OperationFailure) else None
-
-
-def _message(exc: OperationFailure) -> str:
-    details = exc.details or {}
-    text = details.get("errmsg") or str(exc)
-    return f"{_clip(str(text))} (code {exc.code})"
-
-
-def _clip(text: str, limit: int = 1000) -> str:
-    return text if len(text) <= limit else text[:limit] + "…"
