@@ -30,7 +30,6 @@ from hypothesis import strategies as st
 from mockupdb import MockupDB
 
 from tests.store_conformance import StoreConformance
-from tests.test_queries_conformance import QueryConformance
 from worker import events as ev
 from worker.documents import coalesce, fold, node_key
 from worker.errors import ConfigError, StoreRejected, StoreUnavailable
@@ -1396,15 +1395,6 @@ class TestMongoWireConformance(StoreConformance):
             yield s
         finally:
             await s.close()
-
-
-@pytest.mark.anyio
-class TestMongoWireQueries(QueryConformance):
-    """explain, runs, insights and retention on the MongoDB store, against the emulator."""
-
-    @pytest.fixture
-    def store_url(self, fake: FakeMongo) -> str:
-        return url_of(fake)
 
 
 # --------------------------------------------------------------------------- deploy
