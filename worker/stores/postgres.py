@@ -1,0 +1,598 @@
+"""The PostgreSQL store (asyncpg): the merge of ``worker.documents`` done natively in SQL.
+
+Tables::
+
+    workflow_runs      (workspace_id, run_id) -> workflow_id, status, started_at,
+                       completed_at, trigger_source, doc jsonb
+    workflow_node_runs (workspace_id, run_id, node_id, attempt) -> node_key, type, status,
+                       event_id, started_at, completed_at, doc jsonb
+
+A batch is written in one transaction with one statement per table: the rows travel as
+one JSON array (a single msgspec encode), are expanded by ``jsonb_array_elements`` and
+upserted with ``INSERT ... ON CONFLICT DO UPDATE``. The run merge is written in SQL in
+that statement (the rules of ``RunPatch.merge``, the summary recomputed from the merged
+node index, never incremented); a node row is replaced only by one with a greater
+``(status rank, event_id)``, as in ``NodeDoc.merge``. Rows are written in key order so
+concurrent workers never deadlock on each other.
+
+A run's ``startedAt``/``completedAt`` live in the typed columns only; its ``doc`` holds
+every other field. Node documents are stored whole. jsonb cannot hold U+0000, so a run
+whose documents contain one is returned as a :class:`Rejection` before anything is
+written. jsonb also keeps numbers as ``numeric``: a float comes back with the same value,
+except that floats beyond 2**53 written in exponent form come back as the exact integer
+their decimal form names.
+
+URL options (also accepted as keyword arguments): ``min_size``, ``max_size`` (pool size),
+``command_timeout`` (seconds per statement) and ``connect_timeout`` (seconds); any other
+query parameter is passed on to asyncpg.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any, Final, NoReturn
+
+import asyncpg
+import asyncpg.exceptions as pgx
+
+from ..documents import NodeDoc, RunPatch, WriteBatch
+from ..errors import ConfigError, StoreRejected, StoreUnavailable
+from . import _sql
+from .base import (
+    STRIPPABLE_NODE_FIELDS,
+    STRIPPABLE_RUN_FIELDS,
+    NodeQuery,
+    Rejection,
+    RunQuery,
+    WriteResult,
+    check_strippable,
+)
+
+#: Key of the advisory lock that serialises concurrent migrations.
+_MIGRATE_LOCK: Final = 0x6175_6469_7466_6C74  # "auditflt"
+#: Longest trigger source kept in the indexed column (the full value stays in ``doc``).
+_SOURCE_CHARS: Final = 256
+
+_OPTIONS: Final[dict[str, type]] = {
+    "min_size": int,
+    "max_size": int,
+    "command_timeout": float,
+    "connect_timeout": float,
+}
+
+SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS workflow_runs (
+    workspace_id   text COLLATE "C" NOT NULL,
+    run_id         text COLLATE "C" NOT NULL,
+    workflow_id    text COLLATE "C" NOT NULL,
+    status         text COLLATE "C" NOT NULL,
+    started_at     timestamptz,
+    completed_at   timestamptz,
+    trigger_source text COLLATE "C",
+    doc            jsonb NOT NULL,
+    PRIMARY KEY (workspace_id, run_id)
+);
+CREATE TABLE IF NOT EXISTS workflow_node_runs (
+    workspace_id text COLLATE "C" NOT NULL,
+    run_id       text COLLATE "C" NOT NULL,
+    node_id      text COLLATE "C" NOT NULL,
+    attempt      integer NOT NULL,
+    node_key     text COLLATE "C" NOT NULL,
+    type         text COLLATE "C",
+    status       text COLLATE "C" NOT NULL,
+    event_id     text COLLATE "C" NOT NULL,
+    started_at   timestamptz,
+    completed_at timestamptz,
+    doc          jsonb NOT NULL,
+    PRIMARY KEY (workspace_id, run_id, node_id, attempt)
+);
+-- recent runs by workflow
+CREATE INDEX IF NOT EXISTS workflow_runs_workflow_idx
+    ON workflow_runs (workspace_id, workflow_id, started_at DESC);
+-- failed runs (runs by status)
+CREATE INDEX IF NOT EXISTS workflow_runs_status_idx
+    ON workflow_runs (workspace_id, status, started_at DESC);
+-- runs by trigger source
+CREATE INDEX IF NOT EXISTS workflow_runs_trigger_idx
+    ON workflow_runs (workspace_id, trigger_source, started_at DESC);
+-- recent runs of a workspace (list_runs without filters, retention)
+CREATE INDEX IF NOT EXISTS workflow_runs_started_idx
+    ON workflow_runs (workspace_id, started_at DESC);
+-- nodes by run: served by the primary key (workspace_id, run_id, node_id, attempt)
+-- AI nodes over time (nodes by type)
+CREATE INDEX IF NOT EXISTS workflow_node_runs_type_idx
+    ON workflow_node_runs (workspace_id, type, started_at DESC);
+-- node traces by time (insights, retention)
+CREATE INDEX IF NOT EXISTS workflow_node_runs_started_idx
+    ON workflow_node_runs (workspace_id, started_at);
+
+CREATE OR REPLACE FUNCTION audit_status_rank(s text) RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE s WHEN 'running' THEN 0 WHEN 'completed' THEN 1 WHEN 'failed' THEN 3 ELSE 2 END
+$$;
+
+CREATE OR REPLACE FUNCTION audit_pick_status(a text, b text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE
+        WHEN a IS NULL THEN b
+        WHEN b IS NULL THEN a
+        WHEN audit_status_rank(b) > audit_status_rank(a) THEN b
+        WHEN audit_status_rank(b) = audit_status_rank(a) AND b COLLATE "C" > a THEN b
+        ELSE a
+    END
+$$;
+"""
+
+#: Top-level run fields with a merge rule of their own; the rest are extras (first wins).
+_KNOWN: Final = ("'{workspaceId,runId,workflowId,status,startedAt,completedAt,trigger,"
+                 "totalDuration,error,summary,nodeIndex,eventIds}'::text[]")
+
+#: nodeIndex merged per key (``s.a`` stored, ``s.b`` incoming): an incoming entry replaces
+#: the stored one only if it is new or its status ranks strictly higher.
+_MERGED_INDEX: Final = """
+    COALESCE(s.a->'nodeIndex', '{}') || COALESCE((
+        SELECT jsonb_object_agg(y.key, y.value)
+        FROM jsonb_each(s.b->'nodeIndex') AS y
+        WHERE s.a #> ARRAY['nodeIndex', y.key] IS NULL
+           OR audit_status_rank(y.value->>'status')
+              > audit_status_rank(s.a #>> ARRAY['nodeIndex', y.key, 'status'])
+    ), '{}')"""
+
+#: The summary, derived from the merged index ``m.idx`` (never incremented).
+_SUMMARY: Final = """(
+    SELECT jsonb_build_object(
+        'nodesExecuted', count(DISTINCT e.value->>'nodeId'),
+        'nodeExecutions', count(*),
+        'aiCallsMade', count(*) FILTER (WHERE e.value->>'type' = 'ai'),
+        'actionsPerformed', COALESCE((
+            SELECT jsonb_agg(x.name ORDER BY x.name)
+            FROM (SELECT DISTINCT jsonb_array_elements_text(i.value->'actions') COLLATE "C"
+                      AS name
+                  FROM jsonb_each(m.idx) AS i) AS x
+        ), '[]'),
+        'totalTokens', COALESCE(sum((e.value->>'tokens')::numeric), 0),
+        'failedNodes', count(*) FILTER (WHERE e.value->>'status' = 'failed'))
+    FROM jsonb_each(m.idx) AS e)"""
+
+#: ``RunPatch.merge`` of the stored document ``s.a`` (which wins ties) and the incoming
+#: ``s.b``. ``|| '{}'`` detoasts each document once (rather than at every reference), and
+#: ``OFFSET 0`` keeps ``s`` and ``m`` subqueries, so each is computed once per row.
+_MERGED_DOC: Final = f"""(
+    SELECT (s.b - {_KNOWN}) || (s.a - {_KNOWN}) || jsonb_build_object(
+        'workspaceId', s.a->'workspaceId',
+        'runId', s.a->'runId',
+        'workflowId', COALESCE(s.a->'workflowId', s.b->'workflowId'),
+        'status', audit_pick_status(s.a->>'status', s.b->>'status'),
+        'trigger', COALESCE(NULLIF(s.a->'trigger', 'null'), s.b->'trigger', 'null'),
+        'totalDuration', CASE
+            WHEN NULLIF(s.a->'totalDuration', 'null') IS NULL
+                 OR (s.b->>'totalDuration')::numeric > (s.a->>'totalDuration')::numeric
+            THEN COALESCE(s.b->'totalDuration', 'null')
+            ELSE s.a->'totalDuration' END,
+        'error', COALESCE(NULLIF(s.a->'error', 'null'), s.b->'error', 'null'),
+        'nodeIndex', m.idx,
+        'summary', {_SUMMARY},
+        'eventIds', COALESCE((
+            SELECT jsonb_agg(u.id ORDER BY u.id)
+            FROM (SELECT jsonb_array_elements_text(s.a->'eventIds') COLLATE "C" AS id
+                  UNION
+                  SELECT jsonb_array_elements_text(s.b->'eventIds')) AS u
+        ), '[]'))
+    FROM (SELECT r.doc || '{{}}' AS a, EXCLUDED.doc || '{{}}' AS b OFFSET 0) AS s,
+         LATERAL (SELECT {_MERGED_INDEX} AS idx OFFSET 0) AS m)"""
+
+# The merge is written out in the statement (not in SQL functions) so that it is planned
+# once per prepared statement: nested SQL functions would be re-planned for every row.
+_UPSERT_RUNS: Final = f"""
+INSERT INTO workflow_runs AS r
+    (workspace_id, run_id, workflow_id, status, started_at, completed_at, trigger_source, doc)
+SELECT d->>'workspaceId', d->>'runId', d->>'workflowId', d->>'status',
+       (d->>'startedAt')::timestamptz, (d->>'completedAt')::timestamptz,
+       left(d->'trigger'->>'source', {_SOURCE_CHARS}),
+       d - '{{startedAt,completedAt}}'::text[]
+FROM jsonb_array_elements($1::text::jsonb) AS d
+ON CONFLICT (workspace_id, run_id) DO UPDATE SET
+    status = audit_pick_status(r.status, EXCLUDED.status),
+    started_at = LEAST(r.started_at, EXCLUDED.started_at),
+    completed_at = GREATEST(r.completed_at, EXCLUDED.completed_at),
+    trigger_source = CASE WHEN NULLIF(r.doc->'trigger', 'null') IS NULL
+                          THEN EXCLUDED.trigger_source ELSE r.trigger_source END,
+    doc = {_MERGED_DOC}
+"""
+
+_UPSERT_NODES: Final = """
+INSERT INTO workflow_node_runs AS n
+    (workspace_id, run_id, node_id, attempt, node_key, type, status, event_id,
+     started_at, completed_at, doc)
+SELECT d->>'workspaceId', d->>'runId', d->>'nodeId', (d->>'attempt')::integer,
+       d->>'nodeKey', d->>'type', d->>'status', d->>'eventId',
+       (d->>'startedAt')::timestamptz, (d->>'completedAt')::timestamptz, d
+FROM jsonb_array_elements($1::text::jsonb) AS d
+ON CONFLICT (workspace_id, run_id, node_id, attempt) DO UPDATE SET
+    node_key = EXCLUDED.node_key,
+    type = EXCLUDED.type,
+    status = EXCLUDED.status,
+    event_id = EXCLUDED.event_id,
+    started_at = EXCLUDED.started_at,
+    completed_at = EXCLUDED.completed_at,
+    doc = EXCLUDED.doc
+WHERE (audit_status_rank(EXCLUDED.status), EXCLUDED.event_id)
+    > (audit_status_rank(n.status), n.event_id)
+"""
+
+_RUN_COLUMNS: Final = "started_at, completed_at, doc::text"
+
+_WORKSPACES: Final = """
+WITH RECURSIVE w(id) AS (
+    (SELECT workspace_id FROM workflow_runs ORDER BY workspace_id LIMIT 1)
+    UNION ALL
+    SELECT (SELECT workspace_id FROM workflow_runs WHERE workspace_id > w.id
+            ORDER BY workspace_id LIMIT 1)
+    FROM w WHERE w.id IS NOT NULL
+)
+SELECT id FROM w WHERE id IS NOT NULL
+"""
+
+#: SQLSTATE classes that blame the data written: retrying cannot succeed.
+_PERMANENT: Final = (
+    pgx.DataError,                          # 22: bad value, U+0000, out of range
+    pgx.IntegrityConstraintViolationError,  # 23
+    pgx.ProgramLimitExceededError,          # 54: row or index entry too big, nesting
+)
+
+
+def translate(exc: BaseException) -> StoreUnavailable | StoreRejected | None:
+    """The store error an asyncpg or network failure stands for (None: not ours)."""
+    if isinstance(exc, _PERMANENT):
+        return StoreRejected(f"PostgreSQL refused the write: {exc}")
+    if isinstance(exc, pgx.PostgresError):
+        # Connection failures (08), deadlocks and serialization failures (40), too many
+        # connections (53), shutdowns, "cannot connect now" and statement timeouts (57);
+        # and anything else the server reports (a dropped table, a missing privilege) is
+        # not the data's fault either: keep the entries pending and retry rather than
+        # dead-letter events that a fixed database would accept.
+        return StoreUnavailable(f"PostgreSQL: {type(exc).__name__}: {exc}")
+    if isinstance(exc, OSError | builtins.TimeoutError | pgx.InterfaceError
+                  | pgx.InternalClientError):
+        return StoreUnavailable(f"PostgreSQL unreachable: {type(exc).__name__}: {exc}")
+    return None
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:
+        mapped = translate(exc)
+        if mapped is None:
+            raise
+        raise mapped from exc
+
+
+def _raise(exc: StoreUnavailable | StoreRejected, cause: BaseException) -> NoReturn:
+    raise exc from cause
+
+
+class PostgresStore:
+    """Audit store on PostgreSQL 13+ through an asyncpg connection pool."""
+
+    name = "postgresql"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        min_size: int | None = None,
+        max_size: int | None = None,
+        command_timeout: float | None = None,
+        connect_timeout: float | None = None,
+    ) -> None:
+        dsn, options = _sql.pop_options(url, _OPTIONS)
+        self.dsn = dsn
+        self.min_size = min_size if min_size is not None else options.get("min_size", 1)
+        self.max_size = max_size if max_size is not None else options.get("max_size", 10)
+        self.command_timeout = (command_timeout if command_timeout is not None
+                                else options.get("command_timeout", 60.0))
+        self.connect_timeout = (connect_timeout if connect_timeout is not None
+                                else options.get("connect_timeout", 10.0))
+        if not 0 <= self.min_size <= self.max_size or self.max_size < 1:
+            raise ConfigError(
+                f"PostgreSQL pool needs 0 <= min_size <= max_size and max_size >= 1, got "
+                f"min_size={self.min_size} max_size={self.max_size}"
+            )
+        if self.command_timeout <= 0 or self.connect_timeout <= 0:
+            raise ConfigError("PostgreSQL command_timeout and connect_timeout must be > 0")
+        self._pool: asyncpg.Pool | None = None
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({_sql.redact(self.dsn)!r})"
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise StoreUnavailable("the PostgreSQL store is not open")
+        return self._pool
+
+    async def open(self) -> None:
+        if self._pool is None:
+            with _errors():
+                self._pool = await asyncpg.create_pool(
+                    self.dsn,
+                    min_size=self.min_size,
+                    max_size=self.max_size,
+                    command_timeout=self.command_timeout,
+                    timeout=self.connect_timeout,
+                    server_settings={"application_name": "audit-fleet", "jit": "off"},
+                )
+        await self.migrate()
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await pool.close()
+            except Exception:
+                pool.terminate()
+
+    async def migrate(self) -> None:
+        with _errors():
+            async with self.pool.acquire() as conn, conn.transaction():
+                # Several workers may start at once: CREATE ... IF NOT EXISTS is not safe
+                # against itself, so migrations take turns.
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATE_LOCK)
+                await conn.execute(SCHEMA)
+
+    async def ping(self) -> None:
+        with _errors():
+            await self.pool.fetchval("SELECT 1", timeout=self.connect_timeout)
+
+    async def write(self, batch: WriteBatch) -> WriteResult:
+        runs = _sql.sorted_runs(batch)
+        nodes = _sql.sorted_nodes(batch)
+        runs_json = _sql.encode_json([run.to_doc() for run in runs])
+        nodes_json = _sql.encode_json([node.doc for node in nodes])
+        rejected: tuple[Rejection, ...] = ()
+        if _sql.has_nul(runs_json) or _sql.has_nul(nodes_json):
+            runs, nodes, rejected = _reject_nul(runs, nodes)
+            runs_json = _sql.encode_json([run.to_doc() for run in runs])
+            nodes_json = _sql.encode_json([node.doc for node in nodes])
+        if not runs and not nodes:
+            return WriteResult(rejected)
+        with _errors():
+            async with self.pool.acquire() as conn, conn.transaction():
+                if runs:
+                    await conn.execute(_UPSERT_RUNS, runs_json.decode())
+                if nodes:
+                    await conn.execute(_UPSERT_NODES, nodes_json.decode())
+        return WriteResult(rejected)
+
+    async def get_run(self, workspace: str, run_id: str) -> dict[str, Any] | None:
+        with _errors():
+            row = await self.pool.fetchrow(
+                f"SELECT {_RUN_COLUMNS} FROM workflow_runs"
+                " WHERE workspace_id = $1 AND run_id = $2",
+                workspace, run_id,
+            )
+        return None if row is None else _run_doc(row)
+
+    async def get_nodes(self, workspace: str, run_id: str) -> list[dict[str, Any]]:
+        with _errors():
+            rows = await self.pool.fetch(
+                "SELECT doc::text FROM workflow_node_runs"
+                " WHERE workspace_id = $1 AND run_id = $2"
+                " ORDER BY started_at NULLS LAST, attempt, node_id",
+                workspace, run_id,
+            )
+        return [_node_doc(row[0]) for row in rows]
+
+    async def list_runs(self, workspace: str, query: RunQuery) -> list[dict[str, Any]]:
+        where = ["workspace_id = $1"]
+        args: list[Any] = [workspace]
+
+        def arg(value: Any) -> str:
+            args.append(value)
+            return f"${len(args)}"
+
+        if query.workflow_id is not None:
+            where.append(f"workflow_id = {arg(query.workflow_id)}")
+        if query.status is not None:
+            where.append(f"status = {arg(query.status)}")
+        if query.trigger_source is not None:
+            source = arg(query.trigger_source)
+            where.append(f"trigger_source = left({source}, {_SOURCE_CHARS})"
+                         f" AND doc->'trigger'->>'source' = {source}")
+        if query.since is not None:
+            where.append(f"started_at >= {arg(_sql.utc(query.since))}")
+        if query.until is not None:
+            where.append(f"started_at < {arg(_sql.utc(query.until))}")
+        limit = arg(max(0, query.limit))
+        sql = (f"SELECT {_RUN_COLUMNS} FROM workflow_runs WHERE {' AND '.join(where)}"
+               f" ORDER BY started_at DESC NULLS LAST, run_id LIMIT {limit}")
+        with _errors():
+            rows = await self.pool.fetch(sql, *args)
+        return [_run_doc(row) for row in rows]
+
+    async def scan_nodes(self, workspace: str, query: NodeQuery) -> AsyncIterator[dict[str, Any]]:
+        where = ["workspace_id = $1"]
+        args: list[Any] = [workspace]
+
+        def arg(value: Any) -> str:
+            args.append(value)
+            return f"${len(args)}"
+
+        if query.types:
+            where.append(f"type = ANY({arg(list(query.types))}::text[])")
+        if query.run_ids:
+            where.append(f"run_id = ANY({arg(list(query.run_ids))}::text[])")
+        if query.since is not None:
+            where.append(f"started_at >= {arg(_sql.utc(query.since))}")
+        if query.until is not None:
+            where.append(f"started_at < {arg(_sql.utc(query.until))}")
+        if query.fields:
+            keys = arg(sorted(set(query.fields)))
+            column = (f"(SELECT COALESCE(jsonb_object_agg(key, value), '{{}}') FROM"
+                      f" jsonb_each(doc) WHERE key = ANY({keys}::text[]))::text")
+        else:
+            column = "doc::text"
+        sql = (f"SELECT {column} FROM workflow_node_runs WHERE {' AND '.join(where)}"
+               " ORDER BY started_at, run_id, node_id, attempt")
+        async for row in self._stream(sql, args):
+            yield _node_doc(row[0])
+
+    async def _stream(self, sql: str, args: Sequence[Any]) -> AsyncIterator[asyncpg.Record]:
+        """Rows of a query through a server-side cursor, a page at a time."""
+        try:
+            async with self.pool.acquire() as conn, conn.transaction(readonly=True):
+                async for row in conn.cursor(sql, *args, prefetch=500):
+                    yield row
+        except Exception as exc:
+            mapped = translate(exc)
+            if mapped is None:
+                raise
+            _raise(mapped, exc)
+
+    async def workspaces(self) -> list[str]:
+        with _errors():
+            rows = await self.pool.fetch(_WORKSPACES)
+        return [row[0] for row in rows]
+
+    async def delete_runs(self, workspace: str, run_ids: Sequence[str]) -> int:
+        ids = sorted(set(run_ids))
+        if not ids:
+            return 0
+        with _errors():
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute(
+                    "DELETE FROM workflow_node_runs"
+                    " WHERE workspace_id = $1 AND run_id = ANY($2::text[])",
+                    workspace, ids,
+                )
+                deleted = await conn.fetchval(
+                    "WITH d AS (DELETE FROM workflow_runs"
+                    " WHERE workspace_id = $1 AND run_id = ANY($2::text[]) RETURNING 1)"
+                    " SELECT count(*) FROM d",
+                    workspace, ids,
+                )
+        return int(deleted)
+
+    # -- retention (worker.retention) ----------------------------------------------------
+
+    def scan_runs(self, workspace: str, before: datetime) -> AsyncIterator[dict[str, Any]]:
+        """Runs that completed (or, never completed, started) before ``before``."""
+        sql = (f"SELECT {_RUN_COLUMNS} FROM workflow_runs WHERE workspace_id = $1"
+               " AND COALESCE(completed_at, started_at) < $2"
+               " ORDER BY started_at NULLS FIRST, run_id")
+        return _map(_run_doc, self._stream(sql, [workspace, _sql.utc(before)]))
+
+    async def delete_nodes(self, workspace: str, keys: Sequence[tuple[str, str]]) -> int:
+        """Delete node documents by ``(runId, nodeKey)``; returns how many went."""
+        run_ids, node_keys = _key_columns(keys)
+        if not run_ids:
+            return 0
+        with _errors():
+            deleted = await self.pool.fetchval(
+                "WITH d AS (DELETE FROM workflow_node_runs AS n"
+                " USING unnest($2::text[], $3::text[]) AS k(run_id, node_key)"
+                " WHERE n.workspace_id = $1 AND n.run_id = k.run_id"
+                " AND n.node_key = k.node_key RETURNING 1)"
+                " SELECT count(*) FROM d",
+                workspace, run_ids, node_keys,
+            )
+        return int(deleted)
+
+    async def strip_node_fields(self, workspace: str, keys: Sequence[tuple[str, str]],
+                                fields: Sequence[str]) -> int:
+        """Remove ``fields`` from node documents holding a value in any of them."""
+        names = list(check_strippable(fields, STRIPPABLE_NODE_FIELDS))
+        run_ids, node_keys = _key_columns(keys)
+        if not run_ids:
+            return 0
+        with _errors():
+            changed = await self.pool.fetchval(
+                "WITH d AS (UPDATE workflow_node_runs AS n SET doc = n.doc - $4::text[]"
+                " FROM unnest($2::text[], $3::text[]) AS k(run_id, node_key)"
+                " WHERE n.workspace_id = $1 AND n.run_id = k.run_id"
+                " AND n.node_key = k.node_key AND EXISTS (SELECT 1 FROM unnest($4::text[]) AS f"
+                " WHERE NULLIF(n.doc->f, 'null') IS NOT NULL) RETURNING 1)"
+                " SELECT count(*) FROM d",
+                workspace, run_ids, node_keys, names,
+            )
+        return int(changed)
+
+    async def strip_run_fields(self, workspace: str, run_ids: Sequence[str],
+                               fields: Sequence[str]) -> int:
+        """Set ``fields`` of run documents to null where they hold a value."""
+        names = list(check_strippable(fields, STRIPPABLE_RUN_FIELDS))
+        ids = sorted(set(run_ids))
+        if not ids:
+            return 0
+        with _errors():
+            changed = await self.pool.fetchval(
+                "WITH d AS (UPDATE workflow_runs AS r SET doc = r.doc"
+                " || (SELECT jsonb_object_agg(f, 'null'::jsonb) FROM unnest($3::text[]) AS f)"
+                " WHERE r.workspace_id = $1 AND r.run_id = ANY($2::text[])"
+                " AND EXISTS (SELECT 1 FROM unnest($3::text[]) AS f"
+                " WHERE NULLIF(r.doc->f, 'null') IS NOT NULL) RETURNING 1)"
+                " SELECT count(*) FROM d",
+                workspace, ids, names,
+            )
+        return int(changed)
+
+
+async def _map(fn: Callable[[asyncpg.Record], dict[str, Any]],
+               rows: AsyncIterator[asyncpg.Record]) -> AsyncIterator[dict[str, Any]]:
+    async for row in rows:
+        yield fn(row)
+
+
+def _key_columns(keys: Sequence[tuple[str, str]]) -> tuple[list[str], list[str]]:
+    pairs = sorted(set(keys))
+    return [run_id for run_id, _ in pairs], [key for _, key in pairs]
+
+
+def _run_doc(row: asyncpg.Record) -> dict[str, Any]:
+    doc: dict[str, Any] = _sql.decode_json(row[2])
+    doc["startedAt"] = row[0]
+    doc["completedAt"] = row[1]
+    return doc
+
+
+def _node_doc(text: str) -> dict[str, Any]:
+    return _sql.revive_times(_sql.decode_json(text))
+
+
+def _reject_nul(
+    runs: list[RunPatch], nodes: list[NodeDoc]
+) -> tuple[list[RunPatch], list[NodeDoc], tuple[Rejection, ...]]:
+    """Split off the runs whose documents hold U+0000, which jsonb cannot store."""
+    by_run = _sql.nodes_by_run(nodes)
+    bad: dict[tuple[str, str], list[str]] = {}
+    for run in runs:
+        run_nodes = by_run.get(run.key, [])
+        if _sql.has_nul(_sql.encode_json(run.to_doc())) or any(
+            _sql.has_nul(_sql.encode_json(node.doc)) for node in run_nodes
+        ):
+            sources = list(run.sources)
+            for node in run_nodes:
+                sources.extend(node.sources)
+            bad[run.key] = sources
+    run_keys = {run.key for run in runs}
+    for key, run_nodes in by_run.items():  # nodes whose run patch is not in the batch
+        if key not in run_keys and any(
+            _sql.has_nul(_sql.encode_json(node.doc)) for node in run_nodes
+        ):
+            bad[key] = [s for node in run_nodes for s in node.sources]
+    rejections = tuple(
+        Rejection(
+            tuple(sorted(set(sources))),
+            f"run {key[1]!r} of workspace {key[0]!r} contains U+0000 (NUL), which "
+            "PostgreSQL cannot store in jsonb",
+        )
+        for key, sources in sorted(bad.items())
+    )
+    return ([r for r in runs if r.key not in bad],
+            [n for n in nodes if (n.workspace_id, n.run_id) not in bad],
+            rejections)
