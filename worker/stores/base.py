@@ -115,6 +115,25 @@ class Store(Protocol):
     async def delete_runs(self, workspace: str, run_ids: Sequence[str]) -> int:
         """Delete runs and all their node documents; returns runs deleted."""
 
+    # -- retention (worker.retention) ------------------------------------------------------
+
+    def scan_runs(self, workspace: str, before: datetime) -> AsyncIterator[dict[str, Any]]:
+        """Stream run documents whose ``completedAt`` (``startedAt`` if the run never
+        completed) is before ``before``, in no particular order (retention candidates)."""
+
+    async def delete_nodes(self, workspace: str, keys: Sequence[tuple[str, str]]) -> int:
+        """Delete node documents by ``(runId, nodeKey)``, keeping their runs; returns count."""
+
+    async def strip_node_fields(self, workspace: str, keys: Sequence[tuple[str, str]],
+                                fields: Sequence[str]) -> int:
+        """Remove top-level ``fields`` (of :data:`STRIPPABLE_NODE_FIELDS`) from the node
+        documents ``(runId, nodeKey)``; returns how many held one of them."""
+
+    async def strip_run_fields(self, workspace: str, run_ids: Sequence[str],
+                               fields: Sequence[str]) -> int:
+        """Set ``fields`` (of :data:`STRIPPABLE_RUN_FIELDS`) to null in run documents;
+        returns how many held a value."""
+
 
 def open_store(url: str, **options: Any) -> Store:
     """The store a URL names (not yet opened)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
 from typing import Any
 
 from ..documents import WriteBatch
@@ -52,4 +53,19 @@ class NullStore:
         return []
 
     async def delete_runs(self, workspace: str, run_ids: Sequence[str]) -> int:
+        return 0
+
+    async def scan_runs(self, workspace: str, before: datetime) -> AsyncIterator[dict[str, Any]]:
+        return
+        yield
+
+    async def delete_nodes(self, workspace: str, keys: Sequence[tuple[str, str]]) -> int:
+        return 0
+
+    async def strip_node_fields(self, workspace: str, keys: Sequence[tuple[str, str]],
+                                fields: Sequence[str]) -> int:
+        return 0
+
+    async def strip_run_fields(self, workspace: str, run_ids: Sequence[str],
+                               fields: Sequence[str]) -> int:
         return 0
