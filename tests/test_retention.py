@@ -302,8 +302,9 @@ def fixture_wire() -> Any:
 
 @pytest.mark.mongo
 async def test_mongo_retention_operations_send_these_commands(wire: Any) -> None:
-    """scan_runs, delete_nodes and the strip operations send exact, index-friendly commands."""
+    """scan_runs, delete_nodes and the strip operations send exact, guarded commands."""
     from tests import test_store_mongo_wire as mw
+    from worker.stores import _mongo_codec as mc
     from worker.stores.mongo import MongoStore
 
     store = MongoStore(mw.url_of(wire), env={})
@@ -313,33 +314,48 @@ async def test_mongo_retention_operations_send_these_commands(wire: Any) -> None
         nodes = await store.get_nodes("acme", "r1")
         keys = [("r1", n["nodeKey"]) for n in nodes]
         wire.commands.clear()
-        assert [d["runId"] async for d in store.scan_runs("acme", NOW - 30 * DAY)] == ["r1"]
-        (find,) = wire.sent("find")
         bound = NOW - 30 * DAY
-        assert find["$db"] == "audit_acme"
-        assert find["find"] == "workflow_runs"
-        assert find["filter"] == mw._canon({
-            "startedAt": {"$lte": bound}, "_startedAtUs": {"$lt": int(bound.timestamp() * 1e6)},
-            "$or": [{"_completedAtUs": {"$lt": int(bound.timestamp() * 1e6)}},
-                    {"_completedAtUs": None}]})
+        assert [d["runId"] async for d in store.scan_runs("acme", bound)] == ["r1"]
+        finds = wire.sent("find")
+        assert [(f["$db"], f["find"]) for f in finds] == [("audit_acme", "workflow_runs")] * 2
+        assert [f["filter"] for f in finds] == mw._canon([
+            {"completedAt": {"$lte": bound}, "_completedAtUs": {"$lt": mc.micros(bound)}},
+            {"startedAt": {"$lte": bound}, "_startedAtUs": {"$lt": mc.micros(bound)},
+             "completedAt": None}])
+
         wire.commands.clear()
-        wire.fail_next("update", lambda r: bool(r.ok(n=2, nModified=2)))
         assert await store.strip_node_fields("acme", keys[:2], ["output", "input"]) == 2
+        (find,) = wire.sent("find")
+        assert find["filter"] == {"_id": {"$in": sorted(k for _, k in keys[:2])}}
         (update,) = wire.sent("update")
-        (op,) = update["updates"]
         assert update["update"] == "workflow_node_runs"
-        assert op["multi"] is True
-        assert op["q"]["_id"] == {"$in": sorted(k for _, k in keys[:2])}
-        assert op["q"]["$or"] == [{"input": {"$ne": None}}, {"output": {"$ne": None}}]
-        assert op["u"] == {"$unset": {"input": "", "output": ""}}
+        assert update["ordered"] is False
+        assert len(update["updates"]) == 2
+        for op in update["updates"]:
+            assert set(op["q"]) == {"_id", "eventId"}
+            assert not op.get("upsert")
+            (stage,) = op["u"]
+            kept = stage["$replaceWith"]["$literal"]
+            assert "input" not in kept
+            assert "output" not in kept
+            assert kept["nodeKey"] == op["q"]["_id"]
+        stripped = [n for n in await store.get_nodes("acme", "r1")
+                    if n["nodeKey"] in {k for _, k in keys[:2]}]
+        assert all("input" not in n and "output" not in n for n in stripped)
+        assert all(n["nodeId"] for n in stripped)
+        assert await store.strip_node_fields("acme", keys[:2], ["output", "input"]) == 0
+
         wire.commands.clear()
-        wire.fail_next("update", lambda r: bool(r.ok(n=1, nModified=1)))
         assert await store.strip_run_fields("acme", ["r1"], ["error"]) == 1
         (update,) = wire.sent("update")
         assert update["update"] == "workflow_runs"
-        assert update["updates"][0]["u"] == {"$set": {"error": None}}
-        assert update["updates"][0]["q"] == {"_id": {"$in": ["r1"]},
-                                             "$or": [{"error": {"$ne": None}}]}
+        assert update["updates"][0]["q"] == {"_id": "r1"}
+        assert update["updates"][0]["u"] == [{"$set": {"error": {"$literal": None}}}]
+        run = await store.get_run("acme", "r1")
+        assert run is not None
+        assert run["error"] is None
+        assert run["status"] == "failed"
+
         wire.commands.clear()
         assert await store.delete_nodes("acme", keys[:1]) == 1
         delete = wire.sent("delete")[0]

@@ -41,7 +41,7 @@ import bson
 from bson.codec_options import CodecOptions
 from gridfs import AsyncGridFSBucket
 from gridfs.errors import NoFile
-from pymongo import AsyncMongoClient, IndexModel
+from pymongo import AsyncMongoClient, IndexModel, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import (
     ConnectionFailure,
@@ -476,24 +476,31 @@ class MongoStore:
     # ------------------------------------------------------------------ retention
 
     async def scan_runs(self, workspace: str, before: datetime) -> AsyncIterator[Doc]:
-        """Runs whose completedAt (startedAt if never completed) is before ``before``."""
+        """Runs whose completedAt (startedAt if never completed) is before ``before``.
+
+        Two plain range queries on the exact time shadows (completed runs, then runs
+        that never completed), each bounded on the BSON date as well.
+        """
         db = self._read_db(workspace)
         if db is None:
             return
-        bound = mc.micros(before)
-        filt = self._filter(workspace, startedAt={"$lte": mc.floor_ms(before)},
-                            _startedAtUs={"$lt": bound})
-        filt["$or"] = [{"_completedAtUs": {"$lt": bound}}, {"_completedAtUs": None}]
-        cursor = db[mc.RUNS].find(filt, batch_size=500)
-        try:
-            async for stored in cursor:
-                yield _run_doc(stored)
-        except ConnectionFailure as exc:
-            raise StoreUnavailable(f"MongoDB is unreachable: {exc}") from exc
-        except OperationFailure as exc:
-            raise StoreUnavailable(f"MongoDB: {mw.message(exc)}") from exc
-        finally:
-            await cursor.close()
+        bound, day = mc.micros(before), mc.floor_ms(before)
+        passes = [
+            self._filter(workspace, completedAt={"$lte": day}, _completedAtUs={"$lt": bound}),
+            {**self._filter(workspace, startedAt={"$lte": day}, _startedAtUs={"$lt": bound}),
+             "completedAt": None},
+        ]
+        for filt in passes:
+            cursor = db[mc.RUNS].find(filt, batch_size=500)
+            try:
+                async for stored in cursor:
+                    yield _run_doc(stored)
+            except ConnectionFailure as exc:
+                raise StoreUnavailable(f"MongoDB is unreachable: {exc}") from exc
+            except OperationFailure as exc:
+                raise StoreUnavailable(f"MongoDB: {mw.message(exc)}") from exc
+            finally:
+                await cursor.close()
 
     def _node_ids(self, workspace: str, keys: Sequence[tuple[str, str]]) -> list[Any]:
         return [mc.node_id_key(workspace, key, shared=self.shared)
@@ -523,47 +530,59 @@ class MongoStore:
 
     async def strip_node_fields(self, workspace: str, keys: Sequence[tuple[str, str]],
                                 fields: Sequence[str]) -> int:
-        """``$unset`` the fields; a payload stored out of line is folded back inline."""
+        """Remove the fields from node documents holding a value in any of them.
+
+        Each document is replaced by itself without the fields (``$replaceWith`` of a
+        literal, only if its ``eventId`` is still the one read, so a concurrent newer
+        version is never overwritten); a payload stored out of line is folded back.
+        """
         names = check_strippable(fields, STRIPPABLE_NODE_FIELDS)
         db = self._read_db(workspace)
         if db is None or not keys:
             return 0
-        escaped = [mc.escape_key(n, top=True) for n in names]
-        ids = self._node_ids(workspace, keys)
-        present = [{f: {"$ne": None}} for f in escaped]
-        result = await self._call(db[mc.NODES].update_many(
-            {"_id": {"$in": ids}, "$or": present}, {"$unset": dict.fromkeys(escaped, "")}))
-        changed = int(result.modified_count)
-        moved = await self._call(db[mc.NODES].find(
-            {"_id": {"$in": ids}, f"{mc.PAYLOAD_FIELD}.fields": {"$in": escaped}}).to_list())
-        for stored in moved:
-            ref = stored[mc.PAYLOAD_FIELD]
-            rest = bson.decode(await self._download(db, ref["fileId"]),
-                               codec_options=self.codec)
-            keep = {k: v for k, v in rest.items() if k not in escaped}
-            if len(bson.encode({**stored, **keep})) > mw.MAX_BSON_BYTES:
-                raise StoreRejected(f"node {stored['_id']!r}: what remains after stripping "
-                                    "does not fit in one document")
-            update: Doc = {"$unset": {mc.PAYLOAD_FIELD: ""}}
-            if keep:
-                update["$set"] = keep
-            await self._call(db[mc.NODES].update_one({"_id": stored["_id"]}, update))
-            await self._drop_payloads(db, workspace, [str(stored.get("nodeKey"))])
-            changed += 1
-        return changed
+        escaped = {mc.escape_key(n, top=True) for n in names}
+        found = await self._call(db[mc.NODES].find(
+            {"_id": {"$in": self._node_ids(workspace, keys)}}).to_list())
+        ops: list[UpdateOne] = []
+        folded: list[str] = []
+        for stored in found:
+            ref = stored.get(mc.PAYLOAD_FIELD)
+            doc = dict(stored)
+            if isinstance(ref, dict) and escaped & set(ref.get("fields") or ()):
+                rest = bson.decode(await self._download(db, ref["fileId"]),
+                                   codec_options=self.codec)
+                doc = {k: v for k, v in doc.items() if k != mc.PAYLOAD_FIELD} | rest
+                folded.append(str(stored.get("nodeKey")))
+            if all(doc.get(name) is None for name in escaped):
+                continue
+            kept = {k: v for k, v in doc.items() if k not in escaped}
+            if len(bson.encode(kept)) > mw.MAX_BSON_BYTES:
+                raise StoreRejected(f"node {stored.get('nodeKey')!r}: what remains after "
+                                    "stripping does not fit in one document")
+            guard = {"_id": stored["_id"], "eventId": stored.get("eventId")}
+            ops.append(UpdateOne(guard, [{"$replaceWith": mc.lit(kept)}]))
+        if ops:
+            await self._call(db[mc.NODES].bulk_write(ops, ordered=False))
+        if folded:
+            await self._drop_payloads(db, workspace, folded)
+        return len(ops)
 
     async def strip_run_fields(self, workspace: str, run_ids: Sequence[str],
                                fields: Sequence[str]) -> int:
+        """Set the fields of run documents to null where they hold a value."""
         names = check_strippable(fields, STRIPPABLE_RUN_FIELDS)
         db = self._read_db(workspace)
         if db is None or not run_ids:
             return 0
         escaped = [mc.escape_key(n, top=True) for n in names]
         ids = [mc.run_id_key(workspace, r, shared=self.shared) for r in sorted(set(run_ids))]
-        result = await self._call(db[mc.RUNS].update_many(
-            {"_id": {"$in": ids}, "$or": [{f: {"$ne": None}} for f in escaped]},
-            {"$set": dict.fromkeys(escaped)}))
-        return int(result.modified_count)
+        projection = dict.fromkeys(escaped, 1)
+        found = await self._call(db[mc.RUNS].find({"_id": {"$in": ids}}, projection).to_list())
+        ops = [UpdateOne({"_id": d["_id"]}, [{"$set": {f: mc.lit(None) for f in escaped}}])
+               for d in found if any(d.get(f) is not None for f in escaped)]
+        if ops:
+            await self._call(db[mc.RUNS].bulk_write(ops, ordered=False))
+        return len(ops)
 
 # ---------------------------------------------------------------------- helpers
 
