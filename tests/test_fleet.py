@@ -232,7 +232,7 @@ async def test_fleet_loop_polls_beats_and_releases_on_cancel(
     async with anyio.create_task_group() as tg:
         tg.start_soon(fleet_loop, redis_client, s, m)
         with anyio.fail_after(5):
-            while m.fleet.status is None or "fleet" not in m.heartbeats():  # noqa: ASYNC110
+            while m.fleet.status is None or "fleet" not in m.heartbeats():
                 await anyio.sleep(0.02)
         assert await redis_client.get(key) == b"w1"
         tg.cancel_scope.cancel()
