@@ -483,7 +483,11 @@ class FakeMongo:
                     upserted.append({"index": index, "_id": _id})
                 elif new != old:
                     modified += 1
-        reply = {"n": n, "nModified": modified, "upserted": upserted}
+        # A server names upserted documents only when there are some: pymongo's
+        # update_one/update_many read ``upserted[0]`` whenever the field is present.
+        reply: dict[str, Any] = {"n": n, "nModified": modified}
+        if upserted:
+            reply["upserted"] = upserted
         return reply | ({"writeErrors": errors} if errors else {})
 
     def do_insert(self, doc: dict[str, Any]) -> dict[str, Any]:
@@ -1008,7 +1012,7 @@ async def test_oversized_document_rejects_only_its_events(
             return bool(request.ok(**fake.do_update(doc)))
         reply = fake.do_update({**doc, "updates": doc["updates"][:1]})
         return bool(request.ok(n=reply["n"], nModified=reply["nModified"],
-                               upserted=reply["upserted"], writeErrors=[
+                               upserted=reply.get("upserted", []), writeErrors=[
             {"index": 1, "code": 10334, "codeName": "BSONObjectTooLarge", "errmsg": message}]))
 
     fake.fail_next("update", too_large, times=2)
@@ -1318,6 +1322,28 @@ async def test_workspaces_and_delete_runs(fake: FakeMongo, store: MongoStore) ->
     assert await store.get_run("beta", "run-1") is not None
     assert await store.delete_runs("acme", []) == 0
     assert await store.get_run("bad.name", "run-1") is None  # never a database name
+
+
+@pytest.mark.anyio
+async def test_update_reply_names_upserts_only_when_there_are_some(
+    fake: FakeMongo, store: MongoStore
+) -> None:
+    """Like a server, the emulator leaves ``upserted`` out of an update reply that upserted
+    nothing, so the driver's single-statement update_many/update_one work over it."""
+    coll = store.client["audit_acme"]["things"]
+    inserted = await coll.update_one({"_id": "a"}, {"$set": {"x": 1}}, upsert=True)
+    assert inserted.upserted_id == "a"
+    await coll.update_one({"_id": "b"}, {"$set": {"x": 2}}, upsert=True)
+    changed = await coll.update_many({"x": {"$ne": None}}, {"$set": {"y": True}})
+    assert (changed.matched_count, changed.modified_count, changed.upserted_id) == (2, 2, None)
+    nothing = await coll.update_many({"x": 3}, {"$set": {"y": False}})
+    assert (nothing.matched_count, nothing.upserted_id) == (0, None)
+    replies = [fake.do_update({"$db": "audit_acme", "update": "things",
+                               "updates": [{"q": {"_id": "c"}, "u": {"$set": {"x": 3}},
+                                            "upsert": upsert}]}) for upsert in (False, True)]
+    assert replies == [{"n": 0, "nModified": 0},
+                       {"n": 1, "nModified": 0, "upserted": [{"index": 0, "_id": "c"}]}]
+    assert sorted(d["_id"] for d in fake.docs("audit_acme", "things")) == ["a", "b", "c"]
 
 
 # --------------------------------------------------------------------------- setup
