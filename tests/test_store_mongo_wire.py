@@ -1346,6 +1346,47 @@ async def test_update_reply_names_upserts_only_when_there_are_some(
     assert sorted(d["_id"] for d in fake.docs("audit_acme", "things")) == ["a", "b", "c"]
 
 
+@pytest.mark.anyio
+async def test_scan_runs_ages_runs_exactly_like_the_sql_stores(
+    fake: FakeMongo, store: MongoStore
+) -> None:
+    """scan_runs finds a run by completedAt, else startedAt, to the microsecond (what
+    COALESCE(completed_at, started_at) < before finds in SQLite), runs never started too."""
+    from worker.stores.sqlite import SQLiteStore
+
+    decoded = [
+        event("run.started", "d-s", "done", ts=at(0)),
+        event("run.completed", "d-c", "done", ts=at(100.0005)),
+        event("run.completed", "n-c", "no-start", ts=at(50.0004)),
+        event("run.failed", "f-c", "failed-no-start", ts=at(60), error={"type": "Timeout"}),
+        event("run.started", "o-s", "open", ts=at(20.0007)),
+        event("run.started", "l-s", "late", ts=at(-1000)),
+        event("run.completed", "l-c", "late", ts=at(500)),
+        event("node.completed", "x-n", "node-only", ts=at(1), node={"nodeId": "n", "type": "ai"}),
+    ]
+    await store.write(batch_of(decoded))
+    runs, _ = expected(decoded)
+    assert runs[("acme", "no-start")]["startedAt"] is None
+    sqlite = SQLiteStore("sqlite:///:memory:")
+    await sqlite.open()
+    try:
+        await sqlite.write(batch_of(decoded))
+        for seconds in (-2000, 0, 20.0007, 20.0008, 50.0004, 50.0005, 60, 60.000001,
+                        100.0005, 100.0006, 500, 500.000001, 10**6):
+            before = T0 + timedelta(seconds=seconds)
+            want = sorted(run_id for (_, run_id), run in runs.items()
+                          if (aged := run["completedAt"] or run["startedAt"]) is not None
+                          and ev.parse_time(aged) < before)
+            assert sorted([r["runId"] async for r in store.scan_runs("acme", before)]) == want
+            assert sorted([r["runId"] async for r in sqlite.scan_runs("acme", before)]) == want
+    finally:
+        await sqlite.close()
+    everything = [r async for r in store.scan_runs("acme", T0 + timedelta(days=1))]
+    assert sorted(r["runId"] for r in everything) == ["done", "failed-no-start", "late",
+                                                      "no-start", "node-only", "open"]
+    assert [r async for r in store.scan_runs("nobody", T0 + timedelta(days=1))] == []
+
+
 # --------------------------------------------------------------------------- setup
 
 
