@@ -39,7 +39,7 @@ from .errors import InvalidEvent, StoreRejected, StoreUnavailable
 from .events import Decoded, decode
 from .logs import get_logger
 from .metrics import Metrics
-from .redisio import DeadLetter, Entry, ensure_group, entries_from_read, is_nogroup, settle, text
+from .redisio import DeadLetter, Entry, ensure_group, is_nogroup, read_group, settle, text
 from .settings import Settings
 from .stores.base import Store, WriteResult
 
@@ -202,15 +202,13 @@ class Worker:
 
     async def _reader(self, send: ObjectSendStream[Batch]) -> None:
         s = self.settings
-        streams: dict[Any, Any] = {name: ">" for name in s.streams}
         backoff = 0.1
         async with send:
             while not self.stopping:
                 self.beat("reader")
                 try:
-                    response = await self.redis.xreadgroup(
-                        s.group, s.consumer, streams, count=s.batch_size, block=s.block_ms
-                    )
+                    entries = await read_group(self.redis, s.group, s.consumer, s.streams,
+                                               s.batch_size, s.block_ms)
                 except REDIS_TRANSIENT as exc:
                     self.log.warning("redis_unavailable", error=str(exc), retry_in_s=backoff)
                     await self.sleep_or_stop(backoff)
@@ -223,7 +221,6 @@ class Worker:
                     await self.ensure_groups()
                     continue
                 backoff = 0.1
-                entries = entries_from_read(response)
                 if not entries:
                     if s.burst and await self.drained():
                         self.log.info("burst_drained")
