@@ -39,7 +39,7 @@ from tests.reference import (
 )
 from worker import events as ev
 from worker.documents import coalesce, fold, node_key
-from worker.stores.base import NodeQuery, RunQuery, Store, WriteResult
+from worker.stores.base import NodeQuery, NodeVersion, RunQuery, RunVersion, Store, WriteResult
 
 T0 = datetime(2026, 2, 15, 10, 30, tzinfo=UTC)
 Raw = dict[str, Any]
@@ -740,15 +740,16 @@ class StoreConformance:
         assert found["old"] == await store.get_run(ws, "old")
         assert {r["runId"] async for r in ops.scan_runs(ws, completed)} == {"open", "failed"}
 
-        keys = {n["nodeId"]: n["nodeKey"] for n in await store.get_nodes(ws, "old")}
-        assert await ops.delete_nodes(ws, [("old", keys["route"]), ("old", "0" * 32)]) == 1
+        versions = {n["nodeId"]: NodeVersion.of(n) for n in await store.get_nodes(ws, "old")}
+        missing = NodeVersion("old", "0" * 32, "e", "completed")
+        assert await ops.delete_nodes(ws, [versions["route"], missing]) == 1
         assert [n["nodeId"] for n in await store.get_nodes(ws, "old")] == \
             ["source", "classify", "update-crm"]
         run = await store.get_run(ws, "old")
         assert run is not None
         assert run["summary"] == SUMMARY
 
-        named = [("old", keys[name]) for name in ("source", "classify", "update-crm")]
+        named = [versions[name] for name in ("source", "classify", "update-crm")]
         assert await ops.strip_node_fields(ws, named, ["input", "output"]) == 3
         assert await ops.strip_node_fields(ws, named, ["input", "output"]) == 0
         classify = (await store.get_nodes(ws, "old"))[1]
@@ -759,11 +760,75 @@ class StoreConformance:
         with pytest.raises(ValueError, match="cannot strip"):
             await ops.strip_node_fields(ws, named, ["model"])
 
-        assert await ops.strip_run_fields(ws, ["failed", "old"], ["error"]) == 1
+        failed = await store.get_run(ws, "failed")
+        assert failed is not None
+        assert await ops.strip_run_fields(ws, [RunVersion.of(failed), RunVersion.of(run)],
+                                          ["error"]) == 1
         failed = await store.get_run(ws, "failed")
         assert failed is not None
         assert failed["error"] is None
         assert failed["status"] == "failed"
+
+    async def test_retention_operations_skip_documents_changed_since_read(
+            self, store: Store) -> None:
+        """Deletes and strips given the versions read leave every document a late event
+        changed since (a replaced node, a new node, a run event) and do the rest."""
+        ws = new_workspace()
+        raw = [*reference_events(ws, "r"),
+               event(ev.RUN_STARTED, ws, "f", "f0", T0),
+               event(ev.RUN_FAILED, ws, "f", "f1", T0 + timedelta(seconds=9),
+                     error={"type": "Timeout"})]
+        await write(store, raw)
+        run, failed = await store.get_run(ws, "r"), await store.get_run(ws, "f")
+        assert run is not None
+        assert failed is not None
+        read = {n["nodeId"]: n for n in await store.get_nodes(ws, "r")}
+        old = {name: NodeVersion.of(n) for name, n in read.items()}
+        stale_run = RunVersion.of(run, read.values())
+
+        # the same node execution again, same status, later event: only its document changes
+        classify = next(n for n in NODES if n["nodeId"] == "classify")
+        late = event(ev.NODE_COMPLETED, ws, "r", "r:classify:2", T0,
+                     node={**classify, "output": {"intent": "late"}})
+        # a node of the failed run arrives late: its run document changes
+        late_node = event(ev.NODE_COMPLETED, ws, "f", "f2", T0 + timedelta(seconds=5),
+                          node=node("audit", "action", T0 + timedelta(seconds=4),
+                                    T0 + timedelta(seconds=5)))
+        await write(store, [late, late_node])
+        assert await store.get_run(ws, "r") == run  # the run document itself is unchanged
+        assert (await store.get_run(ws, "f") or {}).get("summary") != failed["summary"]
+
+        assert await store.delete_runs(ws, ["r"], expected=[stale_run]) == 0
+        assert await store.strip_run_fields(ws, [RunVersion.of(failed)], ["error"]) == 0
+        assert await store.delete_nodes(ws, [old["classify"]]) == 0
+        assert await store.strip_node_fields(ws, [old["classify"]], ["output"]) == 0
+        now = {n["nodeId"]: n for n in await store.get_nodes(ws, "r")}
+        assert now["classify"]["output"] == {"intent": "late"}
+        assert now["classify"]["eventId"] == "r:classify:2"
+        assert set(now) == set(read)
+        assert (await store.get_run(ws, "f") or {}).get("error") == {"type": "Timeout"}
+
+        # the unchanged documents beside them are changed as asked
+        assert await store.strip_node_fields(ws, [old["source"], old["classify"]],
+                                             ["output"]) == 1
+        assert await store.delete_nodes(ws, [old["route"], old["classify"]]) == 1
+        assert await store.get_run(ws, "r") == run
+
+        # a late run event changes the run document; read again, everything goes
+        await write(store, [event(ev.RUN_COMPLETED, ws, "r", "r:again", T0, status="completed")])
+        fresh = await store.get_run(ws, "r")
+        assert fresh is not None
+        assert fresh["eventIds"] != run["eventIds"]
+        left = await store.get_nodes(ws, "r")
+        assert await store.delete_runs(ws, ["r"], expected=[RunVersion.of(run, left)]) == 0
+        assert await store.delete_runs(ws, ["r"], expected=[]) == 0  # no version: kept
+        assert await store.delete_runs(ws, ["r"], expected=[RunVersion.of(fresh, left)]) == 1
+        assert await store.get_run(ws, "r") is None
+        assert await store.get_nodes(ws, "r") == []
+        failed = await store.get_run(ws, "f")
+        assert failed is not None
+        assert await store.strip_run_fields(ws, [RunVersion.of(failed)], ["error"]) == 1
+        assert (await store.get_run(ws, "f") or {}).get("error") is None
 
     async def test_scan_runs_of_a_run_without_start(self, store: Store) -> None:
         """A run known only from its terminal event ages from its completedAt."""

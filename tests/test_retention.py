@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from tests import reference as ref
@@ -18,9 +20,10 @@ from tests.test_explain import (  # noqa: F401 - fixtures
     write_events,
 )
 from worker import archive as arc
+from worker import events as ev
 from worker import explain, retention
 from worker.errors import ConfigError
-from worker.stores import Store
+from worker.stores import NodeVersion, RunVersion, Store, open_store
 
 pytestmark = pytest.mark.anyio
 
@@ -281,6 +284,253 @@ async def test_cli_plan_table_and_run_needs_an_archive(store: Store, store_url: 
     assert await store.get_run(ws, ref.RUN_ID) is not None
 
 
+# -- late events racing retention -----------------------------------------------------------
+
+@pytest.fixture(name="any_store_url", params=[
+    "sqlite", pytest.param("postgresql", marks=pytest.mark.postgres),
+    pytest.param("mongodb", marks=pytest.mark.mongo)])
+def fixture_any_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh SQLite file, PostgreSQL database or MongoDB (wire emulator)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/audit.db"
+    if request.param == "postgresql":
+        return str(request.getfixturevalue("pg_url"))
+    from tests import test_store_mongo_wire as mw
+
+    return mw.url_of(request.getfixturevalue("wire"))
+
+
+@pytest.fixture(name="any_store")
+async def fixture_any_store(any_store_url: str) -> AsyncIterator[Store]:
+    store = open_store(any_store_url)
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+class LateEvents:
+    """A store whose first ``before`` call is preceded by a write of late events: what a
+    worker merging a delayed or redelivered event does after retention read and archived
+    the run and before it changes hot storage."""
+
+    def __init__(self, inner: Store, before: str, events: list[dict[str, Any]]) -> None:
+        self.inner, self.before, self.events = inner, before, events
+        self.fired = False
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if name != self.before or self.fired:
+            return attr
+
+        async def late_first(*args: Any, **kwargs: Any) -> Any:
+            self.fired = True
+            await write_events(self.inner, self.events)
+            return await attr(*args, **kwargs)
+
+        return late_first
+
+
+def late_event(ws: str, run_id: str, finished: datetime, kind: str) -> dict[str, Any]:
+    """One late event for a run of :func:`run_events` (see :func:`holds_late`)."""
+    iso = lambda d: d.isoformat().replace("+00:00", "Z")  # noqa: E731
+    env = {"v": 1, "workspaceId": ws, "workflowId": "wf", "runId": run_id,
+           "ts": iso(finished)}
+    start = finished - timedelta(seconds=10)
+    if kind == "run event":  # a late run.completed: new eventId, a field not seen before
+        return env | {"eventId": f"{run_id}:late", "type": "run.completed",
+                      "status": "completed", "reviewedBy": "ops"}
+    if kind == "new node":
+        node = {"nodeId": "audit", "type": "action", "actions": ["log.write"],
+                "startedAt": iso(start + timedelta(seconds=7)), "completedAt": iso(finished)}
+    elif kind == "replaced node":  # same execution and status, a greater eventId
+        node = {"nodeId": "classify", "type": "ai", "model": "m",
+                "startedAt": iso(start + timedelta(seconds=1)),
+                "completedAt": iso(start + timedelta(seconds=2)),
+                "input": {"prompt": "late prompt"}, "output": {"confidence": 0.99}}
+    else:  # "replaced failed node": the failed attempt again, a greater eventId
+        node = {"nodeId": "act", "type": "action", "attempt": 1, "status": "failed",
+                "startedAt": iso(start + timedelta(seconds=3)),
+                "completedAt": iso(start + timedelta(seconds=4)),
+                "input": {"payload": "late"},
+                "error": {"type": "Timeout", "message": "slow", "retries": 1}}
+    return env | {"eventId": f"{run_id}:snap:late", "type": "node.completed", "node": node}
+
+
+def holds_late(run: dict[str, Any] | None, nodes: list[dict[str, Any]], kind: str) -> bool:
+    """Whether these documents hold what :func:`late_event` of ``kind`` brought."""
+    by_id = {(n["nodeId"], n["attempt"]): n for n in nodes}
+    if kind == "run event":
+        return run is not None and run.get("reviewedBy") == "ops"
+    if kind == "new node":
+        return ("audit", 1) in by_id
+    if kind == "replaced node":
+        return by_id.get(("classify", 1), {}).get("output") == {"confidence": 0.99}
+    return by_id.get(("act", 1), {}).get("input") == {"payload": "late"}
+
+
+@pytest.mark.parametrize("kind", ["new node", "replaced node", "run event"])
+async def test_a_late_event_before_the_run_delete_keeps_the_run_until_archived(
+        any_store: Store, tmp_path: Path, kind: str) -> None:
+    """A late event merged after an expired run was read and archived, just before its
+    delete, keeps the run in hot storage; the next pass archives it too, then deletes."""
+    ws = workspace_name()
+    finished = NOW - 100 * DAY
+    await write_events(any_store, run_events(ws, "r1", finished))
+    archive = arc.Archive.at(tmp_path / "a")
+    racing: Any = LateEvents(any_store, "delete_runs", [late_event(ws, "r1", finished, kind)])
+    first = await retention.run_retention(racing, retention.Policy(), now=NOW,
+                                          archive=archive, apply=True, workspaces=[ws])
+    assert racing.fired
+    assert (first[0].runs_deleted, first[0].deferred, len(first[0].segments)) == (0, 1, 1)
+    assert first[0].to_json()["deferred"] == 1
+    assert f"{ws}: 1 changes deferred to the next run" in retention.render(
+        first, applied=True, now=NOW)
+    run, nodes = await _state(any_store, ws, "r1")
+    assert run is not None
+    assert holds_late(run, nodes, kind)
+    found = await arc.read_run(archive, ws, "r1")
+    assert found is not None
+    assert not holds_late(found[0], found[1], kind)  # the archive has the version read
+
+    second = await retention.run_retention(any_store, retention.Policy(), now=NOW,
+                                           archive=archive, apply=True, workspaces=[ws])
+    assert (second[0].runs_deleted, second[0].deferred) == (1, 0)
+    assert second[0].docs_archived >= 1
+    assert await _state(any_store, ws, "r1") == (None, [])
+    found = await arc.read_run(archive, ws, "r1")
+    assert found is not None
+    assert holds_late(found[0], found[1], kind)
+    assert len(found[1]) == 3 + (kind == "new node")
+    assert archive.verify(ws).ok
+
+
+@pytest.mark.parametrize(("before", "kind"), [("delete_nodes", "replaced node"),
+                                              ("strip_node_fields", "replaced failed node")])
+async def test_a_late_node_version_before_its_delete_or_strip_survives(
+        any_store: Store, tmp_path: Path, before: str, kind: str) -> None:
+    """A node document replaced after it was read and archived is neither deleted nor
+    stripped; the next pass archives the new version, then deletes or strips it."""
+    ws = workspace_name()
+    finished = NOW - 40 * DAY
+    await write_events(any_store, run_events(ws, "r1", finished))
+    archive = arc.Archive.at(tmp_path / "a")
+    racing: Any = LateEvents(any_store, before, [late_event(ws, "r1", finished, kind)])
+    first = await retention.run_retention(racing, retention.Policy(), now=NOW,
+                                          archive=archive, apply=True, workspaces=[ws])
+    assert racing.fired
+    assert first[0].deferred == 1
+    run, nodes = await _state(any_store, ws, "r1")
+    assert run is not None
+    assert holds_late(run, nodes, kind)
+    if before == "delete_nodes":  # the others went; act attempt 1 stays for its error
+        assert first[0].nodes_deleted == 1
+        assert sorted((n["nodeId"], n["attempt"]) for n in nodes) == [("act", 1),
+                                                                       ("classify", 1)]
+    else:
+        assert first[0].prompts_stripped == 0
+
+    second = await retention.run_retention(any_store, retention.Policy(), now=NOW,
+                                           archive=archive, apply=True, workspaces=[ws])
+    assert second[0].deferred == 0
+    assert second[0].docs_archived >= 1
+    run, nodes = await _state(any_store, ws, "r1")
+    assert [(n["nodeId"], n["attempt"]) for n in nodes] == [("act", 1)]
+    assert "input" not in nodes[0]
+    assert nodes[0]["error"]["type"] == "Timeout"
+    found = await arc.read_run(archive, ws, "r1")
+    assert found is not None
+    assert holds_late(found[0], found[1], kind)
+    assert archive.verify(ws).ok
+
+
+async def test_a_late_run_event_before_the_error_strip_defers_it(any_store: Store,
+                                                                 tmp_path: Path) -> None:
+    """A run document changed after it was read keeps its error until the next pass has
+    archived the new version."""
+    ws = workspace_name()
+    finished = NOW - 40 * DAY
+    await write_events(any_store, run_events(ws, "r1", finished))
+    policy = retention.Policy(hot=retention.HotDays(run_summaries=300, node_traces=200,
+                                                    prompts=200, error_details=20))
+    archive = arc.Archive.at(tmp_path / "a")
+    racing: Any = LateEvents(any_store, "strip_run_fields",
+                        [late_event(ws, "r1", finished, "run event")])
+    first = await retention.run_retention(racing, policy, now=NOW, archive=archive,
+                                          apply=True, workspaces=[ws])
+    assert racing.fired
+    assert (first[0].errors_stripped, first[0].deferred) == (1, 1)  # the node's error went
+    run = await any_store.get_run(ws, "r1")
+    assert run is not None
+    assert run["error"] == {"type": "Gave up"}
+    assert run["reviewedBy"] == "ops"
+
+    second = await retention.run_retention(any_store, policy, now=NOW, archive=archive,
+                                           apply=True, workspaces=[ws])
+    assert (second[0].errors_stripped, second[0].deferred, second[0].docs_archived) == (1, 0, 1)
+    run = await any_store.get_run(ws, "r1")
+    assert run is not None
+    assert run["error"] is None
+    found = await arc.read_run(archive, ws, "r1")
+    assert found is not None
+    assert found[0] is not None
+    assert (found[0]["error"], found[0]["reviewedBy"]) == ({"type": "Gave up"}, "ops")
+
+
+@pytest.mark.postgres
+async def test_postgres_delete_waits_for_a_write_in_flight_then_keeps_the_run(
+        pg_url: str) -> None:
+    """A write that has merged a late node into the run but not committed yet holds the
+    run's row: the compare-and-delete waits for it, then sees the change and keeps all."""
+    import asyncpg
+
+    from worker.documents import coalesce
+    from worker.stores import _sql
+    from worker.stores import postgres as pg
+
+    ws = workspace_name()
+    finished = NOW - 100 * DAY
+    store = open_store(pg_url)
+    await store.open()
+    writer = await asyncpg.connect(pg_url)
+    try:
+        await write_events(store, run_events(ws, "r1", finished))
+        run, nodes = await _state(store, ws, "r1")
+        assert run is not None
+        read = RunVersion.of(run, nodes)
+        late = ev.decode(ev.encode(late_event(ws, "r1", finished, "new node")), max_bytes=1 << 20)
+        batch = coalesce([("0-1", late)])
+        in_flight = writer.transaction()
+        await in_flight.start()
+        await writer.execute(pg._UPSERT_RUNS, _sql.encode_json(
+            [r.to_doc() for r in _sql.sorted_runs(batch)]).decode())
+        await writer.execute(pg._UPSERT_NODES, _sql.encode_json(
+            [n.doc for n in _sql.sorted_nodes(batch)]).decode())
+        deleted: list[int] = []
+
+        async def delete() -> None:
+            deleted.append(await store.delete_runs(ws, ["r1"], expected=[read]))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(delete)
+            with anyio.fail_after(10):
+                while not await writer.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                        " AND datname = current_database()"):
+                    await anyio.sleep(0.01)
+            assert deleted == []  # blocked on the run's row
+            await in_flight.commit()
+        assert deleted == [0]
+        run, nodes = await _state(store, ws, "r1")
+        assert run is not None
+        assert holds_late(run, nodes, "new node")
+        assert len(nodes) == 4
+    finally:
+        await writer.close()
+        await store.close()
+
+
 # -- MongoDB: the exact commands of the retention operations (mockupdb) ----------------------
 
 @pytest.fixture(name="wire")
@@ -312,7 +562,7 @@ async def test_mongo_retention_operations_send_these_commands(wire: Any) -> None
     try:
         await write_events(store, run_events("acme", "r1", NOW - 40 * DAY))
         nodes = await store.get_nodes("acme", "r1")
-        keys = [("r1", n["nodeKey"]) for n in nodes]
+        versions = sorted((NodeVersion.of(n) for n in nodes), key=lambda v: v.node_key)
         wire.commands.clear()
         bound = NOW - 30 * DAY
         assert [d["runId"] async for d in store.scan_runs("acme", bound)] == ["r1"]
@@ -324,15 +574,17 @@ async def test_mongo_retention_operations_send_these_commands(wire: Any) -> None
              "completedAt": None}])
 
         wire.commands.clear()
-        assert await store.strip_node_fields("acme", keys[:2], ["output", "input"]) == 2
+        assert await store.strip_node_fields("acme", versions[:2], ["output", "input"]) == 2
         (find,) = wire.sent("find")
-        assert find["filter"] == {"_id": {"$in": sorted(k for _, k in keys[:2])}}
+        assert find["filter"] == {"$or": [
+            {"_id": v.node_key, "eventId": v.event_id, "status": v.status}
+            for v in versions[:2]]}
         (update,) = wire.sent("update")
         assert update["update"] == "workflow_node_runs"
         assert update["ordered"] is False
         assert len(update["updates"]) == 2
         for op in update["updates"]:
-            assert set(op["q"]) == {"_id", "eventId"}
+            assert set(op["q"]) == {"_id", "eventId", "status"}
             assert not op.get("upsert")
             (stage,) = op["u"]
             kept = stage["$replaceWith"]["$literal"]
@@ -340,16 +592,22 @@ async def test_mongo_retention_operations_send_these_commands(wire: Any) -> None
             assert "output" not in kept
             assert kept["nodeKey"] == op["q"]["_id"]
         stripped = [n for n in await store.get_nodes("acme", "r1")
-                    if n["nodeKey"] in {k for _, k in keys[:2]}]
+                    if n["nodeKey"] in {v.node_key for v in versions[:2]}]
         assert all("input" not in n and "output" not in n for n in stripped)
         assert all(n["nodeId"] for n in stripped)
-        assert await store.strip_node_fields("acme", keys[:2], ["output", "input"]) == 0
+        assert await store.strip_node_fields("acme", versions[:2], ["output", "input"]) == 0
 
+        run = await store.get_run("acme", "r1")
+        assert run is not None
         wire.commands.clear()
-        assert await store.strip_run_fields("acme", ["r1"], ["error"]) == 1
+        assert await store.strip_run_fields("acme", [RunVersion.of(run)], ["error"]) == 1
+        (find,) = wire.sent("find")
+        assert find["filter"] == {"_id": {"$in": ["r1"]}}
         (update,) = wire.sent("update")
         assert update["update"] == "workflow_runs"
-        assert update["updates"][0]["q"] == {"_id": "r1"}
+        guard = update["updates"][0]["q"]
+        assert set(guard) == {"_id", "eventIds", "nodeIndex", "_startedAtUs"}
+        assert (guard["_id"], guard["eventIds"]) == ("r1", ["r1:snap"])
         assert update["updates"][0]["u"] == [{"$set": {"error": {"$literal": None}}}]
         run = await store.get_run("acme", "r1")
         assert run is not None
@@ -357,12 +615,14 @@ async def test_mongo_retention_operations_send_these_commands(wire: Any) -> None
         assert run["status"] == "failed"
 
         wire.commands.clear()
-        assert await store.delete_nodes("acme", keys[:1]) == 1
+        assert await store.delete_nodes("acme", versions[:1]) == 1
         delete = wire.sent("delete")[0]
         assert delete["delete"] == "workflow_node_runs"
-        assert delete["deletes"][0]["q"] == {"_id": {"$in": [keys[0][1]]}}
+        assert delete["deletes"] == [{"q": {"_id": versions[0].node_key,
+                                            "eventId": versions[0].event_id,
+                                            "status": versions[0].status}, "limit": 1}]
         assert len(await store.get_nodes("acme", "r1")) == len(nodes) - 1
         with pytest.raises(ValueError, match="cannot strip"):
-            await store.strip_node_fields("acme", keys, ["nodeId"])
+            await store.strip_node_fields("acme", versions, ["nodeId"])
     finally:
         await store.close()

@@ -24,6 +24,12 @@ already holds it (up to the fields retention strips), and hot data is changed on
 after the segment holding it is committed. A crash at any step leaves the hot copy
 or a verified segment; the next run finishes the job without writing anything twice.
 
+Concurrent writes: the workers keep merging events while retention runs. Hot data is
+changed by compare-and-delete / compare-and-strip against the versions retention read
+and archived (:class:`~worker.stores.RunVersion`, :class:`~worker.stores.NodeVersion`):
+a document a late event changed after it was read is left as it is, counted as
+deferred, and archived and changed by the next run.
+
 The policy is a TOML or JSON file (see docs/retention.md)::
 
     period = "month"            # one segment per workspace and day|month
@@ -62,7 +68,7 @@ from .queries import (
     table,
     utcnow,
 )
-from .stores import NodeQuery, Store
+from .stores import NodeQuery, NodeVersion, RunVersion, Store
 
 CLASSES: Final = ("run_summaries", "node_traces", "prompts", "error_details")
 PROMPT_FIELDS: Final = ("input", "output")
@@ -197,6 +203,18 @@ class RunAction:
     strip_node_errors: list[str] = field(default_factory=list)
     strip_run_error: bool = False
     archive: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    #: The run and node documents as read (and archived): hot changes apply only to
+    #: documents still at these versions.
+    version: RunVersion | None = None
+
+    def run_version(self) -> RunVersion:
+        if self.version is None:
+            raise ValueError(f"run {self.run_id!r}: no version read, so nothing to change")
+        return self.version
+
+    def node_versions(self, keys: Sequence[str]) -> list[NodeVersion]:
+        nodes = {v.node_key: v for v in self.run_version().nodes}
+        return [nodes[key] for key in keys]
 
     @property
     def changes_hot(self) -> bool:
@@ -253,6 +271,9 @@ class WorkspaceReport:
     nodes_deleted: int = 0
     prompts_stripped: int = 0
     errors_stripped: int = 0
+    #: Hot changes skipped because the document changed after it was read (late events):
+    #: the next run archives the new version and makes them.
+    deferred: int = 0
     segments: list[dict[str, Any]] = field(default_factory=list)
     recovered: list[str] = field(default_factory=list)
 
@@ -268,6 +289,7 @@ class WorkspaceReport:
             "nodesDeleted": self.nodes_deleted,
             "promptsStripped": self.prompts_stripped,
             "errorsStripped": self.errors_stripped,
+            "deferred": self.deferred,
             "segments": [{"seq": m.get("seq"), "period": m["period"],
                           "runs": m["counts"]["runs"], "nodes": m["counts"]["nodes"],
                           "sha256": m.get("sha256")} for m in self.segments],
@@ -344,6 +366,7 @@ class Retention:
                                     self.policy.period, catalog)
                     if action is None:
                         continue
+                    action.version = RunVersion.of(run, mine)
                     actions.append(action)
                     self._count(action, report)
                     if spool is not None:
@@ -371,7 +394,7 @@ class Retention:
                 spool.discard()
             raise
         if self.apply:
-            await self._apply(workspace, actions)
+            await self._apply(workspace, actions, report)
 
     def _count(self, action: RunAction, report: WorkspaceReport) -> None:
         report.runs_affected += 1
@@ -382,25 +405,39 @@ class Retention:
         report.prompts_stripped += len(action.strip_prompts)
         report.errors_stripped += len(action.strip_node_errors) + int(action.strip_run_error)
 
-    async def _apply(self, workspace: str, actions: list[RunAction]) -> None:
-        """Change hot storage (only after the period's segment is committed and verified)."""
+    async def _apply(self, workspace: str, actions: list[RunAction],
+                     report: WorkspaceReport) -> None:
+        """Change hot storage (only after the period's segment is committed and verified),
+        each document only while it is still the version read and archived."""
+        store = self.store
+
+        def deferred(wanted: int, done: int) -> int:
+            report.deferred += wanted - done
+            return wanted - done
+
         for start in range(0, len(actions), CHUNK):
             part = actions[start:start + CHUNK]
-            gone = [a.run_id for a in part if a.delete_run]
-            if gone:
-                await self.store.delete_runs(workspace, gone)
-            keys = [(a.run_id, k) for a in part for k in a.delete_nodes]
-            if keys:
-                await self.store.delete_nodes(workspace, keys)
-            keys = [(a.run_id, k) for a in part for k in a.strip_prompts]
-            if keys:
-                await self.store.strip_node_fields(workspace, keys, PROMPT_FIELDS)
-            keys = [(a.run_id, k) for a in part for k in a.strip_node_errors]
-            if keys:
-                await self.store.strip_node_fields(workspace, keys, ERROR_FIELDS)
-            ids = [a.run_id for a in part if a.strip_run_error]
-            if ids:
-                await self.store.strip_run_fields(workspace, ids, ERROR_FIELDS)
+            runs = [a.run_version() for a in part if a.delete_run]
+            if runs:
+                done = await store.delete_runs(workspace, [v.run_id for v in runs],
+                                               expected=runs)
+                report.runs_deleted -= deferred(len(runs), done)
+            nodes = [v for a in part for v in a.node_versions(a.delete_nodes)]
+            if nodes:
+                done = await store.delete_nodes(workspace, nodes)
+                report.nodes_deleted -= deferred(len(nodes), done)
+            nodes = [v for a in part for v in a.node_versions(a.strip_prompts)]
+            if nodes:
+                done = await store.strip_node_fields(workspace, nodes, PROMPT_FIELDS)
+                report.prompts_stripped -= deferred(len(nodes), done)
+            nodes = [v for a in part for v in a.node_versions(a.strip_node_errors)]
+            if nodes:
+                done = await store.strip_node_fields(workspace, nodes, ERROR_FIELDS)
+                report.errors_stripped -= deferred(len(nodes), done)
+            runs = [a.run_version() for a in part if a.strip_run_error]
+            if runs:
+                done = await store.strip_run_fields(workspace, runs, ERROR_FIELDS)
+                report.errors_stripped -= deferred(len(runs), done)
             self._step("hot")
 
 
@@ -435,6 +472,9 @@ def render(reports: Sequence[WorkspaceReport], *, applied: bool, now: datetime) 
                        + ("" if applied else " (to write)"))
         for key in r.recovered:
             out.append(f"  {r.workspace}: removed leftover of an interrupted run: {key}")
+        if r.deferred:
+            out.append(f"  {r.workspace}: {r.deferred} changes deferred to the next run "
+                       "(documents changed after they were read)")
     return "\n".join(out)
 
 

@@ -1,5 +1,15 @@
 """Store backends behind one protocol: MongoDB, PostgreSQL, SQLite and null."""
 
-from .base import NodeQuery, Rejection, RunQuery, Store, WriteResult, open_store
+from .base import (
+    NodeQuery,
+    NodeVersion,
+    Rejection,
+    RunQuery,
+    RunVersion,
+    Store,
+    WriteResult,
+    open_store,
+)
 
-__all__ = ["NodeQuery", "Rejection", "RunQuery", "Store", "WriteResult", "open_store"]
+__all__ = ["NodeQuery", "NodeVersion", "Rejection", "RunQuery", "RunVersion", "Store",
+           "WriteResult", "open_store"]

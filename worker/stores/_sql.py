@@ -10,7 +10,7 @@ else is returned exactly as it was decoded.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -19,6 +19,7 @@ import msgspec
 
 from ..documents import NodeDoc, RunPatch, WriteBatch
 from ..errors import ConfigError
+from .base import NodeVersion, RunVersion
 
 #: Fields of a run or node document that hold times (UTC datetimes in canonical form).
 TIME_FIELDS: Final = ("startedAt", "completedAt")
@@ -78,6 +79,34 @@ def node_order(doc: Mapping[str, Any]) -> tuple[bool, datetime, int, str]:
     missing = not isinstance(started, datetime)
     when = started if isinstance(started, datetime) else datetime.min.replace(tzinfo=UTC)
     return (missing, when, int(doc.get("attempt") or 1), str(doc.get("nodeId")))
+
+
+def wanted_runs(run_ids: Sequence[str], expected: Sequence[RunVersion]) -> dict[str, RunVersion]:
+    """The versions of the runs named, in run ID order (a run without one is not touched)."""
+    versions = {v.run_id: v for v in expected}
+    return {run_id: versions[run_id] for run_id in sorted(set(run_ids)) if run_id in versions}
+
+
+def nodes_unchanged(want: Mapping[str, RunVersion], run_ids: Iterable[str],
+                    rows: Iterable[Sequence[Any]]) -> list[str]:
+    """The runs among ``run_ids`` whose node documents are exactly the versions wanted.
+
+    ``rows`` are the stored ``(run_id, node_key, event_id, status)`` of those runs: a
+    node replaced, added or removed since the versions were read keeps its run.
+    """
+    have: dict[str, set[NodeVersion]] = {}
+    for run_id, node_key, event_id, status in rows:
+        have.setdefault(run_id, set()).add(NodeVersion(run_id, node_key, event_id, status))
+    return [r for r in run_ids if have.get(r, set()) == want[r].nodes]
+
+
+def version_columns(nodes: Iterable[NodeVersion]) -> tuple[list[str], list[str], list[str],
+                                                              list[str]]:
+    """Node versions as four parallel columns (run IDs, node keys, event IDs, statuses),
+    in key order."""
+    rows = sorted(set(nodes), key=lambda v: (v.run_id, v.node_key, v.event_id, v.status))
+    return ([v.run_id for v in rows], [v.node_key for v in rows],
+            [v.event_id for v in rows], [v.status for v in rows])
 
 
 def pop_options(url: str, names: Mapping[str, type]) -> tuple[str, dict[str, Any]]:

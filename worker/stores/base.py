@@ -8,7 +8,7 @@ the shared conformance suite (``tests/store_conformance.py``) checks it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final, Protocol, runtime_checkable
@@ -54,6 +54,41 @@ class NodeQuery:
     types: tuple[str, ...] = ()
     run_ids: tuple[str, ...] = ()
     fields: tuple[str, ...] = field(default=())  # a projection hint; () means everything
+
+
+@dataclass(frozen=True, slots=True)
+class NodeVersion:
+    """A node document as retention read (and archived) it: its key and its version.
+
+    A node document changes only when one of greater ``(status rank, eventId)``
+    replaces it (``worker.documents``), so ``(eventId, status)`` names its version;
+    retention's own stripping keeps it.
+    """
+
+    run_id: str
+    node_key: str
+    event_id: str
+    status: str
+
+    @classmethod
+    def of(cls, doc: Mapping[str, Any]) -> NodeVersion:
+        return cls(str(doc["runId"]), str(doc["nodeKey"]), str(doc["eventId"]),
+                   str(doc["status"]))
+
+
+@dataclass(frozen=True, slots=True)
+class RunVersion:
+    """A run as retention read (and archived) it: the run document exactly as the store
+    returned it, and the versions of all of the run's node documents."""
+
+    run_id: str
+    doc: Mapping[str, Any] = field(hash=False)
+    nodes: frozenset[NodeVersion] = frozenset()
+
+    @classmethod
+    def of(cls, run: Mapping[str, Any], nodes: Iterable[Mapping[str, Any]] = ()) -> RunVersion:
+        return cls(str(run["runId"]), run, frozenset(NodeVersion.of(n) for n in nodes))
+
 
 #: Fields retention may remove from node documents: prompts, responses, error details.
 STRIPPABLE_NODE_FIELDS: Final = frozenset({"input", "output", "error"})
@@ -112,27 +147,38 @@ class Store(Protocol):
     async def workspaces(self) -> list[str]:
         """Workspaces that hold data."""
 
-    async def delete_runs(self, workspace: str, run_ids: Sequence[str]) -> int:
-        """Delete runs and all their node documents; returns runs deleted."""
+    async def delete_runs(self, workspace: str, run_ids: Sequence[str], *,
+                          expected: Sequence[RunVersion] | None = None) -> int:
+        """Delete runs and all their node documents; returns runs deleted.
+
+        With ``expected`` (retention), compare-and-delete: a run goes only if its run
+        document is still exactly ``doc`` and its node documents are still exactly the
+        ``nodes`` versions (none replaced, none added), checked and deleted atomically;
+        a run that changed, or has no version in ``expected``, stays for the next pass.
+        """
 
     # -- retention (worker.retention) ------------------------------------------------------
+    # The destructive operations take the versions retention read (and archived) and
+    # change only documents still at that version: a late event merged in between keeps
+    # its document in hot storage until a later pass has archived it.
 
     def scan_runs(self, workspace: str, before: datetime) -> AsyncIterator[dict[str, Any]]:
         """Stream run documents whose ``completedAt`` (``startedAt`` if the run never
         completed) is before ``before``, in no particular order (retention candidates)."""
 
-    async def delete_nodes(self, workspace: str, keys: Sequence[tuple[str, str]]) -> int:
-        """Delete node documents by ``(runId, nodeKey)``, keeping their runs; returns count."""
+    async def delete_nodes(self, workspace: str, nodes: Sequence[NodeVersion]) -> int:
+        """Delete node documents still at these versions, keeping their runs; returns count."""
 
-    async def strip_node_fields(self, workspace: str, keys: Sequence[tuple[str, str]],
+    async def strip_node_fields(self, workspace: str, nodes: Sequence[NodeVersion],
                                 fields: Sequence[str]) -> int:
         """Remove top-level ``fields`` (of :data:`STRIPPABLE_NODE_FIELDS`) from the node
-        documents ``(runId, nodeKey)``; returns how many held one of them."""
+        documents still at these versions; returns how many held one of them."""
 
-    async def strip_run_fields(self, workspace: str, run_ids: Sequence[str],
+    async def strip_run_fields(self, workspace: str, runs: Sequence[RunVersion],
                                fields: Sequence[str]) -> int:
-        """Set ``fields`` (of :data:`STRIPPABLE_RUN_FIELDS`) to null in run documents;
-        returns how many held a value."""
+        """Set ``fields`` (of :data:`STRIPPABLE_RUN_FIELDS`) to null in the run documents
+        still exactly as in ``runs`` (their nodes are not compared); returns how many held
+        a value."""
 
 
 def open_store(url: str, **options: Any) -> Store:

@@ -41,7 +41,7 @@ import bson
 from bson.codec_options import CodecOptions
 from gridfs import AsyncGridFSBucket
 from gridfs.errors import NoFile
-from pymongo import AsyncMongoClient, IndexModel, UpdateOne
+from pymongo import AsyncMongoClient, DeleteOne, IndexModel, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import (
     ConnectionFailure,
@@ -57,8 +57,10 @@ from .base import (
     STRIPPABLE_NODE_FIELDS,
     STRIPPABLE_RUN_FIELDS,
     NodeQuery,
+    NodeVersion,
     Rejection,
     RunQuery,
+    RunVersion,
     WriteResult,
     check_strippable,
 )
@@ -451,11 +453,14 @@ class MongoStore:
                 out.append(ws)
         return sorted(out)
 
-    async def delete_runs(self, workspace: str, run_ids: Sequence[str]) -> int:
+    async def delete_runs(self, workspace: str, run_ids: Sequence[str], *,
+                          expected: Sequence[RunVersion] | None = None) -> int:
         """Delete node documents, then payload files, then runs (a rerun completes it)."""
         db = self._read_db(workspace)
         if db is None or not run_ids:
             return 0
+        if expected is not None:
+            return await self._delete_unchanged_runs(db, workspace, run_ids, expected)
         ids = list(dict.fromkeys(run_ids))
         await self._call(db[mc.NODES].delete_many(self._filter(workspace,
                                                                runId={"$in": ids})))
@@ -464,14 +469,51 @@ class MongoStore:
         if self.shared:
             meta = {"metadata.workspaceId": workspace, **meta}
         file_ids = [d["_id"] for d in await self._call(files.find(meta, {"_id": 1}).to_list())]
-        if file_ids:
-            chunks = db[f"{mc.PAYLOAD_BUCKET}.chunks"]
-            await self._call(chunks.delete_many({"files_id": {"$in": file_ids}}))
-            await self._call(files.delete_many({"_id": {"$in": file_ids}}))
+        await self._drop_files(db, file_ids)
         keys = [mc.run_id_key(workspace, r, shared=self.shared) for r in ids]
         result = await self._call(db[mc.RUNS].delete_many({"_id": {"$in": keys}}))
         return int(result.deleted_count)
 
+    async def _delete_unchanged_runs(self, db: AsyncDatabase[Doc], workspace: str,
+                                     run_ids: Sequence[str],
+                                     expected: Sequence[RunVersion]) -> int:
+        """Compare-and-delete without a transaction: the runs whose document and node
+        versions are still the ones read lose those node versions (each guarded by its
+        eventId and status), then the run document goes only while the guard of
+        :meth:`_unchanged_runs` still matches. A late write keeps its documents; a run
+        left with fewer nodes is completed by the next pass."""
+        versions = {v.run_id: v for v in expected}
+        found = await self._unchanged_runs(db, workspace, [r for r in run_ids if r in versions],
+                                           versions)
+        if not found:
+            return 0
+        stored = await self._call(db[mc.NODES].find(
+            self._filter(workspace, runId={"$in": sorted(found)}),
+            {"runId": 1, "nodeKey": 1, "eventId": 1, "status": 1}).to_list())
+        have: dict[str, set[NodeVersion]] = {}
+        for d in stored:
+            have.setdefault(str(d["runId"]), set()).add(NodeVersion.of(d))
+        same = [r for r in sorted(found) if have.get(r, set()) == versions[r].nodes]
+        if not same:
+            return 0
+        await self.delete_nodes(workspace, [n for r in same for n in versions[r].nodes])
+        ops = [DeleteOne(found[r]) for r in same]
+        result = await self._call(db[mc.RUNS].bulk_write(ops, ordered=False))
+        return int(result.deleted_count)
+
+    async def _unchanged_runs(self, db: AsyncDatabase[Doc], workspace: str,
+                              run_ids: Sequence[str],
+                              versions: Mapping[str, RunVersion]) -> dict[str, Doc]:
+        """runId -> a guard matching the stored run document, for the runs whose document
+        is still exactly the one read. The guard holds the fields every merge into a run
+        document changes (``eventIds`` for run events; ``nodeIndex`` or the start for node
+        events), so it stops matching when anything is merged in after this read."""
+        ids = [mc.run_id_key(workspace, r, shared=self.shared) for r in sorted(set(run_ids))]
+        if not ids:
+            return {}
+        found = await self._call(db[mc.RUNS].find({"_id": {"$in": ids}}).to_list())
+        return {str(d["runId"]): {"_id": d["_id"], **{k: d.get(k) for k in _RUN_GUARD}}
+                for d in found if _run_doc(d) == versions[str(d["runId"])].doc}
 
     # ------------------------------------------------------------------ retention
 
@@ -502,49 +544,52 @@ class MongoStore:
             finally:
                 await cursor.close()
 
-    def _node_ids(self, workspace: str, keys: Sequence[tuple[str, str]]) -> list[Any]:
-        return [mc.node_id_key(workspace, key, shared=self.shared)
-                for key in sorted({k for _, k in keys})]
+    def _node_guard(self, workspace: str, node: NodeVersion) -> Doc:
+        """A node document still at this version (the merge replaces a node document only
+        by a greater ``(status rank, eventId)``)."""
+        return {"_id": mc.node_id_key(workspace, node.node_key, shared=self.shared),
+                "eventId": node.event_id, "status": node.status}
 
-    async def _drop_payloads(self, db: AsyncDatabase[Doc], workspace: str,
-                             node_keys: Sequence[str]) -> None:
-        files = db[f"{mc.PAYLOAD_BUCKET}.files"]
-        meta: Doc = {"metadata.nodeKey": {"$in": list(node_keys)}}
-        if self.shared:
-            meta = {"metadata.workspaceId": workspace, **meta}
-        file_ids = [d["_id"] for d in await self._call(files.find(meta, {"_id": 1}).to_list())]
+    async def _drop_files(self, db: AsyncDatabase[Doc], file_ids: Sequence[Any]) -> None:
         if file_ids:
             chunks = db[f"{mc.PAYLOAD_BUCKET}.chunks"]
-            await self._call(chunks.delete_many({"files_id": {"$in": file_ids}}))
-            await self._call(files.delete_many({"_id": {"$in": file_ids}}))
+            await self._call(chunks.delete_many({"files_id": {"$in": list(file_ids)}}))
+            files = db[f"{mc.PAYLOAD_BUCKET}.files"]
+            await self._call(files.delete_many({"_id": {"$in": list(file_ids)}}))
 
-    async def delete_nodes(self, workspace: str, keys: Sequence[tuple[str, str]]) -> int:
-        """Delete node documents, then their payload files (a rerun completes it)."""
+    async def delete_nodes(self, workspace: str, nodes: Sequence[NodeVersion]) -> int:
+        """Delete node documents still at these versions, then those versions' payload
+        files (a newer version's file has another id; a rerun completes it)."""
         db = self._read_db(workspace)
-        if db is None or not keys:
+        versions = sorted(set(nodes), key=lambda v: (v.run_id, v.node_key))
+        if db is None or not versions:
             return 0
-        result = await self._call(db[mc.NODES].delete_many(
-            {"_id": {"$in": self._node_ids(workspace, keys)}}))
-        await self._drop_payloads(db, workspace, sorted({k for _, k in keys}))
+        result = await self._call(db[mc.NODES].bulk_write(
+            [DeleteOne(self._node_guard(workspace, v)) for v in versions], ordered=False))
+        await self._drop_files(db, [mc.payload_file_id(workspace, v.node_key, v.event_id)
+                                    for v in versions])
         return int(result.deleted_count)
 
-    async def strip_node_fields(self, workspace: str, keys: Sequence[tuple[str, str]],
+    async def strip_node_fields(self, workspace: str, nodes: Sequence[NodeVersion],
                                 fields: Sequence[str]) -> int:
-        """Remove the fields from node documents holding a value in any of them.
+        """Remove the fields from node documents still at these versions that hold a value
+        in any of them.
 
         Each document is replaced by itself without the fields (``$replaceWith`` of a
-        literal, only if its ``eventId`` is still the one read, so a concurrent newer
-        version is never overwritten); a payload stored out of line is folded back.
+        literal, only if its ``eventId`` and ``status`` are still the version given, so
+        a concurrent newer version is never overwritten); a payload stored out of line
+        is folded back.
         """
         names = check_strippable(fields, STRIPPABLE_NODE_FIELDS)
         db = self._read_db(workspace)
-        if db is None or not keys:
+        if db is None or not nodes:
             return 0
         escaped = {mc.escape_key(n, top=True) for n in names}
-        found = await self._call(db[mc.NODES].find(
-            {"_id": {"$in": self._node_ids(workspace, keys)}}).to_list())
+        guards = [self._node_guard(workspace, v) for v in sorted(
+            set(nodes), key=lambda v: (v.run_id, v.node_key))]
+        found = await self._call(db[mc.NODES].find({"$or": guards}).to_list())
         ops: list[UpdateOne] = []
-        folded: list[str] = []
+        folded: list[Any] = []
         for stored in found:
             ref = stored.get(mc.PAYLOAD_FIELD)
             doc = dict(stored)
@@ -552,39 +597,43 @@ class MongoStore:
                 rest = bson.decode(await self._download(db, ref["fileId"]),
                                    codec_options=self.codec)
                 doc = {k: v for k, v in doc.items() if k != mc.PAYLOAD_FIELD} | rest
-                folded.append(str(stored.get("nodeKey")))
+                folded.append(ref["fileId"])
             if all(doc.get(name) is None for name in escaped):
                 continue
             kept = {k: v for k, v in doc.items() if k not in escaped}
             if len(bson.encode(kept)) > mw.MAX_BSON_BYTES:
                 raise StoreRejected(f"node {stored.get('nodeKey')!r}: what remains after "
                                     "stripping does not fit in one document")
-            guard = {"_id": stored["_id"], "eventId": stored.get("eventId")}
+            guard = {"_id": stored["_id"], "eventId": stored.get("eventId"),
+                     "status": stored.get("status")}
             ops.append(UpdateOne(guard, [{"$replaceWith": mc.lit(kept)}]))
         if ops:
             await self._call(db[mc.NODES].bulk_write(ops, ordered=False))
-        if folded:
-            await self._drop_payloads(db, workspace, folded)
+        await self._drop_files(db, folded)
         return len(ops)
 
-    async def strip_run_fields(self, workspace: str, run_ids: Sequence[str],
+    async def strip_run_fields(self, workspace: str, runs: Sequence[RunVersion],
                                fields: Sequence[str]) -> int:
-        """Set the fields of run documents to null where they hold a value."""
+        """Set the fields of run documents to null where they hold a value, for the runs
+        whose document is still exactly the one read (guarded like :meth:`delete_runs`)."""
         names = check_strippable(fields, STRIPPABLE_RUN_FIELDS)
         db = self._read_db(workspace)
-        if db is None or not run_ids:
+        if db is None or not runs:
             return 0
         escaped = [mc.escape_key(n, top=True) for n in names]
-        ids = [mc.run_id_key(workspace, r, shared=self.shared) for r in sorted(set(run_ids))]
-        projection = dict.fromkeys(escaped, 1)
-        found = await self._call(db[mc.RUNS].find({"_id": {"$in": ids}}, projection).to_list())
-        ops = [UpdateOne({"_id": d["_id"]}, [{"$set": {f: mc.lit(None) for f in escaped}}])
-               for d in found if any(d.get(f) is not None for f in escaped)]
+        versions = {v.run_id: v for v in runs}
+        found = await self._unchanged_runs(db, workspace, list(versions), versions)
+        ops = [UpdateOne(guard, [{"$set": {f: mc.lit(None) for f in escaped}}])
+               for run_id, guard in sorted(found.items())
+               if any(versions[run_id].doc.get(n) is not None for n in names)]
         if ops:
             await self._call(db[mc.RUNS].bulk_write(ops, ordered=False))
         return len(ops)
 
 # ---------------------------------------------------------------------- helpers
+
+#: Stored run fields that change whenever anything is merged into a run document.
+_RUN_GUARD: Final = ("eventIds", "nodeIndex", "_startedAtUs")
 
 
 def node_order(doc: Mapping[str, Any]) -> tuple[Any, ...]:

@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from ..documents import WriteBatch
-from .base import NodeQuery, RunQuery, WriteResult
+from .base import NodeQuery, NodeVersion, RunQuery, RunVersion, WriteResult
 
 
 class NullStore:
@@ -52,20 +52,21 @@ class NullStore:
     async def workspaces(self) -> list[str]:
         return []
 
-    async def delete_runs(self, workspace: str, run_ids: Sequence[str]) -> int:
+    async def delete_runs(self, workspace: str, run_ids: Sequence[str], *,
+                          expected: Sequence[RunVersion] | None = None) -> int:
         return 0
 
     async def scan_runs(self, workspace: str, before: datetime) -> AsyncIterator[dict[str, Any]]:
         return
         yield
 
-    async def delete_nodes(self, workspace: str, keys: Sequence[tuple[str, str]]) -> int:
+    async def delete_nodes(self, workspace: str, nodes: Sequence[NodeVersion]) -> int:
         return 0
 
-    async def strip_node_fields(self, workspace: str, keys: Sequence[tuple[str, str]],
+    async def strip_node_fields(self, workspace: str, nodes: Sequence[NodeVersion],
                                 fields: Sequence[str]) -> int:
         return 0
 
-    async def strip_run_fields(self, workspace: str, run_ids: Sequence[str],
+    async def strip_run_fields(self, workspace: str, runs: Sequence[RunVersion],
                                fields: Sequence[str]) -> int:
         return 0

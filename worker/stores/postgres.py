@@ -45,8 +45,10 @@ from .base import (
     STRIPPABLE_NODE_FIELDS,
     STRIPPABLE_RUN_FIELDS,
     NodeQuery,
+    NodeVersion,
     Rejection,
     RunQuery,
+    RunVersion,
     WriteResult,
     check_strippable,
 )
@@ -224,6 +226,22 @@ WHERE (audit_status_rank(EXCLUDED.status), EXCLUDED.event_id)
 """
 
 _RUN_COLUMNS: Final = "started_at, completed_at, doc::text"
+
+#: Lock the named runs (in key order, as writers do) and read them, to compare with the
+#: versions retention read: every write upserts a run's row before its node rows, in
+#: one transaction, so while the lock is held no write can change the run or its nodes.
+_LOCK_RUNS: Final = f"""
+SELECT {_RUN_COLUMNS}, run_id FROM workflow_runs
+WHERE workspace_id = $1 AND run_id = ANY($2::text[])
+ORDER BY run_id FOR UPDATE
+"""
+
+#: Node versions (``$2..$5``: parallel columns) and the condition that a node row ``n``
+#: is still at one of them.
+_VERSIONS: Final = ("unnest($2::text[], $3::text[], $4::text[], $5::text[])"
+                    " AS k(run_id, node_key, event_id, status)")
+_AT_VERSION: Final = ("n.workspace_id = $1 AND n.run_id = k.run_id AND n.node_key = k.node_key"
+                      " AND n.event_id = k.event_id AND n.status = k.status")
 
 _WORKSPACES: Final = """
 WITH RECURSIVE w(id) AS (
@@ -459,7 +477,10 @@ class PostgresStore:
             rows = await self.pool.fetch(_WORKSPACES)
         return [row[0] for row in rows]
 
-    async def delete_runs(self, workspace: str, run_ids: Sequence[str]) -> int:
+    async def delete_runs(self, workspace: str, run_ids: Sequence[str], *,
+                          expected: Sequence[RunVersion] | None = None) -> int:
+        if expected is not None:
+            return await self._delete_unchanged_runs(workspace, run_ids, expected)
         ids = sorted(set(run_ids))
         if not ids:
             return 0
@@ -478,6 +499,42 @@ class PostgresStore:
                 )
         return int(deleted)
 
+    async def _delete_unchanged_runs(self, workspace: str, run_ids: Sequence[str],
+                                     expected: Sequence[RunVersion]) -> int:
+        """Compare-and-delete in one transaction: lock the runs, keep those whose run
+        document and node versions are still the ones expected, delete those."""
+        want = _sql.wanted_runs(run_ids, expected)
+        if not want:
+            return 0
+        with _errors():
+            async with self.pool.acquire() as conn, conn.transaction():
+                same = await _lock_unchanged(conn, workspace, want)
+                if not same:
+                    return 0
+                rows = await conn.fetch(
+                    "SELECT run_id, node_key, event_id, status FROM workflow_node_runs"
+                    " WHERE workspace_id = $1 AND run_id = ANY($2::text[])",
+                    workspace, same,
+                )
+                same = _sql.nodes_unchanged(want, same, rows)
+                if not same:
+                    return 0
+                # Only the versions read go (a node written without its run's lock, which
+                # no writer does, would survive), and a run only once no node is left.
+                await conn.execute(
+                    f"DELETE FROM workflow_node_runs AS n USING {_VERSIONS} WHERE {_AT_VERSION}",
+                    workspace, *_sql.version_columns(v for r in same for v in want[r].nodes),
+                )
+                deleted = await conn.fetchval(
+                    "WITH d AS (DELETE FROM workflow_runs AS r"
+                    " WHERE r.workspace_id = $1 AND r.run_id = ANY($2::text[])"
+                    " AND NOT EXISTS (SELECT 1 FROM workflow_node_runs AS n"
+                    " WHERE n.workspace_id = r.workspace_id AND n.run_id = r.run_id)"
+                    " RETURNING 1) SELECT count(*) FROM d",
+                    workspace, same,
+                )
+        return int(deleted)
+
     # -- retention (worker.retention) ----------------------------------------------------
 
     def scan_runs(self, workspace: str, before: datetime) -> AsyncIterator[dict[str, Any]]:
@@ -487,70 +544,79 @@ class PostgresStore:
                " ORDER BY started_at NULLS FIRST, run_id")
         return _map(_run_doc, self._stream(sql, [workspace, _sql.utc(before)]))
 
-    async def delete_nodes(self, workspace: str, keys: Sequence[tuple[str, str]]) -> int:
-        """Delete node documents by ``(runId, nodeKey)``; returns how many went."""
-        run_ids, node_keys = _key_columns(keys)
-        if not run_ids:
+    async def delete_nodes(self, workspace: str, nodes: Sequence[NodeVersion]) -> int:
+        """Delete node documents still at these versions; returns how many went.
+
+        One statement: a row a concurrent write is replacing is re-checked against its
+        new version after that write commits, so a newer version is never deleted.
+        """
+        columns = _sql.version_columns(nodes)
+        if not columns[0]:
             return 0
         with _errors():
             deleted = await self.pool.fetchval(
-                "WITH d AS (DELETE FROM workflow_node_runs AS n"
-                " USING unnest($2::text[], $3::text[]) AS k(run_id, node_key)"
-                " WHERE n.workspace_id = $1 AND n.run_id = k.run_id"
-                " AND n.node_key = k.node_key RETURNING 1)"
-                " SELECT count(*) FROM d",
-                workspace, run_ids, node_keys,
+                f"WITH d AS (DELETE FROM workflow_node_runs AS n USING {_VERSIONS}"
+                f" WHERE {_AT_VERSION} RETURNING 1) SELECT count(*) FROM d",
+                workspace, *columns,
             )
         return int(deleted)
 
-    async def strip_node_fields(self, workspace: str, keys: Sequence[tuple[str, str]],
+    async def strip_node_fields(self, workspace: str, nodes: Sequence[NodeVersion],
                                 fields: Sequence[str]) -> int:
-        """Remove ``fields`` from node documents holding a value in any of them."""
+        """Remove ``fields`` from node documents still at these versions that hold a value
+        in any of them (one statement, re-checked like :meth:`delete_nodes`)."""
         names = list(check_strippable(fields, STRIPPABLE_NODE_FIELDS))
-        run_ids, node_keys = _key_columns(keys)
-        if not run_ids:
+        columns = _sql.version_columns(nodes)
+        if not columns[0]:
             return 0
         with _errors():
             changed = await self.pool.fetchval(
-                "WITH d AS (UPDATE workflow_node_runs AS n SET doc = n.doc - $4::text[]"
-                " FROM unnest($2::text[], $3::text[]) AS k(run_id, node_key)"
-                " WHERE n.workspace_id = $1 AND n.run_id = k.run_id"
-                " AND n.node_key = k.node_key AND EXISTS (SELECT 1 FROM unnest($4::text[]) AS f"
+                "WITH d AS (UPDATE workflow_node_runs AS n SET doc = n.doc - $6::text[]"
+                f" FROM {_VERSIONS} WHERE {_AT_VERSION}"
+                " AND EXISTS (SELECT 1 FROM unnest($6::text[]) AS f"
                 " WHERE NULLIF(n.doc->f, 'null') IS NOT NULL) RETURNING 1)"
                 " SELECT count(*) FROM d",
-                workspace, run_ids, node_keys, names,
+                workspace, *columns, names,
             )
         return int(changed)
 
-    async def strip_run_fields(self, workspace: str, run_ids: Sequence[str],
+    async def strip_run_fields(self, workspace: str, runs: Sequence[RunVersion],
                                fields: Sequence[str]) -> int:
-        """Set ``fields`` of run documents to null where they hold a value."""
+        """Set ``fields`` of run documents to null where they hold a value, for the runs
+        whose document is still exactly the one read (locked and compared, then updated)."""
         names = list(check_strippable(fields, STRIPPABLE_RUN_FIELDS))
-        ids = sorted(set(run_ids))
-        if not ids:
+        want = _sql.wanted_runs([v.run_id for v in runs], runs)
+        if not want:
             return 0
         with _errors():
-            changed = await self.pool.fetchval(
-                "WITH d AS (UPDATE workflow_runs AS r SET doc = r.doc"
-                " || (SELECT jsonb_object_agg(f, 'null'::jsonb) FROM unnest($3::text[]) AS f)"
-                " WHERE r.workspace_id = $1 AND r.run_id = ANY($2::text[])"
-                " AND EXISTS (SELECT 1 FROM unnest($3::text[]) AS f"
-                " WHERE NULLIF(r.doc->f, 'null') IS NOT NULL) RETURNING 1)"
-                " SELECT count(*) FROM d",
-                workspace, ids, names,
-            )
+            async with self.pool.acquire() as conn, conn.transaction():
+                same = await _lock_unchanged(conn, workspace, want)
+                if not same:
+                    return 0
+                changed = await conn.fetchval(
+                    "WITH d AS (UPDATE workflow_runs AS r SET doc = r.doc"
+                    " || (SELECT jsonb_object_agg(f, 'null'::jsonb)"
+                    " FROM unnest($3::text[]) AS f)"
+                    " WHERE r.workspace_id = $1 AND r.run_id = ANY($2::text[])"
+                    " AND EXISTS (SELECT 1 FROM unnest($3::text[]) AS f"
+                    " WHERE NULLIF(r.doc->f, 'null') IS NOT NULL) RETURNING 1)"
+                    " SELECT count(*) FROM d",
+                    workspace, same, names,
+                )
         return int(changed)
+
+
+async def _lock_unchanged(conn: asyncpg.Connection, workspace: str,
+                          want: dict[str, RunVersion]) -> list[str]:
+    """Lock the runs wanted and return those whose document is still the one read."""
+    rows = await conn.fetch(_LOCK_RUNS, workspace, list(want))
+    return [row[3] for row in rows if _run_doc(row) == want[row[3]].doc]
 
 
 async def _map(fn: Callable[[asyncpg.Record], dict[str, Any]],
                rows: AsyncIterator[asyncpg.Record]) -> AsyncIterator[dict[str, Any]]:
     async for row in rows:
         yield fn(row)
-
-
-def _key_columns(keys: Sequence[tuple[str, str]]) -> tuple[list[str], list[str]]:
-    pairs = sorted(set(keys))
-    return [run_id for run_id, _ in pairs], [key for _, key in pairs]
 
 
 def _run_doc(row: asyncpg.Record) -> dict[str, Any]:

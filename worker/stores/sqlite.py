@@ -37,7 +37,9 @@ from .base import (
     STRIPPABLE_NODE_FIELDS,
     STRIPPABLE_RUN_FIELDS,
     NodeQuery,
+    NodeVersion,
     RunQuery,
+    RunVersion,
     WriteResult,
     check_strippable,
 )
@@ -314,7 +316,14 @@ class SQLiteStore:
         ).fetchall())
         return [row[0] for row in rows]
 
-    async def delete_runs(self, workspace: str, run_ids: Sequence[str]) -> int:
+    async def delete_runs(self, workspace: str, run_ids: Sequence[str], *,
+                          expected: Sequence[RunVersion] | None = None) -> int:
+        if expected is not None:
+            want = _sql.wanted_runs(run_ids, expected)
+            if not want:
+                return 0
+            return await self._run(partial(_transaction, partial(_delete_unchanged,
+                                                                 workspace, want)))
         ids = _sql.encode_json(sorted(set(run_ids))).decode()
 
         def delete(conn: sqlite3.Connection) -> int:
@@ -345,65 +354,108 @@ class SQLiteStore:
                 return
             last = rows[-1][0]
 
-    async def delete_nodes(self, workspace: str, keys: Sequence[tuple[str, str]]) -> int:
-        """Delete node documents by ``(runId, nodeKey)``; returns how many went."""
-        pairs = sorted(set(keys))
-        if not pairs:
+    async def delete_nodes(self, workspace: str, nodes: Sequence[NodeVersion]) -> int:
+        """Delete node documents still at these versions; returns how many went."""
+        rows = _version_rows(workspace, nodes)
+        if not rows:
             return 0
 
         def delete(conn: sqlite3.Connection) -> int:
-            cursor = conn.executemany(
-                "DELETE FROM workflow_node_runs WHERE workspace_id = ? AND run_id = ?"
-                " AND node_key = ?", [(workspace, run_id, key) for run_id, key in pairs])
+            cursor = conn.executemany(f"DELETE FROM workflow_node_runs WHERE {_AT_VERSION}",
+                                      rows)
             return cursor.rowcount
 
         return await self._run(partial(_transaction, delete))
 
-    async def strip_node_fields(self, workspace: str, keys: Sequence[tuple[str, str]],
+    async def strip_node_fields(self, workspace: str, nodes: Sequence[NodeVersion],
                                 fields: Sequence[str]) -> int:
-        """Remove ``fields`` from node documents holding a value in any of them."""
+        """Remove ``fields`` from node documents still at these versions that hold a value
+        in any of them."""
         names = check_strippable(fields, STRIPPABLE_NODE_FIELDS)
-        pairs = sorted(set(keys))
-        if not pairs:
+        rows = _version_rows(workspace, nodes)
+        if not rows:
             return 0
 
         def strip(conn: sqlite3.Connection) -> int:
-            rows = []
-            for run_id, key in pairs:
+            changed = []
+            for key in rows:
                 for rowid, text in conn.execute(
-                        "SELECT rowid, doc FROM workflow_node_runs WHERE workspace_id = ?"
-                        " AND run_id = ? AND node_key = ?", (workspace, run_id, key)):
+                        f"SELECT rowid, doc FROM workflow_node_runs WHERE {_AT_VERSION}", key):
                     doc = _sql.decode_json(text)
                     if any(doc.get(name) is not None for name in names):
                         kept = {k: v for k, v in doc.items() if k not in names}
-                        rows.append((_sql.encode_json(kept).decode(), rowid))
-            conn.executemany("UPDATE workflow_node_runs SET doc = ? WHERE rowid = ?", rows)
-            return len(rows)
+                        changed.append((_sql.encode_json(kept).decode(), rowid))
+            conn.executemany("UPDATE workflow_node_runs SET doc = ? WHERE rowid = ?", changed)
+            return len(changed)
 
         return await self._run(partial(_transaction, strip))
 
-    async def strip_run_fields(self, workspace: str, run_ids: Sequence[str],
+    async def strip_run_fields(self, workspace: str, runs: Sequence[RunVersion],
                                fields: Sequence[str]) -> int:
-        """Set ``fields`` of run documents to null where they hold a value."""
+        """Set ``fields`` of run documents to null where they hold a value, for the runs
+        whose document is still exactly the one read."""
         names = check_strippable(fields, STRIPPABLE_RUN_FIELDS)
-        ids = sorted(set(run_ids))
-        if not ids:
+        want = _sql.wanted_runs([v.run_id for v in runs], runs)
+        if not want:
             return 0
 
         def strip(conn: sqlite3.Connection) -> int:
-            rows = []
-            for run_id in ids:
-                for rowid, text in conn.execute(
-                        "SELECT rowid, doc FROM workflow_runs WHERE workspace_id = ?"
-                        " AND run_id = ?", (workspace, run_id)):
-                    doc = _sql.decode_json(text)
-                    if any(doc.get(name) is not None for name in names):
-                        doc.update(dict.fromkeys(names))
-                        rows.append((_sql.encode_json(doc).decode(), rowid))
-            conn.executemany("UPDATE workflow_runs SET doc = ? WHERE rowid = ?", rows)
-            return len(rows)
+            changed = []
+            for rowid, run_id, text in _stored_runs(conn, workspace, want):
+                doc = _doc(text)
+                if doc != want[run_id].doc or all(doc.get(name) is None for name in names):
+                    continue
+                doc = _sql.decode_json(text)
+                doc.update(dict.fromkeys(names))
+                changed.append((_sql.encode_json(doc).decode(), rowid))
+            conn.executemany("UPDATE workflow_runs SET doc = ? WHERE rowid = ?", changed)
+            return len(changed)
 
         return await self._run(partial(_transaction, strip))
+
+
+#: A node row still at the version given: (workspace, run ID, node key, event ID, status).
+_AT_VERSION: Final = ("workspace_id = ? AND run_id = ? AND node_key = ? AND event_id = ?"
+                      " AND status = ?")
+
+
+def _version_rows(workspace: str, nodes: Sequence[NodeVersion]) -> list[tuple[str, ...]]:
+    return [(workspace, *key) for key in zip(*_sql.version_columns(nodes), strict=True)]
+
+
+def _stored_runs(conn: sqlite3.Connection, workspace: str,
+                 want: dict[str, RunVersion]) -> list[tuple[int, str, str]]:
+    return conn.execute(
+        "SELECT rowid, run_id, doc FROM workflow_runs WHERE workspace_id = ?"
+        " AND run_id IN (SELECT value FROM json_each(?)) ORDER BY run_id",
+        (workspace, _sql.encode_json(list(want)).decode())).fetchall()
+
+
+def _delete_unchanged(workspace: str, want: dict[str, RunVersion],
+                      conn: sqlite3.Connection) -> int:
+    """Compare-and-delete (inside one write transaction, so nothing changes meanwhile):
+    runs whose document and node versions are still the ones read, with their nodes."""
+    same = [run_id for _, run_id, text in _stored_runs(conn, workspace, want)
+            if _doc(text) == want[run_id].doc]
+    if not same:
+        return 0
+    ids = _sql.encode_json(same).decode()
+    rows = conn.execute(
+        "SELECT run_id, node_key, event_id, status FROM workflow_node_runs"
+        " WHERE workspace_id = ? AND run_id IN (SELECT value FROM json_each(?))",
+        (workspace, ids)).fetchall()
+    same = _sql.nodes_unchanged(want, same, rows)
+    if not same:
+        return 0
+    conn.executemany(f"DELETE FROM workflow_node_runs WHERE {_AT_VERSION}",
+                     _version_rows(workspace, [v for r in same for v in want[r].nodes]))
+    cursor = conn.execute(
+        "DELETE FROM workflow_runs AS r WHERE workspace_id = ?"
+        " AND run_id IN (SELECT value FROM json_each(?)) AND NOT EXISTS"
+        " (SELECT 1 FROM workflow_node_runs AS n"
+        "  WHERE n.workspace_id = r.workspace_id AND n.run_id = r.run_id)",
+        (workspace, _sql.encode_json(same).decode()))
+    return cursor.rowcount
 
 
 def _fetchall(sql: str, args: list[Any], conn: sqlite3.Connection) -> list[Any]:
