@@ -15,6 +15,7 @@ import anyio
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from worker import samples
 from worker.emitter import AuditEmitter
@@ -62,7 +63,13 @@ def workload(seed: int, target: int) -> tuple[list[dict[str, Any]], list[dict[st
 
 
 async def _pending_of(client: aioredis.Redis, stream: str, consumer: str) -> int:
-    for c in await client.xinfo_consumers(stream, GROUP):
+    try:
+        consumers = await client.xinfo_consumers(stream, GROUP)
+    except ResponseError as exc:  # the workers have not created the group yet
+        if "NOGROUP" in str(exc):
+            return 0
+        raise
+    for c in consumers:
         if c["name"].decode() == consumer:
             return int(c["pending"])
     return 0
