@@ -237,6 +237,12 @@ class Worker:
         The wait can be long during a store outage; the loop keeps beating its
         heartbeat meanwhile, so /healthz reports a live process, not a stuck one.
         """
+        if isinstance(send, MemoryObjectSendStream):
+            try:  # a writer is already waiting: no timeout scope needed
+                send.send_nowait(batch)
+                return
+            except anyio.WouldBlock:
+                pass
         while True:
             with anyio.move_on_after(1.0):
                 await send.send(batch)

@@ -152,6 +152,15 @@ async def settle(
         by_stream.setdefault(d.entry.stream, []).append(d.entry.id)
     if not by_stream:
         return
+    if not dead and len(by_stream) == 1:
+        # The common case, one XACK: sent on its own, without a pipeline's set-up.
+        ((stream, ids),) = by_stream.items()
+        try:
+            await redis.xack(stream, group, *ids)
+        except ResponseError as exc:
+            if not is_nogroup(exc):
+                raise
+        return
     async with redis.pipeline(transaction=False) as pipe:
         for d in dead:
             pipe.xadd(c.dlq_key(d.entry.stream), dead_letter_fields(d, consumer))
