@@ -43,6 +43,9 @@ from .redisio import DeadLetter, Entry, ensure_group, is_nogroup, read_group, se
 from .settings import Settings
 from .stores.base import Store, WriteResult
 
+#: How long the reader waits after a read that did not fill a batch, for more entries.
+DEFAULT_LINGER_S = 0.005
+
 #: Errors that mean Redis is (briefly) unreachable: back off and try again.
 REDIS_TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
 
@@ -103,8 +106,10 @@ class Worker:
         side_loops: Sequence[Loop] = (),
         handle_signals: bool = False,
         retry_max_backoff_s: float = 10.0,
+        linger_s: float = DEFAULT_LINGER_S,
     ) -> None:
         self.settings = settings
+        self.linger_s = linger_s
         self.store = store
         self.redis = redis if redis is not None else aioredis.Redis.from_url(settings.redis_url)
         self.metrics = metrics if metrics is not None else Metrics()
@@ -221,6 +226,8 @@ class Worker:
                     await self.ensure_groups()
                     continue
                 backoff = 0.1
+                if entries and self.linger_s > 0 and len(entries) < s.batch_size:
+                    entries = await self._linger(entries)
                 if not entries:
                     if s.burst and await self.drained():
                         self.log.info("burst_drained")
@@ -230,6 +237,27 @@ class Worker:
                 for name, count in _count_by_stream(entries).items():
                     self.metrics.events_read.labels(name).inc(count)
                 await self.hand_over(send, Batch(entries), "reader")
+
+    async def _linger(self, entries: list[Entry]) -> list[Entry]:
+        """After a short read, wait ``linger_s`` and add what arrived meanwhile.
+
+        Under moderate load a blocking XREADGROUP returns as soon as one entry arrives,
+        so without this every batch held two or three events, and the per-batch work
+        (two Redis round trips, a store transaction, task switches: ~0.7 ms of CPU)
+        dominated: 290 us of worker CPU per event at 3,000 events/s against 45 us at
+        full speed. Waiting a few milliseconds for the rest of the batch costs at most
+        that much latency and is skipped whenever a read fills a whole batch.
+        """
+        s = self.settings
+        await anyio.sleep(self.linger_s)
+        try:
+            more = await read_group(self.redis, s.group, s.consumer, s.streams,
+                                    s.batch_size - len(entries), None)
+        except Exception as exc:
+            if isinstance(exc, REDIS_TRANSIENT) or is_nogroup(exc):
+                return entries  # hand over what was read; the next read meets the error
+            raise
+        return entries + more
 
     async def hand_over(self, send: ObjectSendStream[Batch], batch: Batch, loop: str) -> None:
         """Pass a batch to the writers, waiting while they are busy (backpressure).
