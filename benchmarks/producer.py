@@ -8,7 +8,8 @@ event was, to the spec's output file, then prints ``done`` and a JSON summary.
 ``mode: raw`` sends the template-filled payloads as they are (the wire format the
 producer SDK writes: one ``event`` field of UTF-8 JSON); ``mode: sdk`` decodes each
 one and sends it through :meth:`worker.emitter.AuditEmitter.emit_many` (validation
-and encoding included), to measure the SDK itself.
+and encoding included), to measure the SDK itself; poison entries, which the SDK
+rightly refuses, go through its ``emit_raw``.
 """
 
 from __future__ import annotations
@@ -98,7 +99,13 @@ async def produce(spec: Spec, *, wait_for_go: bool = True) -> Result:
             payloads = [ids.payload(item) for item in items]
             total_bytes += sum(len(p) for p in payloads)
             if spec.mode == "sdk":
-                replies = await emitter.emit_many([msgspec.json.decode(p) for p in payloads])
+                good = [msgspec.json.decode(p) for p, i in zip(payloads, items, strict=True)
+                        if i.template.kind != load.POISON]
+                replies = await emitter.emit_many(good)
+                # The SDK refuses invalid events; poison goes the SDK's unvalidated way.
+                replies += [await emitter.emit_raw(spec.stream, p)
+                            for p, i in zip(payloads, items, strict=True)
+                            if i.template.kind == load.POISON]
             else:
                 async with client.pipeline(transaction=False) as pipe:
                     for payload in payloads:

@@ -50,7 +50,10 @@ class Proxy:
             except (ConnectionError, OSError):
                 pass
             finally:
-                dst.transport.abort() if self.server is None else dst.close()
+                if self.server is None:  # cut: reset, as a vanished host would
+                    dst.transport.abort()
+                else:
+                    dst.close()
 
         try:
             await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))

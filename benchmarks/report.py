@@ -113,7 +113,10 @@ def results_table(results: Sequence[Mapping[str, Any]],
     if naive:
         lines.append(_row({**naive, "lost": None, "duplicates": None}))
     upsert = baselines.get("raw_store_upsert")
-    if upsert:
+    if upsert and upsert.get("skipped"):
+        lines.append(f"| baseline-raw-upsert | {_scheme(upsert.get('store', '?'))} | – | – | "
+                     f"skipped: {upsert['skipped']} | | | | | | | | |")
+    elif upsert:
         lines.append(f"| baseline-raw-upsert | {_scheme(upsert.get('store', '?'))} | – | "
                      f"{_fmt(upsert.get('events'))} | {_fmt(upsert.get('events_per_s'))} | | | | "
                      f"{_fmt(upsert.get('seconds'), 2)} | | | | |")
@@ -150,7 +153,7 @@ def plot(series: Mapping[str, Mapping[str, Any]], path: Path) -> Path | None:
         return None
     cols = 2 if len(labels) > 1 else 1
     rows = math.ceil(len(labels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 2.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(7.5 * cols, 2.8 * rows), squeeze=False)
     for ax, label in zip(axes.flat, labels, strict=False):
         s = series[label]
         tp = s["throughput"]
@@ -164,6 +167,13 @@ def plot(series: Mapping[str, Mapping[str, Any]], path: Path) -> Path | None:
         ax2.plot([t for t, _ in lag], [v for _, v in lag], color="tab:orange", lw=1.0,
                  label="lag + pending")
         ax2.set_ylabel("entries behind", color="tab:orange")
+        if s.get("rss"):
+            ax3 = ax.twinx()
+            ax3.spines.right.set_position(("axes", 1.16))
+            ax3.plot([t for t, _ in s["rss"]], [v / 2**20 for _, v in s["rss"]],
+                     color="tab:green", lw=0.9, ls="--")
+            ax3.set_ylabel("worker RSS MiB", color="tab:green")
+            ax3.set_ylim(bottom=0)
         marks = s.get("marks", {})
         if "outage_start" in marks and "outage_end" in marks:
             ax.axvspan(marks["outage_start"], marks["outage_end"], color="red", alpha=0.12)

@@ -224,7 +224,7 @@ class Harness:
         for child, _ in out:
             line = await anyio.to_thread.run_sync(_readline, child)
             if line.strip() != "ready":
-                raise RuntimeError(f"producer did not start: {line!r}; see its log")
+                raise RuntimeError(f"producer did not start: {line!r}; {_log_tail(child)}")
         return out
 
     @staticmethod
@@ -236,7 +236,7 @@ class Harness:
         for child, _ in producers:
             line = await anyio.to_thread.run_sync(_readline, child)
             if not line.startswith("done"):
-                raise RuntimeError(f"producer failed: {line!r}; see its log")
+                raise RuntimeError(f"producer failed: {line!r}; {_log_tail(child)}")
             await child.wait(30)
 
     async def run_load(
@@ -364,7 +364,8 @@ class Harness:
 
     async def analyze(self, run: Load, scenario: str, *, target_rate: float | None = None,
                       account_store: bool = True, extra: dict[str, Any] | None = None,
-                      store_for_budget: str | None = None) -> dict[str, Any]:
+                      store_for_budget: str | None = None,
+                      memory_budget: bool = True) -> dict[str, Any]:
         o = self.opts
         settled = run.settled_times()
         lat = stats.latencies_ms(run.ids, run.ack)
@@ -405,7 +406,7 @@ class Harness:
         idle = self.idle_rss.get(budget_key) or procs["idle_rss_bytes"]
         footprint = self.footprint.get(budget_key) or self.footprint.get(run.store_url) or 1.0
         budget = (stats.memory_budget(idle, o.batch_size, o.max_inflight, mean_bytes,
-                                      footprint) if idle else None)
+                                      footprint) if idle and memory_budget else None)
         out: dict[str, Any] = {
             "scenario": scenario,
             "label": run.label,
@@ -507,7 +508,10 @@ class Harness:
             from worker.stores.sqlite import database_path
 
             Path(database_path(url.split("?", 1)[0])).parent.mkdir(parents=True, exist_ok=True)
-        store = await self.open_store(url)
+        try:
+            store = await self.open_store(url)
+        except Exception as exc:
+            raise SystemExit(f"benchmarks: cannot open the store {redact(url)}: {exc}") from exc
         try:
             assert self.pool is not None
             o = self.opts
@@ -663,7 +667,8 @@ class Harness:
 
         run = await self.run_load("baseline-raw-redis", "null://", workers=1, events=events,
                                   preload=True, spawn_one=spawn_raw, record=False)
-        result = await self.analyze(run, "baseline-raw-redis", account_store=False)
+        result = await self.analyze(run, "baseline-raw-redis", account_store=False,
+                                    memory_budget=False)
         result["method"] = ("XREADGROUP COUNT batch_size + msgspec JSON decode of each entry + "
                             "one XACK per batch, sequential, no framework")
         runs = [*self.baselines.get("raw_redis_loop", {}).get("runs", []), result]
@@ -690,7 +695,8 @@ class Harness:
         run = await self.run_load("baseline-naive", store_url, workers=1, events=events,
                                   preload=True, spawn_one=spawn_naive, stop_when_exited=True,
                                   record=False)
-        result = await self.analyze(run, "baseline-naive", account_store=False)
+        result = await self.analyze(run, "baseline-naive", account_store=False,
+                                    memory_budget=False)
         result["lost"] = None
         result["method"] = ("per entry: decode + validate, one store.write() of that event "
                             f"alone, one XACK; run for {o.naive_seconds}s")
@@ -698,6 +704,12 @@ class Harness:
         return result
 
     async def baseline_raw_upsert(self, store_url: str, stream: str) -> dict[str, Any]:
+        if store_label(store_url) not in ("postgresql", "sqlite"):
+            result: dict[str, Any] = {
+                "store": redact(store_url),
+                "skipped": f"no raw upsert baseline for {store_label(store_url)}:// here"}
+            self.baselines["raw_store_upsert"] = result
+            return result
         batches, events = await baselines.read_batches(self.client, stream, self.opts.batch_size)
         progress = Progress(f"baseline-raw-upsert {store_label(store_url)}", None)
         progress.close(f"{len(batches)} batches of {events} events …")
@@ -750,6 +762,17 @@ class ChaosContext:
 def _readline(child: Child) -> str:
     assert child.popen.stdout is not None
     return child.popen.stdout.readline().decode()
+
+
+def _log_tail(child: Child, lines: int = 5) -> str:
+    if child.log is None:
+        return "no log"
+    try:
+        with open(child.log.name, "rb") as f:
+            tail = f.read().decode(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return f"see {child.log.name}"
+    return f"{child.log.name}: " + " | ".join(tail)
 
 
 def _text(value: Any) -> str:
