@@ -453,6 +453,7 @@ class Harness:
             "lag": [(round(s.t - t0, 3), (s.lag if s.lag is not None else 0) + s.pending)
                     for s in run.snapshots[::5]],
             "rss": [(round(t - t0, 3), mx) for t, mx, _ in run.rss],
+            "latency_p99": stats.windowed_p99(run.ids, lat, t0, 0.5),
             "marks": {k: round(v - t0, 3) for k, v in run.marks.items()},
         }
         if not o.keep:

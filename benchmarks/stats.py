@@ -189,6 +189,17 @@ def series(curve: Sequence[tuple[float, int]], start: float, end: float,
     return out
 
 
+def windowed_p99(ids: Sequence[int], latencies: Sequence[float], start: float,
+                 step: float = 0.5) -> list[tuple[float, float]]:
+    """(seconds since ``start``, p99 latency ms) of the entries appended in each window."""
+    windows: dict[int, list[float]] = {}
+    for i, lat in zip(ids, latencies, strict=True):
+        if not math.isnan(lat):
+            windows.setdefault(int((id_ms(i) / 1000 - start) / step), []).append(lat)
+    return [(round(k * step, 3), round(percentile(sorted(v), 99), 1))
+            for k, v in sorted(windows.items())]
+
+
 # -- lost and duplicates ----------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
