@@ -173,6 +173,8 @@ async def run_plan(opts: Any) -> dict[str, Any]:
                     await h.baseline_raw_redis(n_backlog)  # again: the mean brackets the run
                 if opts.baselines and not null and store == real[0]:
                     await h.baseline_naive(store, 3_000 if q else 20_000)
+                if not null and opts.workers is None:
+                    results.append(await h.max(store, 2, n_store))  # how a second worker scales
 
         async def rate_for(store: str, share: float) -> float:
             if opts.rate:

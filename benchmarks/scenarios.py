@@ -396,6 +396,8 @@ class Harness:
             acc["method"] = "store documents + dead-letter stream vs emitted event IDs"
         else:
             accounting = stats.account_acks(run.ids, run.ack, len(dead_letters))
+            for _, reason in dead_letters:
+                accounting.dlq_reasons[reason] = accounting.dlq_reasons.get(reason, 0) + 1
             acc = accounting.as_dict()
             acc["duplicates"] = None
             acc["method"] = ("settled stream entries (acknowledged after the write, or "
@@ -714,8 +716,15 @@ class Harness:
         batches, events = await baselines.read_batches(self.client, stream, self.opts.batch_size)
         progress = Progress(f"baseline-raw-upsert {store_label(store_url)}", None)
         progress.close(f"{len(batches)} batches of {events} events …")
-        result = await baselines.raw_upsert(store_url, batches, events,
-                                            concurrency=self.opts.max_inflight)
+        runs = [await baselines.raw_upsert(store_url, batches, events,
+                                           concurrency=self.opts.max_inflight)
+                for _ in range(2)]
+        result = dict(runs[-1])
+        result["events_per_s"] = round(sum(r["events_per_s"] for r in runs) / len(runs), 1)
+        result["rows_per_s"] = round(sum(r["rows_per_s"] for r in runs) / len(runs), 1)
+        result["seconds"] = round(sum(r["seconds"] for r in runs) / len(runs), 4)
+        result["runs"] = runs
+        result["method"] += "; run twice, mean of the two"
         result["store"] = redact(store_url)
         self.baselines["raw_store_upsert"] = result
         return result
