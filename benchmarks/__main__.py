@@ -176,25 +176,29 @@ async def run_plan(opts: Any) -> dict[str, Any]:
                 if not null and opts.workers is None:
                     results.append(await h.max(store, 2, n_store))  # how a second worker scales
 
-        async def rate_for(store: str, share: float) -> float:
+        async def rate_for(store: str, workers: int, share: float) -> float:
+            """``share`` of the saturation this many workers reached on this store."""
             if opts.rate:
                 return float(opts.rate)
-            if store not in h.saturation:
-                results.append(await h.max(store, 1, min(n_store, 5_000)))
-            return max(50.0, round(h.saturation.get(store, 1000.0) * share, -1))
+            if (store, workers) not in h.saturation:
+                results.append(await h.max(store, workers, min(n_store, 5_000)))
+            return max(50.0, round(h.saturation.get((store, workers), 1000.0) * share, -1))
 
         for store in real:
             if "steady" in opts.scenarios:
-                rate = await rate_for(store, 0.5)
-                results.append(await h.steady(store, opts.workers or 1, rate, steady_s))
+                workers = opts.workers or 1
+                rate = await rate_for(store, workers, 0.5)
+                results.append(await h.steady(store, workers, rate, steady_s))
             if "burst" in opts.scenarios:
                 results.append(await h.burst(store, opts.workers or 2, n_store))
             if "crash" in opts.scenarios:
-                rate = await rate_for(store, 0.3)
-                results.append(await h.crash(store, opts.workers or 2, rate, chaos_s))
+                workers = opts.workers or 2
+                rate = await rate_for(store, workers, 0.3)
+                results.append(await h.crash(store, workers, rate, chaos_s))
             if "outage" in opts.scenarios:
-                rate = await rate_for(store, 0.3)
-                results.append(await h.outage(store, opts.workers or 2, rate, chaos_s))
+                workers = opts.workers or 2
+                rate = await rate_for(store, workers, 0.3)
+                results.append(await h.outage(store, workers, rate, chaos_s))
         checks = report.targets(results, h.baselines)
         out: dict[str, Any] = {
             "meta": await meta(h, stores, started),

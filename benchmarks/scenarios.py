@@ -158,7 +158,9 @@ class Harness:
         self.pool: load.Pool | None = None
         self.mix: dict[str, Any] = {}
         self.idle_rss: dict[str, int] = {}
-        self.saturation: dict[str, float] = {}
+        #: Saturation throughput by (store URL, workers), from this run's max scenarios.
+        self.saturation: dict[tuple[str, int], float] = {}
+        self.labels: set[str] = set()
         self.counter = 0
         self.series: dict[str, Any] = {}
         self.profile_outputs: list[str] = []
@@ -190,12 +192,16 @@ class Harness:
                            max_inflight=o.max_inflight, block_ms=o.block_ms)
         return dataclasses.replace(cfg, **changes)
 
-    def names(self, scenario: str, store_url: str) -> tuple[str, str, str]:
+    def names(self, scenario: str, store_url: str, workers: int = 1) -> tuple[str, str, str]:
+        """Stream, workspace and label of a scenario: unique within the harness run."""
         self.counter += 1
         short = store_label(store_url)
         stream = f"bench:{self.tag}:{self.counter:02d}-{scenario}-{short}"
         workspace = f"bench_{self.tag}_{self.counter:02d}_{scenario}"[:48]
-        label = f"{scenario} {short}"
+        label = f"{scenario} {short}" + (f" {workers}w" if workers > 1 else "")
+        if label in self.labels:
+            label += f" #{self.counter}"
+        self.labels.add(label)
         return stream, workspace, label
 
     # -- the engine -----------------------------------------------------------------------
@@ -255,7 +261,7 @@ class Harness:
         stop_when_exited: bool = False,
         record: bool = True,
     ) -> Load:
-        stream, workspace, label = self.names(scenario, store_url)
+        stream, workspace, label = self.names(scenario, store_url, workers)
         await self.client.delete(stream, c.dlq_key(stream))
         await self.client.xgroup_create(stream, GROUP, id="0", mkstream=True)
         cfg = self.worker_config(stream, store_url, **(config_changes or {}))
@@ -557,8 +563,8 @@ class Harness:
             await self.baseline_raw_upsert(store_url, run.stream)
         result = await self.analyze(run, "max", account_store=True)
         if result["events_per_s"]:
-            self.saturation[store_url] = max(self.saturation.get(store_url, 0.0),
-                                             result["events_per_s"])
+            key = (store_url, workers)
+            self.saturation[key] = max(self.saturation.get(key, 0.0), result["events_per_s"])
         return result
 
     async def steady(self, store_url: str, workers: int, rate: float,
