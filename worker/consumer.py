@@ -44,7 +44,7 @@ from .settings import Settings
 from .stores.base import Store, WriteResult
 
 #: How long the reader waits after a read that did not fill a batch, for more entries.
-DEFAULT_LINGER_S = 0.005
+DEFAULT_LINGER_S = 0.020
 
 #: Errors that mean Redis is (briefly) unreachable: back off and try again.
 REDIS_TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
@@ -246,7 +246,10 @@ class Worker:
         (two Redis round trips, a store transaction, task switches: ~0.7 ms of CPU)
         dominated: 290 us of worker CPU per event at 3,000 events/s against 45 us at
         full speed. Waiting a few milliseconds for the rest of the batch costs at most
-        that much latency and is skipped whenever a read fills a whole batch.
+        that much latency and is skipped whenever a read fills a whole batch. With a
+        store the same holds for its side: fewer, larger transactions (20 ms against
+        5 ms at 3,100 events/s on PostgreSQL: 87 instead of 32 events per batch, 25%
+        less worker CPU and 17% less server CPU per event, p50 +15 ms).
         """
         s = self.settings
         await anyio.sleep(self.linger_s)
