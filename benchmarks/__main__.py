@@ -297,7 +297,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.chdir(REPO)
     commit = git_commit()
     opts = options(args)
-    out = anyio.run(run_plan, opts)
+    try:
+        out = anyio.run(run_plan, opts)
+    except KeyboardInterrupt:
+        print("\nbenchmarks: interrupted (the scenario's streams were removed)", file=sys.stderr)
+        return 130
     out["meta"]["commit"] = commit
     write_outputs(out, opts.plot)
     print_summary(out)

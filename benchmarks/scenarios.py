@@ -288,6 +288,7 @@ class Harness:
         done = anyio.Event()
         cpu_start = host_cpu()
         services_start = service_cpu()
+        failed = False
 
         async def show() -> None:
             while not done.is_set():
@@ -330,16 +331,22 @@ class Harness:
                 done.set()
                 sampler.stop()
                 rss.stop()
+        except BaseException:
+            failed = True
+            raise
         finally:
             done.set()
             progress.close()
-            for child in children:
-                await child.stop()
-            for child, _ in producers:
-                child.kill()
-                await child.wait(5)
-            for profiler in self.profilers:
-                await profiler.wait(60)
+            with anyio.CancelScope(shield=True):
+                for child, _ in producers:
+                    child.kill()
+                    await child.wait(5)
+                for child in children:
+                    await child.stop()
+                for profiler in self.profilers:
+                    await profiler.wait(60)
+                if failed and not self.opts.keep:  # a failed scenario leaves no stream behind
+                    await self.client.delete(stream, c.dlq_key(stream))
             self.profilers = []
         busy, total = (b - a for a, b in zip(cpu_start, host_cpu(), strict=True))
         services = {k: round(v - services_start.get(k, 0.0), 3) for k, v in service_cpu().items()}
