@@ -43,6 +43,7 @@ def test_environment_is_read_and_flags_override_it() -> None:
         ({"AUDIT_STREAM": "audit:events:dlq"}, "dead-letter"),
         ({"AUDIT_BURST": "maybe"}, "AUDIT_BURST must be true or false"),
         ({"AUDIT_LOG_LEVEL": "loud"}, "AUDIT_LOG_LEVEL"),
+        ({"AUDIT_LINGER_MS": "5000"}, "AUDIT_LINGER_MS"),
     ],
 )
 def test_bad_configuration_fails_with_a_clear_message(env: dict[str, str], message: str) -> None:

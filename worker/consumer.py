@@ -43,9 +43,6 @@ from .redisio import DeadLetter, Entry, ensure_group, is_nogroup, read_group, se
 from .settings import Settings
 from .stores.base import Store, WriteResult
 
-#: How long the reader waits after a read that did not fill a batch, for more entries.
-DEFAULT_LINGER_S = 0.020
-
 #: Errors that mean Redis is (briefly) unreachable: back off and try again.
 REDIS_TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
 
@@ -106,10 +103,11 @@ class Worker:
         side_loops: Sequence[Loop] = (),
         handle_signals: bool = False,
         retry_max_backoff_s: float = 10.0,
-        linger_s: float = DEFAULT_LINGER_S,
+        linger_s: float | None = None,
     ) -> None:
         self.settings = settings
-        self.linger_s = linger_s
+        #: How long the reader waits after a read that did not fill a batch (AUDIT_LINGER_MS).
+        self.linger_s = settings.linger_ms / 1000 if linger_s is None else linger_s
         self.store = store
         self.redis = redis if redis is not None else aioredis.Redis.from_url(settings.redis_url)
         self.metrics = metrics if metrics is not None else Metrics()

@@ -37,6 +37,7 @@ class Settings:
     metrics_host: str = "0.0.0.0"
     max_event_bytes: int = c.DEFAULT_MAX_EVENT_BYTES
     max_inflight: int = c.DEFAULT_MAX_INFLIGHT
+    linger_ms: int = c.DEFAULT_LINGER_MS
     shutdown_grace_s: float = c.DEFAULT_SHUTDOWN_GRACE_S
     reclaim_interval_s: float = c.DEFAULT_RECLAIM_INTERVAL_S
     trim: bool = True
@@ -76,6 +77,8 @@ class Settings:
         _positive("AUDIT_MAX_DELIVERIES", self.max_deliveries, upper=1_000)
         _positive("AUDIT_MAX_EVENT_BYTES", self.max_event_bytes, upper=512 * 1024 * 1024)
         _positive("AUDIT_MAX_INFLIGHT", self.max_inflight, upper=64)
+        if not 0 <= self.linger_ms <= 1000:
+            raise ConfigError(f"AUDIT_LINGER_MS must be 0..1000, got {self.linger_ms}")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"AUDIT_METRICS_PORT must be 0..65535, got {self.metrics_port}")
         if (self.shutdown_grace_s < 0 or self.reclaim_interval_s <= 0 or self.trim_interval_s <= 0
@@ -124,7 +127,7 @@ class Settings:
 _ENV_NAMES = {"streams": "AUDIT_STREAM"}
 _INTS = {
     "batch_size", "block_ms", "claim_idle_ms", "max_deliveries", "metrics_port",
-    "max_event_bytes", "max_inflight",
+    "max_event_bytes", "max_inflight", "linger_ms",
 }
 _FLOATS = {"shutdown_grace_s", "reclaim_interval_s", "trim_interval_s", "trim_retention_s",
            "fleet_poll_interval_s"}
