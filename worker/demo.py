@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +105,10 @@ async def cmd_demo(args: argparse.Namespace) -> int:
         print(f"store: {settings.store_url}   redis: {redis_url}   stream: {stream}")
 
         # 1. the workflow engine side: emit runs as events or snapshots
-        runs = [samples.lead_triage_run(rng, WORKSPACE, f"run_{seed:x}_{i:04d}")
+        now = datetime.now(UTC)  # runs of the last week, so `insights --since 7d` sees them
+        runs = [samples.lead_triage_run(
+                    rng, WORKSPACE, f"run_{seed:x}_{i:04d}",
+                    start=now - timedelta(seconds=rng.randrange(600, 7 * 86400)))
                 for i in range(args.runs)]
         events: list[dict[str, Any]] = []
         for i, run in enumerate(runs):
@@ -192,4 +196,6 @@ async def _explain(store_url: str, workspace: str, run_id: str) -> int:
 
     print(render(build(workspace, run_id, run, nodes)))
     print(f"\nexplain it yourself: audit-fleet explain {run_id} --workspace {workspace}")
+    print(f"improvement queries: audit-fleet insights --workspace {workspace} --since 7d")
+    print("the fleet:           audit-fleet status; audit-fleet dlq list")
     return 0
