@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 
 import fakeredis
 import pytest
@@ -84,3 +85,16 @@ async def test_emitter_never_trims(fake: fakeredis.FakeAsyncRedis) -> None:
     emitter = AuditEmitter(fake, ["s"])
     await emitter.emit_many([make_event("run.started", "ws", "wf", f"r{i}") for i in range(500)])
     assert await fake.xlen("s") == 500
+
+
+@pytest.mark.parametrize("when", ["0001-01-01T00:30:00+01:00", "9999-12-31T23:30:00-01:00"])
+async def test_times_out_of_range_in_utc_are_invalid_events(
+    fake: fakeredis.FakeAsyncRedis, when: str
+) -> None:
+    """The SDK refuses an out-of-range time (text or datetime) with InvalidEvent."""
+    emitter = AuditEmitter(fake, ["s"])
+    with pytest.raises(InvalidEvent, match="time out of range"):
+        await emitter.emit(make_event("run.started", "ws", "wf", "r1", ts=when))
+    with pytest.raises(InvalidEvent, match="time out of range"):
+        make_event("run.started", "ws", "wf", "r1", ts=datetime.fromisoformat(when))
+    assert await fake.exists("s") == 0

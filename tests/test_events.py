@@ -94,3 +94,88 @@ def test_oversized_events_are_refused_before_parsing() -> None:
     """An event above the byte limit is refused as too large."""
     event = {**BASE, "padding": "x" * 5000}
     assert _reason(event, max_bytes=1000) == Reason.TOO_LARGE
+
+
+#: Valid RFC 3339 whose UTC value is in year 0 or year 10000 (DateTime.MinValue/MaxValue
+#: written in local time).
+OUT_OF_RANGE = ("0001-01-01T00:30:00+01:00", "9999-12-31T23:30:00-01:00")
+NODE = {"nodeId": "n", "type": "ai"}
+
+
+@pytest.mark.parametrize("when", OUT_OF_RANGE)
+@pytest.mark.parametrize(
+    ("event", "path"),
+    [
+        (BASE, "$.ts"),
+        ({**BASE, "startedAt": "@"}, "$.startedAt"),
+        ({**BASE, "type": "run.completed", "completedAt": "@"}, "$.completedAt"),
+        ({**BASE, "type": "node.completed", "node": {**NODE, "startedAt": "@"}},
+         "$.node.startedAt"),
+        ({**BASE, "type": "node.failed", "node": {**NODE, "completedAt": "@"}},
+         "$.node.completedAt"),
+        ({**BASE, "type": "run.snapshot", "nodes": [NODE, {**NODE, "startedAt": "@"}]},
+         "$.nodes[1].startedAt"),
+    ],
+)
+def test_times_outside_the_utc_range_are_a_schema_violation(
+    event: dict[str, Any], path: str, when: str
+) -> None:
+    """A time valid as written but out of range in UTC is refused with its path, never raised."""
+    text = json.dumps(event).replace('"@"', json.dumps(when))
+    if path == "$.ts":
+        text = text.replace(BASE["ts"], when)
+    with pytest.raises(InvalidEvent) as info:
+        decode(text.encode(), max_bytes=1 << 20)
+    assert info.value.reason == Reason.SCHEMA
+    assert info.value.detail == (f"time out of range: its UTC value is outside years "
+                                 f"0001-9999 - at `{path}`")
+
+
+@pytest.mark.parametrize(("when", "utc"), [
+    ("0001-01-01T00:00:00Z", datetime(1, 1, 1, tzinfo=UTC)),
+    ("0001-01-01T01:30:00+01:00", datetime(1, 1, 1, 0, 30, tzinfo=UTC)),
+    ("9999-12-31T23:59:59.999999Z", datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)),
+    ("9999-12-31T22:30:00-01:00", datetime(9999, 12, 31, 23, 30, tzinfo=UTC)),
+])
+def test_times_at_the_edges_of_the_utc_range_are_valid(when: str, utc: datetime) -> None:
+    """Years 0001 and 9999 are accepted when their UTC value is still in range."""
+    assert _decode({**BASE, "ts": when}).doc["ts"] == utc
+
+
+#: Every identifier of the contract, as (where it lives, a valid value).
+IDENTIFIERS = [
+    ("eventId", "evt-1"), ("workspaceId", "acme"), ("workflowId", "wf"), ("runId", "run"),
+    ("node.nodeId", "classify"), ("node.type", "ai"), ("status", "completed"),
+]
+SUFFIXES = ["\n", "\r\n", "\x00", "\u2028", "\u0085"]
+
+
+def _with(field: str, value: str) -> dict[str, Any]:
+    event: dict[str, Any] = {**BASE, "type": "node.completed", "node": dict(NODE)}
+    if field == "status":
+        event["type"] = "run.completed"
+        del event["node"]
+    if field.startswith("node."):
+        event["node"][field[5:]] = value
+    else:
+        event[field] = value
+    return event
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES, ids=repr)
+@pytest.mark.parametrize(("field", "value"), IDENTIFIERS)
+def test_identifier_rules_hold_to_the_true_end_of_the_string(
+    field: str, value: str, suffix: str
+) -> None:
+    """A trailing newline (or CR LF, NUL, U+2028, U+0085) is refused in every identifier."""
+    _decode(_with(field, value))  # the value itself is valid
+    assert _reason(_with(field, value + suffix)) == Reason.SCHEMA
+    assert _reason(_with(field, suffix + value)) == Reason.SCHEMA
+
+
+@pytest.mark.parametrize("char", ["\u202e", "\u2066", "\u200f", "\u2029", "\x1b", "\x7f"],
+                         ids=repr)
+def test_printable_identifiers_exclude_bidi_and_separator_characters(char: str) -> None:
+    """Characters that reorder or break a line of a terminal or log are not printable."""
+    assert _reason({**BASE, "runId": f"run{char}x"}) == Reason.SCHEMA
+    assert _decode({**BASE, "runId": "run é 東京 ✓"}).doc["runId"] == "run é 東京 ✓"

@@ -270,3 +270,29 @@ async def test_invalid_workspace_never_reaches_the_store(
     dead = await dlq_entries(redis_client, stream)
     assert [d["reason"] for d in dead] == [Reason.SCHEMA]
     assert "workspaceId" in dead[0]["error"]
+
+
+async def test_an_entry_with_two_event_fields_is_dead_lettered_as_ambiguous(
+    redis_client: aioredis.Redis, stream: str, redis_url: str
+) -> None:
+    """Neither of two ``event`` fields is stored; the dead letter keeps both values."""
+    first = make_event("run.started", "ws1", "wf", "run-first")
+    second = make_event("run.started", "ws1", "wf", "run-second")
+    neighbour = make_event("run.started", "ws1", "wf", "run-neighbour")
+    emitter = AuditEmitter(redis_client, [stream])
+    await emitter.emit(neighbour)
+    entry_id = (await redis_client.execute_command(  # type: ignore[no-untyped-call]
+        "XADD", stream, "*", "event", json.dumps(first), "trace", "t-1",
+        "event", json.dumps(second))).decode()
+    await emitter.emit({**neighbour, "eventId": "e-after", "runId": "run-after"})
+    store = MemoryStore()
+    await run_burst(Worker(settings(stream, redis_url), store, redis_client))
+
+    assert sorted(run_id for _, run_id in store.runs) == ["run-after", "run-neighbour"]
+    (dead,) = await dlq_entries(redis_client, stream)
+    assert dead["reason"] == Reason.DUPLICATE_FIELD
+    assert dead["error"] == "entry has 2 'event' fields: ambiguous, none is stored"
+    assert dead["id"] == entry_id
+    assert json.loads(dead["event"]) == first
+    assert json.loads(dead["event_2"]) == second
+    assert await pending_count(redis_client, stream, "audit-writers") == 0

@@ -67,7 +67,7 @@ GENESIS: Final = "0" * 64
 #: Fields retention may remove from hot documents after archiving them.
 STRIPPABLE: Final = {"run": frozenset({"error"}), "node": frozenset({"input", "output", "error"})}
 _TIME_FIELDS: Final = ("startedAt", "completedAt")
-_SEGMENT = re.compile(r"^(\d{8})-([0-9A-Za-z_-]{1,32})\.(jsonl\.gz|manifest\.json)$")
+_SEGMENT = re.compile(r"\A(\d{8})-([0-9A-Za-z_-]{1,32})\.(jsonl\.gz|manifest\.json)\Z")
 
 
 class ArchiveError(AuditFleetError):
@@ -450,7 +450,7 @@ class Archive:
     # reading ---------------------------------------------------------------------------
 
     def workspaces(self) -> list[str]:
-        return [k for k in self.blobs.list("") if re.match(r"^[A-Za-z0-9_-]{1,48}$", k)]
+        return [k for k in self.blobs.list("") if re.fullmatch(r"[A-Za-z0-9_-]{1,48}", k)]
 
     def head(self, workspace: str) -> dict[str, Any]:
         try:
@@ -523,7 +523,7 @@ class Archive:
         The caller holds :meth:`BlobStore.lock` and has called :meth:`recover`.
         Returns the manifest once the segment is committed and read back verified.
         """
-        if not re.match(r"^[0-9A-Za-z_-]{1,32}$", period):
+        if not re.fullmatch(r"[0-9A-Za-z_-]{1,32}", period):
             raise ArchiveError(f"bad period name {period!r}")
         head = self.head(workspace)
         name = SegmentName(int(head["seq"]) + 1, period)

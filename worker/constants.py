@@ -35,7 +35,8 @@ def dlq_key(stream: str) -> str:
     return stream + DLQ_SUFFIX
 
 
-#: Fields of a dead-letter entry.
+#: Fields of a dead-letter entry; a ``duplicate_field`` dead letter also keeps the entry's
+#: further ``event`` values as ``event_2``, ``event_3``, …
 DLQ_FIELDS = ("reason", "error", "stream", "id", "deliveries", "event", "consumer", "ts")
 
 
@@ -43,6 +44,7 @@ class Reason:
     """Dead-letter reason codes (stable: dashboards and ``dlq list --reason`` use them)."""
 
     MISSING_FIELD = "missing_field"
+    DUPLICATE_FIELD = "duplicate_field"
     INVALID_JSON = "invalid_json"
     INVALID_UTF8 = "invalid_utf8"
     TOO_LARGE = "too_large"

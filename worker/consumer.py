@@ -83,6 +83,11 @@ def prepare(
             dead.append(DeadLetter(entry, c.Reason.MISSING_FIELD,
                                    f"entry has no {c.EVENT_FIELD!r} field"))
             continue
+        if entry.extra_payloads:
+            dead.append(DeadLetter(entry, c.Reason.DUPLICATE_FIELD,
+                                   f"entry has {1 + len(entry.extra_payloads)} "
+                                   f"{c.EVENT_FIELD!r} fields: ambiguous, none is stored"))
+            continue
         try:
             valid.append((str(index), decode(entry.payload, max_bytes=max_bytes)))
         except InvalidEvent as exc:

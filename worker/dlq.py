@@ -37,7 +37,7 @@ DLQ_SCHEMA_VERSION = 1
 _PAGE = 500
 _REPLAY_BATCH = 100
 _SHOW_PREVIEW_CHARS = 4000
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
+_DURATION = re.compile(r"\A(\d+(?:\.\d+)?)([smhdw])\Z")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 

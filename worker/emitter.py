@@ -23,6 +23,8 @@ import redis.asyncio as aioredis
 
 from . import constants as c
 from . import events as ev
+from .constants import Reason
+from .errors import InvalidEvent
 
 
 def new_event_id() -> str:
@@ -35,7 +37,13 @@ def now_iso() -> str:
 
 
 def _iso(value: Any) -> Any:
-    return value.astimezone(UTC).isoformat() if isinstance(value, datetime) else value
+    if not isinstance(value, datetime):
+        return value
+    try:
+        return value.astimezone(UTC).isoformat()
+    except OverflowError:  # e.g. datetime.min in a zone east of UTC
+        raise InvalidEvent(Reason.SCHEMA, f"time out of range: {value!r} is outside "
+                                          "years 0001-9999 in UTC") from None
 
 
 def make_event(

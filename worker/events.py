@@ -17,11 +17,19 @@ from msgspec import Meta, Struct
 from .constants import SCHEMA_VERSION, Reason
 from .errors import InvalidEvent
 
-#: 1-200 printable characters: no C0/C1 control characters, no DEL.
-Id = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f-\x9f]+$")]
-WorkspaceId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,48}$")]
-Label = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f-\x9f]+$")]
-Status = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,32}$")]
+#: What "printable" excludes: C0/C1 control characters and DEL, the Unicode line and
+#: paragraph separators, and the bidirectional formatting characters (which reorder what
+#: a terminal or a log viewer shows). Every rule is anchored with ``\A`` and ``\Z``:
+#: ``$`` alone also matches before a final newline (msgspec applies ``re.search``).
+NOT_PRINTABLE: Final = r"\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069"
+PRINTABLE: Final = rf"\A[^{NOT_PRINTABLE}]+\Z"
+WORKSPACE_PATTERN: Final = r"\A[A-Za-z0-9_-]{1,48}\Z"
+
+#: 1-200 printable characters.
+Id = Annotated[str, Meta(min_length=1, max_length=200, pattern=PRINTABLE)]
+WorkspaceId = Annotated[str, Meta(pattern=WORKSPACE_PATTERN)]
+Label = Annotated[str, Meta(min_length=1, max_length=64, pattern=PRINTABLE)]
+Status = Annotated[str, Meta(pattern=r"\A[A-Za-z0-9_.-]{1,32}\Z")]
 Time = Annotated[datetime, Meta(tz=True)]
 Count = Annotated[int, Meta(ge=0)]
 Attempt = Annotated[int, Meta(ge=1, le=1_000_000)]
@@ -222,23 +230,36 @@ def _normalise(event: Event, raw: dict[str, Any], *, copy: bool) -> dict[str, An
     for name in RUN_TIME_FIELDS:
         value = getattr(event, name, None)
         if value is not None:
-            doc[name] = value.astimezone(UTC)
+            doc[name] = _utc(value, f"$.{name}")
     if isinstance(event, NodeCompleted | NodeFailed):
-        doc["node"] = _normalise_node(event.node, raw["node"], copy)
+        doc["node"] = _normalise_node(event.node, raw["node"], copy, "$.node")
     elif isinstance(event, RunSnapshot):
-        doc["nodes"] = [_normalise_node(n, r, copy)
-                        for n, r in zip(event.nodes, raw.get("nodes") or [], strict=True)]
+        doc["nodes"] = [_normalise_node(n, r, copy, f"$.nodes[{i}]") for i, (n, r)
+                        in enumerate(zip(event.nodes, raw.get("nodes") or [], strict=True))]
     return doc
 
 
-def _normalise_node(node: Node, raw: dict[str, Any], copy: bool) -> dict[str, Any]:
+def _normalise_node(node: Node, raw: dict[str, Any], copy: bool, path: str) -> dict[str, Any]:
     doc = dict(raw) if copy else raw
     doc["attempt"] = node.attempt
     for name in NODE_TIME_FIELDS:
         value = getattr(node, name)
         if value is not None:
-            doc[name] = value.astimezone(UTC)
+            doc[name] = _utc(value, f"{path}.{name}")
     return doc
+
+
+def _utc(value: datetime, path: str) -> datetime:
+    """``value`` in UTC; a time whose UTC value falls outside years 1-9999 is refused.
+
+    ``0001-01-01T00:30:00+01:00`` is valid RFC 3339 (how ``DateTime.MinValue`` looks
+    written in local time), but its UTC value is in year 0, which no store holds.
+    """
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise InvalidEvent(Reason.SCHEMA, f"time out of range: its UTC value is outside "
+                                          f"years 0001-9999 - at `{path}`") from None
 
 
 def encode(event: dict[str, Any] | Struct) -> bytes:
@@ -249,4 +270,4 @@ def encode(event: dict[str, Any] | Struct) -> bytes:
 def parse_time(value: str) -> datetime:
     """Parse an RFC 3339 time with an offset into a UTC datetime."""
     parsed: datetime = msgspec.convert(value, Time)
-    return parsed.astimezone(UTC)
+    return _utc(parsed, "$")

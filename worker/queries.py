@@ -20,9 +20,9 @@ from .constants import DEFAULT_STORE_URL
 from .errors import ConfigError
 from .stores import RunQuery, Store, open_store
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
+_DURATION = re.compile(r"\A\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*\Z")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_WORKSPACE = re.compile(r"^[A-Za-z0-9_-]{1,48}$")
+_WORKSPACE = re.compile(r"\A[A-Za-z0-9_-]{1,48}\Z")
 
 
 # -- times ---------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ class Entry:
     id: str
     payload: bytes | None
     deliveries: int = 1
+    #: Further ``event`` fields of the same entry (an ambiguous entry, dead-lettered whole).
+    extra_payloads: tuple[bytes, ...] = ()
 
     @property
     def id_ms(self) -> int:
@@ -82,28 +84,30 @@ def entries_from_read(response: Any) -> list[Entry]:
                 and (not messages[0] or isinstance(messages[0][0], list | tuple))):
             messages = messages[0]  # RESP3 wraps the list once more
         for entry_id, fields in messages:
-            out.append(Entry(name, text(entry_id), _payload(fields)))
+            payload, *extra = _payloads(fields) or (None,)
+            out.append(Entry(name, text(entry_id), payload, extra_payloads=tuple(extra)))
     return out
 
 
 _EVENT_KEYS = (c.EVENT_FIELD.encode(), c.EVENT_FIELD)
 
 
-def _payload(fields: Any) -> bytes | None:
+def _payloads(fields: Any) -> list[bytes]:
+    """The values of the entry's ``event`` field(s), in order; other fields are ignored.
+
+    A raw reply (``[field, value, field, value, …]``) keeps every value, so an entry
+    with two ``event`` fields is seen as ambiguous instead of one silently winning.
+    """
     if not fields:
-        return None
+        return []
     if isinstance(fields, dict):
         value = fields.get(_EVENT_KEYS[0])
-        if value is None:
-            value = fields.get(_EVENT_KEYS[1])
-    else:  # a raw reply: [field, value, field, value, …]; the last "event" wins, as in a dict
-        value = None
-        for i in range(0, len(fields) - 1, 2):
-            if fields[i] in _EVENT_KEYS:
-                value = fields[i + 1]
-    if isinstance(value, str):
-        return value.encode()
-    return value if isinstance(value, bytes) else None
+        values = [fields.get(_EVENT_KEYS[1])] if value is None else [value]
+    else:
+        values = [fields[i + 1] for i in range(0, len(fields) - 1, 2)
+                  if fields[i] in _EVENT_KEYS]
+    return [v.encode() if isinstance(v, str) else v for v in values
+            if isinstance(v, str | bytes)]
 
 
 async def ensure_group(redis: aioredis.Redis, stream: str, group: str) -> bool:
@@ -130,7 +134,7 @@ def dead_letter_fields(dead: DeadLetter, consumer: str) -> dict[Any, Any]:
         "event": dead.entry.payload if dead.entry.payload is not None else b"",
         "consumer": consumer,
         "ts": int(time.time() * 1000),
-    }
+    } | {f"{c.EVENT_FIELD}_{n}": extra for n, extra in enumerate(dead.entry.extra_payloads, 2)}
 
 
 async def settle(
