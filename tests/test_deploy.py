@@ -281,7 +281,23 @@ def test_alert_rules_are_complete_and_name_exported_metrics() -> None:
         assert rule["expr"].strip()
         assert rule["labels"]["severity"] in ("warning", "critical")
         assert rule["annotations"]["summary"]
+        assert rule["annotations"]["runbook_url"].startswith("docs/operations.md#"), rule
+        assert "runbook" not in rule["annotations"], "Alertmanager templates read runbook_url"
     check_expressions([r["expr"] for r in rules])
+
+
+def test_scrape_config_adds_no_label_a_metric_carries() -> None:
+    """A target label named like a metric label (``consumer``) would rename the metric's own
+    label to ``exported_consumer`` and collapse the per-consumer dashboard table."""
+    (config,) = load_all(DEPLOY / "prometheus.yml")
+    metric_label_names = set().union(*metric_labels().values()) - TARGET_LABELS
+    assert {"consumer", "stream", "group", "reason"} <= metric_label_names
+    for job in config["scrape_configs"]:
+        for static in job.get("static_configs", []):
+            clash = set(static.get("labels", {})) & metric_label_names
+            assert not clash, f"target labels {clash} collide with metric labels"
+        for relabel in job.get("relabel_configs", []):
+            assert relabel.get("target_label") not in metric_label_names, relabel
 
 
 def _anchors(markdown: str) -> set[str]:
@@ -296,7 +312,7 @@ def _anchors(markdown: str) -> set[str]:
 def test_alert_runbooks_point_at_real_sections() -> None:
     """Every runbook link in the alert rules and metrics.md names a section of operations.md."""
     anchors = _anchors((ROOT / "docs" / "operations.md").read_text())
-    links = [r["annotations"]["runbook"] for r in alert_rules() if "runbook" in r["annotations"]]
+    links = [r["annotations"]["runbook_url"] for r in alert_rules()]
     text = " ".join(str(r["annotations"]) for r in alert_rules())
     text += (ROOT / "docs" / "metrics.md").read_text()
     links += re.findall(r"operations\.md#([\w-]+)", text)

@@ -29,12 +29,19 @@ from worker.trim import trim_side_loop
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
+#: prometheus_client's process, GC and platform collectors keep their well-known names.
+STANDARD = {
+    "process_cpu_seconds", "process_max_fds", "process_open_fds",
+    "process_resident_memory_bytes", "process_start_time_seconds",
+    "process_virtual_memory_bytes", "python_gc_collections", "python_gc_objects_collected",
+    "python_gc_objects_uncollectable", "python_info",
+}
 
 
 def test_names_follow_prometheus_conventions() -> None:
     """Prefixed snake_case names; counters gain _total; times end in _seconds."""
     m = Metrics()
-    families = m.families()
+    families = [f for f in m.families() if f.name not in STANDARD]
     assert len(families) >= 20
     for f in families:
         assert f.name.startswith("audit_fleet_"), f.name
@@ -75,6 +82,79 @@ def test_registries_are_independent() -> None:
     assert "custom_group_lag" in exported_names(injected)
 
 
+def samples_of(m: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = generate_latest(m.registry).decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def test_a_started_worker_exports_every_known_label_combination_at_zero() -> None:
+    """Regression: counters appeared at 1 on the first dead letter, so increase() saw 0 and
+    the dead-letter alert never fired. A worker's counters start at 0 for every stream x
+    reason, store x outcome, loop and Redis error kind."""
+    settings = Settings(streams=("s0", "s1"), group="g", metrics_port=0, store_url="null://")
+    worker = Worker(settings, MemoryStore(), metrics=Metrics())
+    got = samples_of(worker.metrics)
+    for stream in ("s0", "s1"):
+        for reason in c.REASONS:
+            key = ("audit_fleet_events_dead_lettered_total",
+                   (("reason", reason), ("stream", stream)))
+            assert got[key] == 0.0, key
+        for name in ("events_read", "events_written", "payload_read_bytes", "batches",
+                     "entries_reclaimed", "entries_reclaimed_deleted", "trimmed_entries"):
+            assert got[(f"audit_fleet_{name}_total", (("stream", stream),))] == 0.0, name
+        key = ("audit_fleet_consumers_deleted_total", (("group", "g"), ("stream", stream)))
+        assert got[key] == 0.0
+    assert len(c.REASONS) == 8
+    for outcome in ("ok", "unavailable", "rejected", "error"):
+        key = ("audit_fleet_store_write_seconds_count", (("outcome", outcome), ("store", "memory")))
+        assert got[key] == 0.0, key
+    assert got[("audit_fleet_store_retries_total", (("store", "memory"),))] == 0.0
+    for loop in ("fleet", "trim"):
+        assert got[("audit_fleet_loop_errors_total", (("loop", loop),))] == 0.0
+    for kind in ("connection", "timeout", "oom", "loading", "readonly", "auth", "nogroup",
+                 "other"):
+        assert got[("audit_fleet_redis_errors_total", (("kind", kind),))] == 0.0
+
+
+def test_no_created_samples_and_process_metrics_on_the_registry() -> None:
+    """No ``_created`` series; RSS, CPU, file descriptors and GC on the worker's own registry."""
+    m = Metrics()
+    m.prime(["s"], "g", "sqlite")
+    m.events_read.labels("s").inc()
+    text = generate_latest(m.registry).decode()
+    assert "_created" not in text
+    assert m.registry.get_sample_value("process_resident_memory_bytes") > 1_000_000
+    assert m.registry.get_sample_value("process_open_fds") >= 3
+    assert m.registry.get_sample_value("process_cpu_seconds_total") > 0
+    assert m.registry.get_sample_value("python_gc_collections_total", {"generation": "0"}) >= 0
+    assert "python_info" in text
+
+
+def test_redis_errors_are_counted_by_kind() -> None:
+    """Each Redis failure is counted once under a stable kind."""
+    from redis import exceptions as rx
+
+    m = Metrics()
+    cases = [
+        (rx.ConnectionError("refused"), "connection"),
+        (ConnectionRefusedError(), "connection"),
+        (rx.TimeoutError("slow"), "timeout"),
+        (rx.OutOfMemoryError("OOM command not allowed"), "oom"),
+        (rx.ResponseError("OOM command not allowed when used memory > 'maxmemory'"), "oom"),
+        (rx.BusyLoadingError("loading"), "loading"),
+        (rx.ReadOnlyError("READONLY"), "readonly"),
+        (rx.AuthenticationError("invalid password"), "auth"),
+        (rx.ResponseError("NOGROUP No such key"), "nogroup"),
+        (rx.ResponseError("ERR something else"), "other"),
+    ]
+    for exc, kind in cases:
+        assert m.redis_error(exc) == kind, exc
+    assert m.registry.get_sample_value("audit_fleet_redis_errors_total", {"kind": "oom"}) == 2
+    assert m.registry.get_sample_value("audit_fleet_redis_errors_total",
+                                       {"kind": "connection"}) == 2
+
+
 def test_heartbeats_round_trip() -> None:
     """heartbeat() records the time per loop; heartbeats() reads it back for /healthz."""
     m = Metrics()
@@ -90,7 +170,7 @@ def test_heartbeats_round_trip() -> None:
 def test_docs_list_every_metric_and_only_real_ones() -> None:
     """docs/metrics.md names every exported metric family, and nothing else."""
     text = (ROOT / "docs" / "metrics.md").read_text()
-    documented = set(re.findall(r"`(audit_fleet_[a-z0-9_]+)", text))
+    documented = set(re.findall(r"`((?:audit_fleet|process|python)_[a-z0-9_]+)", text))
     m = Metrics()
     families = {f.name for f in m.families()}
     missing = {f for f in families if f not in documented and f + "_total" not in documented}

@@ -52,3 +52,9 @@ class Reason:
     SCHEMA = "schema_violation"
     STORE_REJECTED = "store_rejected"
     MAX_DELIVERIES = "max_deliveries"
+
+
+#: Every dead-letter reason (metrics start each stream x reason at 0).
+REASONS: tuple[str, ...] = tuple(
+    value for name, value in vars(Reason).items() if name.isupper() and isinstance(value, str)
+)

@@ -116,6 +116,7 @@ class Worker:
         self.store = store
         self.redis = redis if redis is not None else aioredis.Redis.from_url(settings.redis_url)
         self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.prime(settings.streams, settings.group, store.name)
         self.side_loops = list(side_loops)
         self.handle_signals = handle_signals
         self.retry_max_backoff_s = retry_max_backoff_s
@@ -134,6 +135,16 @@ class Worker:
         if not self.stopping:
             self.stopping = True
             self._stop.set()
+
+    def count_read(self, entries: Sequence[Entry]) -> None:
+        """Count entries read (new or reclaimed) and their payload bytes, per stream."""
+        for name, count in _count_by_stream(entries).items():
+            self.metrics.events_read.labels(name).inc(count)
+        size: dict[str, int] = {}
+        for entry in entries:
+            size[entry.stream] = size.get(entry.stream, 0) + len(entry.payload or b"")
+        for name, total in size.items():
+            self.metrics.bytes_read.labels(name).inc(total)
 
     def beat(self, loop: str) -> None:
         now = time.time()
@@ -218,6 +229,7 @@ class Worker:
                     entries = await read_group(self.redis, s.group, s.consumer, s.streams,
                                                s.batch_size, s.block_ms)
                 except REDIS_TRANSIENT as exc:
+                    self.metrics.redis_error(exc)
                     self.log.warning("redis_unavailable", error=str(exc), retry_in_s=backoff)
                     await self.sleep_or_stop(backoff)
                     backoff = min(backoff * 2, 5.0)
@@ -237,8 +249,7 @@ class Worker:
                         self.stop()
                     continue
                 self.hold(entries)
-                for name, count in _count_by_stream(entries).items():
-                    self.metrics.events_read.labels(name).inc(count)
+                self.count_read(entries)
                 await self.hand_over(send, Batch(entries), "reader")
 
     async def _linger(self, entries: list[Entry]) -> list[Entry]:
@@ -446,6 +457,7 @@ class Worker:
                              outcome.written, outcome.dead)
                 return
             except REDIS_TRANSIENT as exc:
+                self.metrics.redis_error(exc)
                 self.log.warning("ack_failed_retrying", error=str(exc), retry_in_s=delay)
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -471,6 +483,7 @@ class Worker:
                         await self.redis.xclaim(stream, self.settings.group,
                                                 self.settings.consumer, 0, chunk, justid=True)
                     except REDIS_TRANSIENT as exc:
+                        self.metrics.redis_error(exc)
                         self.log.warning("lease_refresh_failed", error=str(exc))
                     except Exception as exc:
                         if not is_nogroup(exc):

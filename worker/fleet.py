@@ -29,7 +29,7 @@ import anyio
 import redis.asyncio as aioredis
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from . import constants as c
 from .logs import get_logger
@@ -496,6 +496,8 @@ async def fleet_loop(
                 leader = await poll_fleet(redis, settings, metrics)
             except Exception as exc:
                 metrics.loop_errors.labels("fleet").inc()
+                if isinstance(exc, RedisError | OSError):
+                    metrics.redis_error(exc)
                 log.warning("fleet_poll_failed", error=f"{type(exc).__name__}: {exc}"[:300])
             else:
                 log.debug("fleet_polled", poller=leader)

@@ -10,6 +10,12 @@ Two kinds of metric live here:
 
 Every name is prefixed (``audit_fleet_`` by default). Counters appear with ``_total`` in
 the exposition, durations end in ``_seconds`` and timestamps in ``_timestamp_seconds``.
+
+Every label combination known in advance (stream x reason, store x outcome, loop, Redis
+error kind …) is created at 0 by :meth:`Metrics.prime` when a worker starts: a counter
+that first appears at 1 looks like no increase to ``increase()``/``rate()``, so the first
+dead letter after a start would never fire an alert. No ``_created`` samples are exported
+(they double the series count and no rule uses them).
 """
 
 from __future__ import annotations
@@ -17,11 +23,39 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
+from prometheus_client.gc_collector import GCCollector
 from prometheus_client.metrics_core import Metric
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from redis.exceptions import (
+    AuthenticationError,
+    BusyLoadingError,
+    NoPermissionError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import __version__
+from . import constants as c
 from .fleet import FleetCollector
+
+# ``x_created`` samples: one more series per labelled child, used by no rule or dashboard.
+disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
+# The default registry is never exposed; keep its process collectors from running twice.
+del GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR
 
 PREFIX = "audit_fleet"
 
@@ -32,11 +66,18 @@ _SIZE_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 #: Values of the ``outcome`` label of ``store_write_seconds``.
 STORE_OUTCOMES = ("ok", "unavailable", "rejected", "error")
 
-#: Suffixes each metric type adds in the text exposition.
+#: Values of the ``kind`` label of ``redis_errors_total`` (see :func:`redis_error_kind`).
+REDIS_ERROR_KINDS = ("connection", "timeout", "oom", "loading", "readonly", "auth", "nogroup",
+                     "other")
+
+#: Loops whose failed iterations ``loop_errors_total`` counts.
+SIDE_LOOPS = ("fleet", "trim")
+
+#: Suffixes each metric type adds in the text exposition (no ``_created``: disabled above).
 _SUFFIXES: dict[str, tuple[str, ...]] = {
-    "counter": ("_total", "_created"),
-    "histogram": ("_bucket", "_sum", "_count", "_created"),
-    "summary": ("", "_sum", "_count", "_created"),
+    "counter": ("_total",),
+    "histogram": ("_bucket", "_sum", "_count"),
+    "summary": ("", "_sum", "_count"),
     "gauge": ("",),
     "info": ("_info",),
     "stateset": ("",),
@@ -55,6 +96,10 @@ class Metrics:
         # -- the worker's own work ----------------------------------------------------
         self.events_read = Counter(
             f"{p}_events_read", "Stream entries read (new and reclaimed)", ["stream"], registry=r
+        )
+        self.bytes_read = Counter(
+            f"{p}_payload_read_bytes", "Payload bytes of the stream entries read (new and "
+            "reclaimed)", ["stream"], registry=r,
         )
         self.events_written = Counter(
             f"{p}_events_written", "Events durably written and acknowledged", ["stream"],
@@ -111,6 +156,10 @@ class Metrics:
             f"{p}_consumers_deleted", "Dead consumers removed with XGROUP DELCONSUMER "
             "(only with no pending entries)", ["stream", "group"], registry=r,
         )
+        self.redis_errors = Counter(
+            f"{p}_redis_errors", "Redis commands that failed, by kind: " + ", ".join(
+                REDIS_ERROR_KINDS), ["kind"], registry=r,
+        )
         self.fleet_poller = Gauge(
             f"{p}_fleet_poller", "1 while this worker is the elected fleet poller, else 0",
             registry=r,
@@ -124,6 +173,35 @@ class Metrics:
         #: Fleet-level gauges polled from Redis; empty unless this worker is the poller.
         self.fleet = FleetCollector(prefix)
         r.register(self.fleet)
+
+        # -- the process: RSS, CPU, open file descriptors, GC, Python version -------------
+        ProcessCollector(registry=r)
+        GCCollector(registry=r)
+        PlatformCollector(registry=r)
+
+    def prime(self, streams: Iterable[str], group: str, store: str) -> None:
+        """Create every label combination known in advance at 0 (see the module docstring)."""
+        for stream in streams:
+            self.consumers_deleted.labels(stream, group)
+            for counter in (self.events_read, self.bytes_read, self.events_written,
+                            self.entries_reclaimed, self.entries_reclaimed_deleted,
+                            self.batches, self.trimmed_entries):
+                counter.labels(stream)
+            for reason in c.REASONS:
+                self.events_dead_lettered.labels(stream, reason)
+        for outcome in STORE_OUTCOMES:
+            self.store_write_seconds.labels(store, outcome)
+        self.retries.labels(store)
+        for loop in SIDE_LOOPS:
+            self.loop_errors.labels(loop)
+        for kind in REDIS_ERROR_KINDS:
+            self.redis_errors.labels(kind)
+
+    def redis_error(self, exc: BaseException) -> str:
+        """Count one failed Redis command; returns its kind."""
+        kind = redis_error_kind(exc)
+        self.redis_errors.labels(kind).inc()
+        return kind
 
     def heartbeat(self, loop: str) -> None:
         """Record that ``loop`` made progress now (read by ``/healthz``)."""
@@ -143,6 +221,31 @@ class Metrics:
         for family in self.fleet.describe():
             by_name.setdefault(family.name, family)
         return list(by_name.values())
+
+
+def redis_error_kind(exc: BaseException) -> str:
+    """The ``kind`` label of a Redis error: one of :data:`REDIS_ERROR_KINDS`."""
+    if isinstance(exc, OutOfMemoryError):
+        return "oom"
+    if isinstance(exc, BusyLoadingError):
+        return "loading"
+    if isinstance(exc, ReadOnlyError):
+        return "readonly"
+    if isinstance(exc, NoPermissionError | AuthenticationError):
+        return "auth"
+    if isinstance(exc, RedisTimeoutError | TimeoutError):
+        return "timeout"
+    if isinstance(exc, RedisConnectionError | OSError):
+        return "connection"
+    if isinstance(exc, ResponseError):
+        message = str(exc)
+        if message.startswith(("NOGROUP", "UNBLOCKED")):
+            return "nogroup"
+        if message.startswith("OOM"):
+            return "oom"
+        if message.startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
+            return "auth"
+    return "other"
 
 
 def exposition_names(families: Iterable[Metric]) -> set[str]:

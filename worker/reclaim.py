@@ -40,6 +40,7 @@ class Reclaimer:
                     try:
                         await self.sweep(stream, send)
                     except REDIS_TRANSIENT as exc:
+                        self.metrics.redis_error(exc)
                         self.log.warning("reclaim_redis_unavailable", stream=stream,
                                          error=str(exc))
                     except Exception as exc:
@@ -69,7 +70,7 @@ class Reclaimer:
                                  first=deleted[0])
             if claimed:
                 self.metrics.entries_reclaimed.labels(stream).inc(len(claimed))
-                self.metrics.events_read.labels(stream).inc(len(claimed))
+                self.worker.count_read(claimed)
                 self.log.info("reclaimed", stream=stream, count=len(claimed))
                 if send is None:
                     claimed_all.extend(claimed)

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from .fleet import acquire_poller, parse_id, redis_time_ms, text
 from .logs import get_logger
@@ -240,6 +240,8 @@ async def trim_loop(
                 await hygiene_once(redis, settings, metrics)
         except Exception as exc:
             metrics.loop_errors.labels("trim").inc()
+            if isinstance(exc, RedisError | OSError):
+                metrics.redis_error(exc)
             log.warning("trim_failed", error=f"{type(exc).__name__}: {exc}"[:300])
         metrics.heartbeat("trim")
         await anyio.sleep(interval)
