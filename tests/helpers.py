@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
@@ -228,3 +228,40 @@ class MemoryStore:
             if self.runs.pop((workspace, run_id), None) is not None:
                 gone += 1
         return gone
+
+
+async def wait_until(
+    condition: Callable[[], Awaitable[bool]], within_s: float = 20.0, interval: float = 0.05
+) -> None:
+    """Poll ``condition`` until it holds; fail after ``within_s`` seconds."""
+    with anyio.fail_after(within_s):
+        while not await condition():
+            await anyio.sleep(interval)
+
+
+async def fill_to_maxmemory(client: aioredis.Redis, prefix: str = "pad:") -> int:
+    """Write padding keys until a server with ``--maxmemory`` refuses (OOM); returns how many.
+
+    Then the limit (of this private server) is lowered 1 MiB below what is used, so that
+    small changes in client buffers never let a write through; :func:`free_padding`
+    frees far more than that.
+    """
+    from redis.exceptions import OutOfMemoryError
+
+    written = 0
+    while True:
+        try:
+            await client.set(f"{prefix}{written}", b"x" * 65536)
+        except OutOfMemoryError:
+            break
+        written += 1
+    used = int((await client.info("memory"))["used_memory"])
+    await client.config_set("maxmemory", max(1, used - 1024 * 1024))
+    return written
+
+
+async def free_padding(client: aioredis.Redis, prefix: str = "pad:") -> None:
+    """Delete the padding :func:`fill_to_maxmemory` wrote (DEL is served at maxmemory)."""
+    keys = [k async for k in client.scan_iter(match=prefix + "*", count=1000)]
+    for i in range(0, len(keys), 500):
+        await client.delete(*keys[i : i + 500])

@@ -35,16 +35,33 @@ from tenacity.wait import wait_exponential_jitter
 
 from . import constants as c
 from .documents import WriteBatch, coalesce
-from .errors import InvalidEvent, StoreRejected, StoreUnavailable
+from .errors import InvalidEvent, RedisRefused, RedisUnavailable, StoreRejected, StoreUnavailable
 from .events import Decoded, decode
 from .logs import get_logger
 from .metrics import Metrics
-from .redisio import DeadLetter, Entry, ensure_group, is_nogroup, read_group, settle, text
+from .redisio import (
+    DeadLetter,
+    Entry,
+    ack,
+    dead_lettered_ids,
+    ensure_group,
+    is_nogroup,
+    read_group,
+    refresh_leases,
+    text,
+    write_dead_letters,
+)
 from .settings import Settings
 from .stores.base import Store, WriteResult
 
-#: Errors that mean Redis is (briefly) unreachable: back off and try again.
-REDIS_TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
+#: Errors that mean Redis is (briefly) unavailable: back off and try again. The Redis
+#: edge (:mod:`worker.redisio`) raises :class:`RedisUnavailable` (out of memory included);
+#: the raw redis-py classes cover the few commands sent outside it.
+REDIS_TRANSIENT = (RedisUnavailable, RedisConnectionError, RedisTimeoutError, OSError)
+
+#: Attempts at a dead letter Redis refuses for good (WRONGTYPE …) before its entry is
+#: left pending for a later redelivery instead (it is never acknowledged without one).
+DEAD_LETTER_REFUSED_ATTEMPTS = 5
 
 Loop = Callable[[], Awaitable[None]]
 
@@ -151,31 +168,69 @@ class Worker:
         self.heartbeats[loop] = now
         self.metrics.loop_heartbeat.labels(loop).set(now)
 
-    async def ensure_groups(self) -> None:
-        for stream in self.settings.streams:
-            if await ensure_group(self.redis, stream, self.settings.group):
-                self.log.info("group_created", stream=stream)
+    async def ensure_groups(self) -> bool:
+        """Create the consumer groups, waiting (backoff with jitter) while Redis cannot:
+        unreachable, or at ``maxmemory`` (XGROUP CREATE is refused then). Returns False
+        if the worker was stopped meanwhile."""
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(RedisUnavailable),
+            wait=wait_exponential_jitter(multiplier=0.1, max=self.retry_max_backoff_s),
+            stop=lambda _: self.stopping,
+            before_sleep=self._on_redis_retry("create_group"),
+            sleep=self.sleep_or_stop,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    for stream in self.settings.streams:
+                        if await ensure_group(self.redis, stream, self.settings.group):
+                            self.log.info("group_created", stream=stream)
+        except RedisUnavailable:
+            return False  # stopped while waiting
+        return True
+
+    def redis_error(self, exc: RedisUnavailable | RedisRefused, op: str, **extra: Any) -> None:
+        """Count and report one failed Redis command."""
+        self.metrics.redis_error(exc)
+        self.log.warning("redis_error", op=op, kind=exc.kind, error=exc.detail[:300], **extra)
+
+    def _on_redis_retry(self, op: str) -> Callable[[RetryCallState], None]:
+        def report(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            wait = state.next_action.sleep if state.next_action else 0.0
+            if isinstance(exc, RedisUnavailable | RedisRefused):
+                self.redis_error(exc, op, attempt=state.attempt_number,
+                                 retry_in_s=round(wait, 3))
+        return report
 
     async def run(self) -> None:
         """Run until stopped (signal, :meth:`stop`, or an idle group in burst mode)."""
+        async with anyio.create_task_group() as outer:
+            if self.handle_signals:
+                outer.start_soon(self._signal_watcher)
+            try:
+                if await self.ensure_groups():
+                    await self._run()
+            finally:
+                outer.cancel_scope.cancel()
+        self.log.info("worker_stopped")
+
+    async def _run(self) -> None:
         from .reclaim import Reclaimer
 
-        await self.ensure_groups()
         reclaimer = Reclaimer(self)
         send, recv = anyio.create_memory_object_stream[Batch](0)
         self.log.info("worker_started", streams=list(self.settings.streams),
                       store=self.store.name, burst=self.settings.burst)
         with tuned_gc(self.settings.batch_size * GC_GEN0_PER_EVENT):
             await self._run_loops(reclaimer, send, recv)
-        self.log.info("worker_stopped")
 
     async def _run_loops(self, reclaimer: Any, send: MemoryObjectSendStream[Batch],
                          recv: MemoryObjectReceiveStream[Batch]) -> None:
         async with anyio.create_task_group() as side:
             side.start_soon(self._grace_watchdog)
             side.start_soon(self._supervise, "leases", self._lease_keeper)
-            if self.handle_signals:
-                side.start_soon(self._signal_watcher)
             for loop in self.side_loops:
                 side.start_soon(self._supervise, getattr(loop, "__name__", "loop"), loop)
             async with anyio.create_task_group() as pipe:
@@ -195,9 +250,10 @@ class Worker:
     async def _signal_watcher(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
-                if self.stopping and self._pipe_scope is not None:
+                if self.stopping:
                     self.log.warning("second_signal_cancelling", signal=signum)
-                    self._pipe_scope.cancel()
+                    if self._pipe_scope is not None:
+                        self._pipe_scope.cancel()
                     return
                 self.log.info("signal_received_draining", signal=signum,
                               grace_s=self.settings.shutdown_grace_s)
@@ -228,9 +284,8 @@ class Worker:
                 try:
                     entries = await read_group(self.redis, s.group, s.consumer, s.streams,
                                                s.batch_size, s.block_ms)
-                except REDIS_TRANSIENT as exc:
-                    self.metrics.redis_error(exc)
-                    self.log.warning("redis_unavailable", error=str(exc), retry_in_s=backoff)
+                except RedisUnavailable as exc:
+                    self.redis_error(exc, "read", retry_in_s=backoff)
                     await self.sleep_or_stop(backoff)
                     backoff = min(backoff * 2, 5.0)
                     continue
@@ -271,7 +326,7 @@ class Worker:
             more = await read_group(self.redis, s.group, s.consumer, s.streams,
                                     s.batch_size - len(entries), None)
         except Exception as exc:
-            if isinstance(exc, REDIS_TRANSIENT) or is_nogroup(exc):
+            if isinstance(exc, RedisUnavailable) or is_nogroup(exc):
                 return entries  # hand over what was read; the next read meets the error
             raise
         return entries + more
@@ -449,18 +504,59 @@ class Worker:
                          retry_in_s=round(wait, 3), error=str(exc)[:300])
 
     async def _settle(self, outcome: Outcome) -> None:
-        """Dead-letter and ACK; keeps trying while Redis is unreachable."""
-        delay = 0.1
-        while True:
-            try:
-                await settle(self.redis, self.settings.group, self.settings.consumer,
-                             outcome.written, outcome.dead)
-                return
-            except REDIS_TRANSIENT as exc:
-                self.metrics.redis_error(exc)
-                self.log.warning("ack_failed_retrying", error=str(exc), retry_in_s=delay)
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        """Dead-letter, check each reply, then ACK only what is stored or confirmed.
+
+        Redis errors are retried with backoff and jitter (unbounded while Redis is
+        unavailable or at ``maxmemory``: the writers wait, the reader stops). A dead
+        letter Redis refuses for good (WRONGTYPE …) is tried a few times, then its
+        entry is left pending for redelivery; ``outcome.dead`` keeps only the dead
+        letters Redis confirmed.
+        """
+        state = _Settling(list(outcome.written), list(outcome.dead))
+        state.check_existing = any(d.entry.deliveries > 1 for d in state.todo)
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type((RedisUnavailable, RedisRefused)),
+            wait=wait_exponential_jitter(multiplier=0.05, max=self.retry_max_backoff_s),
+            stop=_stop_when_refused(DEAD_LETTER_REFUSED_ATTEMPTS),
+            before_sleep=self._on_redis_retry("settle"),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    await self._settle_step(state)
+        except RedisRefused as exc:
+            left = [d.entry for d in state.todo]
+            self.redis_error(exc, "dead_letter", left_pending=len(left))
+            self.log.error("dead_letter_refused_left_pending", entries=len(left),
+                           error=exc.detail[:300])
+            outcome.abandoned.extend(left)
+        outcome.dead = state.confirmed
+
+    async def _settle_step(self, state: _Settling) -> None:
+        if state.todo and state.check_existing:
+            # A previous delivery (or attempt) may have written the dead letter before
+            # dying: do not write a second one for the same entry.
+            existing: set[tuple[str, str]] = set()
+            for stream in {d.entry.stream for d in state.todo}:
+                entries = [d.entry for d in state.todo if d.entry.stream == stream]
+                existing |= {(stream, i) for i in
+                             await dead_lettered_ids(self.redis, stream, entries)}
+            state.confirm([d for d in state.todo if (d.entry.stream, d.entry.id) in existing])
+            state.check_existing = False
+        refused: list[tuple[DeadLetter, RedisUnavailable | RedisRefused]] = []
+        if state.todo:
+            state.check_existing = True  # if the XADDs fail midway, which were written?
+            refused = await write_dead_letters(self.redis, self.settings.consumer, state.todo)
+            state.check_existing = False
+            not_written = {id(d) for d, _ in refused}
+            state.confirm([d for d in state.todo if id(d) not in not_written])
+        if state.to_ack:
+            await ack(self.redis, self.settings.group, state.to_ack)
+            state.to_ack = []
+        if refused:
+            errors = [e for _, e in refused]
+            raise next((e for e in errors if isinstance(e, RedisUnavailable)), errors[0])
 
     # -- leases ----------------------------------------------------------------------
 
@@ -476,18 +572,38 @@ class Worker:
             await anyio.sleep(interval)
             self.beat("leases")
             for stream, ids in list(self.held.items()):
-                pending: list[Any] = list(ids)
-                for i in range(0, len(pending), 1000):
-                    chunk = pending[i : i + 1000]
-                    try:
-                        await self.redis.xclaim(stream, self.settings.group,
-                                                self.settings.consumer, 0, chunk, justid=True)
-                    except REDIS_TRANSIENT as exc:
-                        self.metrics.redis_error(exc)
-                        self.log.warning("lease_refresh_failed", error=str(exc))
-                    except Exception as exc:
-                        if not is_nogroup(exc):
-                            raise
+                try:
+                    await refresh_leases(self.redis, stream, self.settings.group,
+                                         self.settings.consumer, list(ids))
+                except RedisUnavailable as exc:
+                    self.redis_error(exc, "lease")
+
+
+@dataclass(slots=True)
+class _Settling:
+    """Progress of one batch's settle across retries (nothing is written or ACKed twice)."""
+
+    to_ack: list[Entry]
+    todo: list[DeadLetter]
+    confirmed: list[DeadLetter] = field(default_factory=list)
+    check_existing: bool = False
+
+    def confirm(self, done: list[DeadLetter]) -> None:
+        if not done:
+            return
+        ids = {id(d) for d in done}
+        self.todo = [d for d in self.todo if id(d) not in ids]
+        self.confirmed.extend(done)
+        self.to_ack.extend(d.entry for d in done)
+
+
+def _stop_when_refused(attempts: int) -> Callable[[RetryCallState], bool]:
+    """Stop retrying a refused dead letter after ``attempts``; never while Redis is
+    merely unavailable."""
+    def stop(state: RetryCallState) -> bool:
+        exc = state.outcome.exception() if state.outcome else None
+        return isinstance(exc, RedisRefused) and state.attempt_number >= attempts
+    return stop
 
 
 #: Young-generation GC threshold per event of a batch while a worker runs.

@@ -30,3 +30,25 @@ class StoreUnavailable(StoreError):
 
 class StoreRejected(StoreError):
     """A permanent store failure for the data written: retrying cannot succeed."""
+
+
+class RedisUnavailable(AuditFleetError):
+    """Redis cannot serve a command now: unreachable, timed out, out of memory
+    (``maxmemory`` reached), loading, or a cluster slot moved/down. Back off and try
+    again; nothing was acknowledged on its account. ``kind`` names which (a metric label).
+    """
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+        self.detail = detail
+
+
+class RedisRefused(AuditFleetError):
+    """Redis refused a command for a reason retrying soon will not cure (e.g. the
+    dead-letter key holds another type: ``WRONGTYPE``). ``kind`` is a metric label."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+        self.detail = detail

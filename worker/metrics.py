@@ -50,6 +50,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import __version__
 from . import constants as c
+from .errors import RedisRefused, RedisUnavailable
 from .fleet import FleetCollector
 
 # ``x_created`` samples: one more series per labelled child, used by no rule or dashboard.
@@ -68,7 +69,7 @@ STORE_OUTCOMES = ("ok", "unavailable", "rejected", "error")
 
 #: Values of the ``kind`` label of ``redis_errors_total`` (see :func:`redis_error_kind`).
 REDIS_ERROR_KINDS = ("connection", "timeout", "oom", "loading", "readonly", "auth", "nogroup",
-                     "other")
+                     "moved", "cluster", "busy", "wrongtype", "refused", "other")
 
 #: Loops whose failed iterations ``loop_errors_total`` counts.
 SIDE_LOOPS = ("fleet", "trim")
@@ -225,6 +226,8 @@ class Metrics:
 
 def redis_error_kind(exc: BaseException) -> str:
     """The ``kind`` label of a Redis error: one of :data:`REDIS_ERROR_KINDS`."""
+    if isinstance(exc, RedisUnavailable | RedisRefused):
+        return exc.kind  # translated at the Redis edge (worker.redisio)
     if isinstance(exc, OutOfMemoryError):
         return "oom"
     if isinstance(exc, BusyLoadingError):

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from anyio.abc import ObjectSendStream
 
-from .redisio import Entry, entries_from_read, is_nogroup, text
+from .errors import RedisUnavailable
+from .redisio import Entry, entries_from_read, is_nogroup, text, translated
 
 if TYPE_CHECKING:
     from .consumer import Batch, Worker
@@ -39,6 +40,8 @@ class Reclaimer:
                 for stream in self.settings.streams:
                     try:
                         await self.sweep(stream, send)
+                    except RedisUnavailable as exc:
+                        self.worker.redis_error(exc, "reclaim", stream=stream)
                     except REDIS_TRANSIENT as exc:
                         self.metrics.redis_error(exc)
                         self.log.warning("reclaim_redis_unavailable", stream=stream,
@@ -83,9 +86,10 @@ class Reclaimer:
     async def claim(self, stream: str, cursor: str) -> tuple[str, list[Entry], list[str]]:
         """One XAUTOCLAIM call, with the delivery count of every claimed entry."""
         s = self.settings
-        reply: Any = await self.redis.xautoclaim(
-            stream, s.group, s.consumer, s.claim_idle_ms, cursor, count=s.batch_size
-        )
+        with translated():
+            reply: Any = await self.redis.xautoclaim(
+                stream, s.group, s.consumer, s.claim_idle_ms, cursor, count=s.batch_size
+            )
         next_cursor = text(reply[0])
         raw = reply[1] or []
         deleted = [text(i) for i in reply[2]] if len(reply) > 2 and reply[2] else []
@@ -101,8 +105,9 @@ class Reclaimer:
     async def delivery_counts(self, stream: str, entries: list[Entry]) -> dict[str, int]:
         """Delivery counts of entries this consumer now owns (one XPENDING range)."""
         s = self.settings
-        rows = await self.redis.xpending_range(
-            stream, s.group, min=entries[0].id, max=entries[-1].id,
-            count=len(entries) + 1000, consumername=s.consumer,
-        )
+        with translated():
+            rows = await self.redis.xpending_range(
+                stream, s.group, min=entries[0].id, max=entries[-1].id,
+                count=len(entries) + 1000, consumername=s.consumer,
+            )
         return {text(r["message_id"]): int(r["times_delivered"]) for r in rows}

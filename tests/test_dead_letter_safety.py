@@ -1,0 +1,282 @@
+"""The dead-letter path never acknowledges an entry whose dead letter Redis did not confirm.
+
+Redis at ``maxmemory`` refuses XADD (and XGROUP CREATE) but serves XACK; a dead-letter key
+holding another type answers WRONGTYPE; in a cluster the key may answer MOVED. In each case
+the entry stays pending, the worker keeps running and retries, and the dead letter is
+written once Redis accepts it — exactly once.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import anyio
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import (
+    ConnectionError as RedisConnectionError,
+)
+from redis.exceptions import (
+    MovedError,
+    OutOfMemoryError,
+    ResponseError,
+)
+
+from tests.conftest import RedisServers
+from tests.helpers import (
+    MemoryStore,
+    dlq_entries,
+    fill_to_maxmemory,
+    free_padding,
+    pending_count,
+    wait_until,
+)
+from worker import constants as c
+from worker import samples
+from worker.consumer import DEAD_LETTER_REFUSED_ATTEMPTS, Worker
+from worker.emitter import AuditEmitter
+from worker.errors import RedisRefused, RedisUnavailable
+from worker.metrics import Metrics
+from worker.redisio import DeadLetter, Entry, settle, translate, write_dead_letters
+from worker.settings import Settings
+
+pytestmark = [pytest.mark.anyio, pytest.mark.redis]
+
+GROUP = c.DEFAULT_GROUP
+LIMITED = ("--maxmemory", "16mb", "--maxmemory-policy", "noeviction")
+
+
+def _settings(url: str, stream: str, **extra: Any) -> Settings:
+    base: dict[str, Any] = dict(redis_url=url, streams=(stream,), metrics_port=0, block_ms=50,
+                                batch_size=100, claim_idle_ms=300, reclaim_interval_s=0.1,
+                                consumer="w1", max_deliveries=100)
+    base.update(extra)
+    return Settings(**base)
+
+
+def _events(n_runs: int, workspace: str = "ws_dlq") -> tuple[list[dict[str, Any]], list[str]]:
+    rng = random.Random(3)
+    runs = [samples.lead_triage_run(rng, workspace, f"run{i}", prompt_size=lambda r: 100)
+            for i in range(n_runs)]
+    return [e for r in runs for e in samples.run_events(r)], [r["runId"] for r in runs]
+
+
+def _errors(metrics: Metrics, kind: str) -> float:
+    value = metrics.registry.get_sample_value("audit_fleet_redis_errors_total", {"kind": kind})
+    return value or 0.0
+
+
+@pytest.mark.parametrize(("error", "kind"), [
+    (OutOfMemoryError("command not allowed when used memory > 'maxmemory'."), "oom"),
+    (MovedError("3999 127.0.0.1:6381"), "moved"),
+    (RedisConnectionError("Connection reset by peer"), "connection"),
+    (ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"),
+     "wrongtype"),
+])
+def test_redis_errors_are_translated_once_at_the_edge(error: Exception, kind: str) -> None:
+    """redis-py errors become RedisUnavailable (retry) or RedisRefused, with a metric kind."""
+    mapped = translate(error)
+    assert mapped is not None
+    assert mapped.kind == kind
+    assert isinstance(mapped, RedisRefused if kind == "wrongtype" else RedisUnavailable)
+    assert translate(ResponseError("NOGROUP No such key or consumer group")) is None
+    assert translate(ValueError("not Redis")) is None
+
+
+class _StubPipeline:
+    def __init__(self, owner: _StubRedis) -> None:
+        self.owner = owner
+
+    async def __aenter__(self) -> _StubPipeline:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    def xadd(self, key: str, fields: dict[Any, Any]) -> None:
+        self.owner.xadds.append(key)
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        return list(self.owner.replies)
+
+
+class _StubRedis:
+    """Answers each XADD of a pipeline with a scripted reply (a cluster's MOVED …)."""
+
+    def __init__(self, replies: list[Any]) -> None:
+        self.replies = replies
+        self.xadds: list[str] = []
+        self.acked: list[str] = []
+
+    def pipeline(self, transaction: bool = False) -> _StubPipeline:
+        return _StubPipeline(self)
+
+    async def xack(self, stream: str, group: str, *ids: str) -> int:
+        self.acked.extend(ids)
+        return len(ids)
+
+
+@pytest.mark.parametrize("refusal", [
+    OutOfMemoryError("command not allowed when used memory > 'maxmemory'."),
+    MovedError("3999 127.0.0.1:6381"),
+    ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"),
+])
+async def test_settle_acks_only_what_is_stored_or_confirmed(refusal: Exception) -> None:
+    """A refused dead-letter XADD leaves its entry unacknowledged; the others are ACKed."""
+    stored = Entry("s", "1-0", b"{}")
+    refused = DeadLetter(Entry("s", "2-0", b"x"), c.Reason.INVALID_JSON, "bad")
+    confirmed = DeadLetter(Entry("s", "3-0", b"y"), c.Reason.INVALID_JSON, "bad")
+    stub = _StubRedis([refusal, b"9-0"])
+    left = await settle(stub, GROUP, "w1", [stored], [refused, confirmed])  # type: ignore[arg-type]
+    assert stub.xadds == ["s:dlq", "s:dlq"]
+    assert stub.acked == ["1-0", "3-0"]
+    assert [d for d, _ in left] == [refused]
+
+
+async def test_dead_letter_refused_at_maxmemory_is_never_acked(
+    redis_servers: RedisServers,
+) -> None:
+    """At maxmemory the poison entry stays pending (no ACK without its dead letter), its
+    valid neighbours are stored and ACKed, the writer keeps running and counts the OOM
+    errors; once memory is freed the dead letter is written exactly once."""
+    url = redis_servers.start(*LIMITED)
+    client = aioredis.Redis.from_url(url)
+    stream = "dlqsafety:events"
+    try:
+        events, run_ids = _events(5)
+        await client.xgroup_create(stream, GROUP, id="0", mkstream=True)
+        emitter = AuditEmitter(client, [stream])
+        await emitter.emit_many(events[:6])
+        poison = await emitter.emit_raw(stream, b"{not json")
+        await emitter.emit_many(events[6:])
+        await fill_to_maxmemory(client)
+        store, metrics = MemoryStore(), Metrics()
+        worker = Worker(_settings(url, stream), store, client, metrics, retry_max_backoff_s=0.05)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+
+            async def neighbours_settled() -> bool:
+                return (len(store.runs) == len(run_ids) and _errors(metrics, "oom") >= 3
+                        and await pending_count(client, stream, GROUP) == 1)
+
+            await wait_until(neighbours_settled)
+            rows = await client.xpending_range(stream, GROUP, min="-", max="+", count=10)
+            assert [r["message_id"].decode() for r in rows] == [poison]
+            assert await client.xlen(stream + ":dlq") == 0
+            await free_padding(client)
+
+            async def dead_lettered() -> bool:
+                return (await client.xlen(stream + ":dlq") == 1
+                        and await pending_count(client, stream, GROUP) == 0)
+
+            await wait_until(dead_lettered)
+            worker.stop()
+        dead = await dlq_entries(client, stream)
+        assert [(d["id"], d["reason"]) for d in dead] == [(poison, c.Reason.INVALID_JSON)]
+        assert sorted(k[1] for k in store.runs) == sorted(run_ids)
+        assert metrics.registry.get_sample_value(
+            "audit_fleet_events_dead_lettered_total",
+            {"stream": stream, "reason": c.Reason.INVALID_JSON}) == 1
+    finally:
+        await client.aclose()
+
+
+async def test_worker_starts_at_maxmemory_and_waits_for_its_group(
+    redis_servers: RedisServers,
+) -> None:
+    """XGROUP CREATE refused with OOM: the worker reports, waits and retries (no crash);
+    once Redis has memory again it creates the group and stores the backlog."""
+    url = redis_servers.start(*LIMITED)
+    client = aioredis.Redis.from_url(url)
+    stream = "dlqsafety:events"
+    try:
+        events, run_ids = _events(3)
+        await AuditEmitter(client, [stream]).emit_many(events)
+        await fill_to_maxmemory(client)
+        store, metrics = MemoryStore(), Metrics()
+        worker = Worker(_settings(url, stream), store, client, metrics, retry_max_backoff_s=0.05)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+
+            async def refused_a_few_times() -> bool:
+                return _errors(metrics, "oom") >= 3
+
+            await wait_until(refused_a_few_times)
+            assert await client.xinfo_groups(stream) == []
+            await free_padding(client)
+
+            async def stored() -> bool:
+                return len(store.runs) == len(run_ids)
+
+            await wait_until(stored)
+            worker.stop()
+        assert await pending_count(client, stream, GROUP) == 0
+    finally:
+        await client.aclose()
+
+
+async def test_dead_letter_key_of_another_type_leaves_entries_pending(
+    redis_client: aioredis.Redis, stream: str, redis_url: str
+) -> None:
+    """WRONGTYPE on the dead-letter key: none of the bad entries is ACKed, the valid ones
+    are stored; once the key is fixed each bad entry is dead-lettered exactly once."""
+    events, run_ids = _events(4)
+    await redis_client.set(stream + ":dlq", "not a stream")
+    emitter = AuditEmitter(redis_client, [stream])
+    bad = []
+    for i, event in enumerate(events):
+        await emitter.emit_many([event])
+        if i < 10:
+            bad.append(await emitter.emit_raw(stream, b"[not json %d" % i))
+    store, metrics = MemoryStore(), Metrics()
+    worker = Worker(_settings(redis_url, stream), store, redis_client, metrics,
+                    retry_max_backoff_s=0.02)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+
+        async def refused() -> bool:
+            return (len(store.runs) == len(run_ids)
+                    and _errors(metrics, "wrongtype") >= DEAD_LETTER_REFUSED_ATTEMPTS
+                    and await pending_count(redis_client, stream, GROUP) == len(bad))
+
+        await wait_until(refused)
+        assert await redis_client.type(stream + ":dlq") == b"string"
+        await redis_client.delete(stream + ":dlq")
+
+        async def all_dead_lettered() -> bool:
+            return (await redis_client.exists(stream + ":dlq") == 1
+                    and await redis_client.xlen(stream + ":dlq") >= len(bad)
+                    and await pending_count(redis_client, stream, GROUP) == 0)
+
+        await wait_until(all_dead_lettered)
+        worker.stop()
+    dead = await dlq_entries(redis_client, stream)
+    assert sorted(d["id"] for d in dead) == sorted(bad)  # each exactly once
+    assert {d["reason"] for d in dead} == {c.Reason.INVALID_JSON}
+
+
+async def test_dead_letter_written_before_a_crash_is_not_written_twice(
+    redis_client: aioredis.Redis, stream: str, redis_url: str
+) -> None:
+    """A peer died between its dead-letter XADD and its XACK: the worker that reclaims the
+    entry finds the dead letter and ACKs without writing a second one."""
+    await redis_client.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    bad = await AuditEmitter(redis_client, [stream]).emit_raw(stream, b"{not json")
+    await redis_client.xreadgroup(GROUP, "crashed-peer", {stream: ">"}, count=10)
+    entry = Entry(stream, bad, b"{not json")
+    refused = await write_dead_letters(redis_client, "crashed-peer",
+                                       [DeadLetter(entry, c.Reason.INVALID_JSON, "bad")])
+    assert refused == []
+    worker = Worker(_settings(redis_url, stream, claim_idle_ms=100, reclaim_interval_s=0.05),
+                    MemoryStore(), redis_client, Metrics())
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+
+        async def reclaimed_and_acked() -> bool:
+            return await pending_count(redis_client, stream, GROUP) == 0
+
+        await wait_until(reclaimed_and_acked)
+        worker.stop()
+    dead = await dlq_entries(redis_client, stream)
+    assert [(d["id"], d["consumer"]) for d in dead] == [(bad, "crashed-peer")]
