@@ -6,7 +6,8 @@ Subcommands:
 ``report``    print the Markdown tables of a results JSON (for benchmarks/README.md)
 ``micro``     CPU per event of the worker's pure stages (decode, coalesce), in process
 ``produce``   (internal) one load-generating process
-``baseline``  (internal) the raw Redis loop or the naive writer, as a process
+``baseline``  (internal) the raw Redis loop, the FastStream peer or the naive writer, as a
+              process
 ``proxy``     (internal) the TCP proxy used by the outage scenario
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 import platform
 import shlex
@@ -71,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="crash: AUDIT_CLAIM_IDLE_MS, how soon peers reclaim (1000)")
     run.add_argument("--naive-seconds", type=float, help="how long the naive writer runs")
     run.add_argument("--no-baselines", action="store_true", help="skip the baselines")
+    run.add_argument("--no-faststream", action="store_true",
+                     help="skip the FastStream peer baseline (it needs the bench extra)")
     run.add_argument("--redis-url", default=os.environ.get("AUDIT_REDIS_URL",
                                                            "redis://127.0.0.1:6379/0"))
     run.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -122,7 +126,9 @@ def options(args: argparse.Namespace) -> Any:
         outage_after=args.outage_after, outage_for=args.outage_for,
         claim_idle_ms=args.claim_idle_ms,
         naive_seconds=args.naive_seconds or (3.0 if quick else 10.0),
-        baselines=not args.no_baselines, sample_interval=args.sample_ms / 1000, out=args.out,
+        baselines=not args.no_baselines,
+        faststream=not args.no_faststream and importlib.util.find_spec("faststream") is not None,
+        sample_interval=args.sample_ms / 1000, out=args.out,
         keep=args.keep, plot=not args.no_plot, profile=args.profile,
     )
 
@@ -164,6 +170,8 @@ async def run_plan(opts: Any) -> dict[str, Any]:
         if "max" in opts.scenarios:
             if opts.baselines:
                 await h.baseline_raw_redis(n_backlog)
+                if opts.faststream:
+                    await h.baseline_faststream(n_backlog)
             for store in stores:
                 null = store.startswith("null:")
                 results.append(await h.max(store, opts.workers or 1,
@@ -171,10 +179,12 @@ async def run_plan(opts: Any) -> dict[str, Any]:
                                            raw_upsert=opts.baselines and not null))
                 if null and opts.baselines:
                     await h.baseline_raw_redis(n_backlog)  # again: the mean brackets the run
+                    if opts.faststream:
+                        await h.baseline_faststream(n_backlog)
                 if opts.baselines and not null and store == real[0]:
                     await h.baseline_naive(store, 3_000 if q else 20_000)
-                if not null and opts.workers is None:
-                    results.append(await h.max(store, 2, n_store))  # how a second worker scales
+                if opts.workers is None:  # how a second worker process scales
+                    results.append(await h.max(store, 2, n_backlog if null else n_store))
 
         async def rate_for(store: str, workers: int, share: float) -> float:
             """``share`` of the saturation this many workers reached on this store."""
@@ -184,11 +194,12 @@ async def run_plan(opts: Any) -> dict[str, Any]:
                 results.append(await h.max(store, workers, min(n_store, 5_000)))
             return max(50.0, round(h.saturation.get((store, workers), 1000.0) * share, -1))
 
-        for store in real:
-            if "steady" in opts.scenarios:
+        if "steady" in opts.scenarios:
+            for store in stores:  # null:// too: the pipeline's own latency at half its ceiling
                 workers = opts.workers or 1
                 rate = await rate_for(store, workers, 0.5)
                 results.append(await h.steady(store, workers, rate, steady_s))
+        for store in real:
             if "burst" in opts.scenarios:
                 results.append(await h.burst(store, opts.workers or 2, n_store))
             if "crash" in opts.scenarios:

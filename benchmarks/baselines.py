@@ -5,6 +5,13 @@
     + XACK loop, no framework, no validation, no store, one round trip after another.
     A subprocess, observed by the same sampler as the workers.
 
+``faststream``
+    The peer a user would write instead of this project: a FastStream ``RedisBroker``
+    batch subscriber on the same stream and group (``StreamSub(batch=True,
+    max_records=batch_size)``, FastStream's own XREADGROUP and ack), whose handler decodes
+    each entry's event and groups the events by (workspace, run) — no validation, no
+    store. A subprocess (``faststream`` is in the ``bench`` extra), same sampler.
+
 ``naive``
     The unbatched design: for every entry, decode and validate it, write it to the store
     on its own (one store write) and acknowledge it on its own (one XACK). Uses the
@@ -84,6 +91,43 @@ async def raw_redis_loop(redis_url: str, stream: str, group: str, consumer: str,
     finally:
         await client.aclose()
     return {"events": done, "seconds": time.monotonic() - started}
+
+
+# -- FastStream peer ----------------------------------------------------------------------
+
+async def faststream_consumer(redis_url: str, stream: str, group: str, consumer: str,
+                              batch_size: int, events: int) -> dict[str, Any]:
+    """A FastStream batch consumer: decode each event, group it by run, until ``events``."""
+    from faststream.redis import RedisBroker, StreamSub
+    from faststream.redis.annotations import RedisBatchStreamMessage
+
+    broker = RedisBroker(redis_url, logger=None)
+    done = anyio.Event()
+    seen = [0]
+    runs_seen: set[tuple[str, str]] = set()
+
+    @broker.subscriber(stream=StreamSub(stream, group=group, consumer=consumer, batch=True,
+                                        max_records=batch_size, polling_interval=1000))
+    async def handle(msg: RedisBatchStreamMessage) -> None:
+        by_run: dict[tuple[str, str], list[Any]] = {}
+        entries = msg.raw_message["data"]
+        for fields in entries:
+            event = _decode(fields[b"event"])
+            key = (event.get("workspaceId"), event.get("runId"))
+            by_run.setdefault(key, []).append(event)
+        runs_seen.update(by_run)
+        seen[0] += len(entries)
+        if seen[0] >= events:
+            done.set()
+
+    await broker.start()
+    started = time.monotonic()
+    try:
+        await done.wait()
+    finally:
+        seconds = time.monotonic() - started
+        await broker.stop()
+    return {"events": seen[0], "seconds": seconds, "runs": len(runs_seen)}
 
 
 # -- naive per-event writer ---------------------------------------------------------------
@@ -295,7 +339,7 @@ async def raw_upsert(store_url: str, batches: list[WriteBatch], events: int,
 
 def main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks baseline")
-    p.add_argument("kind", choices=("raw-redis", "naive"))
+    p.add_argument("kind", choices=("raw-redis", "faststream", "naive"))
     p.add_argument("--redis-url", required=True)
     p.add_argument("--stream", required=True)
     p.add_argument("--group", required=True)
@@ -308,6 +352,9 @@ def main(argv: Sequence[str]) -> int:
     if args.kind == "raw-redis":
         result = anyio.run(raw_redis_loop, args.redis_url, args.stream, args.group,
                            args.consumer, args.batch_size, args.events)
+    elif args.kind == "faststream":
+        result = anyio.run(faststream_consumer, args.redis_url, args.stream, args.group,
+                           args.consumer, args.batch_size, args.events)
     else:
         result = anyio.run(naive_writer, args.redis_url, args.stream, args.group, args.consumer,
                            args.store_url, args.batch_size, args.seconds)
@@ -315,4 +362,5 @@ def main(argv: Sequence[str]) -> int:
     return 0
 
 
-__all__ = ["main", "naive_writer", "raw_redis_loop", "raw_upsert", "read_batches"]
+__all__ = ["faststream_consumer", "main", "naive_writer", "raw_redis_loop", "raw_upsert",
+           "read_batches"]

@@ -81,6 +81,7 @@ class Options:
     claim_idle_ms: int = 1000
     naive_seconds: float = 4.0
     baselines: bool = True
+    faststream: bool = True  # the FastStream peer baseline (bench extra)
     sample_interval: float = 0.02
     detail: int = 1000
     out: Path = Path("benchmarks/results")
@@ -673,27 +674,41 @@ class Harness:
     # -- baselines ----------------------------------------------------------------------------
 
     async def baseline_raw_redis(self, events: int) -> dict[str, Any]:
+        return await self._baseline_loop(
+            "raw-redis", "raw_redis_loop", events,
+            "XREADGROUP COUNT batch_size + msgspec JSON decode of each entry + one XACK per "
+            "batch, sequential, no framework")
+
+    async def baseline_faststream(self, events: int) -> dict[str, Any]:
+        return await self._baseline_loop(
+            "faststream", "faststream_consumer", events,
+            "FastStream RedisBroker batch subscriber (StreamSub batch=True, max_records="
+            "batch_size, FastStream's read and ack); the handler decodes each event and "
+            "groups the batch by run")
+
+    async def _baseline_loop(self, kind: str, key: str, events: int,
+                             method: str) -> dict[str, Any]:
+        """One run of a baseline consumer process; the recorded rate is the mean of its runs."""
         o = self.opts
 
-        def spawn_raw(cfg: WorkerConfig, name: str) -> Child:
-            args = [python(), "-m", "benchmarks", "baseline", "raw-redis", "--redis-url",
+        def spawn_loop(cfg: WorkerConfig, name: str) -> Child:
+            args = [python(), "-m", "benchmarks", "baseline", kind, "--redis-url",
                     o.redis_url, "--stream", cfg.stream, "--group", GROUP, "--consumer", name,
                     "--batch-size", str(o.batch_size), "--events", str(events)]
             return spawn(name, args, {}, self.dir / "logs" / f"{name}.log")
 
-        run = await self.run_load("baseline-raw-redis", "null://", workers=1, events=events,
-                                  preload=True, spawn_one=spawn_raw, record=False)
-        result = await self.analyze(run, "baseline-raw-redis", account_store=False,
+        run = await self.run_load(f"baseline-{kind}", "null://", workers=1, events=events,
+                                  preload=True, spawn_one=spawn_loop, record=False)
+        result = await self.analyze(run, f"baseline-{kind}", account_store=False,
                                     memory_budget=False)
-        result["method"] = ("XREADGROUP COUNT batch_size + msgspec JSON decode of each entry + "
-                            "one XACK per batch, sequential, no framework")
-        runs = [*self.baselines.get("raw_redis_loop", {}).get("runs", []), result]
+        result["method"] = method
+        runs = [*self.baselines.get(key, {}).get("runs", []), result]
         rates = [r["events_per_s"] for r in runs if r.get("events_per_s")]
-        self.baselines["raw_redis_loop"] = {
+        self.baselines[key] = {
             "events_per_s": round(sum(rates) / len(rates), 1) if rates else None,
             "cpu_us_per_event": runs[-1].get("cpu_us_per_event"),
-            "method": result["method"] + "; measured before and after the null-store worker "
-                      "run, mean of the two",
+            "method": method + "; measured before and after the null-store worker run, "
+                      "mean of the two",
             "runs": runs,
         }
         return result

@@ -289,12 +289,19 @@ def test_targets_compare_ratios_within_one_run() -> None:
     pg = "postgresql://postgres@127.0.0.1:5432/audit_bench"
     baselines = {
         "raw_redis_loop": {"events_per_s": 50_000.0},
+        "faststream_consumer": {"events_per_s": 25_000.0},
         "raw_store_upsert": {"store": pg, "events_per_s": 10_000.0},
         "naive_per_event": {"store": pg, "events_per_s": 400.0},
     }
     results = [
         {"scenario": "max", "label": "max null", "store": "null://", "workers": 1,
          "events_per_s": 46_000.0, "lost": 0, "duplicates": None},
+        {"scenario": "max", "label": "max null 2", "store": "null://", "workers": 2,
+         "events_per_s": 52_000.0, "lost": 0, "duplicates": None},
+        {"scenario": "max", "label": "max postgresql 2", "store": pg, "workers": 2,
+         "events_per_s": 8_600.0, "lost": 0, "duplicates": 0},
+        {"scenario": "steady", "label": "steady null", "store": "null://", "workers": 1,
+         "target_rate": 23000.0, "latency_ms": {"p99": 120.0}, "lost": 0, "duplicates": None},
         {"scenario": "max", "label": "max postgresql", "store": pg, "workers": 1,
          "events_per_s": 7_000.0, "lost": 0, "duplicates": 0, "within_budget": True,
          "peak_rss_mib": 70.0, "memory_budget_mib": 80.0, "events": 10},
@@ -303,7 +310,15 @@ def test_targets_compare_ratios_within_one_run() -> None:
     ]
     verdicts = {t["target"]: t["met"] for t in report.targets(results, baselines)}
     values = {t["target"]: t["value"] for t in report.targets(results, baselines)}
+    assert values["null store, 1 worker vs raw XREADGROUP+decode+XACK loop"] == 0.92
     assert verdicts["null store, 1 worker vs raw XREADGROUP+decode+XACK loop"] is True
+    assert values["null store, 1 worker vs the FastStream batch consumer"] == 1.84
+    assert verdicts["null store, 1 worker vs the FastStream batch consumer"] is False
+    assert values["null store, 2 workers vs raw XREADGROUP+decode+XACK loop"] == 1.04
+    assert verdicts["null store, 2 workers vs raw XREADGROUP+decode+XACK loop"] is False
+    assert values["postgresql store, 2 workers vs its raw batched upsert"] == 0.86
+    assert verdicts["postgresql store, 2 workers vs its raw batched upsert"] is True
+    assert verdicts["steady null at 23000.0 ev/s: p99 end-to-end"] is False
     assert values["postgresql store, 1 worker vs its raw batched upsert"] == 0.7
     assert verdicts["postgresql store, 1 worker vs its raw batched upsert"] is False
     assert verdicts["postgresql store, 1 worker vs naive per-event writer"] is True
@@ -312,8 +327,9 @@ def test_targets_compare_ratios_within_one_run() -> None:
     assert verdicts["steady postgresql: lost = 0 and duplicates = 0"] is False
     assert verdicts["max postgresql: peak worker RSS within budget"] is True
     table = report.results_table(results, baselines)
-    assert table.count("| max |") == 2
+    assert table.count("| max |") == 4
     assert "| steady | postgresql | 1 |" in table
+    assert "| steady | null | 1 |" in table
     assert "| baseline-raw-upsert | postgresql |" in table
 
 
