@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from worker import constants as c
 from worker.fleet import (
+    FleetCollector,
     acquire_poller,
     fleet_loop,
     fleet_side_loop,
@@ -83,6 +84,56 @@ async def test_status_reports_length_lag_pending_age_consumers_and_dlq(
     assert abs(status.taken_at_ms / 1000 - time.time()) < 5
 
 
+async def test_a_drained_backlog_is_old_but_not_idle(
+    redis_client: aioredis.Redis, stream: str
+) -> None:
+    """Regression: the stuck alert read the time since append, so it fired on every drain of
+    a backlog older than 15 minutes. Entries appended 20 minutes ago and delivered now are
+    old (latency) but have waited only since their delivery (not stuck)."""
+    now_ms = int(time.time() * 1000)
+    appended = now_ms - 20 * 60 * 1000
+    ids = [(await redis_client.xadd(stream, {c.EVENT_FIELD: b"{}"}, id=f"{appended + i}-0"))
+           .decode() for i in range(3)]
+    await redis_client.xgroup_create(stream, "writers", id="0")
+    await redis_client.xreadgroup("writers", "alice", {stream: ">"}, count=3)
+
+    status = await fleet_status(redis_client, [stream], "writers")
+
+    (g,) = status.streams[0].groups
+    assert g.oldest_pending_id == ids[0]
+    assert g.oldest_pending_age_s == pytest.approx((status.taken_at_ms - appended) / 1000,
+                                                   abs=0.001)
+    assert g.oldest_pending_age_s > 1199
+    assert g.max_pending_idle_s is not None
+    assert 0 <= g.max_pending_idle_s < 5
+
+    collector = FleetCollector("audit_fleet")
+    collector.update(status)
+    got = {(f.name, s.value) for f in collector.collect() for s in f.samples
+           if f.name.startswith("audit_fleet_group_")}
+    assert ("audit_fleet_group_pending_max_idle_seconds", g.max_pending_idle_s) in got
+    assert ("audit_fleet_group_oldest_pending_age_seconds", g.oldest_pending_age_s) in got
+
+
+async def test_pending_idle_is_the_longest_time_since_delivery(
+    redis_client: aioredis.Redis, stream: str
+) -> None:
+    """An entry a consumer holds without acknowledging grows its idle time; a fresh claim
+    of another resets only that one."""
+    ids = await add(redis_client, stream, 3)
+    await redis_client.xgroup_create(stream, "writers", id="0")
+    await redis_client.xreadgroup("writers", "alice", {stream: ">"}, count=3)
+    await anyio.sleep(0.3)
+    await redis_client.xclaim(stream, "writers", "bob", 0, [ids[0]], justid=True)
+
+    status = await fleet_status(redis_client, [stream], "writers")
+
+    (g,) = status.streams[0].groups
+    assert g.max_pending_idle_s is not None
+    assert 0.3 <= g.max_pending_idle_s < 5
+    assert g.to_dict()["max_pending_idle_s"] == g.max_pending_idle_s
+
+
 async def test_status_of_missing_stream_and_group(
     redis_client: aioredis.Redis, stream: str
 ) -> None:
@@ -147,7 +198,8 @@ async def test_status_json_form_is_stable(redis_client: aioredis.Redis, stream: 
     assert s["dead_letter_stream"] == stream + ":dlq"
     (g,) = s["groups"]
     assert set(g) == {"group", "exists", "lag", "pending", "entries_read", "last_delivered_id",
-                      "oldest_pending_id", "oldest_pending_age_s", "consumers"}
+                      "oldest_pending_id", "oldest_pending_age_s", "max_pending_idle_s",
+                      "consumers"}
     assert g["consumers"] == [{"name": "a", "pending": 1, "idle_ms": g["consumers"][0]["idle_ms"]}]
 
 

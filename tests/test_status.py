@@ -61,12 +61,13 @@ async def test_render_shows_streams_groups_and_consumers(
     assert stream_row.split() == [stream, "8", ids[0], ids[-1], "1"]
     header = next(line for line in lines if line.startswith("STREAM") and "LAG" in line)
     assert header.split() == ["STREAM", "GROUP", "LAG", "PENDING", "OLDEST-PENDING",
-                              "CONSUMERS", "LAST-DELIVERED-ID"]
+                              "MAX-IDLE", "CONSUMERS", "LAST-DELIVERED-ID"]
     group_row = next(line for line in lines if " audit-writers " in line and ids[4] in line)
     cells = group_row.split()
     assert cells[:4] == [stream, "audit-writers", "3", "4"]
     assert cells[4].endswith(("ms", "s"))
-    assert cells[5:] == ["2", ids[4]]
+    assert cells[5].endswith(("ms", "s"))
+    assert cells[6:] == ["2", ids[4]]
     consumers = [line.split() for line in lines if "host-" in line]
     assert [row[2:4] for row in consumers] == [["host-a-1", "2"], ["host-b-7", "2"]]
     assert "archiver" not in text
@@ -118,5 +119,5 @@ async def test_render_of_an_empty_fleet(redis_client: aioredis.Redis, stream: st
     text = render(await fleet_status(redis_client, [stream], "audit-writers"))
     rows = [line.split() for line in text.splitlines()]
     assert [stream, "missing", "-", "-", "0"] in rows
-    assert [stream, "audit-writers", "missing", "-", "-", "-", "-"] in rows
+    assert [stream, "audit-writers", "missing", "-", "-", "-", "-", "-"] in rows
     assert "(no consumers)" in text

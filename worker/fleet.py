@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +43,9 @@ STATUS_SCHEMA_VERSION = 1
 
 #: A consumer that has not tried to read for this long does not count as active.
 ACTIVE_CONSUMER_IDLE_S = 120.0
+
+#: Pending entries (lowest IDs first) whose time since delivery is read per group and poll.
+PENDING_IDLE_SCAN = 1000
 
 #: Renew the poller lock for this many poll intervals.
 LOCK_INTERVALS = 3
@@ -114,6 +117,9 @@ class GroupStatus:
     last_delivered_id: str | None = None
     oldest_pending_id: str | None = None
     oldest_pending_age_s: float | None = None
+    #: The longest time since delivery among pending entries (XPENDING idle): what a stuck
+    #: consumer drives up. A backlog being drained has old entries but short idle times.
+    max_pending_idle_s: float | None = None
     consumers: tuple[ConsumerStatus, ...] = ()
 
     def active_consumers(self, idle_s: float = ACTIVE_CONSUMER_IDLE_S) -> int:
@@ -130,6 +136,7 @@ class GroupStatus:
             "last_delivered_id": self.last_delivered_id,
             "oldest_pending_id": self.oldest_pending_id,
             "oldest_pending_age_s": self.oldest_pending_age_s,
+            "max_pending_idle_s": self.max_pending_idle_s,
             "consumers": [x.to_dict() for x in self.consumers],
         }
 
@@ -260,6 +267,8 @@ async def fleet_status(
             for i, gname in present:
                 pipe.xpending(partial[i][0].name, gname)
                 pipe.xinfo_consumers(partial[i][0].name, gname)
+                pipe.xpending_range(partial[i][0].name, gname, min="-", max="+",
+                                    count=PENDING_IDLE_SCAN)
             details = await pipe.execute(raise_on_error=False)
 
     group_lists: list[list[GroupStatus]] = [[] for _ in partial]
@@ -270,14 +279,19 @@ async def fleet_status(
             if stream.exists or group is not None:
                 group_lists[i].append(GroupStatus(gname, exists=False))
             continue
-        pending_summary, consumers = details[2 * k], details[2 * k + 1]
+        pending_summary, consumers, pending = details[3 * k: 3 * k + 3]
         k += 1
-        if _is_nogroup(pending_summary) or _is_nogroup(consumers):
+        if any(_is_nogroup(x) for x in (pending_summary, consumers, pending)):
             group_lists[i].append(GroupStatus(gname, exists=False))  # deleted meanwhile
             continue
         _raise_unexpected(pending_summary)
         _raise_unexpected(consumers)
-        group_lists[i].append(_group(stream, gname, ginfo, pending_summary, consumers, now_ms))
+        _raise_unexpected(pending)
+        described = _group(stream, gname, ginfo, pending_summary, consumers, now_ms)
+        idle_ms = [int(x["time_since_delivered"]) for x in pending]
+        group_lists[i].append(replace(
+            described, max_pending_idle_s=max(idle_ms) / 1000 if idle_ms else None
+        ))
 
     return FleetStatus(
         taken_at_ms=now_ms,
@@ -378,7 +392,11 @@ class FleetCollector(Collector):
             ("group_pending", "Entries delivered but not acknowledged (XPENDING)",
              ["stream", "group"]),
             ("group_oldest_pending_age_seconds",
-             "Age of the oldest pending entry, from its ID's time; 0 when none is pending",
+             "Time since the oldest pending entry was appended (from its ID; latency); 0 when "
+             "none is pending", ["stream", "group"]),
+            ("group_pending_max_idle_seconds",
+             "Longest time since delivery among pending entries (XPENDING idle; a stuck "
+             f"consumer; the {PENDING_IDLE_SCAN} lowest IDs); 0 when none is pending",
              ["stream", "group"]),
             ("group_consumers", "Consumers registered in the group (alive or dead)",
              ["stream", "group"]),
@@ -418,6 +436,9 @@ class FleetCollector(Collector):
                 f["group_pending"].add_metric(labels, g.pending)
                 f["group_oldest_pending_age_seconds"].add_metric(
                     labels, g.oldest_pending_age_s or 0.0
+                )
+                f["group_pending_max_idle_seconds"].add_metric(
+                    labels, g.max_pending_idle_s or 0.0
                 )
                 f["group_consumers"].add_metric(labels, len(g.consumers))
                 f["group_active_consumers"].add_metric(

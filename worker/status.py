@@ -1,7 +1,9 @@
 """``audit-fleet status``: the fleet at a glance, like ``kafka-consumer-groups --describe``.
 
 Per stream: length, first and last IDs and the dead-letter length; per group: lag,
-pending, the age of the oldest pending entry and the last delivered ID; per consumer:
+pending, the age of the oldest pending entry (since it was appended), the longest time a
+pending entry has waited since its delivery (``MAX-IDLE``: a stuck consumer) and the last
+delivered ID; per consumer:
 pending and idle time. ``--json`` prints the stable form (``FleetStatus.to_dict``,
 schema version 1) for scripts.
 """
@@ -110,7 +112,7 @@ def render(status: FleetStatus) -> str:
     for s in status.streams:
         for g in s.groups:
             if not g.exists:
-                group_rows.append([s.name, g.name, "missing", "-", "-", "-", "-"])
+                group_rows.append([s.name, g.name, "missing", "-", "-", "-", "-", "-"])
                 continue
             group_rows.append([
                 s.name,
@@ -118,6 +120,7 @@ def render(status: FleetStatus) -> str:
                 _num(g.lag),
                 str(g.pending),
                 human_duration(g.oldest_pending_age_s),
+                human_duration(g.max_pending_idle_s),
                 str(len(g.consumers)),
                 g.last_delivered_id or "-",
             ])
@@ -127,7 +130,7 @@ def render(status: FleetStatus) -> str:
                 )
     if group_rows:
         sections.append(format_table(
-            ["STREAM", "GROUP", "LAG", "PENDING", "OLDEST-PENDING", "CONSUMERS",
+            ["STREAM", "GROUP", "LAG", "PENDING", "OLDEST-PENDING", "MAX-IDLE", "CONSUMERS",
              "LAST-DELIVERED-ID"],
             group_rows,
         ))
