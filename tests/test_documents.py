@@ -277,3 +277,32 @@ def test_summary_counts_each_execution_once(scenario: Scenario) -> None:
         assert run["summary"]["totalTokens"] == sum(
             sum((d.get("tokens_used") or {}).values()) for d in mine)
         assert run["status"] != RUNNING or run["completedAt"] is None
+
+
+#: Action shapes real engines send, and the name the summary gives each.
+ACTION_SHAPES: list[tuple[Any, str | None]] = [
+    ("salesforce.create_lead", "salesforce.create_lead"),
+    ({"type": "hubspot.update", "id": "1"}, "hubspot.update"),
+    ({"system": "salesforce", "operation": "create_lead", "ref": "00Q123"},
+     "salesforce.create_lead"),
+    ({"system": "slack", "ref": "C1"}, "slack"),
+    ({"operation": "send_email"}, "send_email"),
+    ({"name": "notify-owner", "channel": "email"}, "notify-owner"),
+    ({"type": 7, "name": "typed-by-number"}, "typed-by-number"),
+    ({"ref": "anonymous"}, None),
+    ("", None),
+]
+
+
+def test_actions_without_a_type_are_stored_as_sent_and_named_by_their_other_fields() -> None:
+    """No action shape rejects a node: the summary names it by type, system/operation or name."""
+    actions = [shape for shape, _ in ACTION_SHAPES]
+    nodes = [node(f"n{i}", "action", T0, T0 + timedelta(seconds=1)) for i in range(20)]
+    nodes[7]["actions"] = actions
+    snapshot = event(ev.RUN_SNAPSHOT, "w", "r", "e1", T0, status="completed", nodes=nodes)
+    runs, stored = fold(decoded([snapshot]))
+    assert len(stored) == 20
+    (seventh,) = [n for n in stored.values() if n["nodeId"] == "n7"]
+    assert seventh["actions"] == actions
+    assert runs[("w", "r")]["summary"]["actionsPerformed"] == sorted(
+        {name for _, name in ACTION_SHAPES if name is not None})

@@ -179,3 +179,22 @@ def test_printable_identifiers_exclude_bidi_and_separator_characters(char: str) 
     """Characters that reorder or break a line of a terminal or log are not printable."""
     assert _reason({**BASE, "runId": f"run{char}x"}) == Reason.SCHEMA
     assert _decode({**BASE, "runId": "run é 東京 ✓"}).doc["runId"] == "run é 東京 ✓"
+
+
+@pytest.mark.parametrize("action", [
+    {"system": "salesforce", "operation": "create_lead", "ref": "00Q123"},
+    {"type": 7}, {"type": ""}, {"type": "x" * 500}, {},
+], ids=repr)
+def test_an_action_object_is_valid_whatever_its_fields(action: dict[str, Any]) -> None:
+    """An action is a string or any object: a cosmetic field never rejects its node."""
+    event = {**BASE, "type": "node.completed",
+             "node": {**NODE, "type": "action", "actions": ["crm.sync", action]}}
+    assert _decode(event).doc["node"]["actions"] == ["crm.sync", action]
+
+
+@pytest.mark.parametrize("actions", [[7], [None], "crm.sync", {"type": "crm.sync"}], ids=repr)
+def test_actions_are_a_list_of_strings_or_objects(actions: Any) -> None:
+    """A non-list, or an element that is neither a string nor an object, is a schema violation."""
+    event = {**BASE, "type": "node.completed",
+             "node": {**NODE, "type": "action", "actions": actions}}
+    assert _reason(event) == Reason.SCHEMA

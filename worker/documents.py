@@ -79,12 +79,22 @@ def node_key(run_id: str, node_id: str, attempt: int) -> str:
 
 
 def action_name(action: Any) -> str | None:
+    """How the summary names an action: a string as is; an object by its ``type``, else
+    ``system.operation`` (or whichever of the two it has), else its ``name``; else None.
+    """
     if isinstance(action, str):
-        return action
-    if isinstance(action, Mapping):
-        name = action.get("type")
-        return name if isinstance(name, str) else None
-    return None
+        return action or None
+    if not isinstance(action, Mapping):
+        return None
+    kind = action.get("type")
+    if isinstance(kind, str) and kind:
+        return kind
+    parts = [p for p in (action.get("system"), action.get("operation"))
+             if isinstance(p, str) and p]
+    if parts:
+        return ".".join(parts)
+    name = action.get("name")
+    return name if isinstance(name, str) and name else None
 
 
 def node_tokens(node: Mapping[str, Any]) -> int:

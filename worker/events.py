@@ -57,12 +57,6 @@ class Tokens(Struct, frozen=True):
     output: Count = 0
 
 
-class Action(Struct, frozen=True):
-    """An external side effect; ``type`` names it (``salesforce.create_lead``)."""
-
-    type: Label
-
-
 class ErrorInfo(Struct, frozen=True):
     type: str | None = None
     message: str | None = None
@@ -90,7 +84,9 @@ class Node(Struct, frozen=True):
     evaluation: Any = None
     result: Any = None
     skippedBranches: list[str] | None = None
-    actions: list[str | Action] | None = None
+    #: External side effects, stored as sent: a name or any object (see
+    #: :func:`worker.documents.action_name` for how the summary names them).
+    actions: list[str | dict[str, Any]] | None = None
     error: ErrorInfo | None = None
 
 
