@@ -52,6 +52,7 @@ class Reason:
     SCHEMA = "schema_violation"
     STORE_REJECTED = "store_rejected"
     MAX_DELIVERIES = "max_deliveries"
+    PROCESSING_ERROR = "processing_error"
 
 
 #: Every dead-letter reason (metrics start each stream x reason at 0).

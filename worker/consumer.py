@@ -34,7 +34,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 from tenacity.wait import wait_exponential_jitter
 
 from . import constants as c
-from .documents import WriteBatch, coalesce
+from .documents import WriteBatch, coalesce, coalesce_each
 from .errors import InvalidEvent, RedisRefused, RedisUnavailable, StoreRejected, StoreUnavailable
 from .events import Decoded, decode
 from .logs import get_logger
@@ -109,7 +109,13 @@ def prepare(
             valid.append((str(index), decode(entry.payload, max_bytes=max_bytes)))
         except InvalidEvent as exc:
             dead.append(DeadLetter(entry, exc.reason, exc.detail))
+        except Exception as exc:  # a defect met by this entry: its verdict, not the batch's
+            dead.append(DeadLetter(entry, c.Reason.PROCESSING_ERROR, _failure("decode", exc)))
     return valid, dead
+
+
+def _failure(stage: str, exc: BaseException) -> str:
+    return f"{stage}: {type(exc).__name__}: {exc}"
 
 
 class Worker:
@@ -403,8 +409,13 @@ class Worker:
         valid, dead = prepare(batch.entries, s.max_event_bytes, s.max_deliveries)
         outcome = Outcome(dead=dead)
         if valid:
-            by_source = {source: batch.entries[int(source)] for source, _ in valid}
-            await self._write_all(coalesce(valid), by_source, outcome)
+            work = _Work(outcome, {src: batch.entries[int(src)] for src, _ in valid}, dict(valid))
+            coalesced, failed = coalesce_each(valid)
+            for source, exc in failed.items():
+                outcome.dead.append(DeadLetter(work.by_source[source], c.Reason.PROCESSING_ERROR,
+                                               _failure("coalesce", exc)))
+            if coalesced.runs:
+                await self._write_all(coalesced, work)
         await self._settle(outcome)
         self.release(batch.entries)
         now_ms = time.time() * 1000
@@ -421,28 +432,33 @@ class Worker:
             self.metrics.batch_size.observe(len(outcome.written))
         return outcome
 
-    async def _write_all(
-        self, batch: WriteBatch, by_source: dict[str, Entry], outcome: Outcome
-    ) -> None:
+    async def _write_all(self, batch: WriteBatch, work: _Work) -> None:
+        """Write ``batch``; a part the store rejects, or fails on unexpectedly, is split
+        (per run, then per entry) until only the entries at fault are left."""
+        outcome = work.outcome
         try:
             result = await self._write(batch)
         except StoreRejected as exc:
-            if len(batch.runs) <= 1:
-                self._reject(batch, str(exc), by_source, outcome)
+            parts = work.split(batch)
+            if parts is None:
+                self._reject(batch, str(exc), work.by_source, outcome)
                 return
-            self.log.warning("batch_rejected_splitting", runs=len(batch.runs), error=str(exc)[:300])
-            for part in batch.split_by_run():
-                await self._write_all(part, by_source, outcome)
+            self.log.warning("batch_rejected_splitting", runs=len(batch.runs), parts=len(parts),
+                             error=str(exc)[:300])
+            for part in parts:
+                await self._write_all(part, work)
             return
         except Exception as exc:
-            if len(batch.runs) > 1:
-                self.log.exception("batch_failed_splitting", runs=len(batch.runs))
-                for part in batch.split_by_run():
-                    await self._write_all(part, by_source, outcome)
+            parts = work.split(batch)
+            if parts is not None:
+                self.log.exception("batch_failed_splitting", runs=len(batch.runs),
+                                   parts=len(parts))
+                for part in parts:
+                    await self._write_all(part, work)
                 return
-            # One run that fails for an unknown reason: leave it pending; it is
+            # One entry that fails for an unknown reason: leave it pending; it is
             # redelivered by reclaim and dead-lettered after AUDIT_MAX_DELIVERIES.
-            entries = [by_source[src] for src in batch.sources()]
+            entries = [work.by_source[src] for src in batch.sources()]
             self.log.error("write_failed_leaving_pending", error=repr(exc)[:300],
                            entries=len(entries))
             outcome.abandoned.extend(entries)
@@ -450,12 +466,12 @@ class Worker:
         rejected: set[str] = set()
         for rejection in result.rejected:
             for source in rejection.sources:
-                if source not in rejected and source in by_source:
+                if source not in rejected and source in work.by_source:
                     rejected.add(source)
-                    outcome.dead.append(DeadLetter(by_source[source], c.Reason.STORE_REJECTED,
-                                                   rejection.reason))
-        outcome.written.extend(by_source[src] for src in sorted(batch.sources() - rejected,
-                                                                 key=int))
+                    outcome.dead.append(DeadLetter(work.by_source[source],
+                                                   c.Reason.STORE_REJECTED, rejection.reason))
+        outcome.written.extend(work.by_source[src]
+                               for src in sorted(batch.sources() - rejected, key=int))
 
     def _reject(self, batch: WriteBatch, reason: str, by_source: dict[str, Entry],
                 outcome: Outcome) -> None:
@@ -577,6 +593,24 @@ class Worker:
                                          self.settings.consumer, list(ids))
                 except RedisUnavailable as exc:
                     self.redis_error(exc, "lease")
+
+
+@dataclass(slots=True)
+class _Work:
+    """One batch being written: its outcome, and its entries and events by source."""
+
+    outcome: Outcome
+    by_source: dict[str, Entry]
+    decoded: dict[str, Decoded]
+
+    def split(self, batch: WriteBatch) -> list[WriteBatch] | None:
+        """Smaller parts of ``batch``: one per run, else one per entry; None for one entry."""
+        if len(batch.runs) > 1:
+            return batch.split_by_run()
+        sources = sorted(batch.sources(), key=int)
+        if len(sources) <= 1:
+            return None
+        return [coalesce([(src, self.decoded[src])]) for src in sources]
 
 
 @dataclass(slots=True)

@@ -30,7 +30,7 @@ as the same document whatever the order.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
@@ -419,6 +419,37 @@ def coalesce(items: Iterable[tuple[str, ev.Decoded]]) -> WriteBatch:
         run, nodes = patches(decoded, source)
         batch.add(run, nodes)
     return batch
+
+
+def coalesce_each(
+    items: Sequence[tuple[str, ev.Decoded]],
+) -> tuple[WriteBatch, dict[str, Exception]]:
+    """:func:`coalesce`, with each event's failure its own: the batch of every event that
+    coalesced, and the exception of each (by source) that did not.
+
+    An exception while merging an event into the batch may have changed the patches it
+    was merged into, so the batch is then built again without that event.
+    """
+    failed: dict[str, Exception] = {}
+    while True:
+        batch = WriteBatch()
+        culprit: str | None = None
+        for source, decoded in items:
+            if source in failed:
+                continue
+            try:
+                run, nodes = patches(decoded, source)
+            except Exception as exc:
+                failed[source] = exc
+                continue
+            try:
+                batch.add(run, nodes)
+            except Exception as exc:
+                failed[source] = exc
+                culprit = source
+                break
+        if culprit is None:
+            return batch, failed
 
 
 def fold(items: Iterable[ev.Decoded]) -> tuple[dict[tuple[str, str], dict[str, Any]],
