@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -24,8 +26,10 @@ class ControlledStore:
         self.delay = 0.0
         self.crash_runs: set[str] = set()   # raise an unexpected error (a poison message)
         self.reject_runs: set[str] = set()  # raise StoreRejected (permanent)
+        self.gate: anyio.Event | None = None  # set: writes wait until it is set
         self.writes = 0
         self.failures = 0
+        self.entered = 0  # writes begun (before the delay, the gate or a failure)
 
     async def open(self) -> None:
         await self.inner.open()
@@ -42,6 +46,9 @@ class ControlledStore:
         await self.inner.ping()
 
     async def write(self, batch: WriteBatch) -> WriteResult:
+        self.entered += 1
+        if self.gate is not None:
+            await self.gate.wait()
         if self.delay:
             await anyio.sleep(self.delay)
         if self.down:
@@ -74,6 +81,31 @@ class ControlledStore:
 
     async def delete_runs(self, workspace: str, run_ids: Sequence[str]) -> int:
         return await self.inner.delete_runs(workspace, run_ids)
+
+
+Condition = Callable[[], bool | Awaitable[bool]]
+
+
+async def wait_until(condition: Condition, within_s: float = 20.0, interval: float = 0.02,
+                     what: str = "") -> float:
+    """Poll ``condition`` (a function or a coroutine function) until it is true; fail the
+    test after ``within_s`` seconds.
+
+    Returns the seconds it took. A test waits exactly as long as the system needs, on an
+    idle machine or a loaded one, instead of sleeping a guessed time and then asserting.
+    """
+    start = time.monotonic()
+    try:
+        with anyio.fail_after(within_s):
+            while True:
+                result = condition()
+                if inspect.isawaitable(result):
+                    result = await result
+                if result:
+                    return time.monotonic() - start
+                await anyio.sleep(interval)
+    except TimeoutError:
+        raise AssertionError(f"not true within {within_s} s: {what or condition!r}") from None
 
 
 async def dlq_entries(redis: aioredis.Redis, stream: str) -> list[dict[str, Any]]:
@@ -228,15 +260,6 @@ class MemoryStore:
             if self.runs.pop((workspace, run_id), None) is not None:
                 gone += 1
         return gone
-
-
-async def wait_until(
-    condition: Callable[[], Awaitable[bool]], within_s: float = 20.0, interval: float = 0.05
-) -> None:
-    """Poll ``condition`` until it holds; fail after ``within_s`` seconds."""
-    with anyio.fail_after(within_s):
-        while not await condition():
-            await anyio.sleep(interval)
 
 
 async def fill_to_maxmemory(client: aioredis.Redis, prefix: str = "pad:") -> int:

@@ -10,7 +10,14 @@ import anyio
 import pytest
 import redis.asyncio as aioredis
 
-from tests.helpers import ControlledStore, MemoryStore, dlq_entries, pending_count
+from tests.helpers import (
+    ControlledStore,
+    MemoryStore,
+    dlq_entries,
+    payload,
+    pending_count,
+    wait_until,
+)
 from worker import samples
 from worker.constants import Reason
 from worker.consumer import Worker
@@ -79,7 +86,62 @@ async def test_burst_drains_everything_and_dead_letters_bad_input(
     assert dead[0]["stream"] == stream
     assert dead[0]["deliveries"] == "1"
     assert dead[1]["id"] != dead[0]["id"]
-    assert "v7" in dead[1]["error"] or "7" in dead[1]["error"]
+    assert dead[1]["error"] == "event version 7 is not supported (this worker reads v1)"
+
+
+async def test_every_configured_stream_is_read_stored_and_acked(
+    redis_client: aioredis.Redis, stream: str, redis_url: str
+) -> None:
+    """With several streams configured (sharded by the SDK), the events of every stream
+    are stored and every stream's entries acknowledged."""
+    shards = tuple(f"{stream}:{i}" for i in range(3))
+    rs = runs(24)
+    await AuditEmitter(redis_client, list(shards)).emit_many(events_of(rs))
+    lengths = [await redis_client.xlen(s) for s in shards]
+    assert min(lengths) > 0, f"the runs must reach every shard: {lengths}"
+    store = MemoryStore()
+    await run_burst(Worker(settings(stream, redis_url, streams=shards), store, redis_client))
+
+    for r in rs:
+        doc = await store.get_run("ws1", r["runId"])
+        assert doc is not None, r["runId"]
+        assert doc["status"] == r["status"]
+        assert doc["summary"]["nodeExecutions"] == len(r["nodes"])
+    assert len(store.runs) == len(rs)
+    for shard, length in zip(shards, lengths, strict=True):
+        (group,) = await redis_client.xinfo_groups(shard)
+        assert (group["entries-read"], group["pending"]) == (length, 0), shard
+        assert await redis_client.xlen(shard + ":dlq") == 0
+
+
+async def test_event_over_max_event_bytes_is_dead_lettered_and_its_neighbours_stored(
+    redis_client: aioredis.Redis, stream: str, redis_url: str
+) -> None:
+    """AUDIT_MAX_EVENT_BYTES in the worker: an entry over the limit is dead-lettered
+    ``too_large`` with its size and the limit; the valid events around it are stored."""
+    rs = runs(4)
+    evs = events_of(rs)
+    limit = max(len(payload(e)) for e in evs) + 64
+    big = make_event("run.started", "ws1", "wf_lead_triage", "run-big",
+                     trigger={"type": "webhook", "metadata": {"note": "x" * limit}})
+    big_payload = payload(big)
+    emitter = AuditEmitter(redis_client, [stream])
+    await emitter.emit_many(evs[: len(evs) // 2])
+    big_id = await emitter.emit_raw(stream, big_payload)
+    await emitter.emit_many(evs[len(evs) // 2 :])
+    store = MemoryStore()
+    cfg = settings(stream, redis_url, max_event_bytes=limit)
+    await run_burst(Worker(cfg, store, redis_client))
+
+    assert sorted(k[1] for k in store.runs) == sorted(r["runId"] for r in rs)
+    for r in rs:
+        doc = await store.get_run("ws1", r["runId"])
+        assert doc is not None
+        assert doc["summary"]["nodeExecutions"] == len(r["nodes"])
+    (dead,) = await dlq_entries(redis_client, stream)
+    assert (dead["reason"], dead["id"], dead["event"]) == (Reason.TOO_LARGE, big_id, big_payload)
+    assert dead["error"] == f"event is {len(big_payload)} bytes, the limit is {limit}"
+    assert await pending_count(redis_client, stream, cfg.group) == 0
 
 
 async def test_entries_added_before_the_group_exists_are_not_skipped(
@@ -128,7 +190,8 @@ async def test_store_rejection_dead_letters_only_the_rejected_run(
     """A permanent store error is isolated to its run by splitting the batch."""
     rs = runs(8)
     bad = rs[2]["runId"]
-    await AuditEmitter(redis_client, [stream]).emit_many(events_of(rs))
+    evs = events_of(rs)
+    await AuditEmitter(redis_client, [stream]).emit_many(evs)
     store = ControlledStore(MemoryStore())
     store.reject_runs.add(bad)
     await run_burst(Worker(settings(stream, redis_url), store, redis_client))
@@ -138,7 +201,10 @@ async def test_store_rejection_dead_letters_only_the_rejected_run(
     dead = await dlq_entries(redis_client, stream)
     assert {d["reason"] for d in dead} == {Reason.STORE_REJECTED}
     assert all("too long" in d["error"] for d in dead)
-    assert len(dead) == len(samples.run_events(rs[2], snapshot=False)) or len(dead) == 1
+    # each event of the rejected run is dead-lettered, once; no other event is
+    bad_ids = [e["eventId"] for e in evs if e["runId"] == bad]
+    assert len(bad_ids) == len(rs[2]["nodes"]) + 2  # live events: start, nodes, end
+    assert sorted(json.loads(d["event"])["eventId"] for d in dead) == sorted(bad_ids)
 
 
 async def test_outage_applies_backpressure_and_acks_nothing_early(
@@ -155,24 +221,21 @@ async def test_outage_applies_backpressure_and_acks_nothing_early(
     worker = Worker(cfg, store, redis_client, metrics, retry_max_backoff_s=0.05)
     async with anyio.create_task_group() as tg:
         tg.start_soon(worker.run)
-        await anyio.sleep(1.5)
+        # every writer retries its batch and the reader waits for one: the read stops
+        await wait_until(lambda: store.failures >= 20, what="writes retried during the outage")
         groups = await redis_client.xinfo_groups(stream)
         read = int(groups[0]["entries-read"])
         assert read <= (cfg.max_inflight + 1) * cfg.batch_size  # bounded: backpressure
         assert await pending_count(redis_client, stream, cfg.group) == read  # nothing ACKed
-        assert store.failures > 3
         store.down = False
-        with anyio.fail_after(30):
-            while worker.stopping is False:
-                await anyio.sleep(0.05)
+        await wait_until(lambda: worker.stopping, what="the burst drained")
     inner = store.inner
     assert isinstance(inner, MemoryStore)
     assert len(inner.runs) == 60
     assert await pending_count(redis_client, stream, cfg.group) == 0
     retries = metrics.registry.get_sample_value("audit_fleet_store_retries_total",
                                                 {"store": "memory"})
-    assert retries is not None
-    assert retries > 3
+    assert retries == store.failures  # every failed write was retried, and counted
 
 
 async def test_graceful_stop_finishes_and_acks_in_flight_batches(
@@ -186,9 +249,9 @@ async def test_graceful_stop_finishes_and_acks_in_flight_batches(
     worker = Worker(settings(stream, redis_url, burst=False, batch_size=25), store, redis_client)
     async with anyio.create_task_group() as tg:
         tg.start_soon(worker.run)
-        await anyio.sleep(0.5)
+        await wait_until(lambda: store.entered > 0, what="a write in flight")
         worker.stop()
-    assert store.writes > 0
+    assert store.writes == store.entered  # every batch being written was finished
     assert await pending_count(redis_client, stream, "audit-writers") == 0
     groups = await redis_client.xinfo_groups(stream)
     assert int(groups[0]["entries-read"]) < len(evs)  # it stopped reading early
@@ -197,20 +260,41 @@ async def test_graceful_stop_finishes_and_acks_in_flight_batches(
 async def test_lease_renewal_keeps_peers_from_stealing_slow_batches(
     redis_client: aioredis.Redis, stream: str, redis_url: str
 ) -> None:
-    """Entries held during a slow write stay un-idle, so a peer's XAUTOCLAIM gets nothing."""
-    await AuditEmitter(redis_client, [stream]).emit_many(events_of(runs(5)))
+    """A batch whose write outlasts the claim-idle time stays pending with its worker, its
+    delivery count untouched (XCLAIM JUSTID renews the lease): a peer's XAUTOCLAIM gets
+    nothing, and the worker's own reclaim sweep has nothing to re-deliver either."""
+    evs = events_of(runs(5))
+    await AuditEmitter(redis_client, [stream]).emit_many(evs)
     store = ControlledStore(MemoryStore())
-    store.delay = 1.5
-    cfg = settings(stream, redis_url, burst=False, claim_idle_ms=300)
+    store.gate = anyio.Event()  # the write waits until the test lets it finish
+    cfg = settings(stream, redis_url, burst=False, claim_idle_ms=600, max_inflight=1)
     worker = Worker(cfg, store, redis_client)
-    peer = Worker(cfg.with_(consumer="peer"), MemoryStore(), redis_client)
     async with anyio.create_task_group() as tg:
         tg.start_soon(worker.run)
-        await anyio.sleep(1.0)
-        stolen = await Reclaimer(peer).sweep(stream)
+        await wait_until(lambda: store.entered > 0, what="the write began")
+        assert await pending_count(redis_client, stream, cfg.group) == len(evs)
+        # Two claim-idle periods pass with the write stuck: without lease renewal the entries
+        # go idle, and the worker's own sweep (every 0.1 s) claims them again (delivery 2).
+        await anyio.sleep(2 * cfg.claim_idle_ms / 1000)
+        rows = await redis_client.xpending_range(stream, cfg.group, "-", "+", len(evs) + 1)
+        assert len(rows) == len(evs)
+        assert {r["consumer"] for r in rows} == {b"w1"}
+        assert [r["times_delivered"] for r in rows] == [1] * len(evs)
+        assert max(r["time_since_delivered"] for r in rows) < cfg.claim_idle_ms
+        stolen = await redis_client.xautoclaim(stream, cfg.group, "peer", cfg.claim_idle_ms,
+                                               "0-0", count=100, justid=True)
+        assert stolen == []  # the peer takes nothing
+        store.gate.set()
+
+        async def all_acked() -> bool:
+            return await pending_count(redis_client, stream, cfg.group) == 0
+
+        await wait_until(all_acked, what="the batch acknowledged")
         worker.stop()
-    assert stolen == []
-    assert await pending_count(redis_client, stream, cfg.group) == 0
+    assert (store.entered, store.writes) == (1, 1)
+    inner = store.inner
+    assert isinstance(inner, MemoryStore)
+    assert len(inner.runs) == 5
 
 
 async def test_reclaim_counts_entries_deleted_while_pending(
