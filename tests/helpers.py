@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -81,6 +85,20 @@ class ControlledStore:
 
     async def delete_runs(self, workspace: str, run_ids: Sequence[str]) -> int:
         return await self.inner.delete_runs(workspace, run_ids)
+
+
+def spawn_worker(name: str, stream: str, redis_url: str, store_url: str, log: Path,
+                 **env: str) -> subprocess.Popen[bytes]:
+    """``python -m worker run`` as consumer ``name``, logging JSON to ``log``."""
+    settings = dict(
+        AUDIT_REDIS_URL=redis_url, AUDIT_STREAM=stream, AUDIT_GROUP="audit-writers",
+        AUDIT_CONSUMER=name, AUDIT_STORE_URL=store_url, AUDIT_METRICS_PORT="0",
+        AUDIT_BATCH_SIZE="200", AUDIT_BLOCK_MS="100", AUDIT_CLAIM_IDLE_MS="1500",
+        AUDIT_RECLAIM_INTERVAL_S="0.3", AUDIT_LOG_FORMAT="json", AUDIT_TRIM="false",
+    )
+    return subprocess.Popen([sys.executable, "-m", "worker", "run"],
+                            env={**os.environ, **settings, **env},
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
 
 Condition = Callable[[], bool | Awaitable[bool]]

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,26 +14,13 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from tests.helpers import spawn_worker
 from worker import samples
 from worker.emitter import AuditEmitter
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow]
 
 GROUP = "audit-writers"
-
-
-def spawn(
-    name: str, stream: str, redis_url: str, store_url: str, log: Path
-) -> subprocess.Popen[bytes]:
-    env = dict(
-        os.environ,
-        AUDIT_REDIS_URL=redis_url, AUDIT_STREAM=stream, AUDIT_GROUP=GROUP, AUDIT_CONSUMER=name,
-        AUDIT_STORE_URL=store_url, AUDIT_METRICS_PORT="0", AUDIT_BATCH_SIZE="200",
-        AUDIT_BLOCK_MS="100", AUDIT_CLAIM_IDLE_MS="1500", AUDIT_RECLAIM_INTERVAL_S="0.3",
-        AUDIT_LOG_FORMAT="json", AUDIT_TRIM="false",
-    )
-    return subprocess.Popen([sys.executable, "-m", "worker", "run"], env=env,
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
 
 def workload(seed: int, target: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -82,8 +66,8 @@ async def test_kill_9_mid_batch_loses_and_duplicates_nothing(
     runs, stream_order = workload(seed=11, target=20_000)
     emitter = AuditEmitter(redis_client, [stream])
     await emitter.emit_many(stream_order[:2000])
-    a = spawn("w-a", stream, redis_url, pg_url, tmp_path / "a.log")
-    b = spawn("w-b", stream, redis_url, pg_url, tmp_path / "b.log")
+    a = spawn_worker("w-a", stream, redis_url, pg_url, tmp_path / "a.log")
+    b = spawn_worker("w-b", stream, redis_url, pg_url, tmp_path / "b.log")
     try:
         sent = 2000
         killed_pending = 0

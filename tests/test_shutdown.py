@@ -1,0 +1,110 @@
+"""SIGTERM while a write outlasts AUDIT_SHUTDOWN_GRACE_S: cancelled, left pending, reclaimed."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import time
+from pathlib import Path
+
+import anyio
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from tests.helpers import pending_count, spawn_worker, wait_until
+from worker import samples
+from worker.consumer import Worker
+from worker.emitter import AuditEmitter
+from worker.settings import Settings
+from worker.stores import open_store
+
+pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow]
+
+GROUP = "audit-writers"
+GRACE_S = 2.0
+
+
+async def test_write_outlasting_the_grace_period_is_cancelled_and_left_pending(
+    redis_client: aioredis.Redis, stream: str, redis_url: str, pg_url: str, tmp_path: Path
+) -> None:
+    """SIGTERM during a write that cannot finish: the worker waits out the grace period,
+    cancels the write and exits 0 without acknowledging; a peer reclaims the entries and
+    each event is stored exactly once."""
+    rng = random.Random(3)
+    runs = [samples.lead_triage_run(rng, "ws_grace", f"run{i}", prompt_size=lambda r: 200)
+            for i in range(6)]
+    log = tmp_path / "w-a.log"
+    proc = spawn_worker("w-a", stream, redis_url, pg_url, log, AUDIT_CLAIM_IDLE_MS="200",
+                        AUDIT_SHUTDOWN_GRACE_S=str(GRACE_S))
+    lock = await asyncpg.connect(pg_url)
+    try:
+        emitter = AuditEmitter(redis_client, [stream])
+        first = samples.run_events(runs[0])
+        await emitter.emit_many(first)
+
+        async def first_run_stored() -> bool:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            groups = await redis_client.xinfo_groups(stream)  # [] until the worker makes it
+            return bool(groups) and (groups[0]["entries-read"], groups[0]["pending"]) == (
+                len(first), 0)
+
+        await wait_until(first_run_stored, within_s=60, what="the worker storing a first run")
+        # Writers of the run table now wait for this lock: the write cannot finish.
+        await lock.execute("BEGIN; LOCK TABLE workflow_runs IN EXCLUSIVE MODE")
+        events = [e for r in runs[1:] for e in samples.run_events(r)]
+        await emitter.emit_many(events)
+
+        async def write_blocked() -> bool:
+            waiting = await lock.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock'")
+            return bool(waiting) and await pending_count(redis_client, stream, GROUP) == len(
+                events)
+
+        await wait_until(write_blocked, within_s=30, what="the write waiting on the lock")
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        with anyio.fail_after(GRACE_S + 20):
+            while proc.poll() is None:
+                await anyio.sleep(0.02)
+        elapsed = time.monotonic() - sent
+        assert proc.returncode == 0, log.read_text()[-3000:]
+        assert GRACE_S <= elapsed < GRACE_S + 15, elapsed  # it waited out the grace period
+
+        rows = await redis_client.xpending_range(stream, GROUP, "-", "+", len(events) + 1)
+        assert len(rows) == len(events)  # nothing acknowledged …
+        assert {r["consumer"] for r in rows} == {b"w-a"}
+        assert {r["times_delivered"] for r in rows} == {1}
+        await lock.execute("ROLLBACK")
+        stored = await lock.fetchval("SELECT count(*) FROM workflow_runs")
+        assert stored == 1  # … nor stored: only the first run, from before the lock
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        await lock.close()
+
+    store = open_store(pg_url)
+    await store.open()
+    try:
+        peer = Settings(redis_url=redis_url, streams=(stream,), group=GROUP, consumer="w-b",
+                        metrics_port=0, block_ms=50, claim_idle_ms=200, reclaim_interval_s=0.1,
+                        burst=True, trim=False)
+        with anyio.fail_after(60):
+            await Worker(peer, store, redis_client).run()
+        assert await pending_count(redis_client, stream, GROUP) == 0
+        for run in runs[1:]:
+            doc = await store.get_run("ws_grace", run["runId"])
+            assert doc is not None, run["runId"]
+            assert sorted(doc["eventIds"]) == sorted(
+                e["eventId"] for e in events if e["runId"] == run["runId"]
+                and not e["type"].startswith("node."))
+            assert doc["summary"]["nodeExecutions"] == len(run["nodes"])
+            assert len(await store.get_nodes("ws_grace", run["runId"])) == len(run["nodes"])
+    finally:
+        await store.close()
+    assert not await redis_client.exists(stream + ":dlq")
+    stopped = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    assert "signal_received_draining" in {e.get("event") for e in stopped}
