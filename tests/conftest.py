@@ -123,7 +123,7 @@ class RedisServers:
         if binary is None:
             pytest.fail("redis-server is required for this test (apt-get install redis-server)")
         proc = subprocess.Popen(
-            [binary, *args, "--save", "", "--appendonly", "no", "--dir", str(self.tmp_path)],
+            [binary, "--save", "", "--appendonly", "no", "--dir", str(self.tmp_path), *args],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 10
         while not ready():
