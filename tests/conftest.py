@@ -12,10 +12,13 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+
+from worker.stores import Store, open_store
 
 REDIS_URL = os.environ.get("AUDIT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PG_ADMIN_URL = os.environ.get("AUDIT_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -248,3 +251,24 @@ def unix_redis(redis_servers: RedisServers) -> str:
 def tls_redis(redis_servers: RedisServers) -> str:
     """A throwaway redis-server speaking TLS only: its ``rediss://`` URL (names the CA)."""
     return redis_servers.start_tls()
+
+
+@pytest.fixture(name="store_url",
+                params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def fixture_store_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    """A fresh SQLite file or a fresh PostgreSQL database (the query, retention, archive tests)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/audit.db"
+    url: str = request.getfixturevalue("pg_url")
+    return url
+
+
+@pytest.fixture(name="store")
+async def fixture_store(store_url: str) -> AsyncIterator[Store]:
+    """The store at ``store_url``, open."""
+    s = open_store(store_url)
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()

@@ -2,22 +2,46 @@
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio
 import redis.asyncio as aioredis
 
-from worker.documents import WriteBatch
+from worker import events as ev
+from worker.documents import WriteBatch, coalesce
 from worker.errors import StoreRejected, StoreUnavailable
 from worker.stores.base import NodeQuery, RunQuery, Store, WriteResult
+
+ROOT = Path(__file__).resolve().parent.parent
+"""The repository's top directory (deploy/, docs/ ...)."""
+
+
+def workspace_name(prefix: str = "ws") -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:10]}"
+
+
+async def write_events(store: Store, raw_events: Iterable[dict[str, Any]]) -> None:
+    """Write events as the worker would: encoded, decoded, coalesced, one batch."""
+    decoded = [ev.decode(ev.encode(raw), max_bytes=1 << 24) for raw in raw_events]
+    result = await store.write(coalesce((f"0-{i}", d) for i, d in enumerate(decoded)))
+    assert not result.rejected
+
+
+def run_cli(register: Any, argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    register(sub)
+    return parser.parse_args(argv)
 
 
 class ControlledStore:

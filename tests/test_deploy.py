@@ -15,12 +15,12 @@ import pytest
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
+from tests.helpers import ROOT
 from worker import constants as c
 from worker import settings as settings_module
 from worker.metrics import Metrics, exported_names
 from worker.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
 SYSTEMD = DEPLOY / "systemd"

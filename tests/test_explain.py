@@ -2,62 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
 import json
-import uuid
-from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime
-from typing import Any
 
 import pytest
 
 from tests import reference as ref
+from tests.helpers import run_cli, workspace_name, write_events
 from worker import events as ev
 from worker import explain, queries
-from worker.documents import coalesce
-from worker.stores import Store, open_store
+from worker.stores import Store
 
 pytestmark = pytest.mark.anyio
-
-
-# -- shared by the query, retention and archive tests -------------------------------------
-
-@pytest.fixture(name="store_url",
-                params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def fixture_store_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
-    """A fresh SQLite file or a fresh PostgreSQL database."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/audit.db"
-    url: str = request.getfixturevalue("pg_url")
-    return url
-
-
-@pytest.fixture(name="store")
-async def fixture_store(store_url: str) -> AsyncIterator[Store]:
-    s = open_store(store_url)
-    await s.open()
-    try:
-        yield s
-    finally:
-        await s.close()
-
-
-def workspace_name(prefix: str = "ws") -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:10]}"
-
-
-async def write_events(store: Store, raw_events: Iterable[dict[str, Any]]) -> None:
-    """Write events as the worker would: encoded, decoded, coalesced, one batch."""
-    decoded = [ev.decode(ev.encode(raw), max_bytes=1 << 24) for raw in raw_events]
-    result = await store.write(coalesce((f"0-{i}", d) for i, d in enumerate(decoded)))
-    assert not result.rejected
-
-
-def run_cli(register: Any, argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers()
-    register(sub)
-    return parser.parse_args(argv)
 
 
 def t(text: str) -> datetime:

@@ -6,7 +6,6 @@ import json
 import random
 import re
 import time
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -15,7 +14,7 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import ControlledStore, MemoryStore
+from tests.helpers import ROOT, ControlledStore, MemoryStore
 from worker import constants as c
 from worker import samples
 from worker.consumer import Worker
@@ -27,7 +26,6 @@ from worker.metrics import Metrics, exported_names
 from worker.settings import Settings
 from worker.trim import trim_side_loop
 
-ROOT = Path(__file__).resolve().parent.parent
 NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
 #: prometheus_client's process, GC and platform collectors keep their well-known names.
 STANDARD = {

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from tests import reference as ref
-from tests.test_explain import write_events
-from tests.test_insights import BASE, make_dataset
+from tests.dataset import BASE, make_dataset
+from tests.helpers import write_events
 from worker import archive as arc
 from worker import events as ev
 from worker import explain, insights, queries, retention

@@ -12,13 +12,7 @@ import anyio
 import pytest
 
 from tests import reference as ref
-from tests.test_explain import (  # noqa: F401 - fixtures
-    fixture_store,
-    fixture_store_url,
-    run_cli,
-    workspace_name,
-    write_events,
-)
+from tests.helpers import run_cli, workspace_name, write_events
 from worker import archive as arc
 from worker import events as ev
 from worker import explain, retention

@@ -18,7 +18,6 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import fields
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import bson
@@ -29,6 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mockupdb import MockupDB
 
+from tests.helpers import ROOT
 from tests.store_conformance import StoreConformance
 from worker import events as ev
 from worker.documents import coalesce, fold, node_key
@@ -1466,7 +1466,7 @@ class TestMongoWireConformance(StoreConformance):
 
 # --------------------------------------------------------------------------- deploy
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+DEPLOY = ROOT / "deploy"
 
 
 def test_compose_matches_the_configuration_the_code_reads() -> None:
