@@ -289,7 +289,7 @@ def fixture_any_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str
         return f"sqlite:///{tmp_path}/audit.db"
     if request.param == "postgresql":
         return str(request.getfixturevalue("pg_url"))
-    from tests import test_store_mongo_wire as mw
+    from tests.unit import test_store_mongo_wire as mw
 
     return mw.url_of(request.getfixturevalue("wire"))
 
@@ -532,7 +532,7 @@ def fixture_wire() -> Any:
     """The MongoDB wire emulator of the store's own tests, on a server of this test."""
     from mockupdb import MockupDB
 
-    from tests import test_store_mongo_wire as mw
+    from tests.unit import test_store_mongo_wire as mw
 
     server = MockupDB(auto_ismaster=False, request_timeout=5)
     server.run()
@@ -547,7 +547,7 @@ def fixture_wire() -> Any:
 @pytest.mark.mongo
 async def test_mongo_retention_operations_send_these_commands(wire: Any) -> None:
     """scan_runs, delete_nodes and the strip operations send exact, guarded commands."""
-    from tests import test_store_mongo_wire as mw
+    from tests.unit import test_store_mongo_wire as mw
     from worker.stores import _mongo_codec as mc
     from worker.stores.mongo import MongoStore
 

@@ -236,7 +236,7 @@ class TestMongoWireQueries(QueryConformance):
     def store_url(self) -> Any:
         from mockupdb import MockupDB
 
-        from tests import test_store_mongo_wire as mw
+        from tests.unit import test_store_mongo_wire as mw
 
         server = MockupDB(auto_ismaster=False, request_timeout=5)
         server.run()
