@@ -565,7 +565,7 @@ def fake(mongod: FakeMongo) -> FakeMongo:
 
 def url_of(fake: FakeMongo, path: str = "", **query: Any) -> str:
     params = {"replicaSet": "rs0", "serverSelectionTimeoutMS": 1500,
-              "connectTimeoutMS": 1000, "socketTimeoutMS": 3000, **query}
+              "connectTimeoutMS": 1000, "socketTimeoutMS": 30000, **query}
     qs = "&".join(f"{k}={v}" for k, v in params.items())
     return f"mongodb://{fake.server.address_string}/{path}?{qs}"
 
