@@ -30,7 +30,6 @@ folder and a per-workspace writer ``lock``. :class:`LocalBlobStore` is a directo
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gzip
 import hashlib
@@ -51,13 +50,8 @@ import anyio
 from .documents import NodeDoc, RunPatch, WriteBatch
 from .errors import AuditFleetError, ConfigError
 from .queries import (
-    add_store_flag,
-    check_workspace,
-    dumps,
     format_time,
     jsonable,
-    opened_store,
-    table,
     utcnow,
 )
 from .stores import Store
@@ -244,7 +238,6 @@ class LocalBlobStore:
                 yield
             finally:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
 
 
 class S3BlobStore:
@@ -736,105 +729,4 @@ async def restore(store: Store, archive: Archive, workspace: str, *,
 
 # -- CLI -------------------------------------------------------------------------------------
 
-def _archive_dir(args: argparse.Namespace) -> str:
-    location = args.archive_dir or os.environ.get("AUDIT_ARCHIVE_DIR")
-    if not location:
-        raise ConfigError("--archive-dir (or AUDIT_ARCHIVE_DIR) is required")
-    return str(location)
 
-
-def _selected(archive: Archive, args: argparse.Namespace) -> list[str]:
-    if args.workspace:
-        return [check_workspace(args.workspace)]
-    return archive.workspaces()
-
-
-async def cmd_verify(args: argparse.Namespace) -> int:
-    archive = Archive.at(_archive_dir(args))
-    reports = [await anyio.to_thread.run_sync(archive.verify, ws)
-               for ws in _selected(archive, args)]
-    if args.json:
-        print(dumps({"ok": all(r.ok for r in reports),
-                     "workspaces": [r.to_json() for r in reports]}))
-    else:
-        if not reports:
-            print("the archive holds no workspace")
-        for r in reports:
-            state = "OK" if r.ok else "FAILED"
-            print(f"{r.workspace}: {state}  {r.segments} segments, {r.records} records, "
-                  f"head {r.head_seq} {r.head_hash[:16]}")
-            for problem in r.problems:
-                print(f"  ! {problem}")
-            for leftover in r.leftovers:
-                print(f"  ~ uncommitted leftover (removed by the next retention run): {leftover}")
-    return 0 if all(r.ok for r in reports) else 1
-
-
-async def cmd_list(args: argparse.Namespace) -> int:
-    archive = Archive.at(_archive_dir(args))
-    out = []
-    for ws in _selected(archive, args):
-        for m in await anyio.to_thread.run_sync(archive.manifests, ws):
-            out.append(m)
-    if args.json:
-        print(dumps({"segments": out}))
-    elif not out:
-        print("no segments")
-    else:
-        print(table(["WORKSPACE", "SEQ", "PERIOD", "RUNS", "NODES", "FROM", "TO", "BYTES",
-                     "SHA-256"],
-                    [[m["workspace"], m["seq"], m["period"], m["counts"]["runs"],
-                      m["counts"]["nodes"], m["timeRange"]["from"], m["timeRange"]["to"],
-                      m["bytes"], m["sha256"][:16]] for m in out]))
-    return 0
-
-
-async def cmd_restore(args: argparse.Namespace) -> int:
-    archive = Archive.at(_archive_dir(args))
-    workspace = check_workspace(args.workspace)
-    if not args.segment and not args.run:
-        raise ConfigError("archive restore needs --segment SEQ or --run RUN_ID")
-    report = await anyio.to_thread.run_sync(archive.verify, workspace)
-    if not report.ok and not args.force:
-        raise ArchiveError("the archive does not verify (see archive verify); "
-                           "--force restores anyway")
-    async with opened_store(args) as store:
-        counts = await restore(store, archive, workspace, segments=args.segment or (),
-                               run_ids=args.run or (), replace=args.replace)
-    if args.json:
-        print(dumps({"workspace": workspace, "restored": counts}))
-    else:
-        print(f"restored {counts['runs']} runs ({counts['nodes']} node traces) into the store")
-    return 0
-
-
-def register(subparsers: Any) -> None:
-    """Add ``archive verify|list|restore`` to the ``audit-fleet`` command."""
-    p = subparsers.add_parser("archive", help="verify, list and restore archive segments")
-    sub = p.add_subparsers(dest="archive_command", metavar="ACTION", required=True)
-
-    def common(q: argparse.ArgumentParser, *, workspace_required: bool = False) -> None:
-        q.add_argument("--archive-dir", metavar="DIR",
-                       help="archive directory or s3://bucket/prefix (AUDIT_ARCHIVE_DIR)")
-        q.add_argument("-w", "--workspace", required=workspace_required,
-                       help="workspace ID" + ("" if workspace_required else " (default: all)"))
-        q.add_argument("--json", action="store_true", help="stable JSON")
-
-    verify = sub.add_parser("verify", help="check segments, manifests and the hash chain")
-    common(verify)
-    verify.set_defaults(func=cmd_verify)
-    listing = sub.add_parser("list", help="list committed segments")
-    common(listing)
-    listing.set_defaults(func=cmd_list)
-    rest = sub.add_parser("restore", help="write archived runs back into the store")
-    common(rest, workspace_required=True)
-    add_store_flag(rest)
-    rest.add_argument("--segment", type=int, action="append", metavar="SEQ",
-                      help="restore every run of this segment (repeatable)")
-    rest.add_argument("--run", action="append", metavar="RUN_ID",
-                      help="restore this run (repeatable)")
-    rest.add_argument("--replace", action="store_true",
-                      help="delete the runs' hot copies first (exactly the archived version)")
-    rest.add_argument("--force", action="store_true",
-                      help="restore even if the archive does not verify")
-    rest.set_defaults(func=cmd_restore)

@@ -7,18 +7,14 @@ strings with microseconds and a ``Z`` suffix, no NaN.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import re
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from .constants import DEFAULT_STORE_URL
 from .errors import ConfigError
-from .stores import RunQuery, Store, open_store
+from .stores import RunQuery, Store
 
 _DURATION = re.compile(r"\A\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*\Z")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -103,33 +99,6 @@ def check_workspace(name: str) -> str:
     return name
 
 
-def add_store_flag(parser: argparse.ArgumentParser) -> None:
-    # SUPPRESS keeps a value the top-level parser may already have set.
-    parser.add_argument("--store-url", default=argparse.SUPPRESS,
-                        help=f"store URL (AUDIT_STORE_URL, default {DEFAULT_STORE_URL})")
-
-
-def add_workspace_flag(parser: argparse.ArgumentParser, *, required: bool) -> None:
-    parser.add_argument("-w", "--workspace", required=required,
-                        help="workspace ID" + ("" if required else " (default: all)"))
-
-
-def store_url(args: argparse.Namespace) -> str:
-    return (getattr(args, "store_url", None) or os.environ.get("AUDIT_STORE_URL")
-            or DEFAULT_STORE_URL)
-
-
-@asynccontextmanager
-async def opened_store(args: argparse.Namespace) -> AsyncIterator[Store]:
-    """The store named by ``--store-url`` / ``AUDIT_STORE_URL``, opened and closed."""
-    store = open_store(store_url(args))
-    await store.open()
-    try:
-        yield store
-    finally:
-        await store.close()
-
-
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A plain left-aligned text table (numbers right-aligned)."""
     cells = [[_cell(v) for v in row] for row in rows]
@@ -191,67 +160,9 @@ def run_row(doc: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def runs_query(args: argparse.Namespace, now: datetime) -> RunQuery:
-    limit = args.limit
-    if limit < 1 or limit > 100_000:
-        raise ConfigError(f"--limit must be 1..100000, got {limit}")
-    return RunQuery(
-        workflow_id=args.workflow,
-        status=args.status,
-        trigger_source=args.trigger_source,
-        since=parse_when(args.since, now),
-        until=parse_when(args.until, now),
-        limit=limit,
-    )
-
-
 async def list_runs(store: Store, workspace: str, query: RunQuery) -> list[dict[str, Any]]:
     """Runs matching ``query`` in the listing form, newest first (the store's index order)."""
     docs = await store.list_runs(workspace, query)
     return [run_row(doc) for doc in docs]
 
 
-def render_runs(rows: Sequence[Mapping[str, Any]]) -> str:
-    if not rows:
-        return "no runs match"
-    body = []
-    for row in rows:
-        trigger = row.get("trigger") or {}
-        summary = row.get("summary") or {}
-        body.append([
-            row["runId"], row["workflowId"], row["status"], row["startedAt"],
-            format_ms(row.get("totalDuration")),
-            trigger.get("source") if trigger else None,
-            summary.get("nodesExecuted"), summary.get("totalTokens"),
-        ])
-    return table(["RUN", "WORKFLOW", "STATUS", "STARTED (UTC)", "DURATION", "SOURCE",
-                  "NODES", "TOKENS"], body)
-
-
-async def cmd_runs(args: argparse.Namespace) -> int:
-    workspace = check_workspace(args.workspace)
-    query = runs_query(args, utcnow())
-    async with opened_store(args) as store:
-        rows = await list_runs(store, workspace, query)
-    if args.json:
-        print(dumps({"workspace": workspace, "runs": rows}))
-    else:
-        print(render_runs(rows))
-    return 0
-
-
-def register(subparsers: Any) -> None:
-    """Add ``runs`` to the ``audit-fleet`` command."""
-    p = subparsers.add_parser("runs", help="list runs, newest first",
-                              description="List runs of a workspace, newest first. Filters "
-                              "use the store's indexes (workflow, status, trigger source).")
-    add_store_flag(p)
-    add_workspace_flag(p, required=True)
-    p.add_argument("--workflow", help="only this workflow ID")
-    p.add_argument("--status", help="only this status (running, completed, failed, ...)")
-    p.add_argument("--trigger-source", help="only runs triggered from this source (gmail, ...)")
-    p.add_argument("--since", help="started at or after: a duration back (7d) or a time")
-    p.add_argument("--until", help="started before: a duration back (1h) or a time")
-    p.add_argument("--limit", type=int, default=50, help="at most this many runs (default 50)")
-    p.add_argument("--json", action="store_true", help="stable JSON instead of a table")
-    p.set_defaults(func=cmd_runs)

@@ -17,6 +17,9 @@ from tests.helpers import run_cli, workspace_name, write_events
 from worker import archive as arc
 from worker import events as ev
 from worker import explain, retention
+from worker.cli import archive as archive_cli
+from worker.cli import explain as explain_cli
+from worker.cli import retention as retention_cli
 from worker.documents import fold
 from worker.stores import Store
 
@@ -269,7 +272,7 @@ async def test_restore_then_explain_returns_the_original_run(store: Store, tmp_p
     assert before is not None
     archive_dir = tmp_path / "archive"
     now = ref.reference_events(ws)[0]["ts"]
-    args = run_cli(retention.register, [
+    args = run_cli(retention_cli.register, [
         "retention", "run", "-w", ws, "--store-url", store_url, "--archive-dir",
         str(archive_dir), "--now", "2026-06-01T00:00:00Z", "--json"])
     assert now < "2026-06-01"
@@ -278,7 +281,7 @@ async def test_restore_then_explain_returns_the_original_run(store: Store, tmp_p
     assert done["workspaces"][0]["runsDeleted"] == 1
     assert await store.get_run(ws, ref.RUN_ID) is None
     # explain --archive reads it from warm storage
-    args = run_cli(explain.register, ["explain", ref.RUN_ID, "-w", ws, "--show-prompts",
+    args = run_cli(explain_cli.register, ["explain", ref.RUN_ID, "-w", ws, "--show-prompts",
                                       "--json", "--archive", str(archive_dir)])
     assert await args.func(args) == 0
     from_archive = json.loads(capsys.readouterr().out)
@@ -287,15 +290,15 @@ async def test_restore_then_explain_returns_the_original_run(store: Store, tmp_p
     assert from_archive["nodes"] == expected["nodes"]
     assert from_archive["run"] == expected["run"]
     # verify, list and restore through the CLI
-    args = run_cli(arc.register, ["archive", "verify", "--archive-dir", str(archive_dir)])
+    args = run_cli(archive_cli.register, ["archive", "verify", "--archive-dir", str(archive_dir)])
     assert await args.func(args) == 0
     assert f"{ws}: OK  1 segments" in capsys.readouterr().out
-    args = run_cli(arc.register, ["archive", "list", "--archive-dir", str(archive_dir),
+    args = run_cli(archive_cli.register, ["archive", "list", "--archive-dir", str(archive_dir),
                                   "--json"])
     assert await args.func(args) == 0
     listed = json.loads(capsys.readouterr().out)["segments"]
     assert [(m["workspace"], m["seq"], m["period"]) for m in listed] == [(ws, 1, "2026-02")]
-    args = run_cli(arc.register, ["archive", "restore", "--archive-dir", str(archive_dir),
+    args = run_cli(archive_cli.register, ["archive", "restore", "--archive-dir", str(archive_dir),
                                   "-w", ws, "--segment", "1", "--store-url", store_url])
     assert await args.func(args) == 0
     assert "restored 1 runs (4 node traces)" in capsys.readouterr().out
@@ -336,7 +339,7 @@ async def test_restore_refuses_a_tampered_archive(store: Store, store_url: str,
     write_segment(archive, ws, "2026-03", sample_docs(ws, runs=2))
     seg = next((tmp_path / ws).glob("*.jsonl.gz"))
     seg.write_bytes(seg.read_bytes()[:-3] + b"xyz")
-    args = run_cli(arc.register, ["archive", "restore", "--archive-dir", str(tmp_path),
+    args = run_cli(archive_cli.register, ["archive", "restore", "--archive-dir", str(tmp_path),
                                   "-w", ws, "--segment", "1", "--store-url", store_url])
     with pytest.raises(arc.ArchiveError, match="does not verify"):
         await args.func(args)

@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from tests.helpers import ControlledStore, MemoryStore
 from worker import constants as c
 from worker import dlq, samples
+from worker.cli import dlq as dlq_cli
 from worker.consumer import Worker
 from worker.dlq import DlqFilter, find, parse_when, purge, replay
 from worker.emitter import AuditEmitter
@@ -68,7 +69,7 @@ async def seeded(redis_client: aioredis.Redis, stream: str) -> dict[str, str]:
 
 def cli(redis_url: str, stream: str, *argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    dlq.register(parser.add_subparsers())
+    dlq_cli.register(parser.add_subparsers())
     action, *rest = argv
     return parser.parse_args(["dlq", action, "--redis-url", redis_url, "--stream", stream, *rest])
 

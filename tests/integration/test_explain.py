@@ -11,6 +11,7 @@ from tests import reference as ref
 from tests.helpers import run_cli, workspace_name, write_events
 from worker import events as ev
 from worker import explain, queries
+from worker.cli import explain as explain_cli
 from worker.stores import Store
 
 pytestmark = pytest.mark.anyio
@@ -95,7 +96,7 @@ async def test_terminal_view_shows_the_decision_chain(store: Store) -> None:
     await write_events(store, ref.reference_events(ws))
     ex = await explain.explain_run(store, ws, ref.RUN_ID, show_prompts=True)
     assert ex is not None
-    text = explain.render(ex)
+    text = explain_cli.render(ex)
     lines = text.splitlines()
     order = [next(i for i, ln in enumerate(lines) if f". {name}  [" in ln)
              for name in ("source", "classify", "route", "update-crm")]
@@ -125,7 +126,7 @@ async def test_prompts_are_redacted_and_shortened_by_default(store: Store) -> No
     assert out["nodes"][3]["input"]["email"] == "[email]"
     assert out["nodes"][1]["output"] == ref.CLASSIFY_NODE["output"]
     assert out["redacted"] is True
-    assert "buyer@example.com" not in explain.render(ex).split("output:")[0]
+    assert "buyer@example.com" not in explain_cli.render(ex).split("output:")[0]
 
 
 def test_redaction_masks_personal_data_and_keys() -> None:
@@ -182,7 +183,7 @@ async def test_errors_retries_and_extra_fields_are_explained(store: Store) -> No
          "retries": None}]
     assert out["retries"] == [{"nodeId": "enrich", "attempts": [1, 2], "reportedRetries": 2}]
     assert out["run"]["status"] == "failed"
-    text = explain.render(ex)
+    text = explain_cli.render(ex)
     assert "error: Timeout: enrichment API timeout (retried 2x)" in text
     assert "attempts [1, 2]" in text
     assert "region: eu-west-1" in text
@@ -196,7 +197,7 @@ async def test_explain_cli_json_is_stable(store: Store, store_url: str,
     outputs = []
     for argv in (["explain", ref.RUN_ID, "--json", "--store-url", store_url, "-w", ws],
                  ["explain", ref.RUN_ID, "--json", "--store-url", store_url]):
-        args = run_cli(explain.register, argv)
+        args = run_cli(explain_cli.register, argv)
         assert await args.func(args) == 0
         outputs.append(capsys.readouterr().out)
     assert outputs[0] == outputs[1]

@@ -15,8 +15,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import free_port
 from worker import health
+from worker.cli import health as health_cli
+from worker.cli.health import check, default_url
 from worker.errors import StoreUnavailable
-from worker.health import HealthServer, build_health_server, check, default_url
+from worker.health import HealthServer, build_health_server
 from worker.metrics import Metrics
 from worker.settings import Settings
 from worker.stores.null import NullStore
@@ -217,7 +219,7 @@ async def test_health_command_waits_until_healthy(
     m.loop_heartbeat.labels("reader").set(0)
     port = await serve(HealthServer(m))
     parser = argparse.ArgumentParser()
-    health.register(parser.add_subparsers())
+    health_cli.register(parser.add_subparsers())
 
     args = parser.parse_args(["health", "--url", f"http://127.0.0.1:{port}", "--check"])
     assert await args.func(args) == 1
@@ -245,7 +247,7 @@ async def test_health_command_uses_the_metrics_port(
     server = HealthServer(m)
     port = await serve(server)
     parser = argparse.ArgumentParser()
-    health.register(parser.add_subparsers())
+    health_cli.register(parser.add_subparsers())
     args = parser.parse_args(["health", "-q"])
     monkeypatch.setenv("AUDIT_METRICS_PORT", str(port))
     assert await args.func(args) == 0

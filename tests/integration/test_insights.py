@@ -13,6 +13,7 @@ import pytest
 from tests.dataset import BASE, Spec, make_dataset
 from tests.helpers import run_cli, workspace_name, write_events
 from worker import insights
+from worker.cli import insights as insights_cli
 from worker.stores import Store
 
 pytestmark = pytest.mark.anyio
@@ -159,13 +160,13 @@ async def test_insights_cli_json_and_table(store: Store, store_url: str,
     ws = workspace_name()
     events, specs = make_dataset(ws, runs=12, seed=3)
     await write_events(store, events)
-    args = run_cli(insights.register, ["insights", "-w", ws, "--store-url", store_url,
+    args = run_cli(insights_cli.register, ["insights", "-w", ws, "--store-url", store_url,
                                        "--since", "2026-03-01", "--until", "2026-03-02",
                                        "--json"])
     assert await args.func(args) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["nodesScanned"] == len(specs)
-    args = run_cli(insights.register, ["insights", "-w", ws, "--store-url", store_url,
+    args = run_cli(insights_cli.register, ["insights", "-w", ws, "--store-url", store_url,
                                        "--since", "2026-03-01", "--until", "2026-03-02"])
     assert await args.func(args) == 0
     text = capsys.readouterr().out

@@ -24,6 +24,7 @@ from tests.helpers import write_events
 from worker import archive as arc
 from worker import events as ev
 from worker import explain, insights, queries, retention
+from worker.cli import explain as explain_cli
 from worker.documents import fold
 from worker.stores import RunQuery, Store, open_store
 
@@ -106,7 +107,7 @@ class QueryConformance:
             want = explain.build(ws, ref.RUN_ID, runs[ref.RUN_ID], nodes[ref.RUN_ID],
                                  show_prompts=show)
             assert queries.dumps(got.to_json()) == queries.dumps(want.to_json())
-            assert explain.render(got) == explain.render(want)
+            assert explain_cli.render(got) == explain_cli.render(want)
 
     async def test_runs_listing_matches_the_specification(self, qstore: Store) -> None:
         """Every filter combination lists the same runs, in the same order."""
@@ -208,7 +209,7 @@ async def test_sqlite_and_postgres_answer_identically(tmp_path: Path, pg_url: st
                 ex = await explain.explain_run(store, ws, run_id)
                 assert ex is not None
                 out.append(queries.dumps(ex.to_json()))
-                out.append(explain.render(ex))
+                out.append(explain_cli.render(ex))
             for q in QUERIES:
                 out.append(queries.dumps(await queries.list_runs(store, ws, q)))
             out.append(queries.dumps(await insights.compute(store, ws)))

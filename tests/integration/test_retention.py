@@ -16,6 +16,7 @@ from tests.helpers import run_cli, workspace_name, write_events
 from worker import archive as arc
 from worker import events as ev
 from worker import explain, retention
+from worker.cli import retention as retention_cli
 from worker.errors import ConfigError
 from worker.stores import NodeVersion, RunVersion, Store, open_store
 
@@ -244,7 +245,7 @@ async def test_workspace_overrides_and_no_archive(store: Store, store_url: str,
     policy = tmp_path / "p.toml"
     policy.write_text(f"[workspaces.{ws_a}.hot]\nprompts = 7\n")
     for ws in (ws_a, ws_b):
-        args = run_cli(retention.register, ["retention", "run", "--no-archive", "-w", ws,
+        args = run_cli(retention_cli.register, ["retention", "run", "--no-archive", "-w", ws,
                                             "--policy", str(policy), "--store-url", store_url,
                                             "--now", NOW.isoformat(), "--json"])
         assert await args.func(args) == 0
@@ -265,13 +266,13 @@ async def test_cli_plan_table_and_run_needs_an_archive(store: Store, store_url: 
     """plan prints a table; run without --archive-dir or --no-archive is refused."""
     ws = workspace_name()
     await write_events(store, ref.reference_events(ws))
-    args = run_cli(retention.register, ["retention", "plan", "-w", ws, "--store-url",
+    args = run_cli(retention_cli.register, ["retention", "plan", "-w", ws, "--store-url",
                                         store_url, "--now", "2026-06-01"])
     assert await args.func(args) == 0
     text = capsys.readouterr().out
     assert "Plan at 2026-06-01T00:00:00.000000Z" in text
     assert f"{ws}: segment 2026-02: 1 runs, 4 node docs (to write)" in text
-    args = run_cli(retention.register, ["retention", "run", "-w", ws, "--store-url",
+    args = run_cli(retention_cli.register, ["retention", "run", "-w", ws, "--store-url",
                                         store_url])
     with pytest.raises(ConfigError, match="--archive-dir"):
         await args.func(args)
@@ -379,7 +380,7 @@ async def test_a_late_event_before_the_run_delete_keeps_the_run_until_archived(
     assert racing.fired
     assert (first[0].runs_deleted, first[0].deferred, len(first[0].segments)) == (0, 1, 1)
     assert first[0].to_json()["deferred"] == 1
-    assert f"{ws}: 1 changes deferred to the next run" in retention.render(
+    assert f"{ws}: 1 changes deferred to the next run" in retention_cli.render(
         first, applied=True, now=NOW)
     run, nodes = await _state(any_store, ws, "r1")
     assert run is not None

@@ -10,8 +10,9 @@ import redis.asyncio as aioredis
 
 from tests.conftest import free_port
 from worker import constants as c
-from worker import status
-from worker.status import fleet_status, format_table, human_duration, render
+from worker.cli import status as status_cli
+from worker.cli.status import format_table, human_duration, render
+from worker.fleet import fleet_status
 
 
 def test_human_duration() -> None:
@@ -82,7 +83,7 @@ async def test_status_command_json_and_all_groups(
     """`status --json --all-groups` prints the schema-1 document with every group."""
     await _fleet(redis_client, stream)
     parser = argparse.ArgumentParser()
-    status.register(parser.add_subparsers())
+    status_cli.register(parser.add_subparsers())
 
     args = parser.parse_args(["status", "--redis-url", redis_url, "--stream", stream, "--json",
                               "--all-groups"])
@@ -106,7 +107,7 @@ async def test_status_command_json_and_all_groups(
 async def test_status_command_without_redis(capsys: pytest.CaptureFixture[str]) -> None:
     """When Redis cannot be reached the command says so and exits 1."""
     parser = argparse.ArgumentParser()
-    status.register(parser.add_subparsers())
+    status_cli.register(parser.add_subparsers())
     args = parser.parse_args(["status", "--redis-url", f"redis://127.0.0.1:{free_port()}/0"])
     assert await args.func(args) == 1
     assert "cannot read the fleet status from Redis" in capsys.readouterr().err

@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 
 from worker import constants as c
 from worker import trim
+from worker.cli import trim as trim_cli
 from worker.fleet import acquire_poller, parse_id, redis_time_ms
 from worker.metrics import Metrics
 from worker.settings import Settings
@@ -317,7 +318,7 @@ async def test_trim_command(
     await read(redis_client, stream, "writers", "w", 4)
     await redis_client.xack(stream, "writers", *ids[:2])
     parser = argparse.ArgumentParser()
-    trim.register(parser.add_subparsers())
+    trim_cli.register(parser.add_subparsers())
     base = ["trim", "--redis-url", redis_url, "--stream", stream, "--group", "writers",
             "--retention", "0", "--exact"]
 

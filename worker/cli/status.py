@@ -19,26 +19,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from .fleet import (
-    ConsumerStatus,
-    FleetStatus,
-    GroupStatus,
-    StreamStatus,
-    fleet_status,
-)
-
-__all__ = [
-    "ConsumerStatus",
-    "FleetStatus",
-    "GroupStatus",
-    "StreamStatus",
-    "fleet_status",
-    "format_table",
-    "human_duration",
-    "register",
-    "render",
-    "run_status",
-]
+from ..fleet import FleetStatus, fleet_status
 
 
 def human_duration(seconds: float | None) -> str:
@@ -149,12 +130,9 @@ def to_json(status: FleetStatus) -> str:
     return json.dumps(status.to_dict(), indent=2)
 
 
-# -- audit-fleet status ----------------------------------------------------------------------
-
-
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``audit-fleet status``; its handler is :func:`run_status`."""
-    from .cli import add_worker_flags
+    from .common import add_worker_flags
 
     p: argparse.ArgumentParser = subparsers.add_parser(
         "status", help="show streams, groups, lag, pending and consumers",
@@ -171,7 +149,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 async def run_status(args: argparse.Namespace) -> int:
     """Print the status; exit 0, or 1 when Redis cannot be reached."""
-    from .cli import settings_from_args
+    from .common import settings_from_args
 
     settings = settings_from_args(args)
     redis = aioredis.Redis.from_url(settings.redis_url)

@@ -26,10 +26,10 @@ from typing import Any
 import anyio
 import redis.asyncio as aioredis
 
-from . import samples
-from .emitter import AuditEmitter
-from .redisio import text
-from .settings import Settings
+from .. import samples
+from ..emitter import AuditEmitter
+from ..redisio import text
+from ..settings import Settings
 
 WORKSPACE = "workspace_demo"
 
@@ -180,7 +180,7 @@ async def _group_done(client: aioredis.Redis, stream: str, group: str) -> int:
 
 
 async def _explain(store_url: str, workspace: str, run_id: str) -> int:
-    from .stores import open_store
+    from ..stores import open_store
 
     store = open_store(store_url)
     await store.open()
@@ -192,7 +192,8 @@ async def _explain(store_url: str, workspace: str, run_id: str) -> int:
     if run is None:
         print(f"run {run_id} was not found in {store_url}", file=sys.stderr)
         return 1
-    from .explain import build, render
+    from ..explain import build
+    from .explain import render
 
     print(render(build(workspace, run_id, run, nodes)))
     print(f"\nexplain it yourself: audit-fleet explain {run_id} --workspace {workspace}")

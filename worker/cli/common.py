@@ -1,0 +1,63 @@
+"""What every command shares: the worker flags, the store flags, and Settings built from them."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from ..constants import DEFAULT_STORE_URL
+from ..settings import Settings
+from ..stores import Store, open_store
+
+
+def add_worker_flags(p: argparse.ArgumentParser) -> None:
+    """Flags that override ``AUDIT_*`` variables (see README's configuration table)."""
+    p.add_argument("--redis-url", help="AUDIT_REDIS_URL")
+    p.add_argument("--stream", help="AUDIT_STREAM (comma-separated for several shards)")
+    p.add_argument("--group", help="AUDIT_GROUP")
+    p.add_argument("--consumer", help="AUDIT_CONSUMER (default hostname-pid)")
+    p.add_argument("--store-url", help="AUDIT_STORE_URL")
+
+
+def settings_from_args(args: argparse.Namespace, **extra: Any) -> Settings:
+    streams = None
+    if getattr(args, "stream", None):
+        streams = tuple(s.strip() for s in args.stream.split(",") if s.strip())
+    return Settings.from_env(
+        redis_url=getattr(args, "redis_url", None),
+        streams=streams,
+        group=getattr(args, "group", None),
+        consumer=getattr(args, "consumer", None),
+        store_url=getattr(args, "store_url", None),
+        **extra,
+    )
+
+
+def add_store_flag(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS keeps a value the top-level parser may already have set.
+    parser.add_argument("--store-url", default=argparse.SUPPRESS,
+                        help=f"store URL (AUDIT_STORE_URL, default {DEFAULT_STORE_URL})")
+
+
+def add_workspace_flag(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    parser.add_argument("-w", "--workspace", required=required,
+                        help="workspace ID" + ("" if required else " (default: all)"))
+
+
+def store_url(args: argparse.Namespace) -> str:
+    return (getattr(args, "store_url", None) or os.environ.get("AUDIT_STORE_URL")
+            or DEFAULT_STORE_URL)
+
+
+@asynccontextmanager
+async def opened_store(args: argparse.Namespace) -> AsyncIterator[Store]:
+    """The store named by ``--store-url`` / ``AUDIT_STORE_URL``, opened and closed."""
+    store = open_store(store_url(args))
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()

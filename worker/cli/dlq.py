@@ -1,0 +1,239 @@
+"""``audit-fleet dlq list|show|replay|purge``."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from ..dlq import (
+    _SHOW_PREVIEW_CHARS,
+    DLQ_SCHEMA_VERSION,
+    DeadLetterEntry,
+    DlqFilter,
+    _event_text,
+    _iso,
+    find,
+    parse_when,
+    purge,
+    replay,
+)
+from ..fleet import redis_time_ms
+from .status import format_table
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``audit-fleet dlq list|show|replay|purge``; handlers set ``func``."""
+    from .common import add_worker_flags
+
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "dlq", help="inspect, replay or purge dead letters",
+        description="Dead letters live in <stream>:dlq, one per configured stream.",
+    )
+    sub = p.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
+
+    def filters(q: argparse.ArgumentParser, *, limit: int | None) -> None:
+        add_worker_flags(q)
+        q.add_argument("--reason", action="append", default=[],
+                       help="only this reason (repeatable), e.g. schema_violation")
+        q.add_argument("--workspace", action="append", default=[],
+                       help="only events of this workspaceId (repeatable)")
+        q.add_argument("--since", help="dead-lettered at or after: 2h, 7d, ISO 8601 or epoch ms")
+        q.add_argument("--until", help="dead-lettered at or before (same forms as --since)")
+        q.add_argument("--id", action="append", default=[], dest="ids",
+                       help="only this dead-letter entry ID (repeatable)")
+        q.add_argument("--limit", type=int, default=limit,
+                       help=f"at most this many entries (default {limit or 'all'})")
+        q.add_argument("--json", action="store_true", help="stable JSON for scripts")
+
+    q = sub.add_parser("list", help="list dead letters (oldest first)")
+    filters(q, limit=50)
+    q.set_defaults(func=run_list)
+
+    q = sub.add_parser("show", help="show dead letters in full, with their payload")
+    add_worker_flags(q)
+    q.add_argument("entry_ids", nargs="+", metavar="ID", help="dead-letter entry ID")
+    q.add_argument("--full", action="store_true",
+                   help=f"print the whole payload (default: first {_SHOW_PREVIEW_CHARS} chars)")
+    q.add_argument("--json", action="store_true", help="stable JSON for scripts")
+    q.set_defaults(func=run_show)
+
+    q = sub.add_parser(
+        "replay", help="re-enqueue dead letters to their stream, then remove them",
+        description="XADD each payload to the source stream, then XDEL it from the "
+        "dead-letter stream: a crash in between duplicates an event, never loses one.",
+    )
+    filters(q, limit=None)
+    q.add_argument("--dry-run", action="store_true", help="show what would be replayed")
+    q.set_defaults(func=run_replay)
+
+    q = sub.add_parser("purge", help="delete dead letters for good (asks for --yes)")
+    filters(q, limit=None)
+    q.add_argument("--yes", action="store_true", help="really delete the matching entries")
+    q.set_defaults(func=run_purge)
+    return p
+
+
+async def _open(args: argparse.Namespace) -> tuple[aioredis.Redis, Sequence[str]]:
+    from .common import settings_from_args
+
+    settings = settings_from_args(args)
+    return aioredis.Redis.from_url(settings.redis_url), settings.streams
+
+
+def _filter(args: argparse.Namespace, now_ms: int) -> DlqFilter:
+    from ..errors import ConfigError
+
+    try:
+        since = parse_when(args.since, now_ms) if args.since else None
+        until = parse_when(args.until, now_ms) if args.until else None
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if args.limit is not None and args.limit < 0:
+        raise ConfigError("--limit must be >= 0")
+    return DlqFilter(
+        reasons=tuple(args.reason), workspaces=tuple(args.workspace), since_ms=since,
+        until_ms=until, ids=tuple(args.ids), limit=args.limit,
+    )
+
+
+def _rows(entries: Sequence[DeadLetterEntry]) -> list[list[str]]:
+    return [
+        [
+            e.dlq,
+            e.id,
+            _iso(e.dead_lettered_ms)[:19].replace("T", " "),
+            e.reason or "-",
+            e.source_id or "-",
+            "-" if e.deliveries is None else str(e.deliveries),
+            e.workspace or "-",
+            _one_line(e.error, 60),
+        ]
+        for e in entries
+    ]
+
+
+def _one_line(value: str, limit: int) -> str:
+    s = " ".join(value.split())
+    return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
+_HEADERS = ["DLQ", "ID", "DEAD-LETTERED (UTC)", "REASON", "SOURCE-ID", "DELIVERIES", "WORKSPACE",
+            "ERROR"]
+
+
+def _print_json(kind: str, payload: dict[str, Any]) -> None:
+    print(json.dumps({"version": DLQ_SCHEMA_VERSION, "command": kind, **payload}, indent=2))
+
+
+async def _guarded(args: argparse.Namespace, action: Any) -> int:
+    redis, streams = await _open(args)
+    try:
+        result: int = await action(redis, streams)
+        return result
+    except RedisError as exc:
+        print(f"audit-fleet: Redis error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await redis.aclose()
+
+
+async def run_list(args: argparse.Namespace) -> int:
+    async def action(redis: aioredis.Redis, streams: Sequence[str]) -> int:
+        flt = _filter(args, await redis_time_ms(redis))
+        entries = await find(redis, streams, flt)
+        if args.json:
+            _print_json("list", {"count": len(entries),
+                                 "entries": [e.to_dict() for e in entries]})
+        elif entries:
+            print(format_table(_HEADERS, _rows(entries)))
+        else:
+            print("no dead letters match")
+        return 0
+
+    return await _guarded(args, action)
+
+
+async def run_show(args: argparse.Namespace) -> int:
+    async def action(redis: aioredis.Redis, streams: Sequence[str]) -> int:
+        entries = await find(redis, streams, DlqFilter(ids=tuple(args.entry_ids)))
+        missing = sorted(set(args.entry_ids) - {e.id for e in entries})
+        if args.json:
+            _print_json("show", {"entries": [e.to_dict(with_event=True) for e in entries],
+                                 "missing": missing})
+        else:
+            for e in entries:
+                print(_show_text(e, full=args.full))
+            for entry_id in missing:
+                print(f"{entry_id}: no such dead letter", file=sys.stderr)
+        return 1 if missing else 0
+
+    return await _guarded(args, action)
+
+
+def _show_text(e: DeadLetterEntry, *, full: bool) -> str:
+    d = e.to_dict()
+    lines = [f"{k + ':':<18}{'-' if v is None else v}" for k, v in d.items()]
+    payload, encoding = _event_text(e.event)
+    if payload is not None and encoding == "utf-8":
+        with contextlib.suppress(ValueError):
+            payload = json.dumps(json.loads(payload), indent=2, ensure_ascii=False)
+    if payload is not None and not full and len(payload) > _SHOW_PREVIEW_CHARS:
+        payload = payload[:_SHOW_PREVIEW_CHARS] + f"\n… ({len(payload)} chars; --full shows all)"
+    lines.append(f"{'event:':<18}({encoding or 'absent'})")
+    if payload is not None:
+        lines.append(payload)
+    return "\n".join(lines) + "\n"
+
+
+async def run_replay(args: argparse.Namespace) -> int:
+    async def action(redis: aioredis.Redis, streams: Sequence[str]) -> int:
+        entries = await find(redis, streams, _filter(args, await redis_time_ms(redis)))
+        if args.dry_run:
+            if args.json:
+                _print_json("replay", {"dry_run": True, "count": len(entries),
+                                       "entries": [e.to_dict() for e in entries]})
+            else:
+                print(f"would replay {len(entries)} dead letters")
+                if entries:
+                    print(format_table(_HEADERS, _rows(entries)))
+            return 0
+        result = await replay(redis, entries)
+        if args.json:
+            _print_json("replay", {"dry_run": False, "replayed": result.replayed,
+                                   "skipped": result.skipped, "failed": result.failed})
+        else:
+            print(f"replayed {len(result.replayed)} dead letters to their streams"
+                  + (f"; skipped {len(result.skipped)} without a payload" if result.skipped
+                     else ""))
+            for entry_id, error in result.failed.items():
+                print(f"{entry_id}: not replayed: {error}", file=sys.stderr)
+        return 1 if result.failed else 0
+
+    return await _guarded(args, action)
+
+
+async def run_purge(args: argparse.Namespace) -> int:
+    async def action(redis: aioredis.Redis, streams: Sequence[str]) -> int:
+        entries = await find(redis, streams, _filter(args, await redis_time_ms(redis)))
+        if not args.yes:
+            message = f"{len(entries)} dead letters match; pass --yes to delete them"
+            if args.json:
+                _print_json("purge", {"deleted": 0, "matched": len(entries),
+                                      "confirmed": False})
+            print(message, file=sys.stderr)
+            return 1
+        deleted = await purge(redis, entries)
+        if args.json:
+            _print_json("purge", {"deleted": deleted, "matched": len(entries), "confirmed": True})
+        else:
+            print(f"deleted {deleted} dead letters")
+        return 0
+
+    return await _guarded(args, action)
