@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import shutil
@@ -61,6 +62,13 @@ async def _admin() -> asyncpg.Connection:
 @pytest.fixture
 async def pg_url() -> AsyncIterator[str]:
     """A fresh PostgreSQL database for this test, dropped afterwards."""
+    async with pg_database() as url:
+        yield url
+
+
+@contextlib.asynccontextmanager
+async def pg_database() -> AsyncIterator[str]:
+    """A fresh PostgreSQL database (its URL), dropped afterwards (for any fixture scope)."""
     name = f"aft_{uuid.uuid4().hex[:16]}"
     conn = await _admin()
     try:

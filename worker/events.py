@@ -31,11 +31,16 @@ WorkspaceId = Annotated[str, Meta(pattern=WORKSPACE_PATTERN)]
 Label = Annotated[str, Meta(min_length=1, max_length=64, pattern=PRINTABLE)]
 Status = Annotated[str, Meta(pattern=r"\A[A-Za-z0-9_.-]{1,32}\Z")]
 Time = Annotated[datetime, Meta(tz=True)]
-Count = Annotated[int, Meta(ge=0)]
+#: A count (tokens, retries): a non-negative 64-bit integer, which every store holds exactly.
+Count = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 Attempt = Annotated[int, Meta(ge=1, le=1_000_000)]
 Duration = Annotated[float, Meta(ge=0)]
 
 MAX_SNAPSHOT_NODES: Final = 10_000
+#: Deepest nesting of arrays and objects accepted (the event object itself is level 1).
+#: A fixed limit, so acceptance never depends on how deep the decoder's caller runs.
+MAX_DEPTH: Final = 500
+_TOO_DEEP: Final = f"JSON is nested deeper than {MAX_DEPTH} levels"
 
 RUN_STARTED: Final = "run.started"
 NODE_COMPLETED: Final = "node.completed"
@@ -177,16 +182,37 @@ def decode(data: bytes | str, *, max_bytes: int) -> Decoded:
     except msgspec.DecodeError as exc:
         raise InvalidEvent(Reason.INVALID_JSON, str(exc)) from None
     except RecursionError:
-        raise InvalidEvent(Reason.INVALID_JSON, "JSON is nested too deeply") from None
+        raise InvalidEvent(Reason.INVALID_JSON, _TOO_DEEP) from None
+    if _openers(data) > MAX_DEPTH and _too_deep(raw):  # a cheap count rules out most events
+        raise InvalidEvent(Reason.INVALID_JSON, _TOO_DEEP)
     _check_envelope(raw)
     try:
         event: Event = _event_decoder.decode(data)
     except msgspec.DecodeError as exc:  # the JSON is valid: only the schema can fail
         raise InvalidEvent(Reason.SCHEMA, str(exc)) from None
     except RecursionError:
-        raise InvalidEvent(Reason.INVALID_JSON, "JSON is nested too deeply") from None
+        raise InvalidEvent(Reason.INVALID_JSON, _TOO_DEEP) from None
     _check_event(event)
     return Decoded(event, _normalise(event, raw, copy=False))
+
+
+def _openers(data: bytes | str) -> int:
+    if isinstance(data, str):
+        return data.count("[") + data.count("{")
+    return data.count(b"[") + data.count(b"{")
+
+
+def _too_deep(value: Any) -> bool:
+    """Whether ``value`` nests arrays/objects deeper than :data:`MAX_DEPTH` (iteratively)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        if depth > MAX_DEPTH:
+            return True
+        stack.extend((child, depth + 1) for child in children
+                     if isinstance(child, dict | list))
+    return False
 
 
 def validate(raw: Any) -> Decoded:

@@ -198,3 +198,29 @@ def test_actions_are_a_list_of_strings_or_objects(actions: Any) -> None:
     event = {**BASE, "type": "node.completed",
              "node": {**NODE, "type": "action", "actions": actions}}
     assert _reason(event) == Reason.SCHEMA
+
+
+def test_nesting_is_limited_to_a_fixed_depth() -> None:
+    """500 levels are accepted and 501 refused, however deep the decoder's caller runs."""
+    from worker.events import MAX_DEPTH
+
+    def nested(levels: int) -> bytes:  # the event is level 1, its node level 2
+        inner = b"[" * (levels - 2) + b"]" * (levels - 2)
+        return json.dumps({**BASE, "type": "node.completed",
+                           "node": {**NODE, "input": "@"}}).encode().replace(b'"@"', inner)
+
+    assert MAX_DEPTH == 500
+    assert decode(nested(500), max_bytes=1 << 20).doc["node"]["input"] is not None
+    with pytest.raises(InvalidEvent) as info:
+        decode(nested(501), max_bytes=1 << 20)
+    assert (info.value.reason, info.value.detail) == (
+        Reason.INVALID_JSON, "JSON is nested deeper than 500 levels")
+
+
+def test_counts_stop_at_the_64_bit_range() -> None:
+    """tokens_used and error.retries accept 2^63 - 1 and refuse 2^63."""
+    def with_tokens(n: int) -> dict[str, Any]:
+        return {**BASE, "type": "node.completed",
+                "node": {**NODE, "tokens_used": {"input": n}, "error": {"retries": n}}}
+    assert _decode(with_tokens(2**63 - 1)).doc["node"]["tokens_used"] == {"input": 2**63 - 1}
+    assert _reason(with_tokens(2**63)) == Reason.SCHEMA
