@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import redis.asyncio as aioredis
@@ -180,6 +181,9 @@ class TcpProxy:
         self.upstream = (upstream_host, upstream_port)
         self.port = 0
         self.cut = False
+        #: Blackholed: connections stay open (and new ones are accepted) but no byte
+        #: passes either way, like a dropped route: peers wait for their timeouts.
+        self.blackhole = False
         self._conns: set[Any] = set()
         self._tg: Any = None
 
@@ -203,9 +207,18 @@ class TcpProxy:
             for conn in list(self._conns):
                 await conn.aclose()
 
+    async def set_blackhole(self, on: bool) -> None:
+        """Blackhole the link (see :attr:`blackhole`), or let bytes pass again."""
+        self.blackhole = on
+
     async def _handle(self, client: Any) -> None:
         if self.cut:
             await client.aclose()
+            return
+        if self.blackhole:
+            async with client:
+                async for _ in client:  # swallow everything until the peer gives up
+                    pass
             return
         try:
             upstream = await anyio.connect_tcp(*self.upstream)
@@ -217,7 +230,8 @@ class TcpProxy:
         async def pump(src: Any, dst: Any) -> None:
             try:
                 async for chunk in src:
-                    await dst.send(chunk)
+                    if not self.blackhole:
+                        await dst.send(chunk)
             except Exception:
                 pass
             finally:
@@ -330,3 +344,11 @@ async def free_padding(client: aioredis.Redis, prefix: str = "pad:") -> None:
     keys = [k async for k in client.scan_iter(match=prefix + "*", count=1000)]
     for i in range(0, len(keys), 500):
         await client.delete(*keys[i : i + 500])
+
+
+def through(proxy: TcpProxy, url: str) -> str:
+    """``url`` with its host and port replaced by the proxy's."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)
+    host = f"127.0.0.1:{proxy.port}"
+    return urlunsplit(parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host))

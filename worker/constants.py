@@ -21,6 +21,9 @@ DEFAULT_MAX_EVENT_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_INFLIGHT = 4
 DEFAULT_LINGER_MS = 20
 DEFAULT_SHUTDOWN_GRACE_S = 25.0
+#: After the grace period: the longest cancelled work and closing the store and Redis may
+#: take. A process exits within grace + deadline (35 s) whatever the store does.
+DEFAULT_SHUTDOWN_DEADLINE_S = 10.0
 DEFAULT_RECLAIM_INTERVAL_S = 5.0
 DEFAULT_TRIM_INTERVAL_S = 30.0
 DEFAULT_TRIM_RETENTION_S = 3600.0

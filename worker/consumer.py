@@ -35,7 +35,14 @@ from tenacity.wait import wait_exponential_jitter
 
 from . import constants as c
 from .documents import WriteBatch, coalesce, coalesce_each
-from .errors import InvalidEvent, RedisRefused, RedisUnavailable, StoreRejected, StoreUnavailable
+from .errors import (
+    InvalidEvent,
+    RedisRefused,
+    RedisUnavailable,
+    StoreRejected,
+    StoreTimeout,
+    StoreUnavailable,
+)
 from .events import Decoded, decode
 from .logs import get_logger
 from .metrics import Metrics
@@ -62,6 +69,10 @@ REDIS_TRANSIENT = (RedisUnavailable, RedisConnectionError, RedisTimeoutError, OS
 #: Attempts at a dead letter Redis refuses for good (WRONGTYPE …) before its entry is
 #: left pending for a later redelivery instead (it is never acknowledged without one).
 DEAD_LETTER_REFUSED_ATTEMPTS = 5
+
+#: After a write timed out: how long a ping may take for the store to count as answering
+#: (then the write was too large, and is split); a store that does not answer is down.
+STORE_PING_TIMEOUT_S = 5.0
 
 Loop = Callable[[], Awaitable[None]]
 
@@ -448,6 +459,21 @@ class Worker:
             for part in parts:
                 await self._write_all(part, work)
             return
+        except _TooSlow as exc:
+            parts = work.split(batch)
+            if parts is not None:
+                self.log.warning("batch_timed_out_splitting", runs=len(batch.runs),
+                                 parts=len(parts), error=str(exc.__cause__)[:300])
+                for part in parts:
+                    await self._write_all(part, work)
+                return
+            # One entry that cannot be written within the store's timeout even alone:
+            # left pending, redelivered, dead-lettered after AUDIT_MAX_DELIVERIES.
+            entries = [work.by_source[src] for src in batch.sources()]
+            self.log.error("entry_timed_out_leaving_pending", error=str(exc.__cause__)[:300],
+                           entries=len(entries))
+            outcome.abandoned.extend(entries)
+            return
         except Exception as exc:
             parts = work.split(batch)
             if parts is not None:
@@ -496,6 +522,11 @@ class Worker:
                 outcome = "ok"
                 try:
                     return await self.store.write(batch)
+                except StoreTimeout as exc:
+                    outcome = "timeout"
+                    if await self._store_answers():
+                        raise _TooSlow() from exc  # the store is fine: this write is too big
+                    raise
                 except StoreUnavailable:
                     outcome = "unavailable"
                     raise
@@ -510,6 +541,15 @@ class Worker:
                         time.perf_counter() - start
                     )
         raise AssertionError("unreachable: tenacity either returns or raises")
+
+    async def _store_answers(self) -> bool:
+        """Whether the store answers a ping promptly (after a write timed out)."""
+        try:
+            with anyio.fail_after(STORE_PING_TIMEOUT_S):
+                await self.store.ping()
+        except (StoreUnavailable, TimeoutError):
+            return False
+        return True
 
     def _on_retry(self, state: RetryCallState) -> None:
         self.metrics.retries.labels(self.store.name).inc()
@@ -593,6 +633,10 @@ class Worker:
                                          self.settings.consumer, list(ids))
                 except RedisUnavailable as exc:
                     self.redis_error(exc, "lease")
+
+
+class _TooSlow(Exception):
+    """A write timed out while the store answers pings: split it instead of retrying it."""
 
 
 @dataclass(slots=True)

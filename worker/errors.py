@@ -28,6 +28,11 @@ class StoreUnavailable(StoreError):
     """A transient store failure (network, failover, timeout): retry the same write."""
 
 
+class StoreTimeout(StoreUnavailable):
+    """A write ran past the store's command timeout. Either the store is unreachable
+    (retry it like any outage) or this write is too large to finish in time (split it)."""
+
+
 class StoreRejected(StoreError):
     """A permanent store failure for the data written: retrying cannot succeed."""
 

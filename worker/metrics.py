@@ -65,7 +65,7 @@ _E2E_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
 _SIZE_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 
 #: Values of the ``outcome`` label of ``store_write_seconds``.
-STORE_OUTCOMES = ("ok", "unavailable", "rejected", "error")
+STORE_OUTCOMES = ("ok", "unavailable", "timeout", "rejected", "error")
 
 #: Values of the ``kind`` label of ``redis_errors_total`` (see :func:`redis_error_kind`).
 REDIS_ERROR_KINDS = ("connection", "timeout", "oom", "loading", "readonly", "auth", "nogroup",

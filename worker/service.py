@@ -62,5 +62,11 @@ async def run_worker(settings: Settings) -> None:
             await worker.run()
             tg.cancel_scope.cancel()
     finally:
-        await redis.aclose()
-        await store.close()
+        # The hard deadline: an unreachable store (or Redis) cannot hold the exit up past
+        # AUDIT_SHUTDOWN_GRACE_S + AUDIT_SHUTDOWN_DEADLINE_S.
+        with anyio.move_on_after(settings.shutdown_deadline_s, shield=True) as scope:
+            await redis.aclose()
+            await store.close()
+        if scope.cancelled_caught:
+            get_logger().warning("close_deadline_exceeded",
+                                 deadline_s=settings.shutdown_deadline_s)

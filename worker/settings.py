@@ -39,6 +39,7 @@ class Settings:
     max_inflight: int = c.DEFAULT_MAX_INFLIGHT
     linger_ms: int = c.DEFAULT_LINGER_MS
     shutdown_grace_s: float = c.DEFAULT_SHUTDOWN_GRACE_S
+    shutdown_deadline_s: float = c.DEFAULT_SHUTDOWN_DEADLINE_S
     reclaim_interval_s: float = c.DEFAULT_RECLAIM_INTERVAL_S
     trim: bool = True
     trim_interval_s: float = c.DEFAULT_TRIM_INTERVAL_S
@@ -81,7 +82,8 @@ class Settings:
             raise ConfigError(f"AUDIT_LINGER_MS must be 0..1000, got {self.linger_ms}")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"AUDIT_METRICS_PORT must be 0..65535, got {self.metrics_port}")
-        if (self.shutdown_grace_s < 0 or self.reclaim_interval_s <= 0 or self.trim_interval_s <= 0
+        if (self.shutdown_grace_s < 0 or self.shutdown_deadline_s <= 0
+                or self.reclaim_interval_s <= 0 or self.trim_interval_s <= 0
                 or self.fleet_poll_interval_s <= 0):
             raise ConfigError("grace and interval settings must be positive")
         if self.trim_retention_s < 0:
@@ -129,7 +131,8 @@ _INTS = {
     "batch_size", "block_ms", "claim_idle_ms", "max_deliveries", "metrics_port",
     "max_event_bytes", "max_inflight", "linger_ms",
 }
-_FLOATS = {"shutdown_grace_s", "reclaim_interval_s", "trim_interval_s", "trim_retention_s",
+_FLOATS = {"shutdown_grace_s", "shutdown_deadline_s", "reclaim_interval_s", "trim_interval_s",
+           "trim_retention_s",
            "fleet_poll_interval_s"}
 _BOOLS = {"trim", "burst"}
 

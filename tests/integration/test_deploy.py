@@ -209,6 +209,7 @@ def test_probes_port_and_grace_period_match_the_worker() -> None:
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     grace = pod["terminationGracePeriodSeconds"]
     assert settings.shutdown_grace_s + 10 <= grace <= settings.shutdown_grace_s + 30
+    assert settings.shutdown_grace_s + settings.shutdown_deadline_s < grace  # exit before KILL
     assert container["resources"]["requests"]["cpu"]
     assert container["resources"]["requests"]["memory"]
     assert container["command"] + container["args"] == ["audit-fleet", "run"]
@@ -428,6 +429,7 @@ def test_systemd_stop_timeout_covers_the_drain() -> None:
     unit = (SYSTEMD / "audit-fleet@.service").read_text()
     (timeout,) = (int(x) for x in re.findall(r"^TimeoutStopSec=(\d+)$", unit, re.M))
     assert timeout >= c.DEFAULT_SHUTDOWN_GRACE_S + 10
+    assert timeout > c.DEFAULT_SHUTDOWN_GRACE_S + c.DEFAULT_SHUTDOWN_DEADLINE_S
     assert re.search(r"^WantedBy=audit-fleet\.target$", unit, re.M)
     assert re.search(r"^PartOf=audit-fleet\.target$", unit, re.M)
     assert "Environment=AUDIT_METRICS_PORT=%i" in unit

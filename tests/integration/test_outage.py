@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import random
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import anyio
 import pytest
 import redis.asyncio as aioredis
 
-from tests.helpers import TcpProxy, pending_count
+from tests.helpers import TcpProxy, pending_count, through
 from worker import samples
 from worker.consumer import Worker
 from worker.emitter import AuditEmitter
@@ -18,13 +18,6 @@ from worker.settings import Settings
 from worker.stores import open_store
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow]
-
-
-def through(proxy: TcpProxy, url: str) -> str:
-    parts = urlsplit(url)
-    netloc = parts.netloc.rsplit("@", 1)
-    host = f"127.0.0.1:{proxy.port}"
-    return urlunsplit(parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host))
 
 
 async def test_postgres_outage_loses_nothing_and_acks_nothing_early(

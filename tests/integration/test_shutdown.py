@@ -1,4 +1,8 @@
-"""SIGTERM while a write outlasts AUDIT_SHUTDOWN_GRACE_S: cancelled, left pending, reclaimed."""
+"""SIGTERM during a write that cannot finish: a write outlasting AUDIT_SHUTDOWN_GRACE_S is
+cancelled, left pending and reclaimed; with PostgreSQL unreachable (blackholed: connections
+stay open, no byte passes, so a write in flight and a graceful pool close would each wait
+for a timeout the server never answers) the process still exits within
+AUDIT_SHUTDOWN_GRACE_S + AUDIT_SHUTDOWN_DEADLINE_S."""
 
 from __future__ import annotations
 
@@ -7,13 +11,14 @@ import random
 import signal
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import anyio
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from tests.helpers import pending_count, spawn_worker, wait_until
+from tests.helpers import TcpProxy, pending_count, spawn_worker, through, wait_until
 from worker import samples
 from worker.consumer import Worker
 from worker.emitter import AuditEmitter
@@ -24,6 +29,7 @@ pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.postgres, pytest
 
 GROUP = "audit-writers"
 GRACE_S = 2.0
+BLACKHOLE_GRACE_S, DEADLINE_S = 2.0, 3.0
 
 
 async def test_write_outlasting_the_grace_period_is_cancelled_and_left_pending(
@@ -108,3 +114,53 @@ async def test_write_outlasting_the_grace_period_is_cancelled_and_left_pending(
     assert not await redis_client.exists(stream + ":dlq")
     stopped = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     assert "signal_received_draining" in {e.get("event") for e in stopped}
+
+
+async def test_sigterm_during_a_store_blackhole_exits_within_grace_and_deadline(
+    redis_client: aioredis.Redis, stream: str, redis_url: str, pg_url: str, tmp_path: Path
+) -> None:
+    """Exit 0 within grace + deadline (not the 60 s command timeout plus a pool close that
+    never returns); the entries it held stay pending."""
+    rng = random.Random(4)
+    runs = [samples.lead_triage_run(rng, "ws_term", f"run{i}", prompt_size=lambda r: 100)
+            for i in range(40)]
+    events = [e for r in runs for e in samples.run_events(r)]
+    emitter = AuditEmitter(redis_client, [stream])
+    reader = open_store(pg_url)
+    await reader.open()  # creates the schema before the worker starts
+    pg = urlsplit(pg_url)
+    async with TcpProxy(pg.hostname or "127.0.0.1", pg.port or 5432) as proxy:
+        log = tmp_path / "w.log"
+        proc = spawn_worker("w-term", stream, redis_url, through(proxy, pg_url), log,
+                            AUDIT_SHUTDOWN_GRACE_S=str(BLACKHOLE_GRACE_S),
+                            AUDIT_SHUTDOWN_DEADLINE_S=str(DEADLINE_S))
+        try:
+            await emitter.emit_many(events[:20])
+
+            async def first_stored() -> bool:
+                assert proc.poll() is None, log.read_text()[-2000:]
+                return await reader.get_run("ws_term", events[0]["runId"]) is not None
+
+            await wait_until(first_stored, 30, what="the first run stored")
+            await proxy.set_blackhole(True)
+            await emitter.emit_many(events[20:])
+
+            async def held() -> bool:
+                return await pending_count(redis_client, stream, "audit-writers") > 0
+
+            await wait_until(held, 10, what="entries held during the blackhole")
+            await anyio.sleep(0.5)  # the write is now waiting on the blackholed link
+            start = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            with anyio.fail_after(BLACKHOLE_GRACE_S + DEADLINE_S + 5):
+                while proc.poll() is None:
+                    await anyio.sleep(0.05)
+            took = time.monotonic() - start
+            assert proc.returncode == 0, log.read_text()[-3000:]
+            assert took <= BLACKHOLE_GRACE_S + DEADLINE_S + 1.5, took
+            assert await pending_count(redis_client, stream, "audit-writers") > 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            await reader.close()

@@ -25,7 +25,7 @@ from tests.store_conformance import (
 )
 from worker import events as ev
 from worker.documents import coalesce
-from worker.errors import ConfigError, StoreRejected, StoreUnavailable
+from worker.errors import ConfigError, StoreRejected, StoreTimeout, StoreUnavailable
 from worker.stores import RunQuery, open_store
 from worker.stores.base import Store
 from worker.stores.postgres import PostgresStore, translate
@@ -258,12 +258,12 @@ async def test_nul_rejects_only_its_run(pg_store: PostgresStore) -> None:
     (pgx.CannotConnectNowError("the database system is starting up"), StoreUnavailable),
     (pgx.TooManyConnectionsError("too many clients already"), StoreUnavailable),
     (pgx.AdminShutdownError("terminating connection"), StoreUnavailable),
-    (pgx.QueryCanceledError("canceling statement due to statement timeout"), StoreUnavailable),
+    (pgx.QueryCanceledError("canceling statement due to statement timeout"), StoreTimeout),
     (pgx.ConnectionDoesNotExistError("connection was closed"), StoreUnavailable),
     (pgx.UndefinedTableError('relation "workflow_runs" does not exist'), StoreUnavailable),
     (pgx.InterfaceError("pool is closing"), StoreUnavailable),
     (ConnectionRefusedError(111, "Connection refused"), StoreUnavailable),
-    (TimeoutError(), StoreUnavailable),
+    (TimeoutError(), StoreTimeout),
 ])
 def test_translate_errors(exc: Exception, kind: type) -> None:
     """Server and network failures become StoreUnavailable; data errors StoreRejected."""

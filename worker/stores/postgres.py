@@ -35,11 +35,12 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, Final, NoReturn
 
+import anyio
 import asyncpg
 import asyncpg.exceptions as pgx
 
 from ..documents import NodeDoc, RunPatch, WriteBatch
-from ..errors import ConfigError, StoreRejected, StoreUnavailable
+from ..errors import ConfigError, StoreRejected, StoreTimeout, StoreUnavailable
 from . import _sql
 from .base import (
     STRIPPABLE_NODE_FIELDS,
@@ -254,6 +255,9 @@ WITH RECURSIVE w(id) AS (
 SELECT id FROM w WHERE id IS NOT NULL
 """
 
+#: The longest a graceful pool close may take before the connections are dropped.
+CLOSE_TIMEOUT_S: Final = 5.0
+
 #: SQLSTATE classes that blame the data written: retrying cannot succeed.
 _PERMANENT: Final = (
     pgx.DataError,                          # 22: bad value, U+0000, out of range
@@ -266,6 +270,10 @@ def translate(exc: BaseException) -> StoreUnavailable | StoreRejected | None:
     """The store error an asyncpg or network failure stands for (None: not ours)."""
     if isinstance(exc, _PERMANENT):
         return StoreRejected(f"PostgreSQL refused the write: {exc}")
+    if isinstance(exc, pgx.QueryCanceledError):  # 57014: statement_timeout
+        return StoreTimeout(f"PostgreSQL: {type(exc).__name__}: {exc}")
+    if isinstance(exc, builtins.TimeoutError):  # command_timeout, or no answer at all
+        return StoreTimeout(f"PostgreSQL did not answer in time: {exc or 'timeout'}")
     if isinstance(exc, pgx.PostgresError):
         # Connection failures (08), deadlocks and serialization failures (40), too many
         # connections (53), shutdowns, "cannot connect now" and statement timeouts (57);
@@ -348,11 +356,20 @@ class PostgresStore:
         await self.migrate()
 
     async def close(self) -> None:
+        """Close the pool gracefully within :data:`CLOSE_TIMEOUT_S`, else terminate it
+        (an unreachable server never answers a graceful close)."""
         pool, self._pool = self._pool, None
-        if pool is not None:
-            try:
+        if pool is None:
+            return
+        closed = False
+        try:
+            with anyio.move_on_after(CLOSE_TIMEOUT_S):
                 await pool.close()
-            except Exception:
+                closed = True
+        except Exception:
+            pass
+        finally:
+            if not closed:
                 pool.terminate()
 
     async def migrate(self) -> None:
