@@ -14,14 +14,6 @@ from typing import Any
 import anyio
 import pytest
 import redis.asyncio as aioredis
-from redis.exceptions import (
-    ConnectionError as RedisConnectionError,
-)
-from redis.exceptions import (
-    MovedError,
-    OutOfMemoryError,
-    ResponseError,
-)
 
 from tests.conftest import RedisServers
 from tests.helpers import (
@@ -36,9 +28,8 @@ from worker import constants as c
 from worker import samples
 from worker.consumer import DEAD_LETTER_REFUSED_ATTEMPTS, Worker
 from worker.emitter import AuditEmitter
-from worker.errors import RedisRefused, RedisUnavailable
 from worker.metrics import Metrics
-from worker.redisio import DeadLetter, Entry, settle, translate, write_dead_letters
+from worker.redisio import DeadLetter, Entry, write_dead_letters
 from worker.settings import Settings
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
@@ -65,73 +56,6 @@ def _events(n_runs: int, workspace: str = "ws_dlq") -> tuple[list[dict[str, Any]
 def _errors(metrics: Metrics, kind: str) -> float:
     value = metrics.registry.get_sample_value("audit_fleet_redis_errors_total", {"kind": kind})
     return value or 0.0
-
-
-@pytest.mark.parametrize(("error", "kind"), [
-    (OutOfMemoryError("command not allowed when used memory > 'maxmemory'."), "oom"),
-    (MovedError("3999 127.0.0.1:6381"), "moved"),
-    (RedisConnectionError("Connection reset by peer"), "connection"),
-    (ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"),
-     "wrongtype"),
-])
-def test_redis_errors_are_translated_once_at_the_edge(error: Exception, kind: str) -> None:
-    """redis-py errors become RedisUnavailable (retry) or RedisRefused, with a metric kind."""
-    mapped = translate(error)
-    assert mapped is not None
-    assert mapped.kind == kind
-    assert isinstance(mapped, RedisRefused if kind == "wrongtype" else RedisUnavailable)
-    assert translate(ResponseError("NOGROUP No such key or consumer group")) is None
-    assert translate(ValueError("not Redis")) is None
-
-
-class _StubPipeline:
-    def __init__(self, owner: _StubRedis) -> None:
-        self.owner = owner
-
-    async def __aenter__(self) -> _StubPipeline:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
-
-    def xadd(self, key: str, fields: dict[Any, Any]) -> None:
-        self.owner.xadds.append(key)
-
-    async def execute(self, raise_on_error: bool = True) -> list[Any]:
-        return list(self.owner.replies)
-
-
-class _StubRedis:
-    """Answers each XADD of a pipeline with a scripted reply (a cluster's MOVED …)."""
-
-    def __init__(self, replies: list[Any]) -> None:
-        self.replies = replies
-        self.xadds: list[str] = []
-        self.acked: list[str] = []
-
-    def pipeline(self, transaction: bool = False) -> _StubPipeline:
-        return _StubPipeline(self)
-
-    async def xack(self, stream: str, group: str, *ids: str) -> int:
-        self.acked.extend(ids)
-        return len(ids)
-
-
-@pytest.mark.parametrize("refusal", [
-    OutOfMemoryError("command not allowed when used memory > 'maxmemory'."),
-    MovedError("3999 127.0.0.1:6381"),
-    ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"),
-])
-async def test_settle_acks_only_what_is_stored_or_confirmed(refusal: Exception) -> None:
-    """A refused dead-letter XADD leaves its entry unacknowledged; the others are ACKed."""
-    stored = Entry("s", "1-0", b"{}")
-    refused = DeadLetter(Entry("s", "2-0", b"x"), c.Reason.INVALID_JSON, "bad")
-    confirmed = DeadLetter(Entry("s", "3-0", b"y"), c.Reason.INVALID_JSON, "bad")
-    stub = _StubRedis([refusal, b"9-0"])
-    left = await settle(stub, GROUP, "w1", [stored], [refused, confirmed])  # type: ignore[arg-type]
-    assert stub.xadds == ["s:dlq", "s:dlq"]
-    assert stub.acked == ["1-0", "3-0"]
-    assert [d for d, _ in left] == [refused]
 
 
 async def test_dead_letter_refused_at_maxmemory_is_never_acked(
