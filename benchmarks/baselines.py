@@ -273,12 +273,12 @@ def _sqlite_upsert(table: str, columns: Sequence[str], key: Sequence[str]) -> st
 def raw_upsert_sqlite(path: str, prepared: list[tuple[list[Any], list[Any]]]) -> float:
     import sqlite3
 
-    from worker.stores.sqlite import SCHEMA
+    from worker.stores.sqlite import DEFAULT_SYNCHRONOUS, SCHEMA
 
     conn = sqlite3.connect(path, isolation_level=None, timeout=30)
     try:
         conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute(f"PRAGMA synchronous = {DEFAULT_SYNCHRONOUS.upper()}")  # as the store
         ddl = SCHEMA
         for source, copy in RAW_TABLES.items():
             conn.execute(f"DROP TABLE IF EXISTS {copy}")

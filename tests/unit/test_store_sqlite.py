@@ -65,8 +65,21 @@ def test_url_forms(url: str, path: str) -> None:
     assert SQLiteStore(url + "?busy_timeout=250").busy_timeout_ms == 250
 
 
+@pytest.mark.parametrize(("option", "level"), [("normal", 1), ("full", 2), ("EXTRA", 3)])
+async def test_synchronous_option(option: str, level: int, tmp_path: Path) -> None:
+    """?synchronous= picks the durability trade-off; the default is full."""
+    store = SQLiteStore(f"sqlite:///{tmp_path}/audit.db?synchronous={option}")
+    await store.open()
+    try:
+        assert await store._run(lambda c: c.execute("PRAGMA synchronous").fetchone()[0]) == level
+    finally:
+        await store.close()
+
+
 @pytest.mark.parametrize("url", ["sqlite://host/audit.db", "sqlite://", "sqlite:///",
-                                 "sqlite:///a.db?busy_timeout=soon"])
+                                 "sqlite:///a.db?busy_timeout=soon",
+                                 "sqlite:///a.db?synchronous=off",
+                                 "sqlite:///a.db?synchronous=full;DROP"])
 def test_bad_urls(url: str) -> None:
     """A URL that names no file, names a host or has a bad option fails at start."""
     with pytest.raises(ConfigError):
@@ -91,11 +104,11 @@ async def test_relative_path_creates_directories(tmp_path: Path,
     assert (tmp_path / "data" / "audit.db").is_file()
 
 
-async def test_wal_and_synchronous_normal(file_store: SQLiteStore, tmp_path: Path) -> None:
-    """The database runs in WAL mode with synchronous=NORMAL."""
+async def test_wal_and_synchronous_full(file_store: SQLiteStore, tmp_path: Path) -> None:
+    """The database runs in WAL mode with synchronous=FULL (2): durable at ACK time."""
     mode = await file_store._run(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0])
     sync = await file_store._run(lambda c: c.execute("PRAGMA synchronous").fetchone()[0])
-    assert (mode, sync) == ("wal", 1)
+    assert (mode, sync) == ("wal", 2)
     with sqlite3.connect(tmp_path / "audit.db") as other:
         assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 

@@ -1,7 +1,8 @@
 """The SQLite store: the embedded default, same layout as the PostgreSQL store.
 
 One ``sqlite3`` connection, driven from worker threads through ``anyio.to_thread`` and
-guarded by a lock, in WAL mode with ``synchronous=NORMAL``. Every write is one
+guarded by a lock, in WAL mode with ``synchronous=FULL``: a transaction is on disk
+(the WAL fsynced) before the worker acknowledges its entries. Every write is one
 ``BEGIN IMMEDIATE`` transaction: SQLite serialises writers (across processes too), so
 the run merge reads the stored runs of the batch and joins them with
 ``RunPatch.merge`` in Python, then writes them back with one ``executemany``; node rows
@@ -14,7 +15,12 @@ as JSON text.
 
 URLs: ``sqlite:///./audit.db`` (relative to the working directory),
 ``sqlite:////var/lib/audit/audit.db`` (absolute) and ``sqlite:///:memory:``. Option:
-``?busy_timeout=<ms>`` (default 5000), how long to wait for another writer's lock.
+``?busy_timeout=<ms>`` (default 5000), how long to wait for another writer's lock, and
+``?synchronous=full|normal|extra`` (default ``full``). ``normal`` skips the fsync at each
+commit and is faster, but trades away durability at ACK time: a commit the worker has
+already acknowledged can roll back on power loss or an operating-system crash (not on a
+process crash), and those events are then lost, since Redis no longer holds them as
+pending. Choose it only where losing the last moments of audit events is acceptable.
 """
 
 from __future__ import annotations
@@ -173,18 +179,28 @@ def database_path(url: str) -> str:
     return path
 
 
+#: ``PRAGMA synchronous`` values offered (``off`` is not: it loses commits on any crash).
+SYNCHRONOUS_MODES: Final = ("full", "extra", "normal")
+#: Durable at ACK time: each commit's WAL frames are fsynced before the commit returns.
+DEFAULT_SYNCHRONOUS: Final = "full"
+
+
 class SQLiteStore:
     """Audit store in one SQLite database file."""
 
     name = "sqlite"
 
     def __init__(self, url: str, *, busy_timeout_ms: int | None = None) -> None:
-        clean, options = _sql.pop_options(url, {"busy_timeout": int})
+        clean, options = _sql.pop_options(url, {"busy_timeout": int, "synchronous": str})
         self.path = database_path(clean)
         self.busy_timeout_ms = (busy_timeout_ms if busy_timeout_ms is not None
                                 else options.get("busy_timeout", 5000))
         if self.busy_timeout_ms < 0:
             raise ConfigError("SQLite busy_timeout must be >= 0 (milliseconds)")
+        self.synchronous = options.get("synchronous", DEFAULT_SYNCHRONOUS).lower()
+        if self.synchronous not in SYNCHRONOUS_MODES:
+            raise ConfigError("SQLite synchronous must be one of "
+                              + ", ".join(SYNCHRONOUS_MODES) + f"; got {self.synchronous!r}")
         self._conn: sqlite3.Connection | None = None
         self._lock = anyio.Lock()
 
@@ -218,7 +234,7 @@ class SQLiteStore:
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
             conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")  # checked above
         except BaseException:
             conn.close()
             raise
