@@ -13,7 +13,6 @@ store merge absorbs the duplicate; it is never in neither.
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,6 +23,7 @@ import redis.asyncio as aioredis
 
 from . import constants as c
 from .fleet import id_ms, parse_id, text
+from .queries import format_time
 
 #: JSON schema version of ``dlq ... --json``.
 DLQ_SCHEMA_VERSION = 1
@@ -31,8 +31,6 @@ DLQ_SCHEMA_VERSION = 1
 _PAGE = 500
 _REPLAY_BATCH = 100
 _SHOW_PREVIEW_CHARS = 4000
-_DURATION = re.compile(r"\A(\d+(?:\.\d+)?)([smhdw])\Z")
-_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 class _WorkspaceOnly(msgspec.Struct):
@@ -99,9 +97,7 @@ class DeadLetterEntry:
 
 
 def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z"
-    )
+    return format_time(datetime.fromtimestamp(ms / 1000, tz=UTC))
 
 
 def _event_text(event: bytes | None) -> tuple[str | None, str | None]:
@@ -289,34 +285,3 @@ async def purge(redis: aioredis.Redis, entries: Iterable[DeadLetterEntry]) -> in
         for i in range(0, len(ids), _PAGE):
             deleted += int(await redis.xdel(dlq, *ids[i: i + _PAGE]))
     return deleted
-
-
-# -- time arguments ---------------------------------------------------------------------
-
-
-def parse_when(value: str, now_ms: int) -> int:
-    """A time argument in ms since the epoch.
-
-    Accepts a duration before now (``90s``, ``15m``, ``2h``, ``7d``, ``1w``), an ISO 8601
-    time (``2026-02-15T10:30:00Z``; no offset means UTC), or milliseconds since the epoch.
-    """
-    raw = value.strip()
-    m = _DURATION.match(raw)
-    if m:
-        return now_ms - int(float(m.group(1)) * _UNIT_S[m.group(2)] * 1000)
-    if raw.isdigit():
-        return int(raw)
-    try:
-        when = datetime.fromisoformat(raw)
-    except ValueError:
-        raise ValueError(
-            f"{value!r} is not a time: use 15m, 2h, 7d, an ISO 8601 time or epoch milliseconds"
-        ) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return int(when.timestamp() * 1000)
-
-
-# -- the command ------------------------------------------------------------------------------
-
-

@@ -33,6 +33,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from . import constants as c
 from .logs import get_logger
+from .queries import format_time
 
 if TYPE_CHECKING:
     from .metrics import Metrics
@@ -186,7 +187,7 @@ class FleetStatus:
         """The stable JSON form (``audit-fleet status --json``), schema version 1."""
         return {
             "version": STATUS_SCHEMA_VERSION,
-            "taken_at": self.taken_at.isoformat().replace("+00:00", "Z"),
+            "taken_at": format_time(self.taken_at),
             "group": self.group,
             "streams": [s.to_dict() for s in self.streams],
         }

@@ -16,8 +16,9 @@ from tests.helpers import ControlledStore, MemoryStore
 from worker import constants as c
 from worker import dlq, samples
 from worker.cli import dlq as dlq_cli
+from worker.cli.output import when_ms as parse_when
 from worker.consumer import Worker
-from worker.dlq import DlqFilter, find, parse_when, purge, replay
+from worker.dlq import DlqFilter, find, purge, replay
 from worker.emitter import AuditEmitter
 from worker.fleet import redis_time_ms
 from worker.settings import Settings

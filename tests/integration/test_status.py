@@ -11,7 +11,9 @@ import redis.asyncio as aioredis
 from tests.conftest import free_port
 from worker import constants as c
 from worker.cli import status as status_cli
-from worker.cli.status import format_table, human_duration, render
+from worker.cli.output import human_duration
+from worker.cli.output import table as format_table
+from worker.cli.status import render
 from worker.fleet import fleet_status
 
 

@@ -14,8 +14,9 @@ from ..archive import (
     restore,
 )
 from ..errors import ConfigError
-from ..queries import check_workspace, dumps, table
+from ..queries import check_workspace
 from .common import add_store_flag, opened_store
+from .output import print_json, table
 
 
 def _archive_dir(args: argparse.Namespace) -> str:
@@ -36,8 +37,8 @@ async def cmd_verify(args: argparse.Namespace) -> int:
     reports = [await anyio.to_thread.run_sync(archive.verify, ws)
                for ws in _selected(archive, args)]
     if args.json:
-        print(dumps({"ok": all(r.ok for r in reports),
-                     "workspaces": [r.to_json() for r in reports]}))
+        print_json({"ok": all(r.ok for r in reports),
+                     "workspaces": [r.to_json() for r in reports]})
     else:
         if not reports:
             print("the archive holds no workspace")
@@ -59,7 +60,7 @@ async def cmd_list(args: argparse.Namespace) -> int:
         for m in await anyio.to_thread.run_sync(archive.manifests, ws):
             out.append(m)
     if args.json:
-        print(dumps({"segments": out}))
+        print_json({"segments": out})
     elif not out:
         print("no segments")
     else:
@@ -84,7 +85,7 @@ async def cmd_restore(args: argparse.Namespace) -> int:
         counts = await restore(store, archive, workspace, segments=args.segment or (),
                                run_ids=args.run or (), replace=args.replace)
     if args.json:
-        print(dumps({"workspace": workspace, "restored": counts}))
+        print_json({"workspace": workspace, "restored": counts})
     else:
         print(f"restored {counts['runs']} runs ({counts['nodes']} node traces) into the store")
     return 0

@@ -30,6 +30,7 @@ from .. import samples
 from ..emitter import AuditEmitter
 from ..redisio import text
 from ..settings import Settings
+from .output import progress_bar as _bar
 
 WORKSPACE = "workspace_demo"
 
@@ -86,11 +87,6 @@ async def redis_for_demo(url: str) -> AsyncIterator[str]:
         proc.terminate()
         with anyio.move_on_after(10, shield=True):
             await proc.wait()
-
-
-def _bar(done: int, total: int, width: int = 32) -> str:
-    filled = int(width * done / total) if total else width
-    return "[" + "#" * filled + "-" * (width - filled) + "]"
 
 
 async def cmd_demo(args: argparse.Namespace) -> int:

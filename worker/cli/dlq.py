@@ -7,6 +7,7 @@ import contextlib
 import json
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -18,14 +19,12 @@ from ..dlq import (
     DeadLetterEntry,
     DlqFilter,
     _event_text,
-    _iso,
     find,
-    parse_when,
     purge,
     replay,
 )
 from ..fleet import redis_time_ms
-from .status import format_table
+from .output import format_time, print_json, table, when_ms
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -91,8 +90,8 @@ def _filter(args: argparse.Namespace, now_ms: int) -> DlqFilter:
     from ..errors import ConfigError
 
     try:
-        since = parse_when(args.since, now_ms) if args.since else None
-        until = parse_when(args.until, now_ms) if args.until else None
+        since = when_ms(args.since, now_ms) if args.since else None
+        until = when_ms(args.until, now_ms) if args.until else None
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if args.limit is not None and args.limit < 0:
@@ -108,7 +107,7 @@ def _rows(entries: Sequence[DeadLetterEntry]) -> list[list[str]]:
         [
             e.dlq,
             e.id,
-            _iso(e.dead_lettered_ms)[:19].replace("T", " "),
+            format_time(datetime.fromtimestamp(e.dead_lettered_ms / 1000, tz=UTC)),
             e.reason or "-",
             e.source_id or "-",
             "-" if e.deliveries is None else str(e.deliveries),
@@ -129,7 +128,7 @@ _HEADERS = ["DLQ", "ID", "DEAD-LETTERED (UTC)", "REASON", "SOURCE-ID", "DELIVERI
 
 
 def _print_json(kind: str, payload: dict[str, Any]) -> None:
-    print(json.dumps({"version": DLQ_SCHEMA_VERSION, "command": kind, **payload}, indent=2))
+    print_json({"version": DLQ_SCHEMA_VERSION, "command": kind, **payload})
 
 
 async def _guarded(args: argparse.Namespace, action: Any) -> int:
@@ -152,7 +151,7 @@ async def run_list(args: argparse.Namespace) -> int:
             _print_json("list", {"count": len(entries),
                                  "entries": [e.to_dict() for e in entries]})
         elif entries:
-            print(format_table(_HEADERS, _rows(entries)))
+            print(table(_HEADERS, _rows(entries)))
         else:
             print("no dead letters match")
         return 0
@@ -202,7 +201,7 @@ async def run_replay(args: argparse.Namespace) -> int:
             else:
                 print(f"would replay {len(entries)} dead letters")
                 if entries:
-                    print(format_table(_HEADERS, _rows(entries)))
+                    print(table(_HEADERS, _rows(entries)))
             return 0
         result = await replay(redis, entries)
         if args.json:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from ..documents import action_name
@@ -16,14 +16,15 @@ from ..explain import (
     explain_run,
     find_workspace,
 )
-from ..queries import check_workspace, dumps, format_ms, jsonable
+from ..queries import check_workspace, dumps, jsonable
 from .common import add_store_flag, opened_store
+from .output import format_ms, format_time
 
 
 def _clock(value: datetime | None) -> str:
     if value is None:
         return "?"
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+    return format_time(value)
 
 
 def _compact(value: Any) -> str:

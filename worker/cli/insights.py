@@ -11,8 +11,9 @@ from ..insights import (
     DEFAULT_THRESHOLD,
     compute,
 )
-from ..queries import check_workspace, dumps, parse_when, table, utcnow
+from ..queries import check_workspace, dumps, utcnow
 from .common import add_store_flag, opened_store
+from .output import parse_when, table
 
 
 def render(result: Mapping[str, Any]) -> str:

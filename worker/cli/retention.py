@@ -10,13 +10,14 @@ from typing import Any
 
 from ..archive import Archive
 from ..errors import ConfigError
-from ..queries import check_workspace, dumps, format_time, parse_time, table, utcnow
+from ..queries import check_workspace, utcnow
 from ..retention import (
     Policy,
     WorkspaceReport,
     run_retention,
 )
 from .common import add_store_flag, opened_store
+from .output import format_time, parse_time, print_json, table
 
 
 def render(reports: Sequence[WorkspaceReport], *, applied: bool, now: datetime) -> str:
@@ -55,8 +56,8 @@ async def _cmd(args: argparse.Namespace, apply: bool) -> int:
         reports = await run_retention(store, policy, now=now, archive=archive, apply=apply,
                                       workspaces=workspaces)
     if args.json:
-        print(dumps({"applied": apply, "now": now, "policy": policy.to_json(),
-                     "workspaces": [r.to_json() for r in reports]}))
+        print_json({"applied": apply, "now": now, "policy": policy.to_json(),
+                     "workspaces": [r.to_json() for r in reports]})
     else:
         print(render(reports, applied=apply, now=now))
     return 0

@@ -8,9 +8,10 @@ from datetime import datetime
 from typing import Any
 
 from ..errors import ConfigError
-from ..queries import check_workspace, dumps, format_ms, list_runs, parse_when, table, utcnow
+from ..queries import check_workspace, list_runs, utcnow
 from ..stores import RunQuery
 from .common import add_store_flag, add_workspace_flag, opened_store
+from .output import format_ms, parse_when, print_json, table
 
 
 def runs_query(args: argparse.Namespace, now: datetime) -> RunQuery:
@@ -50,7 +51,7 @@ async def cmd_runs(args: argparse.Namespace) -> int:
     async with opened_store(args) as store:
         rows = await list_runs(store, workspace, query)
     if args.json:
-        print(dumps({"workspace": workspace, "runs": rows}))
+        print_json({"workspace": workspace, "runs": rows})
     else:
         print(render_runs(rows))
     return 0

@@ -11,69 +11,23 @@ schema version 1) for scripts.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from ..fleet import FleetStatus, fleet_status
-
-
-def human_duration(seconds: float | None) -> str:
-    """``0.35`` → ``350ms``, ``75`` → ``1m15s``, ``93784`` → ``1d2h``; None → ``-``."""
-    if seconds is None:
-        return "-"
-    if seconds < 1:
-        return f"{seconds * 1000:.0f}ms"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    total = int(seconds)
-    days, rest = divmod(total, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d{hours}h"
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    return f"{minutes}m{secs:02d}s"
+from .output import format_time, human_duration, print_json, table
 
 
 def _num(value: int | None) -> str:
     return "-" if value is None else str(value)
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Left-aligned columns separated by two spaces; numbers are right-aligned."""
-    widths = [len(h) for h in headers]
-    for row in rows:
-        for i, cell in enumerate(row):
-            widths[i] = max(widths[i], len(cell))
-
-    def line(cells: Sequence[str], numeric: Sequence[bool]) -> str:
-        parts = [
-            cell.rjust(widths[i]) if numeric[i] else cell.ljust(widths[i])
-            for i, cell in enumerate(cells)
-        ]
-        return "  ".join(parts).rstrip()
-
-    numeric = [
-        bool(rows) and all(_is_number(row[i]) for row in rows) for i in range(len(headers))
-    ]
-    out = [line(headers, numeric)]
-    out.extend(line(row, numeric) for row in rows)
-    return "\n".join(out)
-
-
-def _is_number(cell: str) -> bool:
-    return cell == "-" or cell.replace(".", "", 1).isdigit()
-
-
 def render(status: FleetStatus) -> str:
     """The terminal view: streams, then groups, then consumers."""
-    taken = status.taken_at.strftime("%Y-%m-%d %H:%M:%S UTC")
+    taken = format_time(status.taken_at)
     sections = [f"Fleet status at {taken}"]
 
     stream_rows = [
@@ -86,7 +40,7 @@ def render(status: FleetStatus) -> str:
         ]
         for s in status.streams
     ]
-    sections.append(format_table(["STREAM", "LENGTH", "FIRST-ID", "LAST-ID", "DLQ"], stream_rows))
+    sections.append(table(["STREAM", "LENGTH", "FIRST-ID", "LAST-ID", "DLQ"], stream_rows))
 
     group_rows: list[list[str]] = []
     consumer_rows: list[list[str]] = []
@@ -110,7 +64,7 @@ def render(status: FleetStatus) -> str:
                     [s.name, g.name, x.name, str(x.pending), human_duration(x.idle_ms / 1000)]
                 )
     if group_rows:
-        sections.append(format_table(
+        sections.append(table(
             ["STREAM", "GROUP", "LAG", "PENDING", "OLDEST-PENDING", "MAX-IDLE", "CONSUMERS",
              "LAST-DELIVERED-ID"],
             group_rows,
@@ -118,16 +72,12 @@ def render(status: FleetStatus) -> str:
     else:
         sections.append("(no consumer groups)")
     if consumer_rows:
-        sections.append(format_table(
+        sections.append(table(
             ["STREAM", "GROUP", "CONSUMER", "PENDING", "IDLE"], consumer_rows
         ))
     elif group_rows:
         sections.append("(no consumers)")
     return "\n\n".join(sections) + "\n"
-
-
-def to_json(status: FleetStatus) -> str:
-    return json.dumps(status.to_dict(), indent=2)
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -162,5 +112,8 @@ async def run_status(args: argparse.Namespace) -> int:
         return 1
     finally:
         await redis.aclose()
-    print(to_json(status) if args.json else render(status).rstrip("\n"))
+    if args.json:
+        print_json(status.to_dict())
+    else:
+        print(render(status).rstrip("\n"))
     return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
@@ -11,6 +10,7 @@ import redis.asyncio as aioredis
 if TYPE_CHECKING:
     pass
 from ..trim import trim_stream
+from .output import print_json
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -49,8 +49,8 @@ async def run_trim(args: argparse.Namespace) -> int:
     finally:
         await redis.aclose()
     if args.json:
-        print(json.dumps([{**r.plan.to_dict(), "trimmed": r.trimmed,
-                           "dry_run": bool(args.dry_run)} for r in results], indent=2))
+        print_json([{**r.plan.to_dict(), "trimmed": r.trimmed,
+                    "dry_run": bool(args.dry_run)} for r in results])
         return 0
     for r in results:
         verb = "would trim below" if args.dry_run else "trimmed below"
