@@ -128,6 +128,20 @@ def reference_snapshot(workspace: str = WORKSPACE, run_id: str = RUN_ID) -> dict
     }
 
 
+#: A test-only key of a raw event: the key id its entry was signed with (not sent).
+SIGNED_WITH: Final = "__signedWith"
+
+
 def decoded(raw_events: list[dict[str, Any]]) -> list[ev.Decoded]:
-    """Events as the worker sees them: encoded to the wire, decoded and validated."""
-    return [ev.decode(ev.encode(raw), max_bytes=1 << 24) for raw in raw_events]
+    """Events as the worker sees them: encoded to the wire, decoded and validated (and
+    marked as verified with the key id under :data:`SIGNED_WITH`, if any)."""
+    out = []
+    for raw in raw_events:
+        key_id = raw.get(SIGNED_WITH)
+        if key_id is None:
+            out.append(ev.decode(ev.encode(raw), max_bytes=1 << 24))
+            continue
+        body = {k: v for k, v in raw.items() if k != SIGNED_WITH}
+        d = ev.decode(ev.encode(body), max_bytes=1 << 24)
+        out.append(ev.Decoded(d.event, d.doc, key_id))
+    return out

@@ -28,6 +28,7 @@ from tests.reference import (
     COMPLETED_AT,
     NODES,
     RUN_ID,
+    SIGNED_WITH,
     STARTED_AT,
     SUMMARY,
     TOTAL_DURATION,
@@ -145,9 +146,13 @@ def run_events(draw: st.DrawFn, label: str, run_id: str) -> list[Raw]:
                "metadata": draw(st.dictionaries(json_keys, json_values, max_size=2))}
 
     def env(kind: str, name: str, ts: datetime) -> Raw:
-        return {"v": 1, "eventId": f"{label}:{run_id}:{name}", "type": kind,
-                "workspaceId": label, "workflowId": workflow, "runId": run_id,
-                "ts": iso(ts, offset)}
+        out: Raw = {"v": 1, "eventId": f"{label}:{run_id}:{name}", "type": kind,
+                    "workspaceId": label, "workflowId": workflow, "runId": run_id,
+                    "ts": iso(ts, offset)}
+        key_id = draw(st.sampled_from((None, "k1", "k-2026.2")))  # signed, or not
+        if key_id is not None:
+            out[SIGNED_WITH] = key_id
+        return out
 
     def some_extras() -> Raw:
         names = draw(st.sets(st.sampled_from(sorted(extras)))) if extras else set()
@@ -532,6 +537,40 @@ class StoreConformance:
         assert stored["temperature"] == 0.2
         assert stored["promptVersion"] == {"id": "p9", "rev": 3}
         assert stored["traceId"] == "t-77"
+
+    async def test_signing_key_ids_kept(self, store: Store) -> None:
+        """The key id that signed each event is stored: a set on the run, on each node
+        document its event's key; an event's own ``signedBy`` is never taken for one."""
+        ws = new_workspace()
+        raw = [
+            event(ev.RUN_STARTED, ws, "r1", "e1", T0, signedBy="forged") | {SIGNED_WITH: "k1"},
+            event(ev.NODE_COMPLETED, ws, "r1", "e2", T0, signedBy="forged",
+                  node=node("classify", "ai", T0, T0 + timedelta(seconds=1), signedBy="x"))
+            | {SIGNED_WITH: "k2"},
+            event(ev.NODE_COMPLETED, ws, "r1", "e3", T0,
+                  node=node("route", "conditional", T0, T0 + timedelta(seconds=2),
+                            signedBy="forged")),
+            event(ev.RUN_COMPLETED, ws, "r1", "e4", T0 + timedelta(seconds=2),
+                  status="completed") | {SIGNED_WITH: "k2"},
+            event(ev.RUN_SNAPSHOT, ws, "r2", "e5", T0, status="completed",
+                  nodes=[node("classify", "ai", T0, T0)]) | {SIGNED_WITH: "k1"},
+            event(ev.RUN_STARTED, ws, "r3", "e6", T0, signedBy="forged"),
+        ]
+        await write(store, raw[:2])
+        await write(store, raw[2:])
+        await assert_stored(store, raw)
+        run = await store.get_run(ws, "r1")
+        assert run is not None
+        assert run["signedBy"] == ["k1:e1", "k2:e4"]
+        assert [(n["nodeId"], n.get("signedBy")) for n in await store.get_nodes(ws, "r1")] \
+            == [("classify", "k2"), ("route", None)]
+        r2 = await store.get_run(ws, "r2")
+        assert r2 is not None
+        assert r2["signedBy"] == ["k1:e5"]
+        assert [n["signedBy"] for n in await store.get_nodes(ws, "r2")] == ["k1"]
+        r3 = await store.get_run(ws, "r3")
+        assert r3 is not None
+        assert "signedBy" not in r3
 
     async def test_hostile_keys_round_trip(self, store: Store) -> None:
         """Keys starting with $, holding dots or any unicode are data, never operators."""

@@ -5,6 +5,9 @@ from __future__ import annotations
 #: The single stream entry field that carries an event as UTF-8 JSON.
 EVENT_FIELD = "event"
 
+#: The optional entry field that signs the event field (``<keyId>:<hex HMAC-SHA256>``).
+SIG_FIELD = "sig"
+
 #: The event contract version this worker understands.
 SCHEMA_VERSION = 1
 
@@ -38,8 +41,9 @@ def dlq_key(stream: str) -> str:
     return stream + DLQ_SUFFIX
 
 
-#: Fields of a dead-letter entry; a ``duplicate_field`` dead letter also keeps the entry's
-#: further ``event`` values as ``event_2``, ``event_3``, …
+#: Fields of a dead-letter entry (and ``sig`` when the entry was signed); a
+#: ``duplicate_field`` dead letter also keeps the entry's further ``event`` values as
+#: ``event_2``, ``event_3``, …
 DLQ_FIELDS = ("reason", "error", "stream", "id", "deliveries", "event", "consumer", "ts")
 
 
@@ -56,6 +60,9 @@ class Reason:
     STORE_REJECTED = "store_rejected"
     MAX_DELIVERIES = "max_deliveries"
     PROCESSING_ERROR = "processing_error"
+    SIGNATURE_MISSING = "signature_missing"
+    SIGNATURE_UNKNOWN_KEY = "signature_unknown_key"
+    SIGNATURE_INVALID = "signature_invalid"
 
 
 #: Every dead-letter reason (metrics start each stream x reason at 0).

@@ -59,6 +59,7 @@ from .redisio import (
     write_dead_letters,
 )
 from .settings import Settings
+from .signing import UNSIGNED, SignaturePolicy, mismatch
 from .stores.base import Store, WriteResult
 
 #: Errors that mean Redis is (briefly) unavailable: back off and try again. The Redis
@@ -96,9 +97,13 @@ class Outcome:
 
 
 def prepare(
-    entries: Sequence[Entry], max_bytes: int, max_deliveries: int
+    entries: Sequence[Entry], max_bytes: int, max_deliveries: int,
+    signatures: SignaturePolicy | None = None,
 ) -> tuple[list[tuple[str, Decoded]], list[DeadLetter]]:
-    """Decode a batch: valid events keyed by their index, and dead letters (pure)."""
+    """Decode a batch: valid events keyed by their index, and dead letters (pure).
+
+    With ``signatures``, each entry's signature is checked before its payload is
+    decoded (``worker.signing``)."""
     valid: list[tuple[str, Decoded]] = []
     dead: list[DeadLetter] = []
     for index, entry in enumerate(entries):
@@ -116,12 +121,28 @@ def prepare(
                                    f"entry has {1 + len(entry.extra_payloads)} "
                                    f"{c.EVENT_FIELD!r} fields: ambiguous, none is stored"))
             continue
+        verdict = UNSIGNED
+        if signatures is not None and len(entry.payload) <= max_bytes:
+            verdict = signatures.check(entry.payload, entry.sig)
+            if verdict.reason is not None:
+                dead.append(DeadLetter(entry, verdict.reason, verdict.error))
+                continue
         try:
-            valid.append((str(index), decode(entry.payload, max_bytes=max_bytes)))
+            decoded = decode(entry.payload, max_bytes=max_bytes)
         except InvalidEvent as exc:
             dead.append(DeadLetter(entry, exc.reason, exc.detail))
+            continue
         except Exception as exc:  # a defect met by this entry: its verdict, not the batch's
             dead.append(DeadLetter(entry, c.Reason.PROCESSING_ERROR, _failure("decode", exc)))
+            continue
+        if signatures is not None:
+            wrong = mismatch(verdict, decoded.event.workspaceId)
+            if wrong is not None and wrong.reason is not None:
+                dead.append(DeadLetter(entry, wrong.reason, wrong.error))
+                continue
+            if verdict.key_id is not None:
+                decoded = Decoded(decoded.event, decoded.doc, verdict.key_id)
+        valid.append((str(index), decoded))
     return valid, dead
 
 
@@ -161,6 +182,7 @@ class Worker:
         self._stop = anyio.Event()
         self._pipe_scope: anyio.CancelScope | None = None
         self.heartbeats: dict[str, float] = {}
+        self.signatures = SignaturePolicy.of(settings)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -417,7 +439,8 @@ class Worker:
     async def process(self, batch: Batch) -> Outcome:
         """Decode, write durably, dead-letter what can never be stored, then acknowledge."""
         s = self.settings
-        valid, dead = prepare(batch.entries, s.max_event_bytes, s.max_deliveries)
+        valid, dead = prepare(batch.entries, s.max_event_bytes, s.max_deliveries,
+                              self.signatures)
         outcome = Outcome(dead=dead)
         if valid:
             work = _Work(outcome, {src: batch.entries[int(src)] for src, _ in valid}, dict(valid))

@@ -54,6 +54,8 @@ class DeadLetterEntry:
     consumer: str
     ts_ms: int | None
     event: bytes | None
+    #: The entry's ``sig`` field (signed events), replayed with the event.
+    sig: bytes | None = None
 
     @property
     def source_stream(self) -> str:
@@ -126,6 +128,7 @@ def _int_or_none(value: Any) -> int | None:
 def parse_entry(dlq: str, entry_id: Any, fields: Any) -> DeadLetterEntry:
     """A dead-letter entry from XRANGE's ``(id, fields)``; missing fields become empty."""
     event = _field(fields, "event")
+    sig = _field(fields, c.SIG_FIELD)
     return DeadLetterEntry(
         dlq=dlq,
         id=text(entry_id),
@@ -137,6 +140,7 @@ def parse_entry(dlq: str, entry_id: Any, fields: Any) -> DeadLetterEntry:
         consumer=text(_field(fields, "consumer") or ""),
         ts_ms=_int_or_none(_field(fields, "ts")),
         event=event.encode() if isinstance(event, str) else event,
+        sig=sig.encode() if isinstance(sig, str) else sig,
     )
 
 
@@ -251,7 +255,10 @@ async def _replay_chunk(
 ) -> None:
     async with redis.pipeline(transaction=False) as pipe:
         for entry in chunk:
-            pipe.xadd(entry.source_stream, {c.EVENT_FIELD: entry.event or b""})
+            fields: dict[Any, Any] = {c.EVENT_FIELD: entry.event or b""}
+            if entry.sig is not None:
+                fields[c.SIG_FIELD] = entry.sig
+            pipe.xadd(entry.source_stream, fields)
         added = await pipe.execute(raise_on_error=False)
     enqueued: list[tuple[DeadLetterEntry, str]] = []
     for entry, new_id in zip(chunk, added, strict=True):

@@ -20,7 +20,13 @@ Run merge rules:
 - ``nodeIndex`` maps each node execution's key to what the summary needs and is
   merged per key (the higher node status wins); ``summary`` is derived from it,
   never incremented, so redelivery cannot double-count;
-- ``eventIds`` is the set of run-level event IDs that contributed.
+- ``eventIds`` is the set of run-level event IDs that contributed;
+- ``signedBy`` (only on runs with signed events) is the set of ``<keyId>:<eventId>`` of
+  the run-level events that arrived signed (``worker.signing``), a set union like
+  ``eventIds``.
+
+Node documents of signed events carry ``signedBy``, the key id (set by the pipeline:
+an event cannot claim it).
 
 A node document is replaced only by one with a greater ``(status rank, eventId)``,
 so the same node execution delivered twice, or from a snapshot and an event, ends
@@ -44,7 +50,7 @@ FAILED: Final = "failed"
 #: Run-level keys with their own merge rule; every other top-level key is "extra".
 RUN_FIELDS: Final = frozenset({
     "workspaceId", "runId", "workflowId", "status", "startedAt", "completedAt", "trigger",
-    "totalDuration", "error", "summary", "nodeIndex", "eventIds",
+    "totalDuration", "error", "summary", "nodeIndex", "eventIds", "signedBy",
 })
 #: Envelope keys of an event that are not stored as extra fields.
 ENVELOPE: Final = frozenset({"v", "eventId", "type", "ts", "node", "nodes"})
@@ -53,8 +59,10 @@ _NOT_EXTRA: Final = RUN_FIELDS | ENVELOPE
 #: Keys the pipeline sets on a node document (they override the payload's own).
 NODE_KEYS: Final = frozenset({
     "workspaceId", "runId", "workflowId", "nodeKey", "nodeId", "attempt", "status", "eventId",
-    "durationMs",
+    "durationMs", "signedBy",
 })
+#: The field naming the key that signed an event (run: a set of ``keyId:eventId``).
+SIGNED_BY: Final = "signedBy"
 
 
 _NODE_EVENTS: Final = (ev.NodeCompleted, ev.NodeFailed)
@@ -164,6 +172,7 @@ class RunPatch:
     node_index: dict[str, dict[str, Any]] = field(default_factory=dict)
     event_ids: set[str] = field(default_factory=set)
     sources: list[str] = field(default_factory=list)
+    signed_by: set[str] = field(default_factory=set)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -186,6 +195,8 @@ class RunPatch:
             if mine is None or status_rank(entry["status"]) > status_rank(mine["status"]):
                 self.node_index[key] = entry
         self.event_ids |= other.event_ids
+        if other.signed_by:
+            self.signed_by |= other.signed_by
         self.sources.extend(other.sources)
 
     def to_doc(self) -> dict[str, Any]:
@@ -205,6 +216,8 @@ class RunPatch:
             nodeIndex={k: dict(v) for k, v in sorted(self.node_index.items())},
             eventIds=sorted(self.event_ids),
         )
+        if self.signed_by:
+            doc[SIGNED_BY] = sorted(self.signed_by)
         return doc
 
     @classmethod
@@ -223,6 +236,7 @@ class RunPatch:
             extra={k: v for k, v in doc.items() if k not in RUN_FIELDS},
             node_index={k: dict(v) for k, v in (doc.get("nodeIndex") or {}).items()},
             event_ids=set(doc.get("eventIds") or ()),
+            signed_by=set(doc.get(SIGNED_BY) or ()),
         )
 
 
@@ -292,7 +306,7 @@ def _node_status(node: Mapping[str, Any], default: str) -> str:
 
 
 def _node_doc(event_doc: Mapping[str, Any], node: Mapping[str, Any], status: str,
-              extra: Mapping[str, Any], source: str) -> NodeDoc:
+              extra: Mapping[str, Any], source: str, key_id: str | None) -> NodeDoc:
     attempt = int(node.get("attempt", 1))
     workspace_id = event_doc["workspaceId"]
     run_id = event_doc["runId"]
@@ -315,6 +329,10 @@ def _node_doc(event_doc: Mapping[str, Any], node: Mapping[str, Any], status: str
     doc["status"] = status
     doc["eventId"] = event_doc["eventId"]
     doc["durationMs"] = duration
+    if key_id is not None:
+        doc[SIGNED_BY] = key_id
+    elif SIGNED_BY in doc:
+        del doc[SIGNED_BY]  # only the pipeline says who signed
     return NodeDoc(workspace_id, run_id, key, doc, [source])
 
 
@@ -332,13 +350,15 @@ def patches(decoded: ev.Decoded, source: str) -> tuple[RunPatch, list[NodeDoc]]:
                               else FAILED)
         if isinstance(event, ev.NodeFailed):
             status = FAILED if status == COMPLETED else status
-        node = _node_doc(doc, doc["node"], status, extra, source)
+        node = _node_doc(doc, doc["node"], status, extra, source, decoded.key_id)
         nodes.append(node)
         run.node_index[node.node_key] = index_entry(node.doc, status)
         run.started_at = doc["node"].get("startedAt") or doc["node"].get("completedAt") or ts
         return run, nodes
     run.extra = extra
     run.event_ids.add(event.eventId)
+    if decoded.key_id is not None:
+        run.signed_by.add(f"{decoded.key_id}:{event.eventId}")
     run.started_at = doc.get("startedAt")
     if isinstance(event, ev.RunStarted):
         run.trigger = doc.get("trigger")
@@ -356,7 +376,8 @@ def patches(decoded: ev.Decoded, source: str) -> tuple[RunPatch, list[NodeDoc]]:
         if run.status != RUNNING:
             run.completed_at = doc.get("completedAt") or ts
         for raw_node in doc.get("nodes") or ():
-            node = _node_doc(doc, raw_node, _node_status(raw_node, COMPLETED), {}, source)
+            node = _node_doc(doc, raw_node, _node_status(raw_node, COMPLETED), {}, source,
+                             decoded.key_id)
             nodes.append(node)
             entry = index_entry(node.doc, node.status)
             mine = run.node_index.get(node.node_key)

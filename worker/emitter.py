@@ -8,6 +8,10 @@
 Events are validated against the v1 contract before ``XADD``, so a producer bug
 fails in the producer, not in the fleet. Streams are never trimmed here (no
 ``MAXLEN``): trimming is the fleet's job, below what every group acknowledged.
+
+Given a keyring (``keyring=Keyring.load(path)``), every entry is signed with the
+workspace's active key (the last key id listed for it): the ``sig`` field of
+``worker.signing``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from . import constants as c
 from . import events as ev
 from .constants import Reason
 from .errors import InvalidEvent
+from .signing import Keyring, sign
 
 
 def new_event_id() -> str:
@@ -75,6 +80,7 @@ class AuditEmitter:
         *,
         max_event_bytes: int = c.DEFAULT_MAX_EVENT_BYTES,
         validate: bool = True,
+        keyring: Keyring | None = None,
     ) -> None:
         if not streams:
             raise ValueError("at least one stream is required")
@@ -82,6 +88,7 @@ class AuditEmitter:
         self.streams = tuple(streams)
         self.max_event_bytes = max_event_bytes
         self.validate = validate
+        self.keyring = keyring
 
     @classmethod
     def from_url(cls, url: str = c.DEFAULT_REDIS_URL, **kwargs: Any) -> AuditEmitter:
@@ -103,27 +110,36 @@ class AuditEmitter:
             ev.decode(payload, max_bytes=self.max_event_bytes)
         return payload
 
+    def fields(self, event: Mapping[str, Any]) -> dict[Any, Any]:
+        """The stream entry of one event: ``event``, and ``sig`` when signing."""
+        payload = self.encode(event)
+        if self.keyring is None:
+            return {c.EVENT_FIELD: payload}
+        key_id, secret = self.keyring.active_key(str(event["workspaceId"]))
+        return {c.EVENT_FIELD: payload, c.SIG_FIELD: sign(payload, key_id, secret)}
+
     async def emit(self, event: Mapping[str, Any]) -> str:
         """Append one event; returns its stream entry ID."""
-        payload = self.encode(event)
-        entry_id = await self.redis.xadd(self.stream_for(event["runId"]),
-                                         {c.EVENT_FIELD: payload})
+        entry_id = await self.redis.xadd(self.stream_for(event["runId"]), self.fields(event))
         return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
     async def emit_many(self, events: Iterable[Mapping[str, Any]]) -> list[str]:
         """Append many events in one pipelined round trip; all are validated first."""
-        encoded = [(self.stream_for(e["runId"]), self.encode(e)) for e in events]
+        encoded = [(self.stream_for(e["runId"]), self.fields(e)) for e in events]
         if not encoded:
             return []
         async with self.redis.pipeline(transaction=False) as pipe:
-            for stream, payload in encoded:
-                pipe.xadd(stream, {c.EVENT_FIELD: payload})
+            for stream, fields in encoded:
+                pipe.xadd(stream, fields)
             ids = await pipe.execute()
         return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
 
-    async def emit_raw(self, stream: str, payload: bytes) -> str:
+    async def emit_raw(self, stream: str, payload: bytes, sig: bytes | None = None) -> str:
         """Append a payload as is, without validation (tests, replays of dead letters)."""
-        entry_id = await self.redis.xadd(stream, {c.EVENT_FIELD: payload})
+        fields: dict[Any, Any] = {c.EVENT_FIELD: payload}
+        if sig is not None:
+            fields[c.SIG_FIELD] = sig
+        entry_id = await self.redis.xadd(stream, fields)
         return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
 

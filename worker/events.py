@@ -152,10 +152,12 @@ TerminalEvent = RunCompleted | RunFailed
 
 @dataclass(frozen=True, slots=True)
 class Decoded:
-    """A valid event: ``event`` is the checked Struct, ``doc`` the JSON object to store."""
+    """A valid event: ``event`` is the checked Struct, ``doc`` the JSON object to store,
+    ``key_id`` the key that signed it (``worker.signing``; None when unsigned)."""
 
     event: Event
     doc: dict[str, Any]
+    key_id: str | None = None
 
 
 _json_decoder = msgspec.json.Decoder()

@@ -34,12 +34,12 @@ PROMPT_LIMIT: Final = 200
 _NODE_KNOWN: Final = frozenset({
     "nodeId", "type", "attempt", "status", "startedAt", "completedAt", "durationMs", "model",
     "tokens_used", "input", "output", "evaluation", "result", "skippedBranches", "actions",
-    "error", "nodeKey", "eventId", "workspaceId", "runId", "workflowId",
+    "error", "nodeKey", "eventId", "workspaceId", "runId", "workflowId", "signedBy",
 })
 #: Run keys with a place of their own; ``nodeIndex`` and ``eventIds`` are bookkeeping.
 _RUN_KNOWN: Final = frozenset({
     "workspaceId", "runId", "workflowId", "status", "startedAt", "completedAt", "trigger",
-    "totalDuration", "error", "summary", "nodeIndex", "eventIds",
+    "totalDuration", "error", "summary", "nodeIndex", "eventIds", "signedBy",
 })
 
 # -- redaction -------------------------------------------------------------------------------
@@ -109,6 +109,8 @@ class Step:
     node_key: str | None
     event_id: str | None
     extra: dict[str, Any]
+    #: The key id that signed the event this node execution came from (None: unsigned).
+    signed_by: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -131,6 +133,7 @@ class Step:
             "error": self.error,
             "nodeKey": self.node_key,
             "eventId": self.event_id,
+            "signedBy": self.signed_by,
             "extra": self.extra,
         }
 
@@ -155,6 +158,8 @@ class Explanation:
     source: str
     #: Node executions the run's index lists that have no stored trace (expired, archived).
     missing_nodes: list[dict[str, Any]] = field(default_factory=list)
+    #: Run-level events that arrived signed: ``{"eventId", "keyId"}``, by key then event.
+    signatures: list[dict[str, str]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The stable machine form."""
@@ -173,6 +178,7 @@ class Explanation:
                 "trigger": self.trigger,
                 "error": self.error,
                 "summary": self.summary,
+                "signedBy": self.signatures,
                 "extra": self.extra,
             },
             "nodes": [s.to_json() for s in self.steps],
@@ -279,7 +285,19 @@ def _step(position: int, doc: Mapping[str, Any], show_prompts: bool) -> Step:
         node_key=doc.get("nodeKey"),
         event_id=doc.get("eventId"),
         extra={k: v for k, v in sorted(doc.items()) if k not in _NODE_KNOWN},
+        signed_by=doc["signedBy"] if isinstance(doc.get("signedBy"), str) else None,
     )
+
+
+def _signatures(run: Mapping[str, Any]) -> list[dict[str, str]]:
+    """``signedBy`` of a run document (``keyId:eventId`` strings) as records."""
+    raw = run.get("signedBy")
+    out = []
+    for item in raw if isinstance(raw, list) else ():
+        key_id, sep, event_id = str(item).partition(":")
+        if sep:
+            out.append({"keyId": key_id, "eventId": event_id})
+    return out
 
 
 def build(workspace: str, run_id: str, run: Mapping[str, Any] | None,
@@ -319,6 +337,7 @@ def build(workspace: str, run_id: str, run: Mapping[str, Any] | None,
         redacted=not show_prompts,
         source=source,
         missing_nodes=missing,
+        signatures=_signatures(run),
     )
 
 

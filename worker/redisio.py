@@ -45,6 +45,8 @@ class Entry:
     deliveries: int = 1
     #: Further ``event`` fields of the same entry (an ambiguous entry, dead-lettered whole).
     extra_payloads: tuple[bytes, ...] = ()
+    #: The ``sig`` field (``worker.signing``), when the producer signed the event.
+    sig: bytes | None = None
 
     @property
     def id_ms(self) -> int:
@@ -159,11 +161,13 @@ def entries_from_read(response: Any) -> list[Entry]:
             messages = messages[0]  # RESP3 wraps the list once more
         for entry_id, fields in messages:
             payload, *extra = _payloads(fields) or (None,)
-            out.append(Entry(name, text(entry_id), payload, extra_payloads=tuple(extra)))
+            out.append(Entry(name, text(entry_id), payload, extra_payloads=tuple(extra),
+                             sig=_sig(fields)))
     return out
 
 
 _EVENT_KEYS = (c.EVENT_FIELD.encode(), c.EVENT_FIELD)
+_SIG_KEYS = (c.SIG_FIELD.encode(), c.SIG_FIELD)
 
 
 def _payloads(fields: Any) -> list[bytes]:
@@ -182,6 +186,24 @@ def _payloads(fields: Any) -> list[bytes]:
                   if fields[i] in _EVENT_KEYS]
     return [v.encode() if isinstance(v, str) else v for v in values
             if isinstance(v, str | bytes)]
+
+
+def _sig(fields: Any) -> bytes | None:
+    """The entry's ``sig`` field (the last one, as in a dict), if any."""
+    if not fields:
+        return None
+    if isinstance(fields, dict):
+        value = fields.get(_SIG_KEYS[0])
+        if value is None:
+            value = fields.get(_SIG_KEYS[1])
+    else:
+        value = None
+        for i in range(0, len(fields) - 1, 2):
+            if fields[i] in _SIG_KEYS:
+                value = fields[i + 1]
+    if isinstance(value, str):
+        return value.encode()
+    return value if isinstance(value, bytes) else None
 
 
 async def ensure_group(redis: aioredis.Redis, stream: str, group: str) -> bool:
@@ -228,6 +250,7 @@ def dead_letter_fields(dead: DeadLetter, consumer: str) -> dict[Any, Any]:
         "event": dead.entry.payload if dead.entry.payload is not None else b"",
         "consumer": consumer,
         "ts": int(time.time() * 1000),
+        **({c.SIG_FIELD: dead.entry.sig} if dead.entry.sig is not None else {}),
     } | {f"{c.EVENT_FIELD}_{n}": extra for n, extra in enumerate(dead.entry.extra_payloads, 2)}
 
 

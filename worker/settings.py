@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 from urllib.parse import urlsplit
 
 from . import constants as c
 from .errors import ConfigError
+from .signing import Keyring
 
 _STORE_SCHEMES = ("sqlite", "postgresql", "postgres", "mongodb", "mongodb+srv", "null")
 
@@ -48,10 +49,18 @@ class Settings:
     burst: bool = False
     log_level: str = "info"
     log_format: str = "auto"
+    #: AUDIT_SIGNING_KEYS_FILE: the keyring file (a path; the secrets are in ``keyring``).
+    signing_keys_file: str = ""
+    #: AUDIT_REQUIRE_SIGNATURE: dead-letter entries without a valid ``sig``.
+    require_signature: bool = False
+    #: Loaded from ``signing_keys_file``; never in the repr.
+    keyring: Keyring | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.consumer:
             object.__setattr__(self, "consumer", default_consumer())
+        if self.signing_keys_file and self.keyring is None:
+            object.__setattr__(self, "keyring", Keyring.load(self.signing_keys_file))
         self._validate()
 
     def _validate(self) -> None:
@@ -92,6 +101,8 @@ class Settings:
             raise ConfigError(
                 f"AUDIT_LOG_LEVEL must be debug|info|warning|error, got {self.log_level!r}"
             )
+        if self.require_signature and self.keyring is None:
+            raise ConfigError("AUDIT_REQUIRE_SIGNATURE needs AUDIT_SIGNING_KEYS_FILE (the keyring)")
         if self.log_format not in ("auto", "json", "console"):
             raise ConfigError(
                 f"AUDIT_LOG_FORMAT must be auto|json|console, got {self.log_format!r}"
@@ -109,6 +120,8 @@ class Settings:
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
         for f in fields(cls):
+            if f.name in _NOT_ENV:
+                continue
             name = _ENV_NAMES.get(f.name, "AUDIT_" + f.name.upper())
             raw = env.get(name)
             if raw is None or raw == "":
@@ -134,7 +147,9 @@ _INTS = {
 _FLOATS = {"shutdown_grace_s", "shutdown_deadline_s", "reclaim_interval_s", "trim_interval_s",
            "trim_retention_s",
            "fleet_poll_interval_s"}
-_BOOLS = {"trim", "burst"}
+_BOOLS = {"trim", "burst", "require_signature"}
+#: Fields that are not read from the environment under their own name.
+_NOT_ENV = {"keyring"}
 
 
 def _parse(env_name: str, field: str, raw: str) -> Any:

@@ -86,6 +86,12 @@ def render(ex: Explanation) -> str:
             f"Summary: {s.get('nodesExecuted', '?')} nodes, {s.get('aiCallsMade', '?')} AI calls,"
             f" {s.get('totalTokens', '?')} tokens, actions: {actions}"
         )
+    if ex.signatures:
+        keys: dict[str, list[str]] = {}
+        for sig in ex.signatures:
+            keys.setdefault(sig["keyId"], []).append(sig["eventId"])
+        lines.append("Signed: " + "; ".join(
+            f"key {key} ({', '.join(ids)})" for key, ids in sorted(keys.items())))
     for key, value in ex.extra.items():
         lines.extend(_block(key, value, ""))
     lines.append("")
@@ -100,6 +106,8 @@ def render(ex: Explanation) -> str:
             head += f"  {_clock(st.started_at)} -> {_clock(st.completed_at)}"
         if st.duration_ms is not None:
             head += f"  ({format_ms(st.duration_ms)})"
+        if st.signed_by is not None:
+            head += f"  signed by key {st.signed_by}"
         lines.append(head)
         pad = "    "
         if st.model or st.tokens:

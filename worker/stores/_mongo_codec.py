@@ -37,7 +37,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-from ..documents import COMPLETED, FAILED, RUNNING, NodeDoc, RunPatch, status_rank
+from ..documents import COMPLETED, FAILED, RUNNING, SIGNED_BY, NodeDoc, RunPatch, status_rank
 
 #: Database names MongoDB keeps for itself.
 RESERVED_DB_NAMES: Final = frozenset({"admin", "local", "config"})
@@ -331,6 +331,9 @@ def run_pipeline(run: RunPatch) -> list[dict[str, Any]]:
     merged["nodeIndex"] = index
     merged["eventIds"] = {"$sortArray": {"input": {"$setUnion": [
         {"$ifNull": ["$eventIds", []]}, lit(sorted(run.event_ids))]}, "sortBy": 1}}
+    if run.signed_by:  # absent until a signed run-level event arrives
+        merged[SIGNED_BY] = {"$sortArray": {"input": {"$setUnion": [
+            {"$ifNull": ["$" + SIGNED_BY, []]}, lit(sorted(run.signed_by))]}, "sortBy": 1}}
     return [{"$set": merged}, {"$set": {"summary": _summary_expr()}}]
 
 

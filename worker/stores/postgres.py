@@ -131,7 +131,7 @@ $$;
 
 #: Top-level run fields with a merge rule of their own; the rest are extras (first wins).
 _KNOWN: Final = ("'{workspaceId,runId,workflowId,status,startedAt,completedAt,trigger,"
-                 "totalDuration,error,summary,nodeIndex,eventIds}'::text[]")
+                 "totalDuration,error,summary,nodeIndex,eventIds,signedBy}'::text[]")
 
 #: nodeIndex merged per key (``s.a`` stored, ``s.b`` incoming): an incoming entry replaces
 #: the stored one only if it is new or its status ranks strictly higher.
@@ -183,7 +183,13 @@ _MERGED_DOC: Final = f"""(
             FROM (SELECT jsonb_array_elements_text(s.a->'eventIds') COLLATE "C" AS id
                   UNION
                   SELECT jsonb_array_elements_text(s.b->'eventIds')) AS u
-        ), '[]'))
+        ), '[]')) || CASE WHEN s.a ? 'signedBy' OR s.b ? 'signedBy' THEN jsonb_build_object(
+        'signedBy', (
+            SELECT jsonb_agg(u.id ORDER BY u.id)
+            FROM (SELECT jsonb_array_elements_text(s.a->'signedBy') COLLATE "C" AS id
+                  UNION
+                  SELECT jsonb_array_elements_text(s.b->'signedBy')) AS u
+        )) ELSE '{{}}' END
     FROM (SELECT r.doc || '{{}}' AS a, EXCLUDED.doc || '{{}}' AS b OFFSET 0) AS s,
          LATERAL (SELECT {_MERGED_INDEX} AS idx OFFSET 0) AS m)"""
 
