@@ -183,6 +183,7 @@ class Worker:
         self._pipe_scope: anyio.CancelScope | None = None
         self.heartbeats: dict[str, float] = {}
         self.signatures = SignaturePolicy.of(settings)
+        self.redactor = settings.redactor()
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -442,6 +443,9 @@ class Worker:
         valid, dead = prepare(batch.entries, s.max_event_bytes, s.max_deliveries,
                               self.signatures)
         outcome = Outcome(dead=dead)
+        found: dict[str, int] = {}
+        if self.redactor is not None:
+            valid = self._redact(valid, batch.entries, outcome, found)
         if valid:
             work = _Work(outcome, {src: batch.entries[int(src)] for src, _ in valid}, dict(valid))
             coalesced, failed = coalesce_each(valid)
@@ -450,7 +454,11 @@ class Worker:
                                                _failure("coalesce", exc)))
             if coalesced.runs:
                 await self._write_all(coalesced, work)
+        if self.redactor is not None:
+            self._redact_dead(outcome, found)
         await self._settle(outcome)
+        for detector, count in found.items():
+            self.metrics.redactions.labels(detector).inc(count)
         self.release(batch.entries)
         now_ms = time.time() * 1000
         for entry in outcome.written:
@@ -465,6 +473,36 @@ class Worker:
             self.metrics.batches.labels(outcome.written[0].stream).inc()
             self.metrics.batch_size.observe(len(outcome.written))
         return outcome
+
+    def _redact(self, valid: list[tuple[str, Decoded]], entries: Sequence[Entry],
+                outcome: Outcome, found: dict[str, int]) -> list[tuple[str, Decoded]]:
+        """Redact each event before it is coalesced (``worker.redaction``); an error
+        redacting one entry is that entry's verdict."""
+        assert self.redactor is not None
+        kept = []
+        for source, decoded in valid:
+            try:
+                self.redactor.event(decoded.doc, found)
+            except Exception as exc:
+                outcome.dead.append(DeadLetter(entries[int(source)], c.Reason.PROCESSING_ERROR,
+                                               _failure("redact", exc)))
+                continue
+            kept.append((source, decoded))
+        return kept
+
+    def _redact_dead(self, outcome: Outcome, found: dict[str, int]) -> None:
+        """Redact the payloads of the dead letters about to be written."""
+        assert self.redactor is not None
+        for d in outcome.dead:
+            try:
+                if d.entry.payload:
+                    d.entry.payload = self.redactor.payload(d.entry.payload, found)
+                if d.entry.extra_payloads:
+                    d.entry.extra_payloads = tuple(self.redactor.payload(p, found)
+                                                   for p in d.entry.extra_payloads)
+            except Exception:  # kept as received: a dead letter is never dropped
+                self.log.exception("dead_letter_redaction_failed", stream=d.entry.stream,
+                                   id=d.entry.id)
 
     async def _write_all(self, batch: WriteBatch, work: _Work) -> None:
         """Write ``batch``; a part the store rejects, or fails on unexpectedly, is split

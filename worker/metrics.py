@@ -52,6 +52,7 @@ from . import __version__
 from . import constants as c
 from .errors import RedisRefused, RedisUnavailable
 from .fleet import FleetCollector
+from .redaction import COUNTER_LABELS as REDACTION_LABELS
 
 # ``x_created`` samples: one more series per labelled child, used by no rule or dashboard.
 disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
@@ -120,6 +121,13 @@ class Metrics:
             registry=r,
         )
         self.batches = Counter(f"{p}_batches", "Batches written", ["stream"], registry=r)
+        self.redactions = Counter(
+            f"{p}_redactions", "Findings masked or fields dropped/masked by redaction before "
+            "storage, per detector (email, phone, card, iban) or rule (drop, mask)",
+            ["detector"], registry=r,
+        )
+        for label in REDACTION_LABELS:
+            self.redactions.labels(label)  # every series starts at 0
         self.batch_size = Histogram(
             f"{p}_batch_size_events", "Events per batch", buckets=_SIZE_BUCKETS, registry=r
         )

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 from . import constants as c
 from .errors import ConfigError
+from .redaction import Redactor
 from .signing import Keyring
 
 _STORE_SCHEMES = ("sqlite", "postgresql", "postgres", "mongodb", "mongodb+srv", "null")
@@ -53,6 +54,10 @@ class Settings:
     signing_keys_file: str = ""
     #: AUDIT_REQUIRE_SIGNATURE: dead-letter entries without a valid ``sig``.
     require_signature: bool = False
+    #: AUDIT_REDACT_DETECTORS / _DROP / _MASK: redaction before storage (``worker.redaction``).
+    redact_detectors: tuple[str, ...] = ()
+    redact_drop: tuple[str, ...] = ()
+    redact_mask: tuple[str, ...] = ()
     #: Loaded from ``signing_keys_file``; never in the repr.
     keyring: Keyring | None = field(default=None, repr=False, compare=False)
 
@@ -101,12 +106,17 @@ class Settings:
             raise ConfigError(
                 f"AUDIT_LOG_LEVEL must be debug|info|warning|error, got {self.log_level!r}"
             )
+        self.redactor()  # raises ConfigError for unknown detectors or bad paths
         if self.require_signature and self.keyring is None:
             raise ConfigError("AUDIT_REQUIRE_SIGNATURE needs AUDIT_SIGNING_KEYS_FILE (the keyring)")
         if self.log_format not in ("auto", "json", "console"):
             raise ConfigError(
                 f"AUDIT_LOG_FORMAT must be auto|json|console, got {self.log_format!r}"
             )
+
+    def redactor(self) -> Redactor | None:
+        """The redaction step these settings configure (None: redaction is off)."""
+        return Redactor.build(self.redact_detectors, self.redact_drop, self.redact_mask)
 
     @property
     def store_scheme(self) -> str:
@@ -148,6 +158,7 @@ _FLOATS = {"shutdown_grace_s", "shutdown_deadline_s", "reclaim_interval_s", "tri
            "trim_retention_s",
            "fleet_poll_interval_s"}
 _BOOLS = {"trim", "burst", "require_signature"}
+_LISTS = {"streams", "redact_detectors", "redact_drop", "redact_mask"}
 #: Fields that are not read from the environment under their own name.
 _NOT_ENV = {"keyring"}
 
@@ -167,7 +178,7 @@ def _parse(env_name: str, field: str, raw: str) -> Any:
         if low in ("0", "false", "no", "off"):
             return False
         raise ConfigError(f"{env_name} must be true or false, got {raw!r}")
-    if field == "streams":
+    if field in _LISTS:
         return tuple(s.strip() for s in raw.split(",") if s.strip())
     return raw
 
