@@ -132,10 +132,10 @@ def test_prepare_verifies_before_decoding() -> None:
     good = payload("ws_a", event_id="good")
     broken = b'{"v":1,"workspaceId":"ws_a","eventId":"x"}'  # schema violation
     entries = [
-        Entry("s", "1-0", good, 1, sign(good, "k2", SECRET_A2)),
-        Entry("s", "2-0", broken, 1, b"k1:" + b"0" * 64),
-        Entry("s", "3-0", broken, 1, sign(broken, "k1", SECRET_A1)),
-        Entry("s", "4-0", b"{not json", 1, sign(b"{not json", "k1", SECRET_A1)),
+        Entry("s", "1-0", good, sig=sign(good, "k2", SECRET_A2)),
+        Entry("s", "2-0", broken, sig=b"k1:" + b"0" * 64),
+        Entry("s", "3-0", broken, sig=sign(broken, "k1", SECRET_A1)),
+        Entry("s", "4-0", b"{not json", sig=sign(b"{not json", "k1", SECRET_A1)),
     ]
     valid, dead = prepare(entries, 1 << 20, 5, policy)
     assert [(src, d.key_id) for src, d in valid] == [("0", "k2")]
@@ -149,7 +149,7 @@ def test_duplicate_workspace_keys_cannot_split_the_verdict() -> None:
     body = payload("ws_b").replace(b'"workspaceId":"ws_b"',
                                    b'"workspaceId":"ws_a","workspaceId":"ws_b"')
     for key_id, secret in (("k1", SECRET_A1), ("k1", SECRET_B1)):
-        valid, dead = prepare([Entry("s", "1-0", body, 1, sign(body, key_id, secret))],
+        valid, dead = prepare([Entry("s", "1-0", body, sig=sign(body, key_id, secret))],
                               1 << 20, 5, policy)
         stored = [d.event.workspaceId for _, d in valid]
         assert stored in ([], ["ws_b"])
