@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 import json
 import re
@@ -113,7 +112,7 @@ def _secret(value: object, where: str) -> bytes:
 
 def digest(secret: bytes, payload: bytes) -> str:
     """Hex HMAC-SHA256 of ``payload``."""
-    return hmac.new(secret, payload, hashlib.sha256).hexdigest()
+    return hmac.digest(secret, payload, "sha256").hex()  # one-shot: no HMAC object
 
 
 def sign(payload: bytes, key_id: str, secret: bytes) -> bytes:
