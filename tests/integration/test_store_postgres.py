@@ -73,6 +73,9 @@ async def pg_store(pg_url: str) -> AsyncIterator[PostgresStore]:
 
 
 class TestPostgresConformance(StoreConformance):
+    nul_rejection = ("run {run!r} of workspace {ws!r} contains U+0000 (NUL), which PostgreSQL "
+                     "cannot store in jsonb")
+
     @pytest.fixture
     async def store(self, shared_store: PostgresStore) -> Store:
         return shared_store

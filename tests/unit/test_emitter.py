@@ -43,11 +43,27 @@ async def test_sharding_keeps_each_run_on_one_stream(fake: fakeredis.FakeAsyncRe
     ids = await emitter.emit_many(events)
     assert len(ids) == 120
     seen: dict[str, str] = {}
+    runs_per_stream: dict[str, int] = {}
     for stream in ("s0", "s1", "s2"):
         got = await entries(fake, stream)
-        assert got, "every shard receives some runs"
         for e in got:
             assert seen.setdefault(str(e["runId"]), stream) == stream
+        runs_per_stream[stream] = len({e["runId"] for e in got})
+    assert runs_per_stream == {"s0": 26, "s1": 14, "s2": 20}  # crc32(runId) % 3
+    assert len(seen) == 60
+
+
+async def test_shard_of_a_run_is_crc32_of_its_id_modulo_the_streams(
+    fake: fakeredis.FakeAsyncRedis,
+) -> None:
+    """The mapping producers in any language must reproduce, pinned with exact values:
+    stream index = CRC-32 (IEEE, of the UTF-8 bytes of runId) modulo the stream count."""
+    emitter = AuditEmitter(fake, ["s0", "s1", "s2", "s3"])
+    got = {run: emitter.stream_for(run) for run in
+           ("a", "run-1", "7f3e9c1a-0b2d-4c8e-9f61-2a5b7d9e0c13", "über")}
+    assert got == {"a": "s3", "run-1": "s3", "7f3e9c1a-0b2d-4c8e-9f61-2a5b7d9e0c13": "s1",
+                   "über": "s0"}
+    assert AuditEmitter(fake, ["only"]).stream_for("a") == "only"
 
 
 async def test_run_recorder_flushes_one_snapshot(fake: fakeredis.FakeAsyncRedis) -> None:

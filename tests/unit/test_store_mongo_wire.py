@@ -1497,8 +1497,7 @@ def test_compose_matches_the_configuration_the_code_reads() -> None:
             "service_completed_successfully"
         assert int(spec["stop_grace_period"].rstrip("s")) > settings.shutdown_grace_s
     assert len(consumers) == 2
-    assert services["mongo"]["command"][-3:] == ["--replSet", "rs0", "--bind_ip_all"] or \
-        "rs0" in services["mongo"]["command"]
+    assert services["mongo"]["command"] == ["mongod", "--replSet", "rs0", "--bind_ip_all"]
     assert "rs.initiate" in services["mongo-init"]["command"][-1]
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     assert "FROM python:3.11-slim" in dockerfile
