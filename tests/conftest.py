@@ -19,7 +19,13 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from worker.logs import configure as configure_logs
 from worker.stores import Store, open_store
+
+# The worker's own log pipeline (plain tracebacks): structlog's unconfigured default renders
+# every exception with rich when rich is installed, locals included, which takes seconds per
+# logged error on a busy machine and would print event data.
+configure_logs("info", "console")
 
 REDIS_URL = os.environ.get("AUDIT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PG_ADMIN_URL = os.environ.get("AUDIT_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")

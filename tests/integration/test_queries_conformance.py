@@ -4,7 +4,23 @@
 The expected answers come from :func:`worker.documents.fold` (the store-neutral
 specification of what a store holds) run through the same pure functions, so a store
 that returns different documents, orders or filters fails here. MongoDB runs the same
-class against a real server when ``AUDIT_TEST_MONGODB_URL`` is set.
+class against a real server when ``AUDIT_TEST_MONGODB_URL`` is set, and always against
+the wire emulator of ``tests/unit/test_store_mongo_wire.py``.
+
+The limit of this module: the expected answers are built with the code under test
+(``explain.build``, ``insights.Insights``, ``retention.decide``, ``queries.run_row``), so
+these checks prove that the stores agree with each other and with the fold, not that the
+answers are right. Each answer is also pinned by independent expected values, written
+out by hand or computed another way:
+
+- explain: ``tests/integration/test_explain.py`` (every field of the reference record,
+  the terminal view, redaction, errors and retries);
+- runs: :func:`test_listing_rows_are_pinned` below, and ``test_list_runs_filters`` of
+  ``tests/store_conformance.py`` (run IDs per filter);
+- insights: ``tests/integration/test_insights.py``, against a computation of its own
+  from the dataset's specification (``tests/dataset.py``), and exact counts;
+- retention: ``test_decide_per_data_class``, ``test_plan_changes_nothing_and_run_applies
+  _every_tier`` and the late-event tests of ``tests/integration/test_retention.py``.
 """
 
 from __future__ import annotations
@@ -12,7 +28,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +42,7 @@ from worker import events as ev
 from worker import explain, insights, queries, retention
 from worker.cli import explain as explain_cli
 from worker.documents import fold
+from worker.emitter import make_event
 from worker.stores import RunQuery, Store, open_store
 
 pytestmark = pytest.mark.anyio
@@ -247,3 +264,47 @@ class TestMongoWireQueries(QueryConformance):
             yield mw.url_of(fake)
         finally:
             server.stop()
+
+
+async def test_listing_rows_are_pinned(store: Store) -> None:
+    """The runs listing, written out by hand (not built with queries.run_row): the rows
+    of the reference record and of a failed run, their order and each filter's answer."""
+    ws = f"qc_{uuid.uuid4().hex[:10]}"
+    ids = ("wf_billing", "run_b")
+    failed = [
+        make_event("run.started", ws, *ids, eventId="b-1", ts="2026-02-15T09:00:00Z",
+                   trigger={"type": "cron", "source": "schedule"}),
+        make_event("run.failed", ws, *ids, eventId="b-2", ts="2026-02-15T09:00:01.5Z",
+                   status="failed", totalDuration=1500, error={"type": "Timeout"}),
+    ]
+    await write_events(store, ref.reference_events(ws) + failed)
+    reference_row = {
+        "runId": "run_a1b2c3d4", "workflowId": "wf_lead_triage", "status": "completed",
+        "startedAt": datetime(2026, 2, 15, 10, 30, tzinfo=UTC),
+        "completedAt": datetime(2026, 2, 15, 10, 30, 4, 800000, tzinfo=UTC),
+        "totalDuration": 4800, "trigger": {"type": "webhook", "source": "gmail"},
+        "summary": {"nodesExecuted": 4, "nodeExecutions": 4, "aiCallsMade": 1,
+                    "actionsPerformed": ["salesforce.create_lead"], "totalTokens": 535,
+                    "failedNodes": 0},
+    }
+    failed_row = {
+        "runId": "run_b", "workflowId": "wf_billing", "status": "failed",
+        "startedAt": datetime(2026, 2, 15, 9, 0, tzinfo=UTC),
+        "completedAt": datetime(2026, 2, 15, 9, 0, 1, 500000, tzinfo=UTC),
+        "totalDuration": 1500, "trigger": {"type": "cron", "source": "schedule"},
+        "summary": {"nodesExecuted": 0, "nodeExecutions": 0, "aiCallsMade": 0,
+                    "actionsPerformed": [], "totalTokens": 0, "failedNodes": 0},
+    }
+    ten = datetime(2026, 2, 15, 10, 0, tzinfo=UTC)
+    answers = {
+        "all": (RunQuery(), [reference_row, failed_row]),  # newest start first
+        "limit": (RunQuery(limit=1), [reference_row]),
+        "status": (RunQuery(status="failed"), [failed_row]),
+        "workflow": (RunQuery(workflow_id="wf_lead_triage"), [reference_row]),
+        "source": (RunQuery(trigger_source="schedule"), [failed_row]),
+        "since": (RunQuery(since=ten), [reference_row]),  # inclusive
+        "until": (RunQuery(until=ten), [failed_row]),  # exclusive
+        "none": (RunQuery(status="running"), []),
+    }
+    for name, (query, want) in answers.items():
+        assert await queries.list_runs(store, ws, query) == want, name
