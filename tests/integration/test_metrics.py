@@ -245,7 +245,7 @@ async def test_worker_under_load_exports_every_metric(
 
     settings = Settings(
         redis_url=redis_url, streams=(stream,), group=group, consumer="w1", metrics_port=0,
-        block_ms=50, batch_size=40, claim_idle_ms=100, reclaim_interval_s=0.05,
+        block_ms=50, batch_size=40, claim_idle_ms=1000, reclaim_interval_s=0.05,
         fleet_poll_interval_s=0.05, trim_interval_s=0.05, store_url="null://",
         shutdown_grace_s=5,
     )
