@@ -24,7 +24,7 @@ from ..dlq import (
     replay,
 )
 from ..fleet import redis_time_ms
-from .output import format_time, print_json, table, when_ms
+from .output import escape_lines, format_time, print_json, table, when_ms
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -187,8 +187,8 @@ def _show_text(e: DeadLetterEntry, *, full: bool) -> str:
         payload = payload[:_SHOW_PREVIEW_CHARS] + f"\n… ({len(payload)} chars; --full shows all)"
     lines.append(f"{'event:':<18}({encoding or 'absent'})")
     if payload is not None:
-        lines.append(payload)
-    return "\n".join(lines) + "\n"
+        lines.extend(payload.split("\n"))
+    return escape_lines(lines) + "\n"
 
 
 async def run_replay(args: argparse.Namespace) -> int:

@@ -16,9 +16,9 @@ from ..explain import (
     explain_run,
     find_workspace,
 )
-from ..queries import check_workspace, dumps, jsonable
+from ..queries import check_workspace, jsonable
 from .common import add_store_flag, opened_store
-from .output import format_ms, format_time
+from .output import escape_lines, format_ms, format_time, print_json
 
 
 def _clock(value: datetime | None) -> str:
@@ -169,7 +169,7 @@ def render(ex: Explanation) -> str:
     lines.append(f"Outcome: {ex.status or '?'} after {format_ms(ex.total_duration_ms)}")
     if ex.redacted:
         lines.append("(prompts redacted and shortened; --show-prompts shows them in full)")
-    return "\n".join(lines)
+    return escape_lines(lines)
 
 
 async def cmd_explain(args: argparse.Namespace) -> int:
@@ -195,7 +195,10 @@ async def cmd_explain(args: argparse.Namespace) -> int:
                 store, ws, run_id, show_prompts=args.show_prompts)
     if ex is None:
         raise AuditFleetError(f"run {run_id!r} not found")
-    print(dumps(ex.to_json()) if args.json else render(ex))
+    if args.json:
+        print_json(ex.to_json())
+    else:
+        print(render(ex))
     return 0
 
 

@@ -11,9 +11,9 @@ from ..insights import (
     DEFAULT_THRESHOLD,
     compute,
 )
-from ..queries import check_workspace, dumps, utcnow
+from ..queries import check_workspace, utcnow
 from .common import add_store_flag, opened_store
-from .output import parse_when, table
+from .output import escape_text, parse_when, print_json, table
 
 
 def render(result: Mapping[str, Any]) -> str:
@@ -71,7 +71,10 @@ async def cmd_insights(args: argparse.Namespace) -> int:
         result = await compute(store, workspace, since=parse_when(args.since, now),
                                until=parse_when(args.until, now),
                                threshold=args.confidence_threshold, limit=args.limit)
-    print(dumps(result) if args.json else render(result))
+    if args.json:
+        print_json(result)
+    else:
+        print(escape_text(render(result), keep_newlines=True))
     return 0
 
 

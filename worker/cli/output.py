@@ -9,14 +9,17 @@
 - ``--json``: :func:`print_json` prints :func:`worker.queries.dumps` (sorted keys, indented,
   times as above, no NaN).
 - Progress: :func:`progress_bar`.
-- Event data in human-readable output goes through :func:`escape_text`.
+- Event data in human-readable output goes through :func:`escape_text`: table cells here,
+  line renderers (``explain``, ``dlq show``) through :func:`escape_lines`, whole texts
+  (``insights``, ``status``) through :func:`escape_text` with ``keep_newlines``, and
+  ``--json`` through :func:`print_json`, which writes what JSON leaves raw as ``\\uXXXX``.
 """
 
 from __future__ import annotations
 
 import io
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -27,6 +30,7 @@ from ..errors import ConfigError
 from ..queries import dumps, format_time
 
 __all__ = [
+    "escape_lines",
     "escape_text",
     "format_ms",
     "format_time",
@@ -113,6 +117,23 @@ def escape_text(text: str, *, keep_newlines: bool = False) -> str:
     return (_UNSAFE_BLOCK if keep_newlines else _UNSAFE_LINE).sub(_escape, text)
 
 
+def escape_lines(lines: Iterable[str]) -> str:
+    """Rendered lines as terminal text, each escaped: a newline inside a value shows as
+    ``\\x0a`` instead of starting a line of its own."""
+    return "\n".join(escape_text(line) for line in lines)
+
+
+def _json_escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group(0)):04x}"
+
+
+def json_text(text: str) -> str:
+    """JSON text with what JSON may carry raw (C1 controls, separators, bidi and
+    zero-width characters) written as ``\\uXXXX`` escapes: the same value, terminal-safe.
+    (Inside strings json.dumps already escapes C0; outside them there is only layout.)"""
+    return _UNSAFE_BLOCK.sub(_json_escape, text)
+
+
 def progress_bar(done: int, total: int, width: int = 32) -> str:
     """``[#####-----]``: ``done`` of ``total``."""
     filled = int(width * done / total) if total else width
@@ -121,7 +142,7 @@ def progress_bar(done: int, total: int, width: int = 32) -> str:
 
 def print_json(doc: Any) -> None:
     """The one ``--json`` form of every command (see :func:`worker.queries.dumps`)."""
-    print(dumps(doc))
+    print(json_text(dumps(doc)))
 
 
 def format_ms(ms: float | None) -> str:

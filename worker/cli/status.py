@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from ..fleet import FleetStatus, fleet_status
-from .output import format_time, human_duration, print_json, table
+from .output import escape_text, format_time, human_duration, print_json, table
 
 
 def _num(value: int | None) -> str:
@@ -115,5 +115,5 @@ async def run_status(args: argparse.Namespace) -> int:
     if args.json:
         print_json(status.to_dict())
     else:
-        print(render(status).rstrip("\n"))
+        print(escape_text(render(status).rstrip("\n"), keep_newlines=True))
     return 0
