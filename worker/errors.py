@@ -33,6 +33,16 @@ class StoreTimeout(StoreUnavailable):
     (retry it like any outage) or this write is too large to finish in time (split it)."""
 
 
+class StoreMisconfigured(StoreError, ConfigError):
+    """The store refuses this configuration for good (authentication failed, the database
+    does not exist, a path that cannot be opened): waiting cannot help, the setting must
+    change."""
+
+
+class NotReady(AuditFleetError):
+    """A dependency is not there yet (``/readyz`` shows the message as the check's state)."""
+
+
 class StoreRejected(StoreError):
     """A permanent store failure for the data written: retrying cannot succeed."""
 

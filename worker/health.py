@@ -26,6 +26,7 @@ import anyio
 from anyio.abc import SocketAttribute, SocketStream, TaskStatus
 from prometheus_client.exposition import choose_encoder
 
+from .errors import NotReady
 from .logs import get_logger
 
 if TYPE_CHECKING:
@@ -77,6 +78,11 @@ class HealthServer:
 
     # -- the verdicts -------------------------------------------------------------------
 
+    def require_loops(self, loops: Sequence[str]) -> None:
+        """From now on these loops must beat (after a fresh start-up grace): the worker runs."""
+        self.required_loops = tuple(loops)
+        self._started = time.monotonic()
+
     def set_draining(self) -> None:
         """From now on ``/readyz`` answers 503 (the worker is shutting down)."""
         self._drain_flag = True
@@ -116,6 +122,8 @@ class HealthServer:
                     await check()
             except TimeoutError:
                 results[name] = "timeout"
+            except NotReady as exc:
+                results[name] = str(exc)
             except Exception as exc:
                 results[name] = f"error: {type(exc).__name__}"
                 self.log.warning("readiness_check_failed", check=name,

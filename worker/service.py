@@ -1,23 +1,62 @@
-"""Assemble a worker process: store, Redis, metrics, health and the side loops."""
+"""Assemble a worker process: store, Redis, metrics, health and the side loops.
+
+Start-up order (``audit-fleet run``):
+
+1. Redis must answer (one ``PING`` under a timeout): a worker that cannot reach it ends
+   with one line naming ``AUDIT_REDIS_URL``, and its supervisor restarts it.
+2. ``/metrics``, ``/healthz`` and ``/readyz`` are served from here on, so a startup probe or
+   a scrape gets an answer from the first second, whatever the store does.
+3. The store is opened, waiting with backoff while it is unreachable: ``/healthz`` stays 200
+   (the process is alive and its ``store_wait`` loop beats), ``/readyz`` is 503 with
+   ``"store": "waiting for the store"``. An error no retry can cure (authentication failed,
+   the database does not exist, a bad path) ends the process with one line and a non-zero
+   exit instead.
+4. The worker runs; ``/healthz`` requires its reader loop from then on.
+"""
 
 from __future__ import annotations
 
 import anyio
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from .consumer import Worker
-from .errors import StoreUnavailable
+from .errors import AuditFleetError, NotReady, StoreUnavailable
 from .fleet import fleet_side_loop
 from .health import build_health_server
 from .logs import get_logger
 from .metrics import Metrics
-from .settings import Settings
+from .settings import Settings, mask_url
 from .stores import Store, open_store
 from .trim import trim_side_loop
 
+#: How long the start-up ``PING`` to Redis may take.
+REDIS_PING_TIMEOUT_S = 5.0
 
-async def open_store_waiting(settings: Settings, attempts: int | None = None) -> Store:
-    """Open the store, waiting (with backoff) while it is unreachable."""
+#: What ``/readyz`` says for the store while the worker waits for it.
+WAITING_FOR_STORE = "waiting for the store"
+
+
+class StoreSlot:
+    """The store once it is open; its readiness check says "waiting" until then."""
+
+    def __init__(self) -> None:
+        self.store: Store | None = None
+
+    async def ping(self) -> None:
+        if self.store is None:
+            raise NotReady(WAITING_FOR_STORE)
+        await self.store.ping()
+
+
+async def open_store_waiting(
+    settings: Settings, attempts: int | None = None, metrics: Metrics | None = None
+) -> Store:
+    """Open the store, waiting (with backoff) while it is unreachable.
+
+    Only :class:`StoreUnavailable` is waited for; a permanent refusal
+    (:class:`~worker.errors.StoreMisconfigured`, a ``ConfigError``) propagates at once.
+    """
     log = get_logger(store=settings.store_scheme)
     delay = 0.5
     tries = 0
@@ -31,8 +70,23 @@ async def open_store_waiting(settings: Settings, attempts: int | None = None) ->
             if attempts is not None and tries >= attempts:
                 raise
             log.warning("store_unreachable_waiting", error=str(exc)[:300], retry_in_s=delay)
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+        if metrics is not None:
+            metrics.heartbeat("store_wait")
+        await anyio.sleep(delay)
+        delay = min(delay * 2, 10.0)
+
+
+async def check_redis(redis: aioredis.Redis, settings: Settings) -> None:
+    """One ``PING``; a failure becomes a one-line error naming the URL and its setting."""
+    try:
+        with anyio.fail_after(REDIS_PING_TIMEOUT_S):
+            await redis.ping()
+    except (RedisError, OSError, TimeoutError) as exc:
+        detail = str(exc) or type(exc).__name__
+        raise AuditFleetError(
+            f"cannot reach Redis at {mask_url(settings.redis_url)} (AUDIT_REDIS_URL): "
+            f"{detail}"
+        ) from None
 
 
 def build_worker(
@@ -47,18 +101,27 @@ def build_worker(
 
 async def run_worker(settings: Settings) -> None:
     """The ``audit-fleet run`` process: exits normally after a graceful stop."""
-    store = await open_store_waiting(settings)
     redis = aioredis.Redis.from_url(settings.redis_url)
     metrics = Metrics()
-    worker = build_worker(settings, store, redis, metrics)
+    slot = StoreSlot()
+    worker: Worker | None = None
     try:
+        await check_redis(redis, settings)
         async with anyio.create_task_group() as tg:
+            server = None
             if settings.metrics_port:
                 server = build_health_server(
-                    settings, metrics, {"redis": redis.ping, "store": store.ping},
-                    draining=lambda: worker.stopping,
+                    settings, metrics, {"redis": redis.ping, "store": slot.ping},
+                    draining=lambda: worker is not None and worker.stopping,
+                    required_loops=(),
                 )
                 await tg.start(server.serve, settings.metrics_host, settings.metrics_port)
+            slot.store = await open_store_waiting(settings, metrics=metrics)
+            if "store_wait" in metrics.heartbeats():
+                metrics.loop_heartbeat.remove("store_wait")
+            worker = build_worker(settings, slot.store, redis, metrics)
+            if server is not None:
+                server.require_loops(("reader",))
             await worker.run()
             tg.cancel_scope.cancel()
     finally:
@@ -66,7 +129,8 @@ async def run_worker(settings: Settings) -> None:
         # AUDIT_SHUTDOWN_GRACE_S + AUDIT_SHUTDOWN_DEADLINE_S.
         with anyio.move_on_after(settings.shutdown_deadline_s, shield=True) as scope:
             await redis.aclose()
-            await store.close()
+            if slot.store is not None:
+                await slot.store.close()
         if scope.cancelled_caught:
             get_logger().warning("close_deadline_exceeded",
                                  deadline_s=settings.shutdown_deadline_s)

@@ -7,7 +7,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from . import constants as c
 from .errors import ConfigError
@@ -15,6 +15,24 @@ from .redaction import Redactor
 from .signing import Keyring
 
 _STORE_SCHEMES = ("sqlite", "postgresql", "postgres", "mongodb", "mongodb+srv", "null")
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password (and any ``password=`` query value) replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, _, host = netloc.rpartition("@")
+            user, sep, _password = userinfo.partition(":")
+            netloc = f"{user}{':***' if sep else ''}@{host}" if user or sep else f"***@{host}"
+        query = "&".join(
+            f"{k}=***" if k.lower() in ("password", "pass", "secret", "token") else f"{k}{e}{v}"
+            for k, e, v in (item.partition("=") for item in parts.query.split("&") if item)
+        )
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    except ValueError:
+        return "<unparseable URL>"
 
 
 def default_consumer() -> str:

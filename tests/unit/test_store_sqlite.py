@@ -11,7 +11,7 @@ import pytest
 
 from tests.reference import reference_events, reference_snapshot
 from tests.store_conformance import StoreConformance, assert_stored, new_workspace, write
-from worker.errors import ConfigError, StoreUnavailable
+from worker.errors import ConfigError, StoreMisconfigured, StoreUnavailable
 from worker.stores import open_store
 from worker.stores.base import Store
 from worker.stores.sqlite import SQLiteStore, database_path
@@ -93,15 +93,44 @@ def test_open_store_picks_sqlite() -> None:
     assert store.name == "sqlite"
 
 
-async def test_relative_path_creates_directories(tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """A relative URL resolves against the working directory, creating missing folders."""
+async def test_relative_path_resolves_against_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relative URL resolves against the working directory; the file is created there."""
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
     store = SQLiteStore("sqlite:///./data/audit.db")
     await store.open()
     await write(store, reference_events())
     await store.close()
     assert (tmp_path / "data" / "audit.db").is_file()
+
+
+async def test_a_missing_directory_is_a_setting_to_fix(tmp_path: Path) -> None:
+    """Regression: the store created any missing directory (a typo made a new database
+    elsewhere); now it is a permanent, one-line StoreMisconfigured and nothing is created."""
+    store = SQLiteStore(f"sqlite:///{tmp_path}/typo-dir/a.db")
+    with pytest.raises(StoreMisconfigured, match=r"typo-dir/a\.db does not exist"):
+        await store.open()
+    assert [x async for x in anyio.Path(tmp_path).iterdir()] == []
+
+
+async def test_read_only_opens_an_existing_database_and_creates_nothing(tmp_path: Path) -> None:
+    """read_only: a missing file is an error (no file made); an existing one is read."""
+    missing = SQLiteStore(f"sqlite:///{tmp_path}/none.db", read_only=True)
+    with pytest.raises(StoreMisconfigured, match="no SQLite database at"):
+        await missing.open()
+    assert [x async for x in anyio.Path(tmp_path).iterdir()] == []
+    writer = SQLiteStore(f"sqlite:///{tmp_path}/a.db")
+    await writer.open()
+    await write(writer, reference_events())
+    await writer.close()
+    reader = SQLiteStore(f"sqlite:///{tmp_path}/a.db", read_only=True)
+    await reader.open()
+    try:
+        assert await reader.workspaces()
+    finally:
+        await reader.close()
 
 
 async def test_wal_and_synchronous_full(file_store: SQLiteStore, tmp_path: Path) -> None:

@@ -7,14 +7,18 @@ or parse arguments) and prints the result; ``register(subparsers)`` adds it here
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
+from redis.exceptions import RedisError
 
 from .. import __version__
+from ..constants import DEFAULT_REDIS_URL
 from ..errors import AuditFleetError, ConfigError
 from ..logs import get_logger
+from ..settings import mask_url
 from . import archive, demo, dlq, explain, health, insights, retention, run, runs, status, trim
 
 Handler = Callable[[argparse.Namespace], Awaitable[int]]
@@ -45,12 +49,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return anyio.run(func, args)
-    except ConfigError as exc:
-        print(f"audit-fleet: configuration error: {exc}", file=sys.stderr)
-        return 2
-    except AuditFleetError as exc:
-        print(f"audit-fleet: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # output piped into `head` and the like
@@ -59,9 +57,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141
-    except Exception:
-        get_logger().exception("command_failed", command=args.command)
-        return 1
+    except (Exception, BaseExceptionGroup) as exc:  # the one place failures become exit codes
+        code, message = describe_failure(exc, args)
+        if message is None:
+            get_logger().exception("command_failed", command=args.command)
+        else:
+            print(f"audit-fleet: {message}", file=sys.stderr)
+        return code
+
+
+def first_leaf(exc: BaseException) -> BaseException:
+    """The exception an (anyio task group's) ExceptionGroup stands for: its first leaf,
+    preferring one of ours."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        ours = [e for e in exc.exceptions if isinstance(e, AuditFleetError | BaseExceptionGroup)]
+        exc = (ours or list(exc.exceptions))[0]
+    return exc
+
+
+def describe_failure(exc: BaseException, args: argparse.Namespace) -> tuple[int, str | None]:
+    """(exit code, one line) for a failure; no line for a bug (logged with its traceback)."""
+    exc = first_leaf(exc)
+    if isinstance(exc, KeyboardInterrupt):
+        return 130, "interrupted"
+    if isinstance(exc, ConfigError):
+        return 2, f"configuration error: {exc}"
+    if isinstance(exc, AuditFleetError):
+        return 1, str(exc)
+    if isinstance(exc, RedisError):
+        url = (getattr(args, "redis_url", None) or os.environ.get("AUDIT_REDIS_URL")
+               or DEFAULT_REDIS_URL)
+        detail = str(exc) or type(exc).__name__
+        return 1, f"Redis at {mask_url(url)} (AUDIT_REDIS_URL / --redis-url): {detail}"
+    if isinstance(exc, OSError):
+        return 1, str(exc)
+    return 1, None
 
 
 if __name__ == "__main__":

@@ -53,9 +53,14 @@ def store_url(args: argparse.Namespace) -> str:
 
 
 @asynccontextmanager
-async def opened_store(args: argparse.Namespace) -> AsyncIterator[Store]:
-    """The store named by ``--store-url`` / ``AUDIT_STORE_URL``, opened and closed."""
-    store = open_store(store_url(args))
+async def opened_store(
+    args: argparse.Namespace, *, read_only: bool = False
+) -> AsyncIterator[Store]:
+    """The store named by ``--store-url`` / ``AUDIT_STORE_URL``, opened and closed.
+
+    ``read_only`` for commands that only read: they create no file, directory or table.
+    """
+    store = open_store(store_url(args), read_only=read_only)
     await store.open()
     try:
         yield store

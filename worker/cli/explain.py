@@ -188,7 +188,7 @@ async def cmd_explain(args: argparse.Namespace) -> int:
             ex = build(workspace, run_id, run, nodes, show_prompts=args.show_prompts,
                        source="archive " + ", ".join(segments))
     else:
-        async with opened_store(args) as store:
+        async with opened_store(args, read_only=True) as store:
             ws = check_workspace(args.workspace) if args.workspace else \
                 await find_workspace(store, run_id)
             ex = None if ws is None else await explain_run(

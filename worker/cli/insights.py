@@ -67,7 +67,7 @@ async def cmd_insights(args: argparse.Namespace) -> int:
         from ..errors import ConfigError
 
         raise ConfigError(f"--limit must be 1..100000, got {args.limit}")
-    async with opened_store(args) as store:
+    async with opened_store(args, read_only=True) as store:
         result = await compute(store, workspace, since=parse_when(args.since, now),
                                until=parse_when(args.until, now),
                                threshold=args.confidence_threshold, limit=args.limit)

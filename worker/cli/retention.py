@@ -52,7 +52,7 @@ async def _cmd(args: argparse.Namespace, apply: bool) -> int:
         raise ConfigError("retention run needs --archive-dir (AUDIT_ARCHIVE_DIR), or "
                           "--no-archive to drop expired data without keeping it")
     workspaces = [check_workspace(args.workspace)] if args.workspace else []
-    async with opened_store(args) as store:
+    async with opened_store(args, read_only=not apply) as store:
         reports = await run_retention(store, policy, now=now, archive=archive, apply=apply,
                                       workspaces=workspaces)
     if args.json:

@@ -48,7 +48,7 @@ def render_runs(rows: Sequence[Mapping[str, Any]]) -> str:
 async def cmd_runs(args: argparse.Namespace) -> int:
     workspace = check_workspace(args.workspace)
     query = runs_query(args, utcnow())
-    async with opened_store(args) as store:
+    async with opened_store(args, read_only=True) as store:
         rows = await list_runs(store, workspace, query)
     if args.json:
         print_json({"workspace": workspace, "runs": rows})

@@ -181,8 +181,12 @@ class Store(Protocol):
         a value."""
 
 
-def open_store(url: str, **options: Any) -> Store:
-    """The store a URL names (not yet opened)."""
+def open_store(url: str, *, read_only: bool = False, **options: Any) -> Store:
+    """The store a URL names (not yet opened).
+
+    ``read_only`` (SQLite, PostgreSQL): opening creates nothing (no file, directory or
+    table), and a SQLite file that does not exist is an error.
+    """
     scheme = urlsplit(url).scheme
     store: Store
     if scheme == "null":
@@ -193,12 +197,12 @@ def open_store(url: str, **options: Any) -> Store:
     if scheme == "sqlite":
         from .sqlite import SQLiteStore
 
-        store = SQLiteStore(url, **options)
+        store = SQLiteStore(url, read_only=read_only, **options)
         return store
     if scheme in ("postgresql", "postgres"):
         from .postgres import PostgresStore
 
-        store = PostgresStore(url, **options)
+        store = PostgresStore(url, read_only=read_only, **options)
         return store
     if scheme in ("mongodb", "mongodb+srv"):
         from .mongo import MongoStore

@@ -30,17 +30,23 @@ query parameter is passed on to asyncpg.
 from __future__ import annotations
 
 import builtins
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any, Final, NoReturn
+from typing import Any, Final, NoReturn, TypeVar
 
 import anyio
 import asyncpg
 import asyncpg.exceptions as pgx
 
 from ..documents import NodeDoc, RunPatch, WriteBatch
-from ..errors import ConfigError, StoreRejected, StoreTimeout, StoreUnavailable
+from ..errors import (
+    ConfigError,
+    StoreMisconfigured,
+    StoreRejected,
+    StoreTimeout,
+    StoreUnavailable,
+)
 from . import _sql
 from .base import (
     STRIPPABLE_NODE_FIELDS,
@@ -293,6 +299,23 @@ def translate(exc: BaseException) -> StoreUnavailable | StoreRejected | None:
     return None
 
 
+T = TypeVar("T")
+
+#: Errors at connection time that no retry cures: wrong password or user, no such database.
+_REFUSED: Final = (pgx.InvalidAuthorizationSpecificationError, pgx.InvalidCatalogNameError,
+                   pgx.ClientConfigurationError)
+
+
+async def _refused_for_good(connecting: Awaitable[T], dsn: str) -> T:
+    """Await ``connecting``; a refusal no retry can cure becomes StoreMisconfigured."""
+    try:
+        return await connecting
+    except _REFUSED as exc:
+        raise StoreMisconfigured(
+            f"PostgreSQL refused {_sql.redact(dsn)}: {exc} (check AUDIT_STORE_URL)"
+        ) from None
+
+
 @contextmanager
 def _errors() -> Iterator[None]:
     try:
@@ -321,8 +344,11 @@ class PostgresStore:
         max_size: int | None = None,
         command_timeout: float | None = None,
         connect_timeout: float | None = None,
+        read_only: bool = False,
     ) -> None:
         dsn, options = _sql.pop_options(url, _OPTIONS)
+        #: Create no table (read-only commands).
+        self.read_only = read_only
         self.dsn = dsn
         self.min_size = min_size if min_size is not None else options.get("min_size", 1)
         self.max_size = max_size if max_size is not None else options.get("max_size", 10)
@@ -351,15 +377,16 @@ class PostgresStore:
     async def open(self) -> None:
         if self._pool is None:
             with _errors():
-                self._pool = await asyncpg.create_pool(
+                self._pool = await _refused_for_good(asyncpg.create_pool(
                     self.dsn,
                     min_size=self.min_size,
                     max_size=self.max_size,
                     command_timeout=self.command_timeout,
                     timeout=self.connect_timeout,
                     server_settings={"application_name": "audit-fleet", "jit": "off"},
-                )
-        await self.migrate()
+                ), self.dsn)
+        if not self.read_only:
+            await self.migrate()
 
     async def close(self) -> None:
         """Close the pool gracefully within :data:`CLOSE_TIMEOUT_S`, else terminate it

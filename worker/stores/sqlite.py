@@ -31,13 +31,13 @@ from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any, Final, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import anyio
 import anyio.to_thread
 
 from ..documents import NodeDoc, RunPatch, WriteBatch
-from ..errors import ConfigError, StoreRejected, StoreUnavailable
+from ..errors import ConfigError, StoreMisconfigured, StoreRejected, StoreUnavailable
 from . import _sql
 from .base import (
     STRIPPABLE_NODE_FIELDS,
@@ -190,9 +190,13 @@ class SQLiteStore:
 
     name = "sqlite"
 
-    def __init__(self, url: str, *, busy_timeout_ms: int | None = None) -> None:
+    def __init__(
+        self, url: str, *, busy_timeout_ms: int | None = None, read_only: bool = False
+    ) -> None:
         clean, options = _sql.pop_options(url, {"busy_timeout": int, "synchronous": str})
         self.path = database_path(clean)
+        #: Open an existing database only: create no file, no directory, no table.
+        self.read_only = read_only
         self.busy_timeout_ms = (busy_timeout_ms if busy_timeout_ms is not None
                                 else options.get("busy_timeout", 5000))
         if self.busy_timeout_ms < 0:
@@ -220,20 +224,46 @@ class SQLiteStore:
     async def open(self) -> None:
         async with self._lock:
             if self._conn is None:
+                self._check_path()
                 try:
                     self._conn = await anyio.to_thread.run_sync(self._connect)
+                except sqlite3.OperationalError as exc:
+                    raise StoreMisconfigured(
+                        f"SQLite cannot open {self.path}: {exc} (check AUDIT_STORE_URL)"
+                    ) from None
                 except sqlite3.Error as exc:
                     raise _translate(exc) from exc
-        await self.migrate()
+        if not self.read_only:
+            await self.migrate()
+
+    def _check_path(self) -> None:
+        """A missing directory (or, read-only, a missing file) is a setting to fix: the
+        store creates the database file, never directories."""
+        if self.path == ":memory:":
+            return
+        path = Path(self.path)
+        if self.read_only and not path.is_file():
+            raise StoreMisconfigured(
+                f"no SQLite database at {self.path} (check --store-url / AUDIT_STORE_URL)"
+            )
+        if not path.parent.is_dir():
+            raise StoreMisconfigured(
+                f"the directory of the SQLite database {self.path} does not exist "
+                "(create it, or fix AUDIT_STORE_URL)"
+            )
 
     def _connect(self) -> sqlite3.Connection:
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=self.busy_timeout_ms / 1000,
-                               isolation_level=None, check_same_thread=False)
+        if self.read_only:
+            uri = "file:" + quote(str(Path(self.path).resolve())) + "?mode=rw"
+            conn = sqlite3.connect(uri, uri=True, timeout=self.busy_timeout_ms / 1000,
+                                   isolation_level=None, check_same_thread=False)
+        else:
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout_ms / 1000,
+                                   isolation_level=None, check_same_thread=False)
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
-            conn.execute("PRAGMA journal_mode = WAL")
+            if not self.read_only:
+                conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")  # checked above
         except BaseException:
             conn.close()

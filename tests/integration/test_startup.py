@@ -1,0 +1,197 @@
+"""Start-up of `audit-fleet run` and every command's setup errors: health first, one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+import structlog
+
+from tests.conftest import free_port
+from tests.helpers import TcpProxy
+from worker.cli import main
+
+Cli = Callable[..., subprocess.CompletedProcess[str]]
+
+AUDIT = [sys.executable, "-m", "worker"]
+
+
+@pytest.fixture
+def run_cli(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Iterator[Cli]:
+    """``audit-fleet ARGS`` in this process (fast), in ``cwd``, with only the given
+    ``AUDIT_*`` variables; the result looks like a finished subprocess."""
+
+    def run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+        for name in [k for k in os.environ if k.startswith("AUDIT_")]:
+            monkeypatch.delenv(name)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        code = main(args)
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+    saved = structlog.get_config()  # `run` points logging at the captured stderr
+    yield run
+    structlog.configure(**saved)
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
+    """The command failed with exactly one line on stderr and nothing on stdout."""
+    assert done.returncode != 0, done.stdout
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "ExceptionGroup" not in done.stderr
+    assert lines[0].startswith("audit-fleet: ")
+    return lines[0]
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_health_answers_at_once_while_the_store_is_down(
+    tmp_path: Path, redis_url: str, stream: str, pg_url: str
+) -> None:
+    """Regression: no HTTP server while the store was down at start, so startup probes
+    killed the pod. /healthz and /metrics answer within seconds, /readyz says it waits for
+    the store; once PostgreSQL is reachable the worker becomes ready."""
+    pg = pg_url.split("@", 1)[1].split("/", 1)[0]
+    pg_host, pg_port = pg.rsplit(":", 1)
+    port = free_port()
+    async with TcpProxy(pg_host, int(pg_port)) as proxy:
+        await proxy.set_cut(True)
+        store_url = pg_url.replace(pg, f"127.0.0.1:{proxy.port}")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AUDIT_")}
+        env.update(AUDIT_REDIS_URL=redis_url, AUDIT_STREAM=stream, AUDIT_STORE_URL=store_url,
+                   AUDIT_METRICS_PORT=str(port), AUDIT_METRICS_HOST="127.0.0.1",
+                   AUDIT_LOG_FORMAT="json")
+        log = (tmp_path / "worker.log").open("wb")
+        # Popen returns at once: the worker runs beside the test's event loop
+        proc = subprocess.Popen([*AUDIT, "run"], env=env, stdout=log,  # noqa: ASYNC220
+                                stderr=subprocess.STDOUT)
+        try:
+            started = time.monotonic()
+            while True:
+                try:
+                    status, _ = await anyio.to_thread.run_sync(get, port, "/healthz")
+                    break
+                except (urllib.error.URLError, ConnectionError):
+                    assert proc.poll() is None, (tmp_path / "worker.log").read_text()
+                    assert time.monotonic() - started < 15, "no /healthz within 15 s"
+                    await anyio.sleep(0.1)
+            assert status == 200
+            status, body = await anyio.to_thread.run_sync(get, port, "/readyz")
+            assert status == 503
+            assert json.loads(body)["checks"]["store"] == "waiting for the store"
+            status, body = await anyio.to_thread.run_sync(get, port, "/metrics")
+            assert status == 200
+            assert "audit_fleet_build_info" in body
+
+            await proxy.set_cut(False)
+            deadline = time.monotonic() + 30
+            while (await anyio.to_thread.run_sync(get, port, "/readyz"))[0] != 200:
+                assert proc.poll() is None, (tmp_path / "worker.log").read_text()
+                assert time.monotonic() < deadline, "never became ready"
+                await anyio.sleep(0.2)
+            status, body = await anyio.to_thread.run_sync(get, port, "/healthz")
+            assert status == 200
+            assert "reader" in json.loads(body)["loops"]
+        finally:
+            proc.terminate()
+            # wait in a thread: the proxy runs on this event loop and carries the close
+            await anyio.to_thread.run_sync(lambda: proc.wait(timeout=30))
+            log.close()
+    assert proc.returncode == 0, (tmp_path / "worker.log").read_text()
+
+
+@pytest.mark.anyio
+async def test_waiting_readiness_and_the_grace_of_required_loops() -> None:
+    """Until the store is open its check says "waiting"; required loops count from then."""
+    from worker.health import HealthServer
+    from worker.metrics import Metrics
+    from worker.service import StoreSlot
+    from worker.stores.null import NullStore
+
+    slot = StoreSlot()
+    server = HealthServer(Metrics(), checks={"store": slot.ping}, startup_grace_s=0.0)
+    ok, doc = await server.readiness()
+    assert (ok, doc["checks"]) == (False, {"store": "waiting for the store"})
+    assert server.liveness()[0] is True
+    slot.store = NullStore()
+    assert (await server.readiness())[0] is True
+    server.require_loops(("reader",))
+    assert server.liveness()[0] is False  # grace 0 and the reader has not beaten
+
+
+@pytest.mark.parametrize(("store_url", "expected"), [
+    ("sqlite:///{tmp}/missing/dir/a.db", "directory of the SQLite database"),
+    ("postgresql://postgres@127.0.0.1:5432/audit_fleet_no_such_db",
+     'database "audit_fleet_no_such_db" does not exist'),
+    ("postgresql://no_such_role_x@127.0.0.1:5432/postgres", 'role "no_such_role_x"'),
+])
+@pytest.mark.redis
+def test_permanent_store_errors_end_the_worker_with_one_line(
+    run_cli: Cli, tmp_path: Path, redis_url: str, stream: str, store_url: str, expected: str
+) -> None:
+    """Regression: a store that refuses for good (no such database, role or directory) was
+    retried forever or ended in a traceback. One line naming the setting, exit code 2."""
+    done = run_cli(["run"], tmp_path, AUDIT_REDIS_URL=redis_url, AUDIT_STREAM=stream,
+                   AUDIT_STORE_URL=store_url.format(tmp=tmp_path), AUDIT_METRICS_PORT="0")
+    line = one_line_error(done)
+    assert done.returncode == 2
+    assert expected in line
+    assert "AUDIT_STORE_URL" in line
+    assert not (tmp_path / "missing").exists()
+
+
+@pytest.mark.parametrize("command", [
+    ["run"], ["trim"], ["trim", "--dry-run"], ["status"], ["dlq", "list"], ["migrate"],
+])
+def test_redis_unreachable_is_one_line(run_cli: Cli, tmp_path: Path, command: list[str]) -> None:
+    """Regression: `run` and `trim` with Redis unreachable printed an ExceptionGroup of ~60
+    lines. Every command says which Redis it could not reach, in one line, exit 1."""
+    url = f"redis://:s3cret@127.0.0.1:{free_port()}/0"
+    done = run_cli(command, tmp_path, AUDIT_REDIS_URL=url, AUDIT_METRICS_PORT="0",
+                   AUDIT_STORE_URL=f"sqlite:///{tmp_path / 'a.db'}")
+    if command == ["migrate"]:  # needs no Redis
+        assert done.returncode == 0, done.stderr
+        return
+    line = one_line_error(done)
+    assert done.returncode == 1
+    assert "Redis" in line
+    assert "s3cret" not in line
+
+
+@pytest.mark.parametrize("command", [
+    ["runs", "-w", "a"], ["explain", "run_1", "-w", "a"], ["insights", "-w", "a"],
+    ["retention", "plan", "-w", "a"],
+])
+def test_read_only_commands_create_nothing(
+    run_cli: Cli, tmp_path: Path, command: list[str]
+) -> None:
+    """Regression: `runs --store-url sqlite:///./typo-dir/x.db` created the directory and
+    the database. A read-only command on a missing SQLite file fails and creates nothing."""
+    done = run_cli([*command, "--store-url", "sqlite:///./typo-dir/x.db"], tmp_path)
+    line = one_line_error(done)
+    assert "no SQLite database at ./typo-dir/x.db" in line
+    assert list(tmp_path.iterdir()) == []
