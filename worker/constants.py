@@ -22,6 +22,9 @@ DEFAULT_MAX_DELIVERIES = 5
 DEFAULT_METRICS_PORT = 9464
 DEFAULT_MAX_EVENT_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_INFLIGHT = 4
+#: Payload bytes a worker holds at most (read, not yet settled); one entry up to
+#: DEFAULT_MAX_EVENT_BYTES is always taken alone. See worker/budget.py.
+DEFAULT_INFLIGHT_BYTES = 64 * 1024 * 1024
 DEFAULT_LINGER_MS = 20
 DEFAULT_SHUTDOWN_GRACE_S = 25.0
 #: After the grace period: the longest cancelled work and closing the store and Redis may

@@ -34,6 +34,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 from tenacity.wait import wait_exponential_jitter
 
 from . import constants as c
+from .budget import MemoryBudget
 from .documents import WriteBatch, coalesce, coalesce_each
 from .errors import (
     InvalidEvent,
@@ -84,6 +85,8 @@ class Batch:
 
     entries: list[Entry]
     reclaimed: bool = False
+    #: Payload bytes of the entries, counted against the memory budget until settled.
+    nbytes: int = 0
     read_at: float = field(default_factory=time.monotonic)
 
 
@@ -178,6 +181,7 @@ class Worker:
         self.log = get_logger(group=settings.group, consumer=settings.consumer)
         self.held: dict[str, set[str]] = {s: set() for s in settings.streams}
         self.inflight = 0
+        self.budget = MemoryBudget(settings.inflight_bytes, settings.batch_size)
         self.stopping = False
         self._stop = anyio.Event()
         self._pipe_scope: anyio.CancelScope | None = None
@@ -321,9 +325,12 @@ class Worker:
         async with send:
             while not self.stopping:
                 self.beat("reader")
+                await self.budget.wait_for_room(lambda: self.beat("reader"),
+                                                lambda: self.stopping)
+                count = self.budget.read_count()
                 try:
                     entries = await read_group(self.redis, s.group, s.consumer, s.streams,
-                                               s.batch_size, s.block_ms)
+                                               count, s.block_ms)
                 except RedisUnavailable as exc:
                     self.redis_error(exc, "read", retry_in_s=backoff)
                     await self.sleep_or_stop(backoff)
@@ -336,8 +343,8 @@ class Worker:
                     await self.ensure_groups()
                     continue
                 backoff = 0.1
-                if entries and self.linger_s > 0 and len(entries) < s.batch_size:
-                    entries = await self._linger(entries)
+                if entries and self.linger_s > 0 and len(entries) < count:
+                    entries = await self._linger(entries, count)
                 if not entries:
                     if s.burst and await self.drained():
                         self.log.info("burst_drained")
@@ -345,9 +352,10 @@ class Worker:
                     continue
                 self.hold(entries)
                 self.count_read(entries)
-                await self.hand_over(send, Batch(entries), "reader")
+                nbytes = self.budget.take(entries)
+                await self.hand_over(send, Batch(entries, nbytes=nbytes), "reader")
 
-    async def _linger(self, entries: list[Entry]) -> list[Entry]:
+    async def _linger(self, entries: list[Entry], count: int) -> list[Entry]:
         """After a short read, wait ``linger_s`` and add what arrived meanwhile.
 
         Under moderate load a blocking XREADGROUP returns as soon as one entry arrives,
@@ -364,7 +372,7 @@ class Worker:
         await anyio.sleep(self.linger_s)
         try:
             more = await read_group(self.redis, s.group, s.consumer, s.streams,
-                                    s.batch_size - len(entries), None)
+                                    count - len(entries), None)
         except Exception as exc:
             if isinstance(exc, RedisUnavailable) or is_nogroup(exc):
                 return entries  # hand over what was read; the next read meets the error
@@ -433,6 +441,7 @@ class Worker:
                 try:
                     await self.process(batch)
                 finally:
+                    self.budget.release(batch.nbytes)
                     self.inflight -= 1
                     self.metrics.batches_in_flight.dec()
                     self.beat("writer")

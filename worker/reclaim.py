@@ -64,8 +64,13 @@ class Reclaimer:
         from .consumer import Batch
 
         claimed_all: list[Entry] = []
+        budget = self.worker.budget
         while True:
-            cursor, claimed, deleted = await self.claim(stream, self.cursors[stream])
+            if send is not None:
+                await budget.wait_for_room(lambda: self.worker.beat("reclaim"),
+                                           lambda: self.worker.stopping)
+            cursor, claimed, deleted = await self.claim(stream, self.cursors[stream],
+                                                        budget.read_count())
             self.cursors[stream] = cursor
             if deleted:
                 self.metrics.entries_reclaimed_deleted.labels(stream).inc(len(deleted))
@@ -79,16 +84,21 @@ class Reclaimer:
                     claimed_all.extend(claimed)
                 else:
                     self.worker.hold(claimed)
-                    await self.worker.hand_over(send, Batch(claimed, reclaimed=True), "reclaim")
+                    nbytes = budget.take(claimed)
+                    await self.worker.hand_over(send, Batch(claimed, reclaimed=True, nbytes=nbytes),
+                                                "reclaim")
             if cursor == "0-0" or self.worker.stopping:
                 return claimed_all
 
-    async def claim(self, stream: str, cursor: str) -> tuple[str, list[Entry], list[str]]:
-        """One XAUTOCLAIM call, with the delivery count of every claimed entry."""
+    async def claim(self, stream: str, cursor: str, count: int | None = None
+                    ) -> tuple[str, list[Entry], list[str]]:
+        """One XAUTOCLAIM call (``count`` entries at most, default AUDIT_BATCH_SIZE), with
+        the delivery count of every claimed entry."""
         s = self.settings
         with translated():
             reply: Any = await self.redis.xautoclaim(
-                stream, s.group, s.consumer, s.claim_idle_ms, cursor, count=s.batch_size
+                stream, s.group, s.consumer, s.claim_idle_ms, cursor,
+                count=count or s.batch_size
             )
         next_cursor = text(reply[0])
         raw = reply[1] or []

@@ -57,6 +57,7 @@ class Settings:
     metrics_host: str = "0.0.0.0"
     max_event_bytes: int = c.DEFAULT_MAX_EVENT_BYTES
     max_inflight: int = c.DEFAULT_MAX_INFLIGHT
+    inflight_bytes: int = c.DEFAULT_INFLIGHT_BYTES
     linger_ms: int = c.DEFAULT_LINGER_MS
     shutdown_grace_s: float = c.DEFAULT_SHUTDOWN_GRACE_S
     shutdown_deadline_s: float = c.DEFAULT_SHUTDOWN_DEADLINE_S
@@ -110,6 +111,7 @@ class Settings:
         _positive("AUDIT_MAX_DELIVERIES", self.max_deliveries, upper=1_000)
         _positive("AUDIT_MAX_EVENT_BYTES", self.max_event_bytes, upper=512 * 1024 * 1024)
         _positive("AUDIT_MAX_INFLIGHT", self.max_inflight, upper=64)
+        _positive("AUDIT_INFLIGHT_BYTES", self.inflight_bytes, upper=64 * 1024**3)
         if not 0 <= self.linger_ms <= 1000:
             raise ConfigError(f"AUDIT_LINGER_MS must be 0..1000, got {self.linger_ms}")
         if not 0 <= self.metrics_port <= 65535:
@@ -170,7 +172,7 @@ class Settings:
 _ENV_NAMES = {"streams": "AUDIT_STREAM"}
 _INTS = {
     "batch_size", "block_ms", "claim_idle_ms", "max_deliveries", "metrics_port",
-    "max_event_bytes", "max_inflight", "linger_ms",
+    "max_event_bytes", "max_inflight", "inflight_bytes", "linger_ms",
 }
 _FLOATS = {"shutdown_grace_s", "shutdown_deadline_s", "reclaim_interval_s", "trim_interval_s",
            "trim_retention_s",

@@ -436,3 +436,26 @@ def test_systemd_stop_timeout_covers_the_drain() -> None:
     assert re.search(r"^WantedBy=audit-fleet\.target$", unit, re.M)
     assert re.search(r"^PartOf=audit-fleet\.target$", unit, re.M)
     assert "Environment=AUDIT_METRICS_PORT=%i" in unit
+
+
+#: Peak RSS of a worker: idle + MEMORY_FACTOR x max(in-flight budget, largest event)
+#: (docs/operations.md#memory; tests/integration/test_memory_budget.py measures it).
+IDLE_MIB, MEMORY_FACTOR = 45, 8
+
+
+def _memory_needed_mib(settings: Settings) -> float:
+    return IDLE_MIB + MEMORY_FACTOR * max(settings.inflight_bytes, settings.max_event_bytes) / 2**20
+
+
+def test_memory_limits_derive_from_the_byte_budget() -> None:
+    """The Kubernetes limit and systemd's MemoryMax hold the worker's byte budget."""
+    settings = Settings.from_env(_k8s_env())
+    assert settings.inflight_bytes == c.DEFAULT_INFLIGHT_BYTES
+    pod = k8s_objects()[("Deployment", "audit-fleet")]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    limit = container["resources"]["limits"]["memory"]
+    assert limit.endswith("Gi")
+    assert float(limit[:-2]) * 1024 >= _memory_needed_mib(settings)
+    unit = (SYSTEMD / "audit-fleet@.service").read_text()
+    (memory_max,) = re.findall(r"^MemoryMax=(\d+)G$", unit, re.M)
+    assert int(memory_max) * 1024 >= _memory_needed_mib(Settings())
