@@ -350,6 +350,41 @@ def _group(
     )
 
 
+def status_problems(status: FleetStatus) -> list[str]:
+    """What is missing: a stream that does not exist, a group asked for that does not."""
+    problems = []
+    for s in status.streams:
+        if not s.exists:
+            problems.append(f"stream {s.name!r} does not exist")
+        for g in s.groups:
+            if not g.exists:
+                problems.append(f"group {g.name!r} does not exist on stream {s.name!r}")
+    return problems
+
+
+def threshold_breaches(
+    status: FleetStatus, *, max_lag: int | None = None,
+    max_oldest_pending_s: float | None = None,
+) -> list[str]:
+    """Groups past ``max_lag`` entries of lag or whose oldest pending entry is older than
+    ``max_oldest_pending_s`` (since it was appended). A lag Redis cannot compute counts as
+    past any ``max_lag``: it cannot be shown to be within it."""
+    out = []
+    for s in status.streams:
+        for g in s.groups:
+            if not g.exists:
+                continue
+            if max_lag is not None and (g.lag is None or g.lag > max_lag):
+                lag = "unknown" if g.lag is None else str(g.lag)
+                out.append(f"lag of {g.name!r} on {s.name!r} is {lag} (> {max_lag})")
+            age = g.oldest_pending_age_s
+            if max_oldest_pending_s is not None and age is not None \
+                    and age > max_oldest_pending_s:
+                out.append(f"oldest pending entry of {g.name!r} on {s.name!r} is {age:.1f} s "
+                           f"old (> {max_oldest_pending_s:g} s)")
+    return out
+
+
 # -- the fleet gauges ---------------------------------------------------------------------
 
 

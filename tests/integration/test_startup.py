@@ -195,3 +195,58 @@ def test_read_only_commands_create_nothing(
     line = one_line_error(done)
     assert "no SQLite database at ./typo-dir/x.db" in line
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", [["archive", "verify"], ["archive", "list"]])
+def test_a_missing_or_empty_archive_is_an_error(
+    run_cli: Cli, tmp_path: Path, command: list[str]
+) -> None:
+    """Regression: `archive verify --archive-dir ./typo-dir` said "the archive holds no
+    workspace" and exited 0. A missing directory, an empty archive or an absent workspace
+    is an error, and nothing is created."""
+    done = run_cli([*command, "--archive-dir", "./typo-dir"], tmp_path)
+    assert "no archive at ./typo-dir" in one_line_error(done)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "empty").mkdir()
+    done = run_cli([*command, "--archive-dir", "./empty"], tmp_path)
+    assert "holds no workspace" in one_line_error(done)
+    done = run_cli([*command, "--archive-dir", "./empty", "-w", "ws1"], tmp_path)
+    assert "holds no workspace 'ws1'" in one_line_error(done)
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
+@pytest.mark.redis
+def test_status_exits_non_zero_for_a_missing_stream_or_group(
+    run_cli: Cli, tmp_path: Path, redis_url: str, stream: str
+) -> None:
+    """Regression: `status` exited 0 for a stream or group that does not exist."""
+    import redis as sync_redis
+
+    env = {"AUDIT_REDIS_URL": redis_url, "AUDIT_STREAM": stream}
+    done = run_cli(["status"], tmp_path, **env)
+    assert done.returncode == 1
+    assert f"stream {stream!r} does not exist" in done.stderr
+    client = sync_redis.Redis.from_url(redis_url)
+    try:
+        client.xadd(stream, {"event": b"{}"}, id="1-0")
+        client.xadd(stream, {"event": b"{}"}, id="2-0")
+        done = run_cli(["status"], tmp_path, **env)
+        assert done.returncode == 1
+        assert f"group 'audit-writers' does not exist on stream {stream!r}" in done.stderr
+        client.xgroup_create(stream, "audit-writers", id="0")
+        done = run_cli(["status"], tmp_path, **env)
+        assert (done.returncode, done.stderr) == (0, "")
+        # thresholds for cron and CI: lag 2 (both entries undelivered)
+        assert run_cli(["status", "--max-lag", "2"], tmp_path, **env).returncode == 0
+        done = run_cli(["status", "--max-lag", "1"], tmp_path, **env)
+        assert done.returncode == 3
+        assert "lag of 'audit-writers'" in done.stderr
+        client.xreadgroup("audit-writers", "c1", {stream: ">"}, count=1)
+        done = run_cli(["status", "--max-oldest-pending", "60"], tmp_path, **env)
+        assert done.returncode == 3  # entry 1-0 was appended in 1970
+        assert "oldest pending entry of 'audit-writers'" in done.stderr
+        assert run_cli(["status", "--max-oldest-pending", "4e9"], tmp_path,
+                       **env).returncode == 0
+    finally:
+        client.delete(stream)
+        client.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -26,22 +27,39 @@ def _archive_dir(args: argparse.Namespace) -> str:
     return str(location)
 
 
-def _selected(archive: Archive, args: argparse.Namespace) -> list[str]:
+def _existing_archive(args: argparse.Namespace) -> tuple[Archive, str]:
+    """The archive a read-only command names; a local directory that does not exist is an
+    error (a typo must not read as "the archive is empty")."""
+    location = _archive_dir(args)
+    local = location[len("file://"):] if location.startswith("file://") else location
+    if not location.startswith("s3://") and not Path(local).is_dir():
+        raise ArchiveError(f"no archive at {location}: the directory does not exist "
+                           "(check --archive-dir / AUDIT_ARCHIVE_DIR)")
+    return Archive.at(location), location
+
+
+def _selected(archive: Archive, args: argparse.Namespace, location: str) -> list[str]:
+    """The workspaces to read: all of them, or ``--workspace``; none is an error."""
+    present = archive.workspaces()
     if args.workspace:
-        return [check_workspace(args.workspace)]
-    return archive.workspaces()
+        workspace = check_workspace(args.workspace)
+        if workspace not in present:
+            raise ArchiveError(f"the archive at {location} holds no workspace {workspace!r}")
+        return [workspace]
+    if not present:
+        raise ArchiveError(f"the archive at {location} holds no workspace "
+                           "(check --archive-dir / AUDIT_ARCHIVE_DIR)")
+    return present
 
 
 async def cmd_verify(args: argparse.Namespace) -> int:
-    archive = Archive.at(_archive_dir(args))
+    archive, location = _existing_archive(args)
     reports = [await anyio.to_thread.run_sync(archive.verify, ws)
-               for ws in _selected(archive, args)]
+               for ws in _selected(archive, args, location)]
     if args.json:
         print_json({"ok": all(r.ok for r in reports),
                      "workspaces": [r.to_json() for r in reports]})
     else:
-        if not reports:
-            print("the archive holds no workspace")
         for r in reports:
             state = "OK" if r.ok else "FAILED"
             print(f"{r.workspace}: {state}  {r.segments} segments, {r.records} records, "
@@ -54,9 +72,9 @@ async def cmd_verify(args: argparse.Namespace) -> int:
 
 
 async def cmd_list(args: argparse.Namespace) -> int:
-    archive = Archive.at(_archive_dir(args))
+    archive, location = _existing_archive(args)
     out = []
-    for ws in _selected(archive, args):
+    for ws in _selected(archive, args, location):
         for m in await anyio.to_thread.run_sync(archive.manifests, ws):
             out.append(m)
     if args.json:

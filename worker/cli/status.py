@@ -17,7 +17,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from ..fleet import FleetStatus, fleet_status
+from ..fleet import FleetStatus, fleet_status, status_problems, threshold_breaches
 from .output import escape_text, format_time, human_duration, print_json, table
 
 
@@ -93,12 +93,18 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--all-groups", action="store_true",
                    help="describe every consumer group of each stream, not only AUDIT_GROUP")
     p.add_argument("--json", action="store_true", help="stable JSON for scripts")
+    p.add_argument("--max-lag", type=int, metavar="N",
+                   help="exit 3 if a group's lag is above N entries (cron and CI checks)")
+    p.add_argument("--max-oldest-pending", type=float, metavar="SECONDS",
+                   help="exit 3 if a group's oldest pending entry was appended more than "
+                   "SECONDS ago")
     p.set_defaults(func=run_status)
     return p
 
 
 async def run_status(args: argparse.Namespace) -> int:
-    """Print the status; exit 0, or 1 when Redis cannot be reached."""
+    """Print the status. Exit 0; 1 when Redis cannot be reached or a stream or group asked
+    for does not exist; 3 when a ``--max-*`` threshold is exceeded."""
     from .common import settings_from_args
 
     settings = settings_from_args(args)
@@ -116,4 +122,11 @@ async def run_status(args: argparse.Namespace) -> int:
         print_json(status.to_dict())
     else:
         print(escape_text(render(status).rstrip("\n"), keep_newlines=True))
-    return 0
+    missing = status_problems(status)
+    breaches = threshold_breaches(status, max_lag=args.max_lag,
+                                  max_oldest_pending_s=args.max_oldest_pending)
+    for line in [*missing, *breaches]:
+        print(f"audit-fleet: {escape_text(line)}", file=sys.stderr)
+    if missing:
+        return 1
+    return 3 if breaches else 0
