@@ -40,6 +40,7 @@ from tests.reference import (
 )
 from worker import events as ev
 from worker.documents import coalesce, fold, node_key
+from worker.erasure import erase, subject_hash
 from worker.stores.base import NodeQuery, NodeVersion, RunQuery, RunVersion, Store, WriteResult
 
 T0 = datetime(2026, 2, 15, 10, 30, tzinfo=UTC)
@@ -113,6 +114,29 @@ def assert_utc(value: Any) -> None:
     assert value.utcoffset() == timedelta(0)
 
 
+ERASE_KEY = b"subject-key-for-the-conformance-suite"
+
+
+def erasure_events(workspace: str, run_id: str, subjects: list[str]) -> list[Raw]:
+    """A failed run tagged with (hashed) subjects: two nodes with prompts and outputs."""
+    t = T0 + timedelta(minutes=len(run_id))
+    return [
+        event(ev.RUN_STARTED, workspace, run_id, f"{run_id}-s", t, subjects=subjects,
+              trigger={"type": "webhook", "source": "gmail"}),
+        event(ev.NODE_COMPLETED, workspace, run_id, f"{run_id}-n1", t,
+              node=node("classify", "ai", t, t + timedelta(seconds=1), model="m-1",
+                        input={"prompt": "Reply to lead@example.com"}, output="ok",
+                        tokens_used={"input": 10, "output": 5})),
+        event(ev.NODE_FAILED, workspace, run_id, f"{run_id}-n2", t,
+              node=node("reply", "ai", t + timedelta(seconds=1), t + timedelta(seconds=2),
+                        model="m-1", input={"prompt": "Dear Lead"}, output="…",
+                        tokens_used={"input": 10, "output": 5},
+                        error={"type": "Timeout", "message": "lead@example.com timed out"})),
+        event(ev.RUN_FAILED, workspace, run_id, f"{run_id}-e", t + timedelta(seconds=3),
+              error={"message": "reply to lead@example.com failed"}),
+    ]
+
+
 # -- generated runs ------------------------------------------------------------------------
 
 HOSTILE_KEYS = ("$where", "$set", "a.b", "..", "", "ключ", "名前", "emoji 🎉", "$", "x.$y")
@@ -154,6 +178,10 @@ def run_events(draw: st.DrawFn, label: str, run_id: str) -> list[Raw]:
             out[SIGNED_WITH] = key_id
         return out
 
+    def some_subjects() -> Raw:  # a set union over the run's events
+        chosen = draw(st.lists(st.sampled_from(("h-1", "h-2", "h-3")), max_size=2))
+        return {"subjects": chosen} if chosen else {}
+
     def some_extras() -> Raw:
         names = draw(st.sets(st.sampled_from(sorted(extras)))) if extras else set()
         return {k: extras[k] for k in names}
@@ -193,7 +221,7 @@ def run_events(draw: st.DrawFn, label: str, run_id: str) -> list[Raw]:
     out: list[Raw] = []
     if draw(st.integers(0, 4)):
         out.append(env(ev.RUN_STARTED, "started", start) | {"trigger": trigger}
-                   | some_extras())
+                   | some_extras() | some_subjects())
     node_extra = draw(st.dictionaries(st.sampled_from(("engine", "$meta")), json_values,
                                       max_size=1))
     for raw in nodes:
@@ -214,7 +242,8 @@ def run_events(draw: st.DrawFn, label: str, run_id: str) -> list[Raw]:
     if draw(st.booleans()):
         shown = nodes[: draw(st.integers(0, len(nodes)))]
         snapshot = env(ev.RUN_SNAPSHOT, "snapshot", end if terminal else clock)
-        snapshot |= {"trigger": trigger, "nodes": shown} | terminal | some_extras()
+        snapshot |= {"trigger": trigger, "nodes": shown} | terminal | some_extras() \
+            | some_subjects()
         out.append(snapshot)
     return out
 
@@ -766,6 +795,85 @@ class StoreConformance:
         await assert_stored(store, keep)
         assert await store.delete_runs(ws, []) == 0
         assert await store.delete_runs(ws, ["gone"]) == 0
+
+    async def test_erasure_of_a_subject(self, store: Store) -> None:
+        """erase strips the subject's runs' prompts, outputs and errors, marks them, leaves
+        an erasure record, and leaves every other run (other subjects, other workspaces)
+        exactly as it was; a dry run changes nothing."""
+        ws, other_ws = new_workspace("er"), new_workspace("eo")
+        lead, other = subject_hash(ERASE_KEY, "email:lead@example.com"), \
+            subject_hash(ERASE_KEY, "email:x@example.com")
+        raw = erasure_events(ws, "r1", [lead]) + erasure_events(ws, "r2", [lead, other]) \
+            + erasure_events(ws, "r3", [other]) + erasure_events(other_ws, "r1", [lead])
+        await write(store, raw)
+        assert [r["runId"] for r in await store.runs_with_subject(ws, lead)] == ["r1", "r2"]
+        before = {(w, r): (await store.get_run(w, r), await store.get_nodes(w, r))
+                  for w, r in ((ws, "r3"), (other_ws, "r1"))}
+        at = datetime(2026, 3, 1, tzinfo=UTC)
+        dry = await erase(store, ws, "email:lead@example.com", ERASE_KEY, by="dpo",
+                          dry_run=True, now=at)
+        assert (dry.runs, dry.nodes_erased, dry.run_fields_erased) == (["r1", "r2"], 4, 2)
+        await assert_stored(store, raw)
+        report = await erase(store, ws, "email:lead@example.com", ERASE_KEY, by="dpo", now=at)
+        assert (report.runs, report.nodes_erased, report.run_fields_erased,
+                report.remaining) == (["r1", "r2"], 4, 2, [])
+        for run_id in ("r1", "r2"):
+            run = await store.get_run(ws, run_id)
+            assert run is not None
+            assert run["error"] is None
+            assert run["erasure"] == {"id": report.erasure_id, "at": at.isoformat(),
+                                      "by": "dpo", "fields": {"node": ["error", "input",
+                                                                       "output"],
+                                                              "run": ["error"]}}
+            assert run["summary"]["totalTokens"] == 30  # the rest of the run is kept
+            for doc in await store.get_nodes(ws, run_id):
+                assert not {"input", "output", "error"} & set(doc)
+                assert doc["model"] == "m-1"
+        for key, docs in before.items():
+            assert (await store.get_run(*key), await store.get_nodes(*key)) == docs
+        record = await store.get_run(ws, str(report.erasure_id))
+        assert record is not None
+        assert (record["workflowId"], record["status"]) == ("audit-fleet.erasure", "completed")
+        assert record["erasureRequest"]["subjectHash"] == lead
+        assert record["erasureRequest"]["requestedBy"] == "dpo"
+        assert record["erasureResult"]["runs"] == ["r1", "r2"]
+        assert record["erasureResult"]["nodesErased"] == 4
+        again = await erase(store, ws, "email:lead@example.com", ERASE_KEY, by="dpo", now=at)
+        assert (again.runs, again.nodes_erased, again.run_fields_erased) == (["r1", "r2"], 0, 0)
+
+    @pytest.mark.parametrize("crash_at", ["record", "mark", "nodes", "run", "result"])
+    async def test_erasure_killed_at_each_step_and_rerun(self, store: Store,
+                                                         crash_at: str) -> None:
+        """Killed at any step, a rerun resumes the same erasure record, erases everything
+        once, and touches nothing that was not asked for."""
+        ws = new_workspace("ek")
+        lead, other = subject_hash(ERASE_KEY, "email:lead@example.com"), \
+            subject_hash(ERASE_KEY, "email:x@example.com")
+        raw = erasure_events(ws, "r1", [lead]) + erasure_events(ws, "r2", [lead]) \
+            + erasure_events(ws, "r3", [other])
+        await write(store, raw)
+        keep = (await store.get_run(ws, "r3"), await store.get_nodes(ws, "r3"))
+
+        def fault(step: str) -> None:
+            if step == crash_at:
+                raise RuntimeError(f"killed at {step}")
+
+        with pytest.raises(RuntimeError, match="killed"):
+            await erase(store, ws, "email:lead@example.com", ERASE_KEY, by="dpo", fault=fault)
+        report = await erase(store, ws, "email:lead@example.com", ERASE_KEY, by="dpo")
+        assert report.resumed
+        assert report.remaining == []
+        records = await store.list_runs(ws, RunQuery(workflow_id="audit-fleet.erasure"))
+        assert [(r["runId"], r["status"]) for r in records] == [(report.erasure_id,
+                                                                  "completed")]
+        for run_id in ("r1", "r2"):
+            run = await store.get_run(ws, run_id)
+            assert run is not None
+            assert run["erasure"]["id"] == report.erasure_id
+            assert run["error"] is None
+            assert all(not {"input", "output", "error"} & set(n)
+                       for n in await store.get_nodes(ws, run_id))
+        assert (await store.get_run(ws, "r3"), await store.get_nodes(ws, "r3")) == keep
 
     async def test_retention_operations(self, store: Store) -> None:
         """Retention's store operations find old runs and touch only the documents named."""

@@ -35,7 +35,8 @@ from tenacity.wait import wait_exponential_jitter
 
 from . import constants as c
 from .budget import MemoryBudget
-from .documents import WriteBatch, coalesce, coalesce_each
+from .documents import SUBJECTS, WriteBatch, coalesce, coalesce_each
+from .erasure import hash_subjects
 from .errors import (
     InvalidEvent,
     RedisRefused,
@@ -452,6 +453,10 @@ class Worker:
         valid, dead = prepare(batch.entries, s.max_event_bytes, s.max_deliveries,
                               self.signatures)
         outcome = Outcome(dead=dead)
+        key = s.subject_key
+        for _, decoded in valid:  # before redaction: subjects are hashed, never masked
+            if SUBJECTS in decoded.doc:
+                hash_subjects(decoded.doc, key)
         found: dict[str, int] = {}
         if self.redactor is not None:
             valid = self._redact(valid, batch.entries, outcome, found)

@@ -21,6 +21,8 @@ Run merge rules:
   merged per key (the higher node status wins); ``summary`` is derived from it,
   never incremented, so redelivery cannot double-count;
 - ``eventIds`` is the set of run-level event IDs that contributed;
+- ``subjects`` (only on runs tagged with data subjects) is the set union of the keyed
+  subject hashes of its ``run.started`` and ``run.snapshot`` events (``worker.erasure``);
 - ``signedBy`` (only on runs with signed events) is the set of ``<keyId>:<eventId>`` of
   the run-level events that arrived signed (``worker.signing``), a set union like
   ``eventIds``.
@@ -50,7 +52,7 @@ FAILED: Final = "failed"
 #: Run-level keys with their own merge rule; every other top-level key is "extra".
 RUN_FIELDS: Final = frozenset({
     "workspaceId", "runId", "workflowId", "status", "startedAt", "completedAt", "trigger",
-    "totalDuration", "error", "summary", "nodeIndex", "eventIds", "signedBy",
+    "totalDuration", "error", "summary", "nodeIndex", "eventIds", "signedBy", "subjects",
 })
 #: Envelope keys of an event that are not stored as extra fields.
 ENVELOPE: Final = frozenset({"v", "eventId", "type", "ts", "node", "nodes"})
@@ -59,10 +61,12 @@ _NOT_EXTRA: Final = RUN_FIELDS | ENVELOPE
 #: Keys the pipeline sets on a node document (they override the payload's own).
 NODE_KEYS: Final = frozenset({
     "workspaceId", "runId", "workflowId", "nodeKey", "nodeId", "attempt", "status", "eventId",
-    "durationMs", "signedBy",
+    "durationMs", "signedBy", "subjects",
 })
 #: The field naming the key that signed an event (run: a set of ``keyId:eventId``).
 SIGNED_BY: Final = "signedBy"
+#: The run field holding the keyed hashes of its data subjects (``worker.erasure``).
+SUBJECTS: Final = "subjects"
 
 
 _NODE_EVENTS: Final = (ev.NodeCompleted, ev.NodeFailed)
@@ -173,6 +177,7 @@ class RunPatch:
     event_ids: set[str] = field(default_factory=set)
     sources: list[str] = field(default_factory=list)
     signed_by: set[str] = field(default_factory=set)
+    subjects: set[str] = field(default_factory=set)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -197,6 +202,8 @@ class RunPatch:
         self.event_ids |= other.event_ids
         if other.signed_by:
             self.signed_by |= other.signed_by
+        if other.subjects:
+            self.subjects |= other.subjects
         self.sources.extend(other.sources)
 
     def to_doc(self) -> dict[str, Any]:
@@ -218,6 +225,8 @@ class RunPatch:
         )
         if self.signed_by:
             doc[SIGNED_BY] = sorted(self.signed_by)
+        if self.subjects:
+            doc[SUBJECTS] = sorted(self.subjects)
         return doc
 
     @classmethod
@@ -237,6 +246,7 @@ class RunPatch:
             node_index={k: dict(v) for k, v in (doc.get("nodeIndex") or {}).items()},
             event_ids=set(doc.get("eventIds") or ()),
             signed_by=set(doc.get(SIGNED_BY) or ()),
+            subjects=set(doc.get(SUBJECTS) or ()),
         )
 
 
@@ -360,6 +370,8 @@ def patches(decoded: ev.Decoded, source: str) -> tuple[RunPatch, list[NodeDoc]]:
     if decoded.key_id is not None:
         run.signed_by.add(f"{decoded.key_id}:{event.eventId}")
     run.started_at = doc.get("startedAt")
+    if isinstance(event, ev.RunStarted | ev.RunSnapshot) and event.subjects:
+        run.subjects = set(doc.get(SUBJECTS) or ())
     if isinstance(event, ev.RunStarted):
         run.trigger = doc.get("trigger")
         run.started_at = run.started_at or ts

@@ -35,6 +35,10 @@ Time = Annotated[datetime, Meta(tz=True)]
 Count = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 Attempt = Annotated[int, Meta(ge=1, le=1_000_000)]
 Duration = Annotated[float, Meta(ge=0)]
+#: Data-subject identifiers of a run (``email:lead@example.com``): stored only as keyed
+#: hashes (``worker.erasure``), so erasure can find the subject's runs.
+Subjects = Annotated[list[Annotated[str, Meta(min_length=1, max_length=320)]],
+                     Meta(max_length=100)]
 
 MAX_SNAPSHOT_NODES: Final = 10_000
 #: Deepest nesting of arrays and objects accepted (the event object itself is level 1).
@@ -107,6 +111,7 @@ class _Event(Struct, frozen=True, tag_field="type"):
 class RunStarted(_Event, frozen=True, tag=RUN_STARTED):
     trigger: Trigger | None = None
     startedAt: Time | None = None
+    subjects: Subjects | None = None
 
 
 class NodeCompleted(_Event, frozen=True, tag=NODE_COMPLETED):
@@ -137,6 +142,7 @@ class RunSnapshot(_Event, frozen=True, tag=RUN_SNAPSHOT):
     """A whole run in one event: buffer the nodes, write the run once."""
 
     trigger: Trigger | None = None
+    subjects: Subjects | None = None
     status: Status | None = None
     startedAt: Time | None = None
     completedAt: Time | None = None

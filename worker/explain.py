@@ -39,7 +39,8 @@ _NODE_KNOWN: Final = frozenset({
 #: Run keys with a place of their own; ``nodeIndex`` and ``eventIds`` are bookkeeping.
 _RUN_KNOWN: Final = frozenset({
     "workspaceId", "runId", "workflowId", "status", "startedAt", "completedAt", "trigger",
-    "totalDuration", "error", "summary", "nodeIndex", "eventIds", "signedBy",
+    "totalDuration", "error", "summary", "nodeIndex", "eventIds", "signedBy", "subjects",
+    "erasure",
 })
 
 # -- redaction -------------------------------------------------------------------------------
@@ -160,6 +161,8 @@ class Explanation:
     missing_nodes: list[dict[str, Any]] = field(default_factory=list)
     #: Run-level events that arrived signed: ``{"eventId", "keyId"}``, by key then event.
     signatures: list[dict[str, str]] = field(default_factory=list)
+    #: Set when the run's personal fields were erased (``worker.erasure``): id, at, by, fields.
+    erasure: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The stable machine form."""
@@ -179,6 +182,7 @@ class Explanation:
                 "error": self.error,
                 "summary": self.summary,
                 "signedBy": self.signatures,
+                "erasure": self.erasure,
                 "extra": self.extra,
             },
             "nodes": [s.to_json() for s in self.steps],
@@ -338,6 +342,7 @@ def build(workspace: str, run_id: str, run: Mapping[str, Any] | None,
         source=source,
         missing_nodes=missing,
         signatures=_signatures(run),
+        erasure=dict(run["erasure"]) if isinstance(run.get("erasure"), Mapping) else None,
     )
 
 

@@ -41,7 +41,7 @@ COUNTER_LABELS: Final = (*DETECTORS, "drop", "mask")
 #: Top-level event fields and node fields redaction never touches.
 _EVENT_IDENTITY: Final = frozenset({
     "v", "eventId", "type", "workspaceId", "workflowId", "runId", "ts", "startedAt",
-    "completedAt", "status", "totalDuration",
+    "completedAt", "status", "totalDuration", "subjects",
 })
 _NODE_IDENTITY: Final = frozenset({
     "nodeId", "type", "attempt", "startedAt", "completedAt", "status", "model", "tokens_used",

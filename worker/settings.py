@@ -12,7 +12,7 @@ from urllib.parse import urlsplit, urlunsplit
 from . import constants as c
 from .errors import ConfigError
 from .redaction import Redactor
-from .signing import Keyring
+from .signing import Keyring, load_secret
 
 _STORE_SCHEMES = ("sqlite", "postgresql", "postgres", "mongodb", "mongodb+srv", "null")
 
@@ -77,14 +77,21 @@ class Settings:
     redact_detectors: tuple[str, ...] = ()
     redact_drop: tuple[str, ...] = ()
     redact_mask: tuple[str, ...] = ()
+    #: AUDIT_SUBJECT_KEY_FILE: the key that hashes data-subject ids (``worker.erasure``).
+    subject_key_file: str = ""
     #: Loaded from ``signing_keys_file``; never in the repr.
     keyring: Keyring | None = field(default=None, repr=False, compare=False)
+    #: Loaded from ``subject_key_file``; never in the repr.
+    subject_key: bytes | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.consumer:
             object.__setattr__(self, "consumer", default_consumer())
         if self.signing_keys_file and self.keyring is None:
             object.__setattr__(self, "keyring", Keyring.load(self.signing_keys_file))
+        if self.subject_key_file and self.subject_key is None:
+            object.__setattr__(self, "subject_key", load_secret(
+                self.subject_key_file, "AUDIT_SUBJECT_KEY_FILE"))
         self._validate()
 
     def _validate(self) -> None:
@@ -180,7 +187,7 @@ _FLOATS = {"shutdown_grace_s", "shutdown_deadline_s", "reclaim_interval_s", "tri
 _BOOLS = {"trim", "burst", "require_signature"}
 _LISTS = {"streams", "redact_detectors", "redact_drop", "redact_mask"}
 #: Fields that are not read from the environment under their own name.
-_NOT_ENV = {"keyring"}
+_NOT_ENV = {"keyring", "subject_key"}
 
 
 def _parse(env_name: str, field: str, raw: str) -> Any:

@@ -110,6 +110,15 @@ def _secret(value: object, where: str) -> bytes:
     return secret
 
 
+def load_secret(path: str | Path, variable: str) -> bytes:
+    """A base64 secret from a file (a mounted secret), at least 16 bytes."""
+    try:
+        text = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"{variable}: cannot read {str(path)!r}: {exc.strerror}") from None
+    return _secret(text, f"{variable} {str(path)!r}")
+
+
 def digest(secret: bytes, payload: bytes) -> str:
     """Hex HMAC-SHA256 of ``payload``."""
     return hmac.digest(secret, payload, "sha256").hex()  # one-shot: no HMAC object

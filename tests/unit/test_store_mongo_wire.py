@@ -689,10 +689,11 @@ def test_database_names_follow_mongodb_rules(name: str, problem: str | None) -> 
 
 
 def test_index_specs_are_the_designs_in_key_order() -> None:
-    """Exactly the design's indexes; in a shared database each starts with workspaceId."""
+    """Exactly the design's indexes (and the subjects index erasure looks runs up by); in
+    a shared database each starts with workspaceId."""
     assert mc.run_indexes(False) == [[("workflowId", 1), ("startedAt", -1)],
                                      [("status", 1), ("startedAt", -1)],
-                                     [("trigger.source", 1)]]
+                                     [("trigger.source", 1)], [("subjects", 1)]]
     assert mc.node_indexes(False) == [[("runId", 1)], [("type", 1), ("startedAt", -1)]]
     assert all(spec[0] == ("workspaceId", 1) for spec in mc.run_indexes(True)
                + mc.node_indexes(True))
@@ -892,7 +893,8 @@ async def test_indexes_are_created_once_per_database_with_exact_specs(
     assert [list(i["key"].items()) for i in sent[0]["indexes"]] == mc.run_indexes(False)
     assert [list(i["key"].items()) for i in sent[1]["indexes"]] == mc.node_indexes(False)
     assert [i["name"] for i in sent[0]["indexes"]] == [
-        "workflowId_1_startedAt_-1", "status_1_startedAt_-1", "trigger.source_1"]
+        "workflowId_1_startedAt_-1", "status_1_startedAt_-1", "trigger.source_1",
+        "subjects_1"]
     assert not any("prompt" in repr(i) or "output" in repr(i) or "input" in repr(i)
                    for c in sent for i in c["indexes"])
     await store.migrate()

@@ -19,12 +19,26 @@ from ..constants import DEFAULT_REDIS_URL
 from ..errors import AuditFleetError, ConfigError
 from ..logs import get_logger
 from ..settings import mask_url
-from . import archive, demo, dlq, explain, health, insights, retention, run, runs, status, trim
+from . import (
+    archive,
+    demo,
+    dlq,
+    erase,
+    explain,
+    health,
+    insights,
+    retention,
+    run,
+    runs,
+    status,
+    trim,
+)
 
 Handler = Callable[[argparse.Namespace], Awaitable[int]]
 
 #: The command modules, in the order ``audit-fleet --help`` lists them.
-COMMANDS = (run, demo, status, dlq, health, trim, explain, runs, insights, retention, archive)
+COMMANDS = (run, demo, status, dlq, health, trim, explain, runs, insights, retention, archive,
+            erase)
 
 
 def build_parser() -> argparse.ArgumentParser:

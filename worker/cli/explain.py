@@ -86,6 +86,14 @@ def render(ex: Explanation) -> str:
             f"Summary: {s.get('nodesExecuted', '?')} nodes, {s.get('aiCallsMade', '?')} AI calls,"
             f" {s.get('totalTokens', '?')} tokens, actions: {actions}"
         )
+    if ex.erasure is not None:
+        raw = ex.erasure.get("fields")
+        fields: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        names = [f"node {n}" for n in fields.get("node") or ()] + [
+            f"run {n}" for n in fields.get("run") or ()]
+        lines.append(
+            f"Erased: {', '.join(names) or '?'} at {ex.erasure.get('at')} by "
+            f"{ex.erasure.get('by')} (erasure record {ex.erasure.get('id')})")
     if ex.signatures:
         keys: dict[str, list[str]] = {}
         for sig in ex.signatures:

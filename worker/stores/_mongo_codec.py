@@ -37,7 +37,16 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-from ..documents import COMPLETED, FAILED, RUNNING, SIGNED_BY, NodeDoc, RunPatch, status_rank
+from ..documents import (
+    COMPLETED,
+    FAILED,
+    RUNNING,
+    SIGNED_BY,
+    SUBJECTS,
+    NodeDoc,
+    RunPatch,
+    status_rank,
+)
 
 #: Database names MongoDB keeps for itself.
 RESERVED_DB_NAMES: Final = frozenset({"admin", "local", "config"})
@@ -221,7 +230,7 @@ def payload_file_id(workspace: str, node_key: str, event_id: str) -> str:
 def run_indexes(shared: bool) -> list[list[tuple[str, int]]]:
     """The design's run indexes, in key order (prefixed by workspaceId when shared)."""
     specs = [[("workflowId", 1), ("startedAt", -1)], [("status", 1), ("startedAt", -1)],
-             [("trigger.source", 1)]]
+             [("trigger.source", 1)], [("subjects", 1)]]
     return [([("workspaceId", 1)] if shared else []) + s for s in specs]
 
 
@@ -331,9 +340,10 @@ def run_pipeline(run: RunPatch) -> list[dict[str, Any]]:
     merged["nodeIndex"] = index
     merged["eventIds"] = {"$sortArray": {"input": {"$setUnion": [
         {"$ifNull": ["$eventIds", []]}, lit(sorted(run.event_ids))]}, "sortBy": 1}}
-    if run.signed_by:  # absent until a signed run-level event arrives
-        merged[SIGNED_BY] = {"$sortArray": {"input": {"$setUnion": [
-            {"$ifNull": ["$" + SIGNED_BY, []]}, lit(sorted(run.signed_by))]}, "sortBy": 1}}
+    for name, values in ((SIGNED_BY, run.signed_by), (SUBJECTS, run.subjects)):
+        if values:  # absent until an event carrying one arrives
+            merged[name] = {"$sortArray": {"input": {"$setUnion": [
+                {"$ifNull": ["$" + name, []]}, lit(sorted(values))]}, "sortBy": 1}}
     return [{"$set": merged}, {"$set": {"summary": _summary_expr()}}]
 
 

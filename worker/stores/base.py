@@ -135,6 +135,9 @@ class Store(Protocol):
     async def get_run(self, workspace: str, run_id: str) -> dict[str, Any] | None:
         """One run document, or None."""
 
+    async def runs_with_subject(self, workspace: str, subject: str) -> list[dict[str, Any]]:
+        """Run documents whose ``subjects`` hold this keyed subject hash (erasure)."""
+
     async def get_nodes(self, workspace: str, run_id: str) -> list[dict[str, Any]]:
         """A run's node documents in execution order (startedAt, attempt, nodeId)."""
 

@@ -354,6 +354,13 @@ class MongoStore:
         doc = await self._call(db[mc.RUNS].find_one({"_id": key}))
         return None if doc is None else _run_doc(doc)
 
+    async def runs_with_subject(self, workspace: str, subject: str) -> list[Doc]:
+        db = self._read_db(workspace)
+        if db is None:
+            return []
+        cursor = db[mc.RUNS].find(self._filter(workspace, subjects=subject), sort=[("runId", 1)])
+        return [_run_doc(d) for d in await self._call(cursor.to_list())]
+
     async def get_nodes(self, workspace: str, run_id: str) -> list[Doc]:
         db = self._read_db(workspace)
         if db is None:

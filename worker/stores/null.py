@@ -52,6 +52,9 @@ class NullStore:
     async def workspaces(self) -> list[str]:
         return []
 
+    async def runs_with_subject(self, workspace: str, subject: str) -> list[dict[str, Any]]:
+        return []
+
     async def delete_runs(self, workspace: str, run_ids: Sequence[str], *,
                           expected: Sequence[RunVersion] | None = None) -> int:
         return 0

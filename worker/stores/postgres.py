@@ -110,6 +110,9 @@ CREATE INDEX IF NOT EXISTS workflow_runs_trigger_idx
 -- recent runs of a workspace (list_runs without filters, retention)
 CREATE INDEX IF NOT EXISTS workflow_runs_started_idx
     ON workflow_runs (workspace_id, started_at DESC);
+-- runs of a data subject (erasure): keyed subject hashes, only on runs that carry them
+CREATE INDEX IF NOT EXISTS workflow_runs_subjects_idx
+    ON workflow_runs USING gin ((doc->'subjects')) WHERE doc ? 'subjects';
 -- nodes by run: served by the primary key (workspace_id, run_id, node_id, attempt)
 -- AI nodes over time (nodes by type)
 CREATE INDEX IF NOT EXISTS workflow_node_runs_type_idx
@@ -137,7 +140,20 @@ $$;
 
 #: Top-level run fields with a merge rule of their own; the rest are extras (first wins).
 _KNOWN: Final = ("'{workspaceId,runId,workflowId,status,startedAt,completedAt,trigger,"
-                 "totalDuration,error,summary,nodeIndex,eventIds,signedBy}'::text[]")
+                 "totalDuration,error,summary,nodeIndex,eventIds,signedBy,subjects}'::text[]")
+
+
+def _set_union(name: str) -> str:
+    """A run field that is a sorted set of strings present only when non-empty
+    (``signedBy``, ``subjects``): the union of the stored ``s.a`` and incoming ``s.b``."""
+    return f"""CASE WHEN s.a ? '{name}' OR s.b ? '{name}' THEN jsonb_build_object(
+        '{name}', (
+            SELECT jsonb_agg(u.id ORDER BY u.id)
+            FROM (SELECT jsonb_array_elements_text(s.a->'{name}') COLLATE "C" AS id
+                  UNION
+                  SELECT jsonb_array_elements_text(s.b->'{name}')) AS u
+        )) ELSE '{{}}' END"""
+
 
 #: nodeIndex merged per key (``s.a`` stored, ``s.b`` incoming): an incoming entry replaces
 #: the stored one only if it is new or its status ranks strictly higher.
@@ -189,13 +205,7 @@ _MERGED_DOC: Final = f"""(
             FROM (SELECT jsonb_array_elements_text(s.a->'eventIds') COLLATE "C" AS id
                   UNION
                   SELECT jsonb_array_elements_text(s.b->'eventIds')) AS u
-        ), '[]')) || CASE WHEN s.a ? 'signedBy' OR s.b ? 'signedBy' THEN jsonb_build_object(
-        'signedBy', (
-            SELECT jsonb_agg(u.id ORDER BY u.id)
-            FROM (SELECT jsonb_array_elements_text(s.a->'signedBy') COLLATE "C" AS id
-                  UNION
-                  SELECT jsonb_array_elements_text(s.b->'signedBy')) AS u
-        )) ELSE '{{}}' END
+        ), '[]')) || {_set_union("signedBy")} || {_set_union("subjects")}
     FROM (SELECT r.doc || '{{}}' AS a, EXCLUDED.doc || '{{}}' AS b OFFSET 0) AS s,
          LATERAL (SELECT {_MERGED_INDEX} AS idx OFFSET 0) AS m)"""
 
@@ -445,6 +455,15 @@ class PostgresStore:
                 workspace, run_id,
             )
         return None if row is None else _run_doc(row)
+
+    async def runs_with_subject(self, workspace: str, subject: str) -> list[dict[str, Any]]:
+        with _errors():
+            rows = await self.pool.fetch(
+                f"SELECT {_RUN_COLUMNS} FROM workflow_runs WHERE workspace_id = $1"
+                " AND doc ? 'subjects' AND doc->'subjects' ? $2 ORDER BY run_id",
+                workspace, subject,
+            )
+        return [_run_doc(row) for row in rows]
 
     async def get_nodes(self, workspace: str, run_id: str) -> list[dict[str, Any]]:
         with _errors():

@@ -297,6 +297,15 @@ class SQLiteStore:
         ).fetchone())
         return None if row is None else _doc(row[0])
 
+    async def runs_with_subject(self, workspace: str, subject: str) -> list[dict[str, Any]]:
+        """Runs tagged with a subject hash (a scan of the workspace's runs: no index)."""
+        rows = await self._run(lambda conn: conn.execute(
+            "SELECT doc FROM workflow_runs WHERE workspace_id = ? AND EXISTS ("
+            "SELECT 1 FROM json_each(doc, '$.subjects') WHERE value = ?) ORDER BY run_id",
+            (workspace, subject),
+        ).fetchall())
+        return [_doc(row[0]) for row in rows]
+
     async def get_nodes(self, workspace: str, run_id: str) -> list[dict[str, Any]]:
         rows = await self._run(lambda conn: conn.execute(
             "SELECT doc FROM workflow_node_runs WHERE workspace_id = ? AND run_id = ?"

@@ -1,0 +1,65 @@
+"""``audit-fleet erase``: erase a data subject's personal data from hot storage."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+from typing import Any
+
+from ..erasure import NODE_FIELDS, RUN_FIELDS, ErasureReport, erase
+from ..errors import ConfigError
+from ..queries import check_workspace
+from ..settings import Settings
+from .common import add_store_flag, opened_store
+from .output import escape_text, print_json
+
+
+def render(report: ErasureReport) -> str:
+    verb = "would erase" if report.dry_run else "erased"
+    fields = ", ".join([f"node {f}" for f in NODE_FIELDS] + [f"run {f}" for f in RUN_FIELDS])
+    lines = [
+        f"{'Dry run: ' if report.dry_run else ''}subject {report.subject_hash[:16]}… in "
+        f"workspace {report.workspace}: {len(report.runs)} run(s)",
+        f"  {verb} {report.nodes_erased} node trace(s) and {report.run_fields_erased} run "
+        f"error(s) ({fields})",
+    ]
+    for run_id in report.runs:
+        lines.append(f"  - {escape_text(run_id)}")
+    if report.erasure_id:
+        lines.append(f"  erasure record: run {report.erasure_id} (workflow audit-fleet.erasure)"
+                     + (", resumed" if report.resumed else ""))
+    if report.remaining:
+        lines.append(f"  ! still changing, rerun to finish: {', '.join(report.remaining)}")
+    return "\n".join(lines)
+
+
+async def cmd_erase(args: argparse.Namespace) -> int:
+    workspace = check_workspace(args.workspace)
+    settings = Settings.from_env(metrics_port=0)
+    if settings.subject_key is None:
+        raise ConfigError("erase needs AUDIT_SUBJECT_KEY_FILE (the key subjects are hashed with)")
+    by = args.by or getpass.getuser()
+    async with opened_store(args) as store:
+        report = await erase(store, workspace, args.subject, settings.subject_key, by=by,
+                             dry_run=args.dry_run)
+    if args.json:
+        print_json(report.to_json())
+    else:
+        print(render(report))
+    return 1 if report.remaining else 0
+
+
+def register(subparsers: Any) -> None:
+    """Add ``erase`` to the ``audit-fleet`` command."""
+    p = subparsers.add_parser(
+        "erase", help="erase a data subject's personal data (GDPR Art. 17)",
+        description="Remove prompts, raw outputs and errors of every run tagged with the "
+        "subject from hot storage, and leave an erasure record in the audit trail.")
+    add_store_flag(p)
+    p.add_argument("-w", "--workspace", required=True, help="workspace ID")
+    p.add_argument("--subject", required=True, help="the subject as producers tag it "
+                   "(email:lead@example.com)")
+    p.add_argument("--by", help="who asks (recorded; default: the OS user)")
+    p.add_argument("--dry-run", action="store_true", help="show what would be erased")
+    p.add_argument("--json", action="store_true", help="stable JSON")
+    p.set_defaults(func=cmd_erase)
