@@ -72,3 +72,14 @@ class Reason:
 REASONS: tuple[str, ...] = tuple(
     value for name, value in vars(Reason).items() if name.isupper() and isinstance(value, str)
 )
+
+
+#: ``AUDIT_*`` variables read outside :class:`worker.settings.Settings` (whose fields name
+#: the others). ``config check`` and ``run`` report any other ``AUDIT_*`` name as unknown.
+OTHER_ENV_NAMES = (
+    "AUDIT_MONGO_TENANCY", "AUDIT_MONGO_DB_PREFIX", "AUDIT_MONGO_LARGE_PAYLOAD_BYTES",
+    "AUDIT_ARCHIVE_DIR", "AUDIT_ARCHIVE_SCRATCH", "AUDIT_S3_ENDPOINT_URL",
+)
+
+#: Prefixes of variables used by the test suite and the benchmarks, never by a worker.
+TOOLING_ENV_PREFIXES = ("AUDIT_TEST_", "AUDIT_BENCH_")

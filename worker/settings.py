@@ -7,7 +7,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from . import constants as c
 from .errors import ConfigError
@@ -19,20 +19,12 @@ _STORE_SCHEMES = ("sqlite", "postgresql", "postgres", "mongodb", "mongodb+srv", 
 
 def mask_url(url: str) -> str:
     """``url`` with its password (and any ``password=`` query value) replaced by ``***``."""
-    try:
-        parts = urlsplit(url)
-        netloc = parts.netloc
-        if "@" in netloc:
-            userinfo, _, host = netloc.rpartition("@")
-            user, sep, _password = userinfo.partition(":")
-            netloc = f"{user}{':***' if sep else ''}@{host}" if user or sep else f"***@{host}"
-        query = "&".join(
-            f"{k}=***" if k.lower() in ("password", "pass", "secret", "token") else f"{k}{e}{v}"
-            for k, e, v in (item.partition("=") for item in parts.query.split("&") if item)
-        )
-        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-    except ValueError:
-        return "<unparseable URL>"
+    import re
+
+    # scheme://user:password@host -> scheme://user:***@host (the last @ ends the userinfo)
+    masked = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/?#@:]*):[^/?#]*@", r"\1:***@", url)
+    return re.sub(r"([?&](?:password|pass|secret|token)=)[^&#]*", r"\1***", masked,
+                  flags=re.IGNORECASE)
 
 
 def default_consumer() -> str:
@@ -159,7 +151,7 @@ class Settings:
         for f in fields(cls):
             if f.name in _NOT_ENV:
                 continue
-            name = _ENV_NAMES.get(f.name, "AUDIT_" + f.name.upper())
+            name = env_name(f.name)
             raw = env.get(name)
             if raw is None or raw == "":
                 continue
@@ -177,6 +169,41 @@ class Settings:
 
 
 _ENV_NAMES = {"streams": "AUDIT_STREAM"}
+
+
+def env_name(field_name: str) -> str:
+    """The environment variable of a :class:`Settings` field."""
+    return _ENV_NAMES.get(field_name, "AUDIT_" + field_name.upper())
+
+
+def known_env_names() -> frozenset[str]:
+    """Every ``AUDIT_*`` variable something in Audit Fleet reads."""
+    return frozenset(
+        [env_name(f.name) for f in fields(Settings) if f.name != "keyring"]
+        + list(c.OTHER_ENV_NAMES)
+    )
+
+
+def unknown_env(env: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
+    """``AUDIT_*`` variables nothing reads (a typo such as ``AUDIT_BATCHSIZE``), each with
+    the known name it most resembles (or None)."""
+    import difflib
+
+    env = os.environ if env is None else env
+    known = known_env_names()
+    out = []
+    for name in sorted(env):
+        if not name.startswith("AUDIT_") or name in known \
+                or name.startswith(c.TOOLING_ENV_PREFIXES):
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        out.append((name, close[0] if close else None))
+    return out
+
+
+def describe_unknown(name: str, suggestion: str | None) -> str:
+    hint = f" (did you mean {suggestion}?)" if suggestion else ""
+    return f"unknown variable {name} is ignored{hint}"
 _INTS = {
     "batch_size", "block_ms", "claim_idle_ms", "max_deliveries", "metrics_port",
     "max_event_bytes", "max_inflight", "inflight_bytes", "linger_ms",

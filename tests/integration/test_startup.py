@@ -250,3 +250,27 @@ def test_status_exits_non_zero_for_a_missing_stream_or_group(
     finally:
         client.delete(stream)
         client.close()
+
+
+def test_config_check_and_show(run_cli: Cli, tmp_path: Path) -> None:
+    """`config check` fails on an unknown AUDIT_* name (exit 1) and a bad value (exit 2);
+    `config show` prints the effective settings with passwords masked."""
+    done = run_cli(["config", "check"], tmp_path, AUDIT_BATCHSIZE="5")
+    assert done.returncode == 1
+    assert done.stderr.strip() == ("audit-fleet: unknown variable AUDIT_BATCHSIZE is ignored "
+                                   "(did you mean AUDIT_BATCH_SIZE?)")
+    done = run_cli(["config", "check"], tmp_path, AUDIT_BATCH_SIZE="many")
+    assert done.returncode == 2
+    assert "AUDIT_BATCH_SIZE must be a number" in one_line_error(done)
+    assert run_cli(["config", "check"], tmp_path, AUDIT_BATCH_SIZE="50").returncode == 0
+    done = run_cli(["config", "show", "--json", "--group", "g2"], tmp_path,
+                   AUDIT_REDIS_URL="redis://:s3cret@127.0.0.1:6379/0")
+    assert done.returncode == 0
+    rows = {r["variable"]: r for r in json.loads(done.stdout)["settings"]}
+    assert rows["AUDIT_REDIS_URL"] == {"variable": "AUDIT_REDIS_URL", "source": "environment",
+                                       "value": "redis://:***@127.0.0.1:6379/0"}
+    assert rows["AUDIT_GROUP"]["value"] == "g2"
+    assert rows["AUDIT_GROUP"]["source"] == "flag"
+    assert rows["AUDIT_BATCH_SIZE"] == {"variable": "AUDIT_BATCH_SIZE", "source": "default",
+                                        "value": 500}
+    assert "s3cret" not in done.stdout + done.stderr

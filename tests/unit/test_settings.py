@@ -55,3 +55,47 @@ def test_bad_configuration_fails_with_a_clear_message(env: dict[str, str], messa
 def test_config_errors_are_value_errors() -> None:
     """Setup errors subclass ValueError as well as the project's root error."""
     assert issubclass(ConfigError, ValueError)
+
+
+def test_unknown_audit_variables_are_reported_with_a_suggestion() -> None:
+    """Regression: a typo such as AUDIT_BATCHSIZE was silently ignored."""
+    from worker.settings import unknown_env
+
+    env = {"AUDIT_BATCHSIZE": "5", "AUDIT_BATCH_SIZE": "7", "AUDIT_STREAM": "s",
+           "AUDIT_ARCHIVE_DIR": "/a", "AUDIT_TEST_MONGODB_URL": "x", "AUDIT_ZZZ": "1",
+           "HOME": "/root"}
+    assert unknown_env(env) == [("AUDIT_BATCHSIZE", "AUDIT_BATCH_SIZE"), ("AUDIT_ZZZ", None)]
+
+
+def test_every_audit_variable_the_code_and_docs_name_is_known() -> None:
+    """A variable read anywhere (or documented) is known to `config check`: a new one must
+    be a Settings field or listed in constants.OTHER_ENV_NAMES."""
+    import re
+    from pathlib import Path
+
+    from worker import constants as c
+    from worker.settings import known_env_names
+
+    root = Path(__file__).resolve().parents[2]
+    texts = [p.read_text() for p in [*(root / "worker").rglob("*.py"),
+                                     *(root / "docs").glob("*.md"), root / "README.md",
+                                     *(root / "deploy").rglob("*.y*ml")]]
+    names = {n for t in texts for n in re.findall(r"\bAUDIT_[A-Z0-9_]*[A-Z0-9]\b", t)}
+    names = {n for n in names if not n.startswith(c.TOOLING_ENV_PREFIXES)}
+    names.discard("AUDIT_BATCHSIZE")  # the typo the docs use as an example
+    assert len(names) >= 30
+    # prefixes written as AUDIT_REDACT_* / AUDIT_MONGO_* in prose are not variables
+    unknown = {n for n in names - known_env_names()
+               if not any(k.startswith(n + "_") for k in known_env_names())}
+    assert not unknown, f"read or documented but unknown to config check: {sorted(unknown)}"
+
+
+def test_mask_url_hides_passwords_only() -> None:
+    """Passwords in the userinfo or a password= query are masked; the rest stays."""
+    from worker.settings import mask_url
+
+    assert mask_url("redis://:s3cret@h:6379/0") == "redis://:***@h:6379/0"
+    assert mask_url("postgresql://u:p@ss@h/db?password=x&sslmode=require") == (
+        "postgresql://u:***@h/db?password=***&sslmode=require")
+    assert mask_url("sqlite:///./audit.db") == "sqlite:///./audit.db"
+    assert mask_url("postgresql://u@h/db") == "postgresql://u@h/db"

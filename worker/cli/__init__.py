@@ -21,6 +21,7 @@ from ..logs import get_logger
 from ..settings import mask_url
 from . import (
     archive,
+    config,
     demo,
     dlq,
     erase,
@@ -38,7 +39,7 @@ Handler = Callable[[argparse.Namespace], Awaitable[int]]
 
 #: The command modules, in the order ``audit-fleet --help`` lists them.
 COMMANDS = (run, demo, status, dlq, health, trim, explain, runs, insights, retention, archive,
-            erase)
+            erase, config)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..logs import configure
+from ..logs import configure, get_logger
+from ..settings import describe_unknown, unknown_env
 from .common import add_worker_flags, settings_from_args
 
 
@@ -22,6 +23,10 @@ async def cmd_run(args: argparse.Namespace) -> int:
         burst=True if args.burst else None,
     )
     configure(settings.log_level, settings.log_format)
+    log = get_logger()
+    for name, suggestion in unknown_env():
+        log.warning("unknown_setting", variable=name, suggestion=suggestion,
+                    message=describe_unknown(name, suggestion))
     await run_worker(settings)
     return 0
 
