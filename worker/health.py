@@ -9,10 +9,10 @@
 * ``/readyz`` (readiness): Redis and the store answer (async checks, each under a timeout),
   and the worker is not draining.
 
-The server is a small HTTP/1.1 responder on anyio, so it runs in the worker's own task
-group and its readiness checks use the worker's own clients. ``audit-fleet health``
-(:func:`check`) turns an endpoint into an exit code for systemd, Procfile platforms and
-Docker ``HEALTHCHECK``.
+The server is aiohttp (``web.AppRunner`` + ``web.TCPSite``) on the worker's own event loop,
+in the worker's own task group, and its readiness checks use the worker's own clients.
+``audit-fleet health`` (``worker/cli/health.py``) turns an endpoint into an exit code for
+systemd, Procfile platforms and Docker ``HEALTHCHECK``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from anyio.abc import SocketAttribute, SocketStream, TaskStatus
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from anyio.abc import TaskStatus
 from prometheus_client.exposition import choose_encoder
 
 from .errors import NotReady
@@ -36,9 +38,6 @@ if TYPE_CHECKING:
 #: An async readiness check: raises (or times out) when its dependency is unreachable.
 Check = Callable[[], Awaitable[object]]
 
-_MAX_HEAD = 16 * 1024
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            503: "Service Unavailable"}
 
 
 def default_max_heartbeat_age_s(settings: Settings) -> float:
@@ -75,6 +74,10 @@ class HealthServer:
         self._started = time.monotonic()
         self.port: int | None = None
         self.log = get_logger(component="health")
+
+    def add_check(self, name: str, check: Check) -> None:
+        """Add a readiness check: the server can start before, say, the store is open."""
+        self.checks[name] = check
 
     # -- the verdicts -------------------------------------------------------------------
 
@@ -140,6 +143,17 @@ class HealthServer:
 
     # -- HTTP ----------------------------------------------------------------------------
 
+    def app(self) -> web.Application:
+        """The aiohttp application: the three endpoints and ``/``; every response closes
+        its connection and is never cached."""
+        app = web.Application(middlewares=[_no_store])
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/livez", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/", self._index)
+        return app
+
     async def serve(
         self,
         host: str = "0.0.0.0",
@@ -147,84 +161,54 @@ class HealthServer:
         *,
         task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Listen until cancelled. ``await tg.start(server.serve, host, port)`` gives the port."""
-        listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
-        async with listener:
-            self.port = int(listener.extra(SocketAttribute.local_port))
+        """Listen until cancelled. ``await tg.start(server.serve, host, port)`` gives the port.
+
+        aiohttp's ``AppRunner`` + ``TCPSite`` on the running event loop: the server shares
+        the worker's loop and its readiness checks use the worker's own clients."""
+        runner = web.AppRunner(self.app(), access_log=None, handle_signals=False,
+                               keepalive_timeout=self.request_timeout_s)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, host or None, port)
+            await site.start()
+            self.port = int(runner.addresses[0][1])
             self.log.info("http_listening", host=host, port=self.port)
             task_status.started(self.port)
-            await listener.serve(self._handle)
+            await anyio.sleep_forever()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await runner.cleanup()
 
-    async def _handle(self, client: SocketStream) -> None:
-        async with client:
-            try:
-                with anyio.move_on_after(self.request_timeout_s):
-                    head = await _read_head(client)
-                    if head is None:
-                        return
-                    status, ctype, body, is_head = await self._respond(head)
-                    await client.send(_response(status, ctype, body, is_head))
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError,
-                    anyio.EndOfStream, ConnectionError):
-                return
-            except Exception:
-                self.log.exception("http_handler_failed")
+    async def _metrics(self, request: web.Request) -> web.Response:
+        encoder, ctype = choose_encoder(request.headers.get("Accept", ""))
+        return web.Response(body=encoder(self.metrics.registry), headers={"Content-Type": ctype})
 
-    async def _respond(self, head: bytes) -> tuple[int, str, bytes, bool]:
-        try:
-            request_line, *header_lines = head.decode("latin-1").split("\r\n")
-            method, target, _version = request_line.split(" ", 2)
-        except ValueError:
-            return 400, "text/plain", b"bad request\n", False
-        headers = {}
-        for line in header_lines:
-            key, sep, value = line.partition(":")
-            if sep:
-                headers[key.strip().lower()] = value.strip()
-        is_head = method == "HEAD"
-        if method not in ("GET", "HEAD"):
-            return 405, "text/plain", b"method not allowed\n", False
-        path = target.split("?", 1)[0]
-        if path == "/metrics":
-            encoder, ctype = choose_encoder(headers.get("accept", ""))
-            return 200, ctype, encoder(self.metrics.registry), is_head
-        if path in ("/healthz", "/livez"):
-            ok, doc = self.liveness()
-            return (200 if ok else 503), "application/json", _json(doc), is_head
-        if path == "/readyz":
-            ok, doc = await self.readiness()
-            return (200 if ok else 503), "application/json", _json(doc), is_head
-        if path == "/":
-            return 200, "text/plain", b"audit-fleet worker: /metrics /healthz /readyz\n", is_head
-        return 404, "text/plain", b"not found\n", is_head
+    async def _healthz(self, request: web.Request) -> web.Response:
+        ok, doc = self.liveness()
+        return _json(200 if ok else 503, doc)
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        ok, doc = await self.readiness()
+        return _json(200 if ok else 503, doc)
+
+    async def _index(self, request: web.Request) -> web.Response:
+        return web.Response(text="audit-fleet worker: /metrics /healthz /readyz\n")
 
 
-async def _read_head(client: SocketStream) -> bytes | None:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        if len(data) > _MAX_HEAD:
-            return None
-        try:
-            chunk = await client.receive(4096)
-        except anyio.EndOfStream:
-            return None
-        data += chunk
-    return data.split(b"\r\n\r\n", 1)[0]
+@web.middleware
+async def _no_store(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:  # 404, 405: plain text, same headers
+        response = web.Response(status=exc.status, text=f"{exc.reason.lower()}\n")
+    response.headers["Cache-Control"] = "no-store"
+    response.force_close()
+    return response
 
 
-def _json(doc: dict[str, Any]) -> bytes:
-    return (json.dumps(doc, sort_keys=True) + "\n").encode()
-
-
-def _response(status: int, ctype: str, body: bytes, is_head: bool) -> bytes:
-    head = (
-        f"HTTP/1.1 {status} {_REASONS.get(status, 'OK')}\r\n"
-        f"Content-Type: {ctype}\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        "Cache-Control: no-store\r\n"
-        "Connection: close\r\n\r\n"
-    ).encode("latin-1")
-    return head if is_head else head + body
+def _json(status: int, doc: dict[str, Any]) -> web.Response:
+    return web.Response(status=status, body=(json.dumps(doc, sort_keys=True) + "\n").encode(),
+                        content_type="application/json")
 
 
 def build_health_server(
