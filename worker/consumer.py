@@ -30,10 +30,10 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_never
-from tenacity.wait import wait_exponential_jitter
+from tenacity import RetryCallState
 
 from . import constants as c
+from . import retry
 from .budget import MemoryBudget
 from .documents import SUBJECTS, WriteBatch, coalesce, coalesce_each
 from .erasure import hash_subjects
@@ -217,13 +217,11 @@ class Worker:
         """Create the consumer groups, waiting (backoff with jitter) while Redis cannot:
         unreachable, or at ``maxmemory`` (XGROUP CREATE is refused then). Returns False
         if the worker was stopped meanwhile."""
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(RedisUnavailable),
-            wait=wait_exponential_jitter(multiplier=0.1, max=self.retry_max_backoff_s),
+        retrying = retry.retrying(
+            RedisUnavailable, initial_s=0.1, max_s=self.retry_max_backoff_s,
             stop=lambda _: self.stopping,
             before_sleep=self._on_redis_retry("create_group"),
             sleep=self.sleep_or_stop,
-            reraise=True,
         )
         try:
             async for attempt in retrying:
@@ -305,14 +303,17 @@ class Worker:
                 self.stop()
 
     async def _supervise(self, name: str, loop: Loop) -> None:
-        """Run a side loop forever; log a failure and start it again after a pause."""
-        while True:
-            try:
+        """Run a side loop forever; log a failure and start it again after a pause (1 s,
+        doubling up to 30 s while it keeps failing)."""
+
+        def report(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            self.log.error("loop_failed", loop=name, exc_info=exc)
+
+        async for attempt in retry.retrying(Exception, initial_s=1.0, max_s=30.0,
+                                            before_sleep=report):
+            with attempt:
                 await loop()
-                return
-            except Exception:
-                self.log.exception("loop_failed", loop=name)
-                await anyio.sleep(1.0)
 
     async def sleep_or_stop(self, seconds: float) -> None:
         with anyio.move_on_after(seconds):
@@ -320,9 +321,22 @@ class Worker:
 
     # -- reading -------------------------------------------------------------------
 
+    async def _read_group(self, count: int) -> list[Entry]:
+        """One XREADGROUP, retried with backoff while Redis is unavailable (the reader
+        keeps beating meanwhile); re-raises RedisUnavailable if the worker stops."""
+        s = self.settings
+        async for attempt in retry.retrying(
+            RedisUnavailable, initial_s=0.1, max_s=5.0, stop=lambda _: self.stopping,
+            before_sleep=self._on_redis_retry("read"), sleep=self.sleep_or_stop,
+        ):
+            with attempt:
+                self.beat("reader")
+                return await read_group(self.redis, s.group, s.consumer, s.streams, count,
+                                        s.block_ms)
+        raise AssertionError("unreachable: retrying re-raises")
+
     async def _reader(self, send: ObjectSendStream[Batch]) -> None:
         s = self.settings
-        backoff = 0.1
         async with send:
             while not self.stopping:
                 self.beat("reader")
@@ -330,20 +344,15 @@ class Worker:
                                                 lambda: self.stopping)
                 count = self.budget.read_count()
                 try:
-                    entries = await read_group(self.redis, s.group, s.consumer, s.streams,
-                                               count, s.block_ms)
-                except RedisUnavailable as exc:
-                    self.redis_error(exc, "read", retry_in_s=backoff)
-                    await self.sleep_or_stop(backoff)
-                    backoff = min(backoff * 2, 5.0)
-                    continue
+                    entries = await self._read_group(count)
+                except RedisUnavailable:
+                    continue  # stopped while Redis was unavailable
                 except Exception as exc:
                     if not is_nogroup(exc):
                         raise
                     self.log.warning("nogroup_recreating", error=str(exc))
                     await self.ensure_groups()
                     continue
-                backoff = 0.1
                 if entries and self.linger_s > 0 and len(entries) < count:
                     entries = await self._linger(entries, count)
                 if not entries:
@@ -584,12 +593,9 @@ class Worker:
         backoff and jitter (bounded delay, no attempt limit: during an outage entries
         stay pending and unacknowledged, and the reader stops — backpressure)."""
         store = self.store.name
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(StoreUnavailable),
-            wait=wait_exponential_jitter(multiplier=0.05, max=self.retry_max_backoff_s),
-            stop=stop_never,
+        retrying = retry.retrying(
+            StoreUnavailable, initial_s=0.05, max_s=self.retry_max_backoff_s,
             before_sleep=self._on_retry,
-            reraise=True,
         )
         async for attempt in retrying:
             with attempt:
@@ -645,12 +651,10 @@ class Worker:
         """
         state = _Settling(list(outcome.written), list(outcome.dead))
         state.check_existing = any(d.entry.deliveries > 1 for d in state.todo)
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type((RedisUnavailable, RedisRefused)),
-            wait=wait_exponential_jitter(multiplier=0.05, max=self.retry_max_backoff_s),
+        retrying = retry.retrying(
+            (RedisUnavailable, RedisRefused), initial_s=0.05, max_s=self.retry_max_backoff_s,
             stop=_stop_when_refused(DEAD_LETTER_REFUSED_ATTEMPTS),
             before_sleep=self._on_redis_retry("settle"),
-            reraise=True,
         )
         try:
             async for attempt in retrying:

@@ -19,7 +19,9 @@ from __future__ import annotations
 import anyio
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+from tenacity import RetryCallState, stop_after_attempt, stop_never
 
+from . import retry
 from .consumer import Worker
 from .errors import AuditFleetError, NotReady, StoreUnavailable
 from .fleet import fleet_side_loop
@@ -52,28 +54,30 @@ class StoreSlot:
 async def open_store_waiting(
     settings: Settings, attempts: int | None = None, metrics: Metrics | None = None
 ) -> Store:
-    """Open the store, waiting (with backoff) while it is unreachable.
+    """Open the store, waiting (backoff with jitter, up to 10 s) while it is unreachable.
 
     Only :class:`StoreUnavailable` is waited for; a permanent refusal
     (:class:`~worker.errors.StoreMisconfigured`, a ``ConfigError``) propagates at once.
     """
     log = get_logger(store=settings.store_scheme)
-    delay = 0.5
-    tries = 0
-    while True:
-        store = open_store(settings.store_url)
-        try:
-            await store.open()
-            return store
-        except StoreUnavailable as exc:
-            tries += 1
-            if attempts is not None and tries >= attempts:
-                raise
-            log.warning("store_unreachable_waiting", error=str(exc)[:300], retry_in_s=delay)
+
+    def waiting(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        wait = state.next_action.sleep if state.next_action else 0.0
+        log.warning("store_unreachable_waiting", error=str(exc)[:300], retry_in_s=round(wait, 3))
         if metrics is not None:
             metrics.heartbeat("store_wait")
-        await anyio.sleep(delay)
-        delay = min(delay * 2, 10.0)
+
+    async for attempt in retry.retrying(
+        StoreUnavailable, initial_s=0.5, max_s=10.0,
+        stop=stop_never if attempts is None else stop_after_attempt(attempts),
+        before_sleep=waiting,
+    ):
+        with attempt:
+            store = open_store(settings.store_url)
+            await store.open()
+            return store
+    raise AssertionError("unreachable: retrying re-raises")
 
 
 async def check_redis(redis: aioredis.Redis, settings: Settings) -> None:
