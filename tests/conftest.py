@@ -19,6 +19,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from tests.mongo_emulator import FakeMongo, start_emulator
 from worker.logs import configure as configure_logs
 from worker.stores import Store, open_store
 
@@ -286,3 +287,20 @@ async def fixture_store(store_url: str) -> AsyncIterator[Store]:
         yield s
     finally:
         await s.close()
+
+
+@pytest.fixture(scope="session")
+def mongo_wire_server() -> Iterator[FakeMongo]:
+    """One emulated MongoDB primary for the whole session (tests/mongo_emulator.py)."""
+    fake = start_emulator()
+    try:
+        yield fake
+    finally:
+        fake.server.stop()
+
+
+@pytest.fixture
+def mongo_wire(mongo_wire_server: FakeMongo) -> FakeMongo:
+    """The session's emulated MongoDB primary, emptied for this test."""
+    mongo_wire_server.reset()
+    return mongo_wire_server

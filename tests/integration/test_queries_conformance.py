@@ -5,7 +5,7 @@ The expected answers come from :func:`worker.documents.fold` (the store-neutral
 specification of what a store holds) run through the same pure functions, so a store
 that returns different documents, orders or filters fails here. MongoDB runs the same
 class against a real server when ``AUDIT_TEST_MONGODB_URL`` is set, and always against
-the wire emulator of ``tests/unit/test_store_mongo_wire.py``.
+the wire emulator of ``tests/mongo_emulator.py``.
 
 The limit of this module: the expected answers are built with the code under test
 (``explain.build``, ``insights.Insights``, ``retention.decide``, ``queries.run_row``), so
@@ -37,6 +37,7 @@ import pytest
 from tests import reference as ref
 from tests.dataset import BASE, make_dataset
 from tests.helpers import write_events
+from tests.mongo_emulator import FakeMongo, url_of
 from worker import archive as arc
 from worker import events as ev
 from worker import explain, insights, queries, retention
@@ -251,19 +252,8 @@ class TestMongoWireQueries(QueryConformance):
     """Every query check through the real driver against the store tests' wire emulator."""
 
     @pytest.fixture
-    def store_url(self) -> Any:
-        from mockupdb import MockupDB
-
-        from tests.unit import test_store_mongo_wire as mw
-
-        server = MockupDB(auto_ismaster=False, request_timeout=5)
-        server.run()
-        fake = mw.FakeMongo(server)
-        server.autoresponds(fake.handle)
-        try:
-            yield mw.url_of(fake)
-        finally:
-            server.stop()
+    def store_url(self, mongo_wire: FakeMongo) -> str:
+        return url_of(mongo_wire)
 
 
 async def test_listing_rows_are_pinned(store: Store) -> None:

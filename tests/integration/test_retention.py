@@ -13,6 +13,7 @@ import pytest
 
 from tests import reference as ref
 from tests.helpers import run_cli, workspace_name, write_events
+from tests.mongo_emulator import FakeMongo, _canon, url_of
 from worker import archive as arc
 from worker import events as ev
 from worker import explain, retention
@@ -290,9 +291,7 @@ def fixture_any_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str
         return f"sqlite:///{tmp_path}/audit.db"
     if request.param == "postgresql":
         return str(request.getfixturevalue("pg_url"))
-    from tests.unit import test_store_mongo_wire as mw
-
-    return mw.url_of(request.getfixturevalue("wire"))
+    return url_of(request.getfixturevalue("mongo_wire"))
 
 
 @pytest.fixture(name="any_store")
@@ -529,31 +528,14 @@ async def test_postgres_delete_waits_for_a_write_in_flight_then_keeps_the_run(
 
 # -- MongoDB: the exact commands of the retention operations (mockupdb) ----------------------
 
-@pytest.fixture(name="wire")
-def fixture_wire() -> Any:
-    """The MongoDB wire emulator of the store's own tests, on a server of this test."""
-    from mockupdb import MockupDB
-
-    from tests.unit import test_store_mongo_wire as mw
-
-    server = MockupDB(auto_ismaster=False, request_timeout=5)
-    server.run()
-    fake = mw.FakeMongo(server)
-    server.autoresponds(fake.handle)
-    try:
-        yield fake
-    finally:
-        server.stop()
-
-
 @pytest.mark.mongo
-async def test_mongo_retention_operations_send_these_commands(wire: Any) -> None:
+async def test_mongo_retention_operations_send_these_commands(mongo_wire: FakeMongo) -> None:
     """scan_runs, delete_nodes and the strip operations send exact, guarded commands."""
-    from tests.unit import test_store_mongo_wire as mw
+    wire = mongo_wire
     from worker.stores import _mongo_codec as mc
     from worker.stores.mongo import MongoStore
 
-    store = MongoStore(mw.url_of(wire), env={})
+    store = MongoStore(url_of(wire), env={})
     await store.open()
     try:
         await write_events(store, run_events("acme", "r1", NOW - 40 * DAY))
@@ -564,7 +546,7 @@ async def test_mongo_retention_operations_send_these_commands(wire: Any) -> None
         assert [d["runId"] async for d in store.scan_runs("acme", bound)] == ["r1"]
         finds = wire.sent("find")
         assert [(f["$db"], f["find"]) for f in finds] == [("audit_acme", "workflow_runs")] * 2
-        assert [f["filter"] for f in finds] == mw._canon([
+        assert [f["filter"] for f in finds] == _canon([
             {"completedAt": {"$lte": bound}, "_completedAtUs": {"$lt": mc.micros(bound)}},
             {"startedAt": {"$lte": bound}, "_startedAtUs": {"$lt": mc.micros(bound)},
              "completedAt": None}])
