@@ -28,12 +28,11 @@ import anyio
 import redis.asyncio as aioredis
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from tenacity import RetryCallState
 
 from . import constants as c
 from . import retry
+from .batch import Batch
 from .budget import MemoryBudget
 from .documents import SUBJECTS, WriteBatch, coalesce, coalesce_each
 from .erasure import hash_subjects
@@ -67,7 +66,6 @@ from .stores.base import Store, WriteResult
 #: Errors that mean Redis is (briefly) unavailable: back off and try again. The Redis
 #: edge (:mod:`worker.redisio`) raises :class:`RedisUnavailable` (out of memory included);
 #: the raw redis-py classes cover the few commands sent outside it.
-REDIS_TRANSIENT = (RedisUnavailable, RedisConnectionError, RedisTimeoutError, OSError)
 
 #: Attempts at a dead letter Redis refuses for good (WRONGTYPE …) before its entry is
 #: left pending for a later redelivery instead (it is never acknowledged without one).
@@ -78,17 +76,6 @@ DEAD_LETTER_REFUSED_ATTEMPTS = 5
 STORE_PING_TIMEOUT_S = 5.0
 
 Loop = Callable[[], Awaitable[None]]
-
-
-@dataclass(slots=True)
-class Batch:
-    """Entries read together, written together and acknowledged together."""
-
-    entries: list[Entry]
-    reclaimed: bool = False
-    #: Payload bytes of the entries, counted against the memory budget until settled.
-    nbytes: int = 0
-    read_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass(slots=True)
@@ -816,7 +803,5 @@ def _id_tuple(entry_id: str) -> tuple[int, int]:
     return (int(ms), int(seq or 0))
 
 
-def claim_interval(settings: Settings) -> float:
-    return max(0.05, min(settings.reclaim_interval_s, settings.claim_idle_ms / 1000))
 
 

@@ -23,10 +23,11 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import redis.asyncio as aioredis
+from prometheus_client import Counter, Gauge
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from redis.exceptions import RedisError, ResponseError
@@ -36,8 +37,20 @@ from .logs import get_logger
 from .queries import format_time
 
 if TYPE_CHECKING:
-    from .metrics import Metrics
     from .settings import Settings
+
+
+class Metrics(Protocol):
+    """What the fleet poller uses of :class:`worker.metrics.Metrics` (which imports this
+    module for :class:`FleetCollector`)."""
+
+    fleet: FleetCollector
+    fleet_poller: Gauge
+    loop_errors: Counter
+
+    def redis_error(self, exc: BaseException) -> str: ...
+
+    def heartbeat(self, loop: str) -> None: ...
 
 #: JSON schema version of ``audit-fleet status --json``.
 STATUS_SCHEMA_VERSION = 1

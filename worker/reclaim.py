@@ -11,15 +11,52 @@ so they are counted and logged.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+import redis.asyncio as aioredis
 from anyio.abc import ObjectSendStream
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .errors import RedisUnavailable
+from .batch import Batch
+from .budget import MemoryBudget
+from .errors import RedisRefused, RedisUnavailable
+from .metrics import Metrics
 from .redisio import Entry, entries_from_read, is_nogroup, text, translated
+from .settings import Settings
 
-if TYPE_CHECKING:
-    from .consumer import Batch, Worker
+REDIS_TRANSIENT = (RedisUnavailable, RedisConnectionError, RedisTimeoutError, OSError)
+
+
+def claim_interval(settings: Settings) -> float:
+    return max(0.05, min(settings.reclaim_interval_s, settings.claim_idle_ms / 1000))
+
+
+class Worker(Protocol):
+    """What the reclaimer uses of the worker it runs in (:class:`worker.consumer.Worker`)."""
+
+    settings: Settings
+    redis: aioredis.Redis
+    metrics: Metrics
+    log: Any
+    budget: MemoryBudget
+
+    @property
+    def stopping(self) -> bool: ...
+
+    def beat(self, loop: str) -> None: ...
+
+    def redis_error(self, exc: RedisUnavailable | RedisRefused, op: str, **extra: Any) -> None: ...
+
+    async def ensure_groups(self) -> bool: ...
+
+    async def sleep_or_stop(self, seconds: float) -> None: ...
+
+    def count_read(self, entries: list[Entry]) -> None: ...
+
+    def hold(self, entries: list[Entry]) -> None: ...
+
+    async def hand_over(self, send: ObjectSendStream[Batch], batch: Batch, loop: str) -> None: ...
 
 
 class Reclaimer:
@@ -32,8 +69,6 @@ class Reclaimer:
         self.cursors: dict[str, str] = {s: "0-0" for s in self.settings.streams}
 
     async def run(self, send: ObjectSendStream[Batch]) -> None:
-        from .consumer import REDIS_TRANSIENT, claim_interval
-
         async with send:
             while not self.worker.stopping:
                 self.worker.beat("reclaim")
@@ -61,8 +96,6 @@ class Reclaimer:
         With ``send`` the claimed entries are handed to the pipeline batch by batch;
         without it they are returned (tests, tools).
         """
-        from .consumer import Batch
-
         claimed_all: list[Entry] = []
         budget = self.worker.budget
         while True:
@@ -85,7 +118,7 @@ class Reclaimer:
                 else:
                     self.worker.hold(claimed)
                     nbytes = budget.take(claimed)
-                    await self.worker.hand_over(send, Batch(claimed, reclaimed=True, nbytes=nbytes),
+                    await self.worker.hand_over(send, Batch(claimed, nbytes=nbytes),
                                                 "reclaim")
             if cursor == "0-0" or self.worker.stopping:
                 return claimed_all

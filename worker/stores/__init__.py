@@ -8,8 +8,8 @@ from .base import (
     RunVersion,
     Store,
     WriteResult,
-    open_store,
 )
+from .factory import open_store
 
 __all__ = ["NodeQuery", "NodeVersion", "Rejection", "RunQuery", "RunVersion", "Store",
            "WriteResult", "open_store"]

@@ -12,10 +12,8 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final, Protocol, runtime_checkable
-from urllib.parse import urlsplit
 
 from ..documents import WriteBatch
-from ..errors import ConfigError
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,34 +180,3 @@ class Store(Protocol):
         """Set ``fields`` (of :data:`STRIPPABLE_RUN_FIELDS`) to null in the run documents
         still exactly as in ``runs`` (their nodes are not compared); returns how many held
         a value."""
-
-
-def open_store(url: str, *, read_only: bool = False, **options: Any) -> Store:
-    """The store a URL names (not yet opened).
-
-    ``read_only`` (SQLite, PostgreSQL): opening creates nothing (no file, directory or
-    table), and a SQLite file that does not exist is an error.
-    """
-    scheme = urlsplit(url).scheme
-    store: Store
-    if scheme == "null":
-        from .null import NullStore
-
-        store = NullStore()
-        return store
-    if scheme == "sqlite":
-        from .sqlite import SQLiteStore
-
-        store = SQLiteStore(url, read_only=read_only, **options)
-        return store
-    if scheme in ("postgresql", "postgres"):
-        from .postgres import PostgresStore
-
-        store = PostgresStore(url, read_only=read_only, **options)
-        return store
-    if scheme in ("mongodb", "mongodb+srv"):
-        from .mongo import MongoStore
-
-        store = MongoStore(url, **options)
-        return store
-    raise ConfigError(f"no store for URL scheme {scheme!r}")
