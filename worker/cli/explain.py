@@ -12,6 +12,7 @@ from ..documents import action_name
 from ..errors import AuditFleetError
 from ..explain import (
     Explanation,
+    Step,
     build,
     explain_run,
     find_workspace,
@@ -57,6 +58,57 @@ def _error_text(error: Any) -> str:
     if isinstance(retries, int) and retries:
         text += f" (retried {retries}x)"
     return text
+
+
+def _step_lines(st: Step) -> list[str]:
+    """One step of an explanation: its head line, then its fields indented."""
+    head = f"{st.position:>2}. {st.node_id}  [{st.type or '?'}]"
+    if st.attempt != 1:
+        head += f"  attempt {st.attempt}"
+    head += f"  {st.status or '?'}"
+    if st.started_at or st.completed_at:
+        head += f"  {_clock(st.started_at)} -> {_clock(st.completed_at)}"
+    if st.duration_ms is not None:
+        head += f"  ({format_ms(st.duration_ms)})"
+    if st.signed_by is not None:
+        head += f"  signed by key {st.signed_by}"
+    lines = [head]
+    pad = "    "
+    if st.model or st.tokens:
+        tok = st.tokens or {}
+        text = f"{pad}model: {st.model or '?'}"
+        if st.tokens is not None:
+            text += (f"   tokens: {tok.get('input', 0)} in / {tok.get('output', 0)} out"
+                     f" = {tok.get('total', 0)}")
+        lines.append(text)
+    if st.input is not None:
+        if isinstance(st.input, Mapping) and "prompt" in st.input:
+            lines.extend(_block("prompt", st.input["prompt"], pad))
+            rest = {k: v for k, v in sorted(st.input.items()) if k != "prompt"}
+            if rest:
+                lines.extend(_block("input", rest, pad))
+        else:
+            lines.extend(_block("input", st.input, pad))
+    if st.output is not None:
+        lines.extend(_block("output", st.output, pad))
+    if st.evaluation is not None:
+        lines.extend(_block("evaluation", st.evaluation, pad))
+    if st.result is not None:
+        lines.extend(_block("result", st.result, pad))
+    if st.skipped_branches:
+        lines.append(f"{pad}skipped branches: "
+                     + ", ".join(str(b) for b in st.skipped_branches))
+    if st.actions:
+        names = [action_name(a) or _compact(a) for a in st.actions]
+        lines.append(f"{pad}actions: " + ", ".join(names))
+        for a in st.actions:
+            if isinstance(a, Mapping) and set(a) - {"type"}:
+                lines.append(f"{pad}  {_compact(a)}")
+    if st.error is not None:
+        lines.append(f"{pad}error: {_error_text(st.error)}")
+    for key, value in st.extra.items():
+        lines.extend(_block(key, value, pad))
+    return lines
 
 
 def render(ex: Explanation) -> str:
@@ -106,52 +158,7 @@ def render(ex: Explanation) -> str:
     if not ex.steps:
         lines.append("(no node traces stored)")
     for st in ex.steps:
-        head = f"{st.position:>2}. {st.node_id}  [{st.type or '?'}]"
-        if st.attempt != 1:
-            head += f"  attempt {st.attempt}"
-        head += f"  {st.status or '?'}"
-        if st.started_at or st.completed_at:
-            head += f"  {_clock(st.started_at)} -> {_clock(st.completed_at)}"
-        if st.duration_ms is not None:
-            head += f"  ({format_ms(st.duration_ms)})"
-        if st.signed_by is not None:
-            head += f"  signed by key {st.signed_by}"
-        lines.append(head)
-        pad = "    "
-        if st.model or st.tokens:
-            tok = st.tokens or {}
-            text = f"{pad}model: {st.model or '?'}"
-            if st.tokens is not None:
-                text += (f"   tokens: {tok.get('input', 0)} in / {tok.get('output', 0)} out"
-                         f" = {tok.get('total', 0)}")
-            lines.append(text)
-        if st.input is not None:
-            if isinstance(st.input, Mapping) and "prompt" in st.input:
-                lines.extend(_block("prompt", st.input["prompt"], pad))
-                rest = {k: v for k, v in sorted(st.input.items()) if k != "prompt"}
-                if rest:
-                    lines.extend(_block("input", rest, pad))
-            else:
-                lines.extend(_block("input", st.input, pad))
-        if st.output is not None:
-            lines.extend(_block("output", st.output, pad))
-        if st.evaluation is not None:
-            lines.extend(_block("evaluation", st.evaluation, pad))
-        if st.result is not None:
-            lines.extend(_block("result", st.result, pad))
-        if st.skipped_branches:
-            lines.append(f"{pad}skipped branches: "
-                         + ", ".join(str(b) for b in st.skipped_branches))
-        if st.actions:
-            names = [action_name(a) or _compact(a) for a in st.actions]
-            lines.append(f"{pad}actions: " + ", ".join(names))
-            for a in st.actions:
-                if isinstance(a, Mapping) and set(a) - {"type"}:
-                    lines.append(f"{pad}  {_compact(a)}")
-        if st.error is not None:
-            lines.append(f"{pad}error: {_error_text(st.error)}")
-        for key, value in st.extra.items():
-            lines.extend(_block(key, value, pad))
+        lines.extend(_step_lines(st))
     if ex.missing_nodes:
         lines.append("")
         lines.append(f"{len(ex.missing_nodes)} node execution(s) in the run index have no "
