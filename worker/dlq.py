@@ -1,4 +1,4 @@
-"""Dead letters: ``audit-fleet dlq list|show|replay|purge``.
+"""Dead letters: find, replay and purge the entries of ``<stream>:dlq``.
 
 The worker moves an entry it can never store to ``<stream>:dlq`` with the fields of
 ``constants.DLQ_FIELDS``: reason, error, stream, id, deliveries, event (the original

@@ -1,4 +1,4 @@
-"""The worker's HTTP surface: ``/metrics``, ``/healthz`` and ``/readyz``; and the health check.
+"""The worker's HTTP surface: ``/metrics``, ``/healthz`` and ``/readyz``.
 
 * ``/metrics``: the Prometheus exposition of the worker's registry (OpenMetrics when the
   scraper asks for it).

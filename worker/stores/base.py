@@ -1,4 +1,4 @@
-"""The store protocol every backend implements, and the factory that picks one.
+"""The store protocol every backend implements (``factory.open_store`` picks a backend).
 
 Documents cross this boundary in their canonical form (see ``worker.documents``):
 plain dicts whose known time fields are timezone-aware UTC datetimes. Every store
