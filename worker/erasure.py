@@ -29,10 +29,15 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
+
+import anyio
 
 from .documents import SUBJECTS, RunPatch, WriteBatch
 from .stores.base import NodeVersion, RunQuery, RunVersion, Store
+
+if TYPE_CHECKING:  # the worker imports this module; it never reads archives
+    from .archive import Archive
 
 #: The workflow id of erasure records.
 ERASURE_WORKFLOW: Final = "audit-fleet.erasure"
@@ -78,14 +83,16 @@ class ErasureReport:
     run_fields_erased: int = 0
     remaining: list[str] = field(default_factory=list)
     resumed: bool = False
+    #: Runs of the subject in archive segments (run ID -> segment files): NOT erased.
+    archived: dict[str, list[str]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"workspace": self.workspace, "subjectHash": self.subject_hash,
                 "erasureId": self.erasure_id, "dryRun": self.dry_run, "by": self.by,
                 "at": self.at, "runs": self.runs, "nodesErased": self.nodes_erased,
                 "runFieldsErased": self.run_fields_erased, "remaining": self.remaining,
-                "resumed": self.resumed, "fields": {"node": list(NODE_FIELDS),
-                                                    "run": list(RUN_FIELDS)}}
+                "resumed": self.resumed, "archivedNotErased": self.archived,
+                "fields": {"node": list(NODE_FIELDS), "run": list(RUN_FIELDS)}}
 
 
 def _holds(doc: Mapping[str, Any], names: tuple[str, ...]) -> bool:
@@ -114,18 +121,38 @@ async def _open_record(store: Store, workspace: str, digest: str, by: str,
     return record, False
 
 
+def archived_runs(archive: Archive, workspace: str, digest: str) -> dict[str, list[str]]:
+    """Runs of a subject in the archive's committed segments (run ID -> segment files).
+
+    Archive segments are immutable and hash-chained: erasure does not change them, it
+    reports what they still hold."""
+    found: dict[str, list[str]] = {}
+    for segment, kind, doc in archive.records(workspace):
+        subjects = doc.get(SUBJECTS)
+        if kind == "run" and isinstance(subjects, list) and digest in subjects:
+            segments = found.setdefault(str(doc["runId"]), [])
+            if segment not in segments:
+                segments.append(segment)
+    return dict(sorted(found.items()))
+
+
 async def erase(store: Store, workspace: str, subject: str, key: bytes, *, by: str,
                 dry_run: bool = False, now: datetime | None = None,
+                archive: Archive | None = None,
                 fault: Callable[[str], None] | None = None) -> ErasureReport:
     """Erase ``subject``'s personal fields from every run of it in ``workspace``.
 
-    ``fault`` is a test hook called with each step's name (raising there simulates a
-    crash at that step).
+    With ``archive``, the subject's archived runs are reported (``archived``), not
+    erased. ``fault`` is a test hook called with each step's name (raising there
+    simulates a crash at that step).
     """
     at = now or datetime.now(UTC)
     digest = subject_hash(key, subject)
     step = fault or (lambda name: None)
     report = ErasureReport(workspace, digest, None, dry_run, by, at)
+    if archive is not None:
+        report.archived = await anyio.to_thread.run_sync(archived_runs, archive, workspace,
+                                                         digest)
     runs = [r for r in await store.runs_with_subject(workspace, digest)
             if r.get("workflowId") != ERASURE_WORKFLOW]
     report.runs = sorted(str(r["runId"]) for r in runs)
@@ -158,7 +185,7 @@ async def erase(store: Store, workspace: str, subject: str, key: bytes, *, by: s
         extra={RESULT: {"runs": report.runs, "nodesErased": report.nodes_erased,
                         "runFieldsErased": report.run_fields_erased,
                         "remaining": report.remaining, "completedAt": done.isoformat(),
-                        "resumed": report.resumed}},
+                        "resumed": report.resumed, "archivedNotErased": report.archived}},
     ), [])
     step("result")
     await store.write(batch)

@@ -119,3 +119,44 @@ async def test_subjects_without_a_key_are_not_stored(
     assert run is not None
     assert "subjects" not in run
     assert "crm:42" not in json.dumps(run, default=str)
+
+
+async def test_erase_reports_the_archived_runs_it_cannot_erase(tmp_path: Path) -> None:
+    """Runs of the subject already archived are listed (erasure result, CLI), not erased;
+    the hash chain still verifies; hot runs are erased."""
+    from worker import events as ev
+    from worker.archive import Archive
+    from worker.documents import coalesce
+    from worker.erasure import erase, hash_subjects
+    from worker.retention import Policy, run_retention
+
+    store = SQLiteStore(f"sqlite:///{tmp_path}/a.db")
+    await store.open()
+    try:
+        items = []
+        for n, (run_id, day) in enumerate([("old1", "2026-01-05"), ("old2", "2026-02-05"),
+                                           ("old3", "2026-03-05"), ("hot", "2027-05-20")]):
+            for e in run_events(run_id, ["email:ann@example.com"]):
+                e = dict(e, ts=f"{day}T10:30:00Z")
+                if "node" in e:
+                    e["node"] = dict(e["node"], completedAt=e["ts"])
+                d = ev.decode(ev.encode(e), max_bytes=1 << 24)
+                hash_subjects(d.doc, KEY)
+                items.append((f"{n}-{len(items)}", d))
+        await store.write(coalesce(items))
+        archive = Archive.at(tmp_path / "arch")
+        from datetime import UTC, datetime
+        await run_retention(store, Policy(), now=datetime(2027, 6, 1, tzinfo=UTC),
+                            archive=archive, apply=True, workspaces=["ws1"])
+        assert len(archive.manifests("ws1")) == 3
+        report = await erase(store, "ws1", "email:ann@example.com", KEY, by="dpo",
+                             archive=archive)
+        assert report.runs == ["hot"]
+        assert sorted(report.archived) == ["old1", "old2", "old3"]
+        assert all(len(segments) == 1 for segments in report.archived.values())
+        record = await store.get_run("ws1", str(report.erasure_id))
+        assert record is not None
+        assert sorted(record["erasureResult"]["archivedNotErased"]) == ["old1", "old2", "old3"]
+        assert archive.verify("ws1").ok
+    finally:
+        await store.close()

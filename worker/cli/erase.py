@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import os
 from typing import Any
 
+from ..archive import Archive
 from ..erasure import NODE_FIELDS, RUN_FIELDS, ErasureReport, erase
 from ..errors import ConfigError
 from ..queries import check_workspace
@@ -28,6 +30,11 @@ def render(report: ErasureReport) -> str:
     if report.erasure_id:
         lines.append(f"  erasure record: run {report.erasure_id} (workflow audit-fleet.erasure)"
                      + (", resumed" if report.resumed else ""))
+    if report.archived:
+        lines.append(f"  ! NOT erased: {len(report.archived)} archived run(s) of the subject "
+                     "(archive segments are immutable; crypto-shredding is not implemented):")
+        for run_id, segments in report.archived.items():
+            lines.append(f"    - {escape_text(run_id)} in {', '.join(segments)}")
     if report.remaining:
         lines.append(f"  ! still changing, rerun to finish: {', '.join(report.remaining)}")
     return "\n".join(lines)
@@ -39,9 +46,11 @@ async def cmd_erase(args: argparse.Namespace) -> int:
     if settings.subject_key is None:
         raise ConfigError("erase needs AUDIT_SUBJECT_KEY_FILE (the key subjects are hashed with)")
     by = args.by or getpass.getuser()
+    location = args.archive_dir or os.environ.get("AUDIT_ARCHIVE_DIR")
+    archive = Archive.at(location) if location else None
     async with opened_store(args) as store:
         report = await erase(store, workspace, args.subject, settings.subject_key, by=by,
-                             dry_run=args.dry_run)
+                             dry_run=args.dry_run, archive=archive)
     if args.json:
         print_json(report.to_json())
     else:
@@ -61,5 +70,7 @@ def register(subparsers: Any) -> None:
                    "(email:lead@example.com)")
     p.add_argument("--by", help="who asks (recorded; default: the OS user)")
     p.add_argument("--dry-run", action="store_true", help="show what would be erased")
+    p.add_argument("--archive-dir", metavar="DIR", help="also list the subject's archived "
+                   "runs, which are not erased (AUDIT_ARCHIVE_DIR)")
     p.add_argument("--json", action="store_true", help="stable JSON")
     p.set_defaults(func=cmd_erase)
