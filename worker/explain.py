@@ -14,8 +14,10 @@ digit runs, API-key-like tokens) and shortened. Outputs are shown raw.
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -29,6 +31,8 @@ from .stores import Store
 EXPLAIN_VERSION: Final = 1
 #: Longest prompt string shown when prompts are not shown in full.
 PROMPT_LIMIT: Final = 200
+#: The recursion limit :func:`deep_documents` gives a command that reads documents.
+DEEP_RECURSION_LIMIT: Final = 20_000
 
 #: Node keys with a place of their own in a step; the rest is shown as ``extra``.
 _NODE_KNOWN: Final = frozenset({
@@ -82,6 +86,23 @@ def redact(value: Any, limit: int | None = PROMPT_LIMIT) -> Any:
     if isinstance(value, list | tuple):
         return [redact(v, limit) for v in value]
     return value
+
+
+@contextlib.contextmanager
+def deep_documents(limit: int = DEEP_RECURSION_LIMIT) -> Iterator[None]:
+    """Room to read, redact and print documents nested as deep as a store holds them.
+
+    Reading (msgspec), redaction, :func:`worker.queries.jsonable` and ``json.dumps`` all
+    recurse once per level of nesting; the worker accepts 500 levels, older stores may hold
+    ~1,000, and each level costs a few frames. Python-to-Python calls do not grow the C
+    stack (3.11+), so a higher limit for the length of one command is safe.
+    """
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(before, limit))
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(before)
 
 
 # -- the model -------------------------------------------------------------------------------

@@ -214,3 +214,41 @@ def test_execution_order_puts_untimed_nodes_last() -> None:
              {"nodeId": "a", "completedAt": base.replace(minute=5)}]
     got = [(n["nodeId"], n.get("attempt")) for n in explain.execution_order(nodes)]
     assert got == [("b", 1), ("b", 2), ("a", None), ("z", None)]
+
+
+@pytest.mark.parametrize("depth", [498, 960], ids=["deepest-accepted", "older-store-deeper"])
+@pytest.mark.parametrize("flags", [[], ["--show-prompts"], ["--json"]],
+                         ids=["text", "show-prompts", "json"])
+async def test_explain_renders_deeply_nested_nodes(
+    store: Store, store_url: str, capsys: pytest.CaptureFixture[str], depth: int,
+    flags: list[str],
+) -> None:
+    """A node nested as deep as the worker accepts (or a store holds) explains, year 1 as 0001."""
+    from worker.documents import coalesce
+
+    ws = workspace_name()
+    nested = b"[" * depth + b"]" * depth
+    context = b"[" * (depth - 1) + b"]" * (depth - 1)  # one level down, inside input
+    data = (b'{"v":1,"eventId":"e1","type":"node.completed","workspaceId":"' + ws.encode()
+            + b'","workflowId":"wf","runId":"deep","ts":"0001-01-01T00:00:00Z","node":'
+            b'{"nodeId":"n","type":"ai","startedAt":"0001-01-01T00:00:00Z",'
+            b'"input":{"prompt":"p","context":' + context + b'},"output":' + nested + b"}}")
+    if depth <= 498:  # through the worker's own decoder (500 levels with event and node)
+        decoded = ev.decode(data, max_bytes=1 << 20)
+    else:  # stored before the depth limit: bypass the decoder's check
+        import msgspec
+
+        with explain.deep_documents():
+            decoded = ev.validate(msgspec.json.decode(data))
+    with explain.deep_documents():  # the test's own write (the store encodes the document)
+        await store.write(coalesce([("0-1", decoded)]))
+    args = run_cli(explain_cli.register,
+                   ["explain", "deep", "--store-url", store_url, "-w", ws, *flags])
+    assert await args.func(args) == 0
+    out = capsys.readouterr().out
+    if flags == ["--json"]:
+        assert '"startedAt": "0001-01-01T00:00:00.000000Z"' in out
+        assert out.count("[") >= 2 * depth
+    else:
+        assert "started 0001-01-01T00:00:00.000000Z" in out
+        assert ("[" * depth + "]" * depth) in out

@@ -14,6 +14,7 @@ from ..explain import (
     Explanation,
     Step,
     build,
+    deep_documents,
     explain_run,
     find_workspace,
 )
@@ -188,6 +189,11 @@ def render(ex: Explanation) -> str:
 
 
 async def cmd_explain(args: argparse.Namespace) -> int:
+    with deep_documents():  # whatever the store holds renders, however deeply nested
+        return await _explain(args)
+
+
+async def _explain(args: argparse.Namespace) -> int:
     run_id: str = args.run_id
     ex: Explanation | None
     if args.archive:
