@@ -477,7 +477,11 @@ class Archive:
         data = self.blobs.get_bytes(f"{workspace}/{manifest['segment']}")
         if check and hashlib.sha256(data).hexdigest() != manifest["sha256"]:
             raise ArchiveError(f"segment {manifest['segment']} does not match its SHA-256")
-        return list(read_records(data))
+        records = list(read_records(data))
+        problem = foreign_document(workspace, manifest, records)
+        if problem is not None:  # even with a valid hash: a segment never crosses workspaces
+            raise ArchiveError(problem)
+        return records
 
     def records(self, workspace: str) -> Iterator[tuple[str, str, dict[str, Any]]]:
         """Every committed record: (segment file, kind, doc), oldest segment first."""
@@ -612,11 +616,34 @@ class Archive:
         except (OSError, ValueError, EOFError, KeyError, ArchiveError) as exc:
             report.problems.append(f"segment {seq}: unreadable ({exc})")
             return
+        problem = foreign_document(workspace, manifest, records)
+        if problem is not None:
+            report.problems.append(f"segment {seq}: {problem}")
         runs = sum(1 for kind, _ in records if kind == "run")
         counts = manifest.get("counts") or {}
         if runs != counts.get("runs") or len(records) - runs != counts.get("nodes"):
             report.problems.append(f"segment {seq}: record counts differ from the manifest")
         report.records += len(records)
+
+
+def foreign_document(workspace: str, manifest: Mapping[str, Any],
+                     records: Iterable[tuple[str, Mapping[str, Any]]]) -> str | None:
+    """Why a segment of ``workspace`` holds data of another workspace, or None.
+
+    The manifest must name ``workspace``, and every document in the segment must carry
+    that ``workspaceId``; a segment whose hashes were recomputed around another
+    workspace's documents passes every hash check, but not this one.
+    """
+    segment = manifest.get("segment")
+    if manifest.get("workspace") != workspace:
+        return (f"segment {segment} names workspace {manifest.get('workspace')!r} "
+                f"but lies in workspace {workspace!r}")
+    for kind, doc in records:
+        if doc.get("workspaceId") != workspace:
+            return (f"segment {segment} holds a {kind} document of workspace "
+                    f"{doc.get('workspaceId')!r} (run {doc.get('runId')!r}), "
+                    f"not of workspace {workspace!r}")
+    return None
 
 
 # -- reading runs back -----------------------------------------------------------------------

@@ -405,3 +405,52 @@ async def test_s3_archive_retention_restore_and_explain(store: Store,
     after = await explain.explain_run(store, ws, ref.RUN_ID, show_prompts=True)
     assert after is not None
     assert after.to_json() == before.to_json()
+
+
+async def test_restore_refuses_a_segment_holding_another_workspaces_documents(
+    store: Store, store_url: str, tmp_path: Path
+) -> None:
+    """A segment of A whose hashes were recomputed around B's documents is refused by
+    restore (nothing written to A or B) and reported by verify."""
+    ws_a, ws_b = workspace_name("a"), workspace_name("b")
+    archive = arc.Archive.at(tmp_path)
+    first = write_segment(archive, ws_a, "2026-03", sample_docs(ws_a, runs=2))
+    theirs = write_segment(archive, ws_b, "2026-04", sample_docs(ws_b, runs=2))
+    # B's segment copied into A's chain as its second link, every hash recomputed.
+    name = "00000002-2026-04"
+    (tmp_path / ws_a / f"{name}.jsonl.gz").write_bytes(
+        (tmp_path / ws_b / theirs["segment"]).read_bytes())
+    forged = {**theirs, "workspace": ws_a, "seq": 2, "segment": f"{name}.jsonl.gz",
+              "prevChainHash": first["chainHash"]}
+    forged["chainHash"] = arc.chain_hash(forged)
+    (tmp_path / ws_a / f"{name}.manifest.json").write_text(arc.canonical(forged))
+    head = json.loads((tmp_path / ws_a / "HEAD.json").read_text())
+    (tmp_path / ws_a / "HEAD.json").write_text(
+        arc.canonical({**head, "seq": 2, "chainHash": forged["chainHash"]}))
+    report = archive.verify(ws_a)
+    assert not report.ok
+    assert len(report.problems) == 1
+    assert report.problems[0].startswith("segment 2: segment 00000002-2026-04.jsonl.gz holds a ")
+    assert f"of workspace {ws_b!r}" in report.problems[0]
+    assert archive.verify(ws_a).to_json()["ok"] is False
+    for argv in (["--segment", "2"], ["--segment", "1", "--segment", "2"]):
+        args = run_cli(archive_cli.register, ["archive", "restore", "--archive-dir",
+                                              str(tmp_path), "-w", ws_a, *argv,
+                                              "--store-url", store_url])
+        with pytest.raises(arc.ArchiveError):
+            await args.func(args)
+    with pytest.raises(arc.ArchiveError, match=f"not of workspace {ws_a!r}"):
+        await arc.restore(store, archive, ws_a, segments=[2])
+    assert await store.workspaces() == []  # neither A nor B received anything
+    assert archive.verify(ws_b).ok
+
+
+def test_verify_reports_a_manifest_naming_another_workspace(tmp_path: Path) -> None:
+    """A segment copied whole (manifest and all) from B's folder into A's is reported."""
+    ws_a, ws_b = workspace_name("a"), workspace_name("b")
+    archive = arc.Archive.at(tmp_path)
+    manifest = write_segment(archive, ws_b, "2026-03", sample_docs(ws_b, runs=1))
+    problem = arc.foreign_document(ws_a, manifest, [])
+    assert problem == (f"segment {manifest['segment']} names workspace {ws_b!r} "
+                       f"but lies in workspace {ws_a!r}")
+    assert arc.foreign_document(ws_b, manifest, archive.read_segment(ws_b, manifest)) is None
