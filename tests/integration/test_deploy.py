@@ -99,6 +99,7 @@ REQUIRED_SPEC = {
     "ScaledObject": ("scaleTargetRef", "triggers"),
     "TriggerAuthentication": ("secretTargetRef",),
     "HorizontalPodAutoscaler": ("scaleTargetRef", "minReplicas", "maxReplicas", "metrics"),
+    "CronJob": ("schedule", "jobTemplate"),
 }
 
 
@@ -219,20 +220,57 @@ def test_probes_port_and_grace_period_match_the_worker() -> None:
 
 
 def test_keda_scales_on_redis_streams_lag() -> None:
-    """The ScaledObject uses the redis-streams scaler with lagCount on the configured group."""
+    """The ScaledObject uses the redis-streams scaler with lagCount on the configured group,
+    gated by the rate of failed store writes (no scale-out while the store is down), with a
+    fallback and the ACL username and password from the audit-fleet-keda Secret."""
     objects = k8s_objects()
     settings = Settings.from_env(_k8s_env())
     spec = objects[("ScaledObject", "audit-fleet")]["spec"]
-    (trigger,) = spec["triggers"]
-    meta = trigger["metadata"]
-    assert trigger["type"] == "redis-streams"
+    lag, store = spec["triggers"]
+    meta = lag["metadata"]
+    assert (lag["type"], lag["name"]) == ("redis-streams", "lag")
     assert (meta["lagCount"], meta["activationLagCount"]) == ("5000", "1")
     assert (meta["stream"], meta["consumerGroup"]) == (settings.streams[0], settings.group)
     assert re.fullmatch(r"[\w.-]+:\d+", meta["address"]), "KEDA wants host:port"
     # one worker always runs: it also reclaims crashed peers' entries and trims
     assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (1, 20)
-    auth = trigger["authenticationRef"]["name"]
-    assert ("TriggerAuthentication", auth) in objects
+    assert spec["fallback"] == {"failureThreshold": 3, "replicas": 2}
+    # while store writes fail the formula reports no lag: no replica is added
+    assert (store["type"], store["name"]) == ("prometheus", "store_failing")
+    assert set(METRIC.findall(store["metadata"]["query"])) <= exported_names(Metrics())
+    assert 'outcome!="ok"' in store["metadata"]["query"]
+    modifiers = spec["advanced"]["scalingModifiers"]
+    assert modifiers["formula"] == "store_failing > 0 ? 0 : lag"
+    assert modifiers["target"] == meta["lagCount"]
+    auth = objects[("TriggerAuthentication", lag["authenticationRef"]["name"])]
+    refs = {r["parameter"]: (r["name"], r["key"]) for r in auth["spec"]["secretTargetRef"]}
+    assert refs == {"username": ("audit-fleet-keda", "redis-username"),
+                    "password": ("audit-fleet-keda", "redis-password")}
+    secret = objects[("Secret", "audit-fleet-keda")]
+    assert set(secret["stringData"]) == {"redis-username", "redis-password"}
+
+
+def test_pdb_lets_unhealthy_pods_go_and_the_image_carries_s3() -> None:
+    """A pod that is not ready can always be evicted; the image installs the s3 extra."""
+    pdb = k8s_objects()[("PodDisruptionBudget", "audit-fleet")]["spec"]
+    assert pdb["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    assert '".[s3]"' in (DEPLOY / "Dockerfile").read_text()
+    for monitor in ("servicemonitor.yaml", "podmonitor.yaml"):
+        assert "release" in (K8S / monitor).read_text()
+
+
+def test_retention_cronjob_runs_the_retention_command() -> None:
+    """The nightly CronJob runs `retention run` with the worker's configuration, one at a time."""
+    job = k8s_objects()[("CronJob", "audit-fleet-retention")]["spec"]
+    assert job["concurrencyPolicy"] == "Forbid"
+    (container,) = job["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    assert container["command"] + container["args"][:2] == ["audit-fleet", "retention", "run"]
+    refs = [next(iter(e.values()))["name"] for e in container["envFrom"]]
+    assert refs == ["audit-fleet", "audit-fleet"]
+    from worker.cli import build_parser
+
+    args = build_parser().parse_args(container["args"])
+    assert args.archive_dir.startswith("s3://")
 
 
 def test_hpa_scales_on_an_exported_metric() -> None:
@@ -403,6 +441,23 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert not re.search(r"Unknown key|Failed to parse|ignoring|Unknown section", output), output
+
+
+@pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed")
+def test_retention_timer_and_service_verify(tmp_path: Path) -> None:
+    """`systemd-analyze verify` accepts the retention service and its nightly timer."""
+    assert SYSTEMD_ANALYZE is not None
+    exec_path = shutil.which("true")
+    assert exec_path is not None
+    service = tmp_path / "audit-fleet-retention.service"
+    service.write_text((SYSTEMD / "audit-fleet-retention.service").read_text()
+                       .replace("/opt/audit-fleet/bin/audit-fleet", exec_path))
+    timer = tmp_path / "audit-fleet-retention.timer"
+    timer.write_text((SYSTEMD / "audit-fleet-retention.timer").read_text())
+    result = subprocess.run([SYSTEMD_ANALYZE, "verify", str(timer), str(service)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OnCalendar=*-*-* 03:17:00" in timer.read_text()
 
 
 @pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed")
