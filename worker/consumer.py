@@ -173,7 +173,6 @@ class Worker:
         self.stopping = False
         self._stop = anyio.Event()
         self._pipe_scope: anyio.CancelScope | None = None
-        self.heartbeats: dict[str, float] = {}
         self.signatures = SignaturePolicy.of(settings)
         self.redactor = settings.redactor()
 
@@ -196,9 +195,7 @@ class Worker:
             self.metrics.bytes_read.labels(name).inc(total)
 
     def beat(self, loop: str) -> None:
-        now = time.time()
-        self.heartbeats[loop] = now
-        self.metrics.loop_heartbeat.labels(loop).set(now)
+        self.metrics.heartbeat(loop)
 
     async def ensure_groups(self) -> bool:
         """Create the consumer groups, waiting (backoff with jitter) while Redis cannot:

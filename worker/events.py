@@ -52,8 +52,6 @@ NODE_FAILED: Final = "node.failed"
 RUN_COMPLETED: Final = "run.completed"
 RUN_FAILED: Final = "run.failed"
 RUN_SNAPSHOT: Final = "run.snapshot"
-EVENT_TYPES: Final = (RUN_STARTED, NODE_COMPLETED, NODE_FAILED, RUN_COMPLETED, RUN_FAILED,
-                      RUN_SNAPSHOT)
 
 #: Node fields holding times, normalised to UTC datetimes when stored.
 NODE_TIME_FIELDS: Final = ("startedAt", "completedAt")
@@ -152,7 +150,6 @@ class RunSnapshot(_Event, frozen=True, tag=RUN_SNAPSHOT):
 
 
 Event = RunStarted | NodeCompleted | NodeFailed | RunCompleted | RunFailed | RunSnapshot
-NodeEvent = NodeCompleted | NodeFailed
 TerminalEvent = RunCompleted | RunFailed
 
 

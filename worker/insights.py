@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Final
 
 from .queries import (
@@ -69,10 +69,6 @@ def _num(value: Any) -> float | None:
 
 def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
-
-
-def _far_past() -> datetime:
-    return datetime.min.replace(tzinfo=UTC)
 
 
 @dataclass(slots=True)

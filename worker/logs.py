@@ -35,9 +35,3 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
 def get_logger(**context: Any) -> Any:
     """A bound logger carrying ``context`` (stream, group, consumer, run_id …)."""
     return structlog.get_logger("audit_fleet").bind(**context)
-
-
-def preview(text: object, limit: int = 64) -> str:
-    """A short, single-line preview of user text for logs (never the full prompt)."""
-    s = str(text).replace("\n", " ")
-    return s if len(s) <= limit else s[:limit] + f"… ({len(s)} chars)"
