@@ -268,7 +268,8 @@ async def test_lease_renewal_keeps_peers_from_stealing_slow_batches(
     await AuditEmitter(redis_client, [stream]).emit_many(evs)
     store = ControlledStore(MemoryStore())
     store.gate = anyio.Event()  # the write waits until the test lets it finish
-    cfg = settings(stream, redis_url, burst=False, claim_idle_ms=600, max_inflight=1)
+    # 1.5 s: the lease keeper renews every 0.5 s, so a loaded machine may stall a second
+    cfg = settings(stream, redis_url, burst=False, claim_idle_ms=1500, max_inflight=1)
     worker = Worker(cfg, store, redis_client)
     async with anyio.create_task_group() as tg:
         tg.start_soon(worker.run)
