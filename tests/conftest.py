@@ -18,15 +18,18 @@ from typing import Any
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+import structlog
 
 from tests.mongo_emulator import FakeMongo, start_emulator
-from worker.logs import configure as configure_logs
 from worker.stores import Store, open_store
 
-# The worker's own log pipeline (plain tracebacks): structlog's unconfigured default renders
-# every exception with rich when rich is installed, locals included, which takes seconds per
-# logged error on a busy machine and would print event data.
-configure_logs("info", "console")
+# Plain tracebacks in test logs: structlog's default renders each logged exception with rich
+# when rich is installed, locals included, which takes seconds per logged error on a busy
+# machine (the poison tests took a minute instead of a second) and prints event data.
+structlog.configure(processors=[
+    *structlog.get_config()["processors"][:-1],
+    structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback),
+])
 
 REDIS_URL = os.environ.get("AUDIT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PG_ADMIN_URL = os.environ.get("AUDIT_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
