@@ -16,6 +16,8 @@ workspace's active key (the last key id listed for it): the ``sig`` field of
 
 from __future__ import annotations
 
+import secrets
+import time
 import uuid
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
@@ -32,9 +34,17 @@ from .errors import InvalidEvent
 from .signing import Keyring, sign
 
 
+def uuid7(ms: int, random_bits: int) -> uuid.UUID:
+    """A UUIDv7 (RFC 9562): 48 bits of milliseconds since the epoch, then 74 random bits."""
+    rand_a, rand_b = (random_bits >> 62) & 0xFFF, random_bits & ((1 << 62) - 1)
+    return uuid.UUID(int=(ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | rand_a << 64
+                     | 0b10 << 62 | rand_b)
+
+
 def new_event_id() -> str:
-    """A fresh, unique event ID (the idempotency key)."""
-    return uuid.uuid4().hex
+    """A fresh, unique, time-ordered event ID (the idempotency key): a UUIDv7 in hex, so of
+    two versions of one node execution the later one has the greater ID (docs/events.md)."""
+    return uuid7(time.time_ns() // 1_000_000, secrets.randbits(74)).hex
 
 
 def now_iso() -> str:

@@ -33,13 +33,14 @@ from . import (
     runs,
     status,
     trim,
+    validate,
 )
 
 Handler = Callable[[argparse.Namespace], Awaitable[int]]
 
 #: The command modules, in the order ``audit-fleet --help`` lists them.
 COMMANDS = (run, demo, status, dlq, health, trim, explain, runs, insights, retention, archive,
-            erase, config)
+            erase, config, validate)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,7 +35,7 @@ from redis.exceptions import ResponseError
 
 from .. import samples
 from ..constants import DEFAULT_REDIS_URL
-from ..emitter import AuditEmitter
+from ..emitter import AuditEmitter, uuid7
 from ..errors import AuditFleetError
 from ..redisio import text
 from ..settings import Settings, mask_url
@@ -126,10 +126,8 @@ def demo_runs(seed: int, count: int, today: datetime) -> tuple[list[dict[str, An
 
 
 def _uuid7(ts: str, rng: random.Random) -> str:
-    """A UUIDv7 (RFC 9562) for the time ``ts``, its random bits from ``rng``."""
-    ms = int(datetime.fromisoformat(ts).timestamp() * 1000) & ((1 << 48) - 1)
-    rand_a, rand_b = rng.getrandbits(12), rng.getrandbits(62)
-    return str(uuid.UUID(int=ms << 80 | 0x7 << 76 | rand_a << 64 | 0b10 << 62 | rand_b))
+    """A UUIDv7 for the time ``ts``, its random bits from ``rng`` (reproducible)."""
+    return uuid7(int(datetime.fromisoformat(ts).timestamp() * 1000), rng.getrandbits(74)).hex
 
 
 async def cmd_demo(args: argparse.Namespace) -> int:
