@@ -78,7 +78,7 @@ REASONS: tuple[str, ...] = tuple(
 #: the others). ``config check`` and ``run`` report any other ``AUDIT_*`` name as unknown.
 OTHER_ENV_NAMES = (
     "AUDIT_MONGO_TENANCY", "AUDIT_MONGO_DB_PREFIX", "AUDIT_MONGO_LARGE_PAYLOAD_BYTES",
-    "AUDIT_ARCHIVE_DIR", "AUDIT_ARCHIVE_SCRATCH", "AUDIT_S3_ENDPOINT_URL",
+    "AUDIT_ARCHIVE_SCRATCH", "AUDIT_S3_ENDPOINT_URL",
 )
 
 #: Prefixes of variables used by the test suite and the benchmarks, never by a worker.

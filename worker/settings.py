@@ -41,6 +41,8 @@ class Settings:
     group: str = c.DEFAULT_GROUP
     consumer: str = ""
     store_url: str = c.DEFAULT_STORE_URL
+    #: Archive directory or s3://bucket/prefix (retention, archive, erase, explain --archive).
+    archive_dir: str | None = None
     batch_size: int = c.DEFAULT_BATCH_SIZE
     block_ms: int = c.DEFAULT_BLOCK_MS
     claim_idle_ms: int = c.DEFAULT_CLAIM_IDLE_MS

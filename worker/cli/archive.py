@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +15,12 @@ from ..archive import (
 )
 from ..errors import ConfigError
 from ..queries import check_workspace
-from .common import add_store_flag, opened_store
+from .common import add_store_flag, archive_dir, opened_store
 from .output import print_json, table
 
 
 def _archive_dir(args: argparse.Namespace) -> str:
-    location = args.archive_dir or os.environ.get("AUDIT_ARCHIVE_DIR")
+    location = archive_dir(args)
     if not location:
         raise ConfigError("--archive-dir (or AUDIT_ARCHIVE_DIR) is required")
     return str(location)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -48,8 +47,13 @@ def add_workspace_flag(parser: argparse.ArgumentParser, *, required: bool) -> No
 
 
 def store_url(args: argparse.Namespace) -> str:
-    return (getattr(args, "store_url", None) or os.environ.get("AUDIT_STORE_URL")
-            or DEFAULT_STORE_URL)
+    """``--store-url``, else ``AUDIT_STORE_URL``: read and checked by :class:`Settings`."""
+    return Settings.from_env(store_url=getattr(args, "store_url", None)).store_url
+
+
+def archive_dir(args: argparse.Namespace) -> str | None:
+    """``--archive-dir``, else ``AUDIT_ARCHIVE_DIR`` (:attr:`Settings.archive_dir`)."""
+    return Settings.from_env(archive_dir=getattr(args, "archive_dir", None) or None).archive_dir
 
 
 @asynccontextmanager

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import os
 from typing import Any
 
 from ..archive import Archive
@@ -12,7 +11,7 @@ from ..erasure import NODE_FIELDS, RUN_FIELDS, ErasureReport, erase
 from ..errors import ConfigError
 from ..queries import check_workspace
 from ..settings import Settings
-from .common import add_store_flag, opened_store
+from .common import add_store_flag, archive_dir, opened_store
 from .output import escape_text, print_json
 
 
@@ -46,7 +45,7 @@ async def cmd_erase(args: argparse.Namespace) -> int:
     if settings.subject_key is None:
         raise ConfigError("erase needs AUDIT_SUBJECT_KEY_FILE (the key subjects are hashed with)")
     by = args.by or getpass.getuser()
-    location = args.archive_dir or os.environ.get("AUDIT_ARCHIVE_DIR")
+    location = archive_dir(args)
     archive = Archive.at(location) if location else None
     async with opened_store(args) as store:
         report = await erase(store, workspace, args.subject, settings.subject_key, by=by,

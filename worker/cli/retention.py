@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -16,7 +15,7 @@ from ..retention import (
     WorkspaceReport,
     run_retention,
 )
-from .common import add_store_flag, opened_store
+from .common import add_store_flag, archive_dir, opened_store
 from .output import format_time, parse_time, print_json, table
 
 
@@ -46,7 +45,7 @@ def render(reports: Sequence[WorkspaceReport], *, applied: bool, now: datetime) 
 async def _cmd(args: argparse.Namespace, apply: bool) -> int:
     policy = Policy.load(args.policy) if args.policy else Policy()
     now = parse_time(args.now) if args.now else utcnow()
-    location = args.archive_dir or os.environ.get("AUDIT_ARCHIVE_DIR")
+    location = archive_dir(args)
     archive = Archive.at(location) if location else None
     if apply and archive is None and not args.no_archive:
         raise ConfigError("retention run needs --archive-dir (AUDIT_ARCHIVE_DIR), or "
