@@ -67,3 +67,7 @@ class RedisRefused(AuditFleetError):
         super().__init__(f"{kind}: {detail}")
         self.kind = kind
         self.detail = detail
+
+
+class ArchiveError(AuditFleetError):
+    """The archive is unreadable, incomplete or does not verify."""

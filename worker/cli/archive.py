@@ -8,12 +8,8 @@ from typing import Any
 
 import anyio
 
-from ..archive import (
-    Archive,
-    ArchiveError,
-    restore,
-)
-from ..errors import ConfigError
+from ..archive import Archive, restore
+from ..errors import ArchiveError, ConfigError
 from ..queries import check_workspace
 from .common import add_store_flag, archive_dir, opened_store
 from .output import print_json, table
