@@ -26,6 +26,7 @@ from . import (
     dlq,
     erase,
     explain,
+    groups,
     health,
     insights,
     retention,
@@ -40,7 +41,7 @@ Handler = Callable[[argparse.Namespace], Awaitable[int]]
 
 #: The command modules, in the order ``audit-fleet --help`` lists them.
 COMMANDS = (run, demo, status, dlq, health, trim, explain, runs, insights, retention, archive,
-            erase, config, validate)
+            erase, config, validate, groups)
 
 
 def build_parser() -> argparse.ArgumentParser:
