@@ -375,6 +375,45 @@ def status_problems(status: FleetStatus) -> list[str]:
     return problems
 
 
+def rates(before: FleetStatus, after: FleetStatus) -> list[dict[str, Any]]:
+    """Per stream and group between two snapshots: entries appended, delivered to the group
+    and dead-lettered per second, and the lag's change per second (None where unknown)."""
+    dt = (after.taken_at_ms - before.taken_at_ms) / 1000
+    if dt <= 0:
+        return []
+    old = {s.name: s for s in before.streams}
+    out = []
+    for s in after.streams:
+        prev = old.get(s.name)
+        if prev is None:
+            continue
+        prev_groups = {g.name: g for g in prev.groups}
+        appended = _per_s(_entries_added(prev, s), dt)
+        for g in s.groups:
+            pg = prev_groups.get(g.name)
+            if pg is None or not g.exists or not pg.exists:
+                continue
+            delivered = (None if g.entries_read is None or pg.entries_read is None
+                         else _per_s(g.entries_read - pg.entries_read, dt))
+            lag = None if g.lag is None or pg.lag is None else _per_s(g.lag - pg.lag, dt)
+            out.append({"stream": s.name, "group": g.name, "appended_per_s": appended,
+                        "delivered_per_s": delivered, "lag_change_per_s": lag,
+                        "dead_lettered_per_s": _per_s(s.dlq_length - prev.dlq_length, dt)})
+    return out
+
+
+def _entries_added(before: StreamStatus, after: StreamStatus) -> int | None:
+    if before.last_id == after.last_id:
+        return 0
+    if not before.exists or not after.exists:
+        return None
+    return None if after.length < before.length else after.length - before.length
+
+
+def _per_s(delta: int | None, dt: float) -> float | None:
+    return None if delta is None else round(delta / dt, 1)
+
+
 def threshold_breaches(
     status: FleetStatus, *, max_lag: int | None = None,
     max_oldest_pending_s: float | None = None,

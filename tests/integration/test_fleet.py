@@ -320,3 +320,21 @@ async def test_fleet_side_loop_is_named(redis_client: aioredis.Redis, stream: st
     """The side-loop factory gives a zero-argument coroutine function named 'fleet'."""
     loop = fleet_side_loop(redis_client, settings_for(stream, "w1"), Metrics())
     assert loop.__name__ == "fleet"
+
+
+def test_rates_between_two_snapshots() -> None:
+    """`status --watch` rates: appended, delivered and dead-lettered per second, lag change."""
+    from worker.fleet import FleetStatus, GroupStatus, StreamStatus, rates
+
+    def snap(ms: int, length: int, last: str, read: int, lag: int, dlq: int) -> FleetStatus:
+        group = GroupStatus("g", entries_read=read, lag=lag)
+        return FleetStatus(ms, "g", (StreamStatus("s", True, length, "1-0", last, dlq,
+                                                   (group,)),))
+
+    before = snap(10_000, 100, "100-0", 40, 60, 1)
+    after = snap(12_000, 140, "140-0", 120, 20, 5)
+    assert rates(before, after) == [{
+        "stream": "s", "group": "g", "appended_per_s": 20.0, "delivered_per_s": 40.0,
+        "lag_change_per_s": -20.0, "dead_lettered_per_s": 2.0,
+    }]
+    assert rates(after, after) == []

@@ -17,7 +17,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from ..fleet import FleetStatus, fleet_status, status_problems, threshold_breaches
+from ..fleet import FleetStatus, fleet_status, rates, status_problems, threshold_breaches
 from .output import escape_text, format_time, human_duration, print_json, table
 
 
@@ -93,6 +93,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--all-groups", action="store_true",
                    help="describe every consumer group of each stream, not only AUDIT_GROUP")
     p.add_argument("--json", action="store_true", help="stable JSON for scripts")
+    p.add_argument("--watch", type=float, metavar="SECONDS",
+                   help="refresh every SECONDS with rates (appended, delivered, dead-lettered "
+                   "per second) until interrupted")
     p.add_argument("--max-lag", type=int, metavar="N",
                    help="exit 3 if a group's lag is above N entries (cron and CI checks)")
     p.add_argument("--max-oldest-pending", type=float, metavar="SECONDS",
@@ -108,6 +111,8 @@ async def run_status(args: argparse.Namespace) -> int:
     from .common import settings_from_args
 
     settings = settings_from_args(args)
+    if args.watch is not None:
+        return await _watch(args, settings)
     redis = aioredis.Redis.from_url(settings.redis_url)
     try:
         status = await fleet_status(
@@ -130,3 +135,39 @@ async def run_status(args: argparse.Namespace) -> int:
     if missing:
         return 1
     return 3 if breaches else 0
+
+
+def render_rates(rows: list[dict[str, Any]]) -> str:
+    def num(value: float | None) -> str:
+        return "-" if value is None else f"{value:g}"
+
+    return table(["STREAM", "GROUP", "APPENDED/S", "DELIVERED/S", "LAG-CHANGE/S", "DLQ/S"],
+                 [[r["stream"], r["group"], num(r["appended_per_s"]),
+                   num(r["delivered_per_s"]), num(r["lag_change_per_s"]),
+                   num(r["dead_lettered_per_s"])] for r in rows])
+
+
+async def _watch(args: argparse.Namespace, settings: Any) -> int:
+    """Redraw the status every ``--watch`` seconds, with rates since the previous one."""
+    import anyio
+
+    if args.watch <= 0:
+        from ..errors import ConfigError
+
+        raise ConfigError("--watch needs a positive number of seconds")
+    redis = aioredis.Redis.from_url(settings.redis_url)
+    clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
+    previous = None
+    try:
+        while True:
+            status = await fleet_status(
+                redis, settings.streams, None if args.all_groups else settings.group)
+            text = escape_text(render(status).rstrip("\n"), keep_newlines=True)
+            if previous is not None:
+                text += "\n\n" + escape_text(render_rates(rates(previous, status)),
+                                             keep_newlines=True)
+            print(clear + text + "\n", flush=True)
+            previous = status
+            await anyio.sleep(args.watch)
+    finally:
+        await redis.aclose()
