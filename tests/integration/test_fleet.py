@@ -324,7 +324,8 @@ async def test_fleet_side_loop_is_named(redis_client: aioredis.Redis, stream: st
 
 def test_rates_between_two_snapshots() -> None:
     """`status --watch` rates: appended, delivered and dead-lettered per second, lag change."""
-    from worker.fleet import FleetStatus, GroupStatus, StreamStatus, rates
+    from worker.fleet import FleetStatus, GroupStatus, StreamStatus
+    from worker.fleet_checks import rates
 
     def snap(ms: int, length: int, last: str, read: int, lag: int, dlq: int) -> FleetStatus:
         group = GroupStatus("g", entries_read=read, lag=lag)

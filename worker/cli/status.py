@@ -17,7 +17,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from ..fleet import FleetStatus, fleet_status, rates, status_problems, threshold_breaches
+from ..fleet import FleetStatus, fleet_status
+from ..fleet_checks import rates, status_problems, threshold_breaches
 from .output import escape_text, format_time, human_duration, print_json, table
 
 
