@@ -26,7 +26,7 @@ from .errors import AuditFleetError
 from .queries import (
     jsonable,
 )
-from .stores import Store
+from .stores import QueryStore
 
 EXPLAIN_VERSION: Final = 1
 #: Longest prompt string shown when prompts are not shown in full.
@@ -372,7 +372,7 @@ def build(workspace: str, run_id: str, run: Mapping[str, Any] | None,
 
 # -- reading ---------------------------------------------------------------------------------
 
-async def find_workspace(store: Store, run_id: str) -> str | None:
+async def find_workspace(store: QueryStore, run_id: str) -> str | None:
     """The workspace holding ``run_id`` when none is given (an error if several do)."""
     found = [ws for ws in await store.workspaces() if await store.get_run(ws, run_id)]
     if len(found) > 1:
@@ -381,7 +381,7 @@ async def find_workspace(store: Store, run_id: str) -> str | None:
     return found[0] if found else None
 
 
-async def explain_run(store: Store, workspace: str, run_id: str, *,
+async def explain_run(store: QueryStore, workspace: str, run_id: str, *,
                       show_prompts: bool = False) -> Explanation | None:
     """The explanation of a run in hot storage, or None if nothing of it is stored."""
     run = await store.get_run(workspace, run_id)

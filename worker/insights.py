@@ -40,7 +40,7 @@ from typing import Any, Final
 from .queries import (
     jsonable,
 )
-from .stores import NodeQuery, Store
+from .stores import NodeQuery, QueryStore
 
 INSIGHTS_VERSION: Final = 1
 DEFAULT_THRESHOLD: Final = 0.7
@@ -198,7 +198,7 @@ def _usage(bucket: Mapping[str, list[int]], label: str) -> list[dict[str, Any]]:
     return rows
 
 
-async def compute(store: Store, workspace: str, *, since: datetime | None = None,
+async def compute(store: QueryStore, workspace: str, *, since: datetime | None = None,
                   until: datetime | None = None, threshold: float = DEFAULT_THRESHOLD,
                   limit: int = DEFAULT_LIMIT) -> dict[str, Any]:
     """Insights of a workspace's nodes started in ``[since, until)``, streamed from a store."""

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .errors import ConfigError
-from .stores import RunQuery, Store
+from .stores import QueryStore, RunQuery
 
 _WORKSPACE = re.compile(r"\A[A-Za-z0-9_-]{1,48}\Z")
 
@@ -83,7 +83,7 @@ def run_row(doc: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-async def list_runs(store: Store, workspace: str, query: RunQuery) -> list[dict[str, Any]]:
+async def list_runs(store: QueryStore, workspace: str, query: RunQuery) -> list[dict[str, Any]]:
     """Runs matching ``query`` in the listing form, newest first (the store's index order)."""
     docs = await store.list_runs(workspace, query)
     return [run_row(doc) for doc in docs]

@@ -59,7 +59,7 @@ from .errors import ConfigError
 from .queries import (
     check_workspace,
 )
-from .stores import NodeQuery, NodeVersion, RunVersion, Store
+from .stores import NodeQuery, NodeVersion, RetentionStore, RunVersion
 
 CLASSES: Final = ("run_summaries", "node_traces", "prompts", "error_details")
 PROMPT_FIELDS: Final = ("input", "output")
@@ -292,7 +292,7 @@ class WorkspaceReport:
 class Retention:
     """One retention pass over a store (``apply=False`` only plans)."""
 
-    store: Store
+    store: RetentionStore
     policy: Policy
     now: datetime
     archive: Archive | None
@@ -432,7 +432,7 @@ class Retention:
             self._step("hot")
 
 
-async def run_retention(store: Store, policy: Policy, *, now: datetime,
+async def run_retention(store: RetentionStore, policy: Policy, *, now: datetime,
                         archive: Archive | None, apply: bool,
                         workspaces: Sequence[str] = (),
                         fault: Callable[[str], None] | None = None) -> list[WorkspaceReport]:

@@ -104,8 +104,8 @@ def check_strippable(fields: Sequence[str], allowed: frozenset[str]) -> tuple[st
 
 
 @runtime_checkable
-class Store(Protocol):
-    """An async audit store. Implementations are thin adapters over one database."""
+class Connection(Protocol):
+    """What every user of a store needs: its name, open, close, migrate and ping."""
 
     #: Short name used in metrics labels: ``sqlite``, ``postgresql``, ``mongodb``, ``null``.
     name: str
@@ -122,6 +122,12 @@ class Store(Protocol):
     async def ping(self) -> None:
         """Raise :class:`worker.errors.StoreUnavailable` if the store cannot be reached."""
 
+
+
+@runtime_checkable
+class WriteStore(Connection, Protocol):
+    """The worker's side: durable, idempotent batch writes."""
+
     async def write(self, batch: WriteBatch) -> WriteResult:
         """Merge a batch durably (see ``worker.documents``), all or per rejection.
 
@@ -129,6 +135,12 @@ class Store(Protocol):
         whole batch) and :class:`~worker.errors.StoreRejected` when the batch as a whole
         cannot be written (the caller splits it per run to isolate the cause).
         """
+
+
+
+@runtime_checkable
+class QueryStore(Connection, Protocol):
+    """The read side: explain, runs, insights, erasure and restore look-ups."""
 
     async def get_run(self, workspace: str, run_id: str) -> dict[str, Any] | None:
         """One run document, or None."""
@@ -147,6 +159,12 @@ class Store(Protocol):
 
     async def workspaces(self) -> list[str]:
         """Workspaces that hold data."""
+
+
+
+@runtime_checkable
+class RetentionStore(QueryStore, Protocol):
+    """Retention and erasure: compare-and-delete and strip against archived versions."""
 
     async def delete_runs(self, workspace: str, run_ids: Sequence[str], *,
                           expected: Sequence[RunVersion] | None = None) -> int:
@@ -180,3 +198,9 @@ class Store(Protocol):
         """Set ``fields`` (of :data:`STRIPPABLE_RUN_FIELDS`) to null in the run documents
         still exactly as in ``runs`` (their nodes are not compared); returns how many held
         a value."""
+
+
+@runtime_checkable
+class Store(WriteStore, RetentionStore, Protocol):
+    """An async audit store: every backend implements all of it. Code that needs only a
+    part takes :class:`WriteStore`, :class:`QueryStore` or :class:`RetentionStore`."""
