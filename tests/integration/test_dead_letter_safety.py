@@ -29,7 +29,7 @@ from worker import samples
 from worker.consumer import DEAD_LETTER_REFUSED_ATTEMPTS, Worker
 from worker.emitter import AuditEmitter
 from worker.metrics import Metrics
-from worker.redisio import DeadLetter, Entry, write_dead_letters
+from worker.redisio import DeadLetter, Entry, dead_lettered_ids, write_dead_letters
 from worker.settings import Settings
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
@@ -204,3 +204,19 @@ async def test_dead_letter_written_before_a_crash_is_not_written_twice(
         worker.stop()
     dead = await dlq_entries(redis_client, stream)
     assert [(d["id"], d["consumer"]) for d in dead] == [(bad, "crashed-peer")]
+
+
+async def test_an_earlier_dead_letter_is_found_past_the_first_page(
+    redis_client: aioredis.Redis, stream: str
+) -> None:
+    """The check that keeps a redelivered entry from being dead-lettered twice reads the
+    dead-letter stream page by page (1,000 at a time): a dead letter behind 1,500 others
+    is found, and an entry without one is not reported."""
+    ids = [await redis_client.xadd(stream, {"event": b"{}"}) for _ in range(2)]
+    entries = [Entry(stream, i.decode(), b"{}", deliveries=2) for i in ids]
+    async with redis_client.pipeline(transaction=False) as pipe:
+        for n in range(1500):
+            pipe.xadd(c.dlq_key(stream), {"id": f"0-{n + 1}", "reason": "x"})
+        pipe.xadd(c.dlq_key(stream), {"id": entries[0].id, "reason": "x"})
+        await pipe.execute()
+    assert await dead_lettered_ids(redis_client, stream, entries) == {entries[0].id}

@@ -163,7 +163,12 @@ async def test_poison_message_is_dead_lettered_after_max_deliveries_and_blocks_n
     rs = runs(10)
     poison = rs[4]["runId"]
     evs = events_of(rs)
-    await AuditEmitter(redis_client, [stream]).emit_many(evs)
+    emitter = AuditEmitter(redis_client, [stream])
+    await emitter.emit_many(evs[:5])
+    # an unrelated dead letter, written before the poison's: only its own entry counts as
+    # dead-lettered already when the redelivered poison entries are checked for one
+    broken_id = await emitter.emit_raw(stream, b"{broken")
+    await emitter.emit_many(evs[5:])
     store = ControlledStore(MemoryStore())
     store.crash_runs.add(poison)
     metrics = Metrics()
@@ -173,7 +178,8 @@ async def test_poison_message_is_dead_lettered_after_max_deliveries_and_blocks_n
     inner = store.inner
     assert isinstance(inner, MemoryStore)
     assert {k[1] for k in inner.runs} == {r["runId"] for r in rs} - {poison}
-    dead = await dlq_entries(redis_client, stream)
+    broken, *dead = await dlq_entries(redis_client, stream)
+    assert (broken["id"], broken["reason"]) == (broken_id, Reason.INVALID_JSON)
     poison_events = [e["eventId"] for e in evs if e["runId"] == poison]
     assert len(poison_events) == len(rs[4]["nodes"]) + 2  # live events: start, nodes, end
     assert sorted(json.loads(d["event"])["eventId"] for d in dead) == sorted(poison_events)

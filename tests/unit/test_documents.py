@@ -204,6 +204,19 @@ def test_run_doc_round_trips_through_from_doc() -> None:
     assert again.to_doc() == doc
 
 
+def test_rebuilt_patch_keeps_identity_error_and_signers() -> None:
+    """The run document names its own workspace and run, and a patch rebuilt from a stored
+    document keeps the run's error and the key IDs that signed its events."""
+    runs, _ = fold(decoded(reference_events()))
+    doc = runs[KEY]
+    assert (doc["workspaceId"], doc["runId"], doc["workflowId"]) == (WORKSPACE, RUN_ID,
+                                                                     "wf_lead_triage")
+    stored = {**doc, "error": {"type": "CRMTimeout"}, "signedBy": ["k1", "k2"]}
+    again = RunPatch.from_doc(stored)
+    assert (again.to_doc()["error"], again.to_doc()["signedBy"]) == ({"type": "CRMTimeout"},
+                                                                     ["k1", "k2"])
+
+
 def test_split_by_run_partitions_the_batch() -> None:
     """Each part holds one run and its nodes; together they hold every source."""
     raw = reference_events("w1") + reference_events("w2", "other")

@@ -223,6 +223,23 @@ def test_nesting_is_limited_to_a_fixed_depth() -> None:
         Reason.INVALID_JSON, "JSON is nested deeper than 500 levels")
 
 
+def test_a_wide_event_within_the_depth_limit_is_accepted() -> None:
+    """More than 500 brackets in all but at most 500 levels deep is valid (the exact depth
+    walk decides, not the cheap bracket count); one level more is refused."""
+    def nested(levels: int) -> bytes:
+        inner = b"[" * (levels - 2) + b"]" * (levels - 2)
+        wide = [{"k": [1]} for _ in range(300)]  # 600 brackets at depths 3 and 4
+        return json.dumps({**BASE, "type": "node.completed",
+                           "node": {**NODE, "input": "@", "output": wide}}).encode().replace(
+                               b'"@"', inner)
+
+    assert len(decode(nested(500), max_bytes=1 << 20).doc["node"]["output"]) == 300
+    with pytest.raises(InvalidEvent) as info:
+        decode(nested(501), max_bytes=1 << 20)
+    assert (info.value.reason, info.value.detail) == (
+        Reason.INVALID_JSON, "JSON is nested deeper than 500 levels")
+
+
 def test_counts_stop_at_the_64_bit_range() -> None:
     """tokens_used and error.retries accept 2^63 - 1 and refuse 2^63."""
     def with_tokens(n: int) -> dict[str, Any]:
