@@ -217,6 +217,24 @@ def test_rebuilt_patch_keeps_identity_error_and_signers() -> None:
                                                                      ["k1", "k2"])
 
 
+def test_node_index_entries_are_pinned() -> None:
+    """What the run document keeps per node execution, written out (a retry included)."""
+    retry = {**NODES[1], "attempt": 2, "tokens_used": {"input": 10, "output": 5}}
+    raw = [*reference_events(), {**reference_events()[2], "eventId": "evt-retry",
+                                 "node": retry}]
+    runs, _ = fold(decoded(raw))
+    got = sorted(runs[KEY]["nodeIndex"].values(), key=lambda e: (e["nodeId"], e["attempt"]))
+    base = {"status": "completed", "tokens": 0, "actions": []}
+    assert got == [
+        {**base, "nodeId": "classify", "attempt": 1, "type": "ai", "tokens": 535},
+        {**base, "nodeId": "classify", "attempt": 2, "type": "ai", "tokens": 15},
+        {**base, "nodeId": "route", "attempt": 1, "type": "conditional"},
+        {**base, "nodeId": "source", "attempt": 1, "type": "source"},
+        {**base, "nodeId": "update-crm", "attempt": 1, "type": "action",
+         "actions": ["salesforce.create_lead"]},
+    ]
+
+
 def test_split_by_run_partitions_the_batch() -> None:
     """Each part holds one run and its nodes; together they hold every source."""
     raw = reference_events("w1") + reference_events("w2", "other")
