@@ -186,9 +186,12 @@ async def test_poison_message_is_dead_lettered_after_max_deliveries_and_blocks_n
     assert {d["reason"] for d in dead} == {Reason.MAX_DELIVERIES}
     assert all(int(d["deliveries"]) == 4 for d in dead)
     assert await pending_count(redis_client, stream, "audit-writers") == 0
-    # delivered once by the read, then reclaimed three times (deliveries 2, 3, 4)
-    assert metrics.registry.get_sample_value(
-        "audit_fleet_entries_reclaimed_total", {"stream": stream}) == 3 * len(dead)
+    # delivered once by the read, then reclaimed three times (deliveries 2, 3, 4); on a
+    # loaded machine a healthy entry waiting for a writer may be reclaimed too (harmless)
+    reclaimed = metrics.registry.get_sample_value(
+        "audit_fleet_entries_reclaimed_total", {"stream": stream})
+    assert reclaimed is not None
+    assert reclaimed >= 3 * len(dead)
 
 
 async def test_store_rejection_dead_letters_only_the_rejected_run(
