@@ -6,6 +6,7 @@ import argparse
 import inspect
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -352,3 +353,31 @@ def through(proxy: TcpProxy, url: str) -> str:
     netloc = parts.netloc.rsplit("@", 1)
     host = f"127.0.0.1:{proxy.port}"
     return urlunsplit(parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host))
+
+
+def workload(seed: int, target: int, workspace: str = "ws_crash", prompt_bytes: int = 400
+             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Ground-truth runs and their events (at least ``target``, in stream order): mixed
+    snapshots, shuffled runs, replays (4% of the events twice), runs interleaved."""
+    from worker import samples
+
+    rng = random.Random(seed)
+    runs: list[dict[str, Any]] = []
+    events: list[dict[str, Any]] = []
+    i = 0
+    while len(events) < target:
+        run = samples.lead_triage_run(rng, workspace, f"run{i:05d}",
+                                      prompt_size=lambda r: prompt_bytes)
+        evs = samples.run_events(run, snapshot=rng.random() < 0.2)
+        if rng.random() < 0.3:
+            rng.shuffle(evs)  # out of order: terminal before start, nodes reversed …
+        runs.append(run)
+        events.extend(evs)
+        i += 1
+    replays = rng.sample(events, k=len(events) // 25)
+    stream_order = events + replays
+    # interleave runs like a busy engine would (bounded displacement keeps runs spread)
+    for j in range(len(stream_order) - 1, 0, -1):
+        k = max(0, j - rng.randrange(0, 50))
+        stream_order[j], stream_order[k] = stream_order[k], stream_order[j]
+    return runs, stream_order

@@ -634,7 +634,9 @@ class Worker:
         letters Redis confirmed.
         """
         state = _Settling(list(outcome.written), list(outcome.dead))
-        state.check_existing = any(d.entry.deliveries > 1 for d in state.todo)
+        # Dead letters are rare: always look for one written before (a peer that died
+        # between XADD and XACK, or a Redis restart that rolled a delivery back).
+        state.check_existing = bool(state.todo)
         retrying = retry.retrying(
             (RedisUnavailable, RedisRefused), initial_s=0.05, max_s=self.retry_max_backoff_s,
             stop=_stop_when_refused(DEAD_LETTER_REFUSED_ATTEMPTS),
@@ -653,6 +655,9 @@ class Worker:
         outcome.dead = state.confirmed
 
     async def _settle_step(self, state: _Settling) -> None:
+        if state.to_ack:  # what is stored is acknowledged whatever the dead letters meet
+            await ack(self.redis, self.settings.group, state.to_ack)
+            state.to_ack = []
         if state.todo and state.check_existing:
             # A previous delivery (or attempt) may have written the dead letter before
             # dying: do not write a second one for the same entry.

@@ -40,6 +40,8 @@ class Worker(Protocol):
     metrics: Metrics
     log: Any
     budget: MemoryBudget
+    #: Entry IDs held (read, not yet settled) per stream.
+    held: dict[str, set[str]]
 
     @property
     def stopping(self) -> bool: ...
@@ -105,6 +107,12 @@ class Reclaimer:
             cursor, claimed, deleted = await self.claim(stream, self.cursors[stream],
                                                         budget.read_count())
             self.cursors[stream] = cursor
+            held = self.worker.held.get(stream, set())
+            if held and claimed:
+                # Entries this worker already holds (their lease lapsed while Redis was
+                # away) stay with the batch that holds them: processing one twice at once
+                # could write its dead letter twice.
+                claimed = [e for e in claimed if e.id not in held]
             if deleted:
                 self.metrics.entries_reclaimed_deleted.labels(stream).inc(len(deleted))
                 self.log.warning("reclaimed_deleted_entries", stream=stream, count=len(deleted),

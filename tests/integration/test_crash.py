@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 import signal
 from pathlib import Path
 from typing import Any
@@ -14,36 +13,12 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from tests.helpers import spawn_worker
-from worker import samples
+from tests.helpers import spawn_worker, workload
 from worker.emitter import AuditEmitter
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow]
 
 GROUP = "audit-writers"
-
-
-def workload(seed: int, target: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Ground-truth runs and their events: mixed snapshots, shuffled runs, replays."""
-    rng = random.Random(seed)
-    runs: list[dict[str, Any]] = []
-    events: list[dict[str, Any]] = []
-    i = 0
-    while len(events) < target:
-        run = samples.lead_triage_run(rng, "ws_crash", f"run{i:05d}", prompt_size=lambda r: 400)
-        evs = samples.run_events(run, snapshot=rng.random() < 0.2)
-        if rng.random() < 0.3:
-            rng.shuffle(evs)  # out of order: terminal before start, nodes reversed …
-        runs.append(run)
-        events.extend(evs)
-        i += 1
-    replays = rng.sample(events, k=len(events) // 25)
-    stream_order = events + replays
-    # interleave runs like a busy engine would (bounded displacement keeps runs spread)
-    for j in range(len(stream_order) - 1, 0, -1):
-        k = max(0, j - rng.randrange(0, 50))
-        stream_order[j], stream_order[k] = stream_order[k], stream_order[j]
-    return runs, stream_order
 
 
 async def _pending_of(client: aioredis.Redis, stream: str, consumer: str) -> int:
