@@ -38,7 +38,7 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -62,6 +62,11 @@ GENESIS: Final = "0" * 64
 STRIPPABLE: Final = {"run": frozenset({"error"}), "node": frozenset({"input", "output", "error"})}
 _TIME_FIELDS: Final = ("startedAt", "completedAt")
 _SEGMENT = re.compile(r"\A(\d{8})-([0-9A-Za-z_-]{1,32})\.(jsonl\.gz|manifest\.json)\Z")
+
+
+#: Turns an archived record's doc into the doc it stands for (``worker.shredding``'s
+#: ``Opener.open``: decrypts personal fields, or marks them erased).
+OpenDoc = Callable[[str, dict[str, Any]], dict[str, Any]]
 
 
 # -- records ---------------------------------------------------------------------------------
@@ -290,15 +295,17 @@ class Archive:
             raise ArchiveError(problem)
         return records
 
-    def records(self, workspace: str) -> Iterator[tuple[str, str, dict[str, Any]]]:
-        """Every committed record: (segment file, kind, doc), oldest segment first."""
+    def records(self, workspace: str, opener: OpenDoc | None = None) -> Iterator[
+            tuple[str, str, dict[str, Any]]]:
+        """Every committed record: (segment file, kind, doc), oldest segment first;
+        ``opener`` decrypts (else encrypted fields stay as archived)."""
         for manifest in self.manifests(workspace):
             for kind, doc in self.read_segment(workspace, manifest):
-                yield manifest["segment"], kind, doc
+                yield manifest["segment"], kind, doc if opener is None else opener(kind, doc)
 
-    def catalog(self, workspace: str) -> Catalog:
+    def catalog(self, workspace: str, opener: OpenDoc | None = None) -> Catalog:
         cat = Catalog()
-        for _, kind, doc in self.records(workspace):
+        for _, kind, doc in self.records(workspace, opener):
             cat.add(kind, doc)
         return cat
 
@@ -480,13 +487,15 @@ def merge_run(workspace: str, run_id: str, runs: Sequence[Mapping[str, Any]],
     return run_doc, [n.doc for n in merged.values()]
 
 
-def _gather(archive: Archive, workspace: str, run_ids: set[str]) -> dict[
+def _gather(archive: Archive, workspace: str, run_ids: set[str],
+            opener: OpenDoc | None = None) -> dict[
         str, tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]]:
     found: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]] = {}
-    for segment, kind, doc in archive.records(workspace):
-        run_id = doc.get("runId")
+    for segment, kind, raw in archive.records(workspace):
+        run_id = raw.get("runId")
         if run_id not in run_ids:
             continue
+        doc = raw if opener is None else opener(kind, raw)
         runs, nodes, segments = found.setdefault(run_id, ([], [], []))
         (runs if kind == "run" else nodes).append(doc)
         if segment not in segments:
@@ -494,10 +503,11 @@ def _gather(archive: Archive, workspace: str, run_ids: set[str]) -> dict[
     return found
 
 
-async def read_run(archive: Archive, workspace: str, run_id: str) -> tuple[
+async def read_run(archive: Archive, workspace: str, run_id: str,
+                   opener: OpenDoc | None = None) -> tuple[
         dict[str, Any] | None, list[dict[str, Any]], list[str]] | None:
     """A run read from the archive (warm storage): its run doc, nodes and segments."""
-    found = await anyio.to_thread.run_sync(_gather, archive, workspace, {run_id})
+    found = await anyio.to_thread.run_sync(_gather, archive, workspace, {run_id}, opener)
     if run_id not in found:
         return None
     runs, nodes, segments = found[run_id]
@@ -520,11 +530,13 @@ def batch_for(workspace: str, run_id: str, run: Mapping[str, Any] | None,
 
 async def restore(store: Store, archive: Archive, workspace: str, *,
                   segments: Sequence[int] = (), run_ids: Sequence[str] = (),
-                  replace: bool = False, chunk: int = 200) -> dict[str, int]:
+                  replace: bool = False, chunk: int = 200,
+                  opener: OpenDoc | None = None) -> dict[str, int]:
     """Write archived runs back through the store's idempotent write.
 
     ``segments`` selects every run that has a record in those segments; ``run_ids``
-    selects runs directly. Each run is rebuilt from all of its archived records. With
+    selects runs directly. Each run is rebuilt from all of its archived records
+    (decrypted by ``opener``; a shredded field comes back marked erased). With
     ``replace`` the hot copies are deleted first, so a run whose hot copy had been
     reduced (prompts stripped) comes back exactly as archived.
     """
@@ -537,7 +549,7 @@ async def restore(store: Store, archive: Archive, workspace: str, *,
             records = await anyio.to_thread.run_sync(archive.read_segment, workspace,
                                                      manifests[seq])
             wanted.update(str(doc["runId"]) for _, doc in records)
-    found = await anyio.to_thread.run_sync(_gather, archive, workspace, wanted)
+    found = await anyio.to_thread.run_sync(_gather, archive, workspace, wanted, opener)
     missing = wanted - set(found)
     if missing:
         raise ArchiveError(f"not in the archive: {', '.join(sorted(missing)[:5])}")

@@ -15,11 +15,20 @@ of workflow ``audit-fleet.erasure`` (``erasure-<id>``) whose ``erasureRequest`` 
 what was asked, when and by whom, and whose ``erasureResult`` the counts; each erased
 run is marked with ``erasure`` (id, time, who, fields), which ``explain`` shows.
 
+Archived copies (:mod:`worker.archive`) are immutable and hash-chained. Where retention
+archived them with a master key (:mod:`worker.shredding`), their personal fields are
+encrypted with per-run data keys held in the store, and erasure **crypto-shreds** them:
+after hot storage, it deletes the data keys of every run of the subject (hot ones and
+those found in the archive), so the archived fields read as erased while every segment
+stays byte-for-byte the same. Runs archived without encryption cannot be erased in the
+archive: they are listed as *not erased* in the report and the record.
+
 Crash-safe like retention: the record is written first (status ``running``), then each
-run is marked and stripped, then the record is completed. A rerun after a crash at any
-step finds the running record of the same subject and resumes it: stripping is
-idempotent and guarded by versions, so everything is erased once and nothing that was
-not asked for is touched.
+run is marked and stripped, then each run's data keys are shredded, then the record is
+completed. A rerun after a crash at any step finds the running record of the same
+subject and resumes it: stripping is idempotent and guarded by versions, shredding a
+shredded key does nothing, so everything is erased once and nothing that was not asked
+for is touched.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Final
 import anyio
 
 from .documents import SUBJECTS, RunPatch, WriteBatch
+from .shredding import holds_personal, sealed_kids
 from .stores.base import NodeVersion, RunQuery, RunVersion, Store
 
 if TYPE_CHECKING:  # the worker imports this module; it never reads archives
@@ -83,8 +93,15 @@ class ErasureReport:
     run_fields_erased: int = 0
     remaining: list[str] = field(default_factory=list)
     resumed: bool = False
-    #: Runs of the subject in archive segments (run ID -> segment files): NOT erased.
+    #: Runs of the subject with personal fields in clear in archive segments (run ID ->
+    #: segment files): NOT erased (archived without a master key).
     archived: dict[str, list[str]] = field(default_factory=dict)
+    #: Runs of the subject with encrypted fields in archive segments (run ID -> segments).
+    sealed: dict[str, list[str]] = field(default_factory=dict)
+    #: Data keys shredded by this pass (dry run: that would be), and the subject's data
+    #: keys shredded in all (this pass and earlier, interrupted ones).
+    keys_shredded: int = 0
+    keys_shredded_total: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {"workspace": self.workspace, "subjectHash": self.subject_hash,
@@ -92,6 +109,8 @@ class ErasureReport:
                 "at": self.at, "runs": self.runs, "nodesErased": self.nodes_erased,
                 "runFieldsErased": self.run_fields_erased, "remaining": self.remaining,
                 "resumed": self.resumed, "archivedNotErased": self.archived,
+                "archivedShredded": self.sealed, "keysShredded": self.keys_shredded,
+                "keysShreddedTotal": self.keys_shredded_total,
                 "fields": {"node": list(NODE_FIELDS), "run": list(RUN_FIELDS)}}
 
 
@@ -121,19 +140,31 @@ async def _open_record(store: Store, workspace: str, digest: str, by: str,
     return record, False
 
 
-def archived_runs(archive: Archive, workspace: str, digest: str) -> dict[str, list[str]]:
-    """Runs of a subject in the archive's committed segments (run ID -> segment files).
+def archived_runs(archive: Archive, workspace: str, digest: str) -> tuple[
+        dict[str, list[str]], dict[str, list[str]]]:
+    """Runs of a subject in the archive's committed segments: those whose records hold
+    personal fields in clear, and those with encrypted ones (run ID -> segment files).
 
-    Archive segments are immutable and hash-chained: erasure does not change them, it
-    reports what they still hold."""
-    found: dict[str, list[str]] = {}
+    Archive segments are immutable and hash-chained: erasure does not change them; it
+    shreds the data keys of the encrypted ones and reports the ones in clear."""
+    mine: set[str] = set()
+    held: list[tuple[str, str, bool, bool]] = []
     for segment, kind, doc in archive.records(workspace):
+        run_id = str(doc["runId"])
         subjects = doc.get(SUBJECTS)
         if kind == "run" and isinstance(subjects, list) and digest in subjects:
-            segments = found.setdefault(str(doc["runId"]), [])
-            if segment not in segments:
+            mine.add(run_id)
+        held.append((segment, run_id, holds_personal(kind, doc), bool(sealed_kids(kind, doc))))
+    plain: dict[str, list[str]] = {}
+    sealed: dict[str, list[str]] = {}
+    for segment, run_id, clear, secret in held:
+        if run_id not in mine:
+            continue
+        for flag, found in ((clear, plain), (secret, sealed)):
+            segments = found.setdefault(run_id, []) if flag else []
+            if flag and segment not in segments:
                 segments.append(segment)
-    return dict(sorted(found.items()))
+    return dict(sorted(plain.items())), dict(sorted(sealed.items()))
 
 
 async def erase(store: Store, workspace: str, subject: str, key: bytes, *, by: str,
@@ -142,25 +173,29 @@ async def erase(store: Store, workspace: str, subject: str, key: bytes, *, by: s
                 fault: Callable[[str], None] | None = None) -> ErasureReport:
     """Erase ``subject``'s personal fields from every run of it in ``workspace``.
 
-    With ``archive``, the subject's archived runs are reported (``archived``), not
-    erased. ``fault`` is a test hook called with each step's name (raising there
-    simulates a crash at that step).
+    Then the data keys of the subject's runs are shredded (crypto-shredding of their
+    archived copies); with ``archive``, runs found only there are included, and runs
+    archived in clear are reported (``archived``), not erased. ``fault`` is a test hook
+    called with each step's name (raising there simulates a crash at that step).
     """
     at = now or datetime.now(UTC)
     digest = subject_hash(key, subject)
     step = fault or (lambda name: None)
     report = ErasureReport(workspace, digest, None, dry_run, by, at)
     if archive is not None:
-        report.archived = await anyio.to_thread.run_sync(archived_runs, archive, workspace,
-                                                         digest)
+        report.archived, report.sealed = await anyio.to_thread.run_sync(
+            archived_runs, archive, workspace, digest)
     runs = [r for r in await store.runs_with_subject(workspace, digest)
             if r.get("workflowId") != ERASURE_WORKFLOW]
     report.runs = sorted(str(r["runId"]) for r in runs)
+    keyed = sorted(set(report.runs) | set(report.sealed))
     if dry_run:
         for run in runs:
             nodes = await store.get_nodes(workspace, str(run["runId"]))
             report.nodes_erased += sum(1 for n in nodes if _holds(n, NODE_FIELDS))
             report.run_fields_erased += int(_holds(run, RUN_FIELDS))
+        keys = await store.data_keys(workspace, keyed) if keyed else []
+        report.keys_shredded = sum(1 for k in keys if k.wrapped is not None)
         return report
     record, report.resumed = await _open_record(store, workspace, digest, by, at)
     report.erasure_id = record
@@ -177,6 +212,12 @@ async def erase(store: Store, workspace: str, subject: str, key: bytes, *, by: s
         if not pending:
             break
     report.remaining = pending
+    for run_id in keyed:  # crypto-shredding, after hot storage; idempotent
+        report.keys_shredded += await store.shred_data_keys(workspace, [run_id], at)
+        step("keys")
+    if keyed:
+        keys = await store.data_keys(workspace, keyed)
+        report.keys_shredded_total = sum(1 for k in keys if k.wrapped is None)
     done = datetime.now(UTC) if now is None else at
     batch = WriteBatch()
     batch.add(RunPatch(
@@ -185,7 +226,9 @@ async def erase(store: Store, workspace: str, subject: str, key: bytes, *, by: s
         extra={RESULT: {"runs": report.runs, "nodesErased": report.nodes_erased,
                         "runFieldsErased": report.run_fields_erased,
                         "remaining": report.remaining, "completedAt": done.isoformat(),
-                        "resumed": report.resumed, "archivedNotErased": report.archived}},
+                        "resumed": report.resumed, "archivedNotErased": report.archived,
+                        "archivedShredded": report.sealed,
+                        "keysShredded": report.keys_shredded_total}},
     ), [])
     step("result")
     await store.write(batch)

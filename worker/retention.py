@@ -59,6 +59,7 @@ from .errors import ConfigError
 from .queries import (
     check_workspace,
 )
+from .shredding import MasterKey, Sealer, holds_personal, load_opener
 from .stores import NodeQuery, NodeVersion, RetentionStore, RunVersion
 
 CLASSES: Final = ("run_summaries", "node_traces", "prompts", "error_details")
@@ -299,6 +300,9 @@ class Retention:
     apply: bool = False
     #: Test hook: called with a step name; raising there simulates a crash.
     fault: Callable[[str], None] | None = None
+    #: With a master key, archived personal fields are encrypted (``worker.shredding``).
+    master: MasterKey | None = None
+    _sealer: Sealer | None = None
 
     def _step(self, name: str) -> None:
         if self.fault is not None:
@@ -314,13 +318,22 @@ class Retention:
             catalog = None if self.apply else Catalog()
             return await self._pass(workspace, hot, shortest, report, catalog)
         archive = self.archive
+        self._sealer = None if self.master is None else Sealer(self.store, self.master,
+                                                               workspace)
         if not self.apply:
-            catalog = await anyio.to_thread.run_sync(archive.catalog, workspace)
+            catalog = await self._catalog(archive, workspace)
             return await self._pass(workspace, hot, shortest, report, catalog)
         with archive.blobs.lock(workspace):
             report.recovered = await anyio.to_thread.run_sync(archive.recover, workspace)
-            catalog = await anyio.to_thread.run_sync(archive.catalog, workspace)
+            catalog = await self._catalog(archive, workspace)
             return await self._pass(workspace, hot, shortest, report, catalog)
+
+    async def _catalog(self, archive: Archive, workspace: str) -> Catalog:
+        """What the archive holds, decrypted where it can be (to compare with hot data)."""
+        if self.master is None:
+            return await anyio.to_thread.run_sync(archive.catalog, workspace)
+        opener = await load_opener(self.store, self.master, workspace)
+        return await anyio.to_thread.run_sync(archive.catalog, workspace, opener.open)
 
     async def _pass(self, workspace: str, hot: HotDays, shortest: int,
                     report: WorkspaceReport, catalog: Catalog | None) -> WorkspaceReport:
@@ -351,6 +364,7 @@ class Retention:
                 query = NodeQuery(run_ids=tuple(nodes))
                 async for node in self.store.scan_nodes(workspace, query):
                     nodes.setdefault(str(node["runId"]), []).append(node)
+                fresh: list[RunAction] = []
                 for run in chunk:
                     mine = sorted(nodes[str(run["runId"])], key=lambda n: str(n["nodeKey"]))
                     action = decide(run, mine, hot, self.now,
@@ -358,11 +372,11 @@ class Retention:
                     if action is None:
                         continue
                     action.version = RunVersion.of(run, mine)
-                    actions.append(action)
+                    fresh.append(action)
                     self._count(action, report)
-                    if spool is not None:
-                        for kind, doc in action.archive:
-                            spool.add(kind, doc)
+                actions.extend(fresh)
+                if spool is not None:
+                    await self._spool(fresh, spool)
             if spool is not None and len(spool):
                 assert self.archive is not None
                 assert catalog is not None
@@ -386,6 +400,18 @@ class Retention:
             raise
         if self.apply:
             await self._apply(workspace, actions, report)
+
+    async def _spool(self, actions: list[RunAction], spool: Spool) -> None:
+        """Add the actions' documents to the segment, personal fields sealed with their
+        runs' data keys (stored first) when a master key is configured."""
+        sealer = self._sealer
+        if sealer is not None:
+            await sealer.prepare(a.run_id for a in actions
+                                 if any(holds_personal(k, d) for k, d in a.archive))
+            self._step("keys")
+        for action in actions:
+            for kind, doc in action.archive:
+                spool.add(kind, doc if sealer is None else sealer.seal(kind, doc))
 
     def _count(self, action: RunAction, report: WorkspaceReport) -> None:
         report.runs_affected += 1
@@ -435,11 +461,13 @@ class Retention:
 async def run_retention(store: RetentionStore, policy: Policy, *, now: datetime,
                         archive: Archive | None, apply: bool,
                         workspaces: Sequence[str] = (),
-                        fault: Callable[[str], None] | None = None) -> list[WorkspaceReport]:
-    """Plan (``apply=False``) or run a retention pass over some or all workspaces."""
+                        fault: Callable[[str], None] | None = None,
+                        master: MasterKey | None = None) -> list[WorkspaceReport]:
+    """Plan (``apply=False``) or run a retention pass over some or all workspaces;
+    with ``master``, archived personal fields are encrypted (crypto-shreddable)."""
     if archive is not None and fault is not None:
         archive.fault = fault
-    job = Retention(store, policy, now, archive, apply, fault)
+    job = Retention(store, policy, now, archive, apply, fault, master)
     names = list(workspaces) or await store.workspaces()
     return [await job.workspace(ws) for ws in names]
 

@@ -73,10 +73,15 @@ class Settings:
     redact_mask: tuple[str, ...] = ()
     #: AUDIT_SUBJECT_KEY_FILE: the key that hashes data-subject ids (``worker.erasure``).
     subject_key_file: str = ""
+    #: AUDIT_ARCHIVE_MASTER_KEY_FILE: base64 of 32 bytes; wraps the archive's per-run data
+    #: keys (``worker.shredding``). Unset: archived personal fields are not encrypted.
+    archive_master_key_file: str = ""
     #: Loaded from ``signing_keys_file``; never in the repr.
     keyring: Keyring | None = field(default=None, repr=False, compare=False)
     #: Loaded from ``subject_key_file``; never in the repr.
     subject_key: bytes | None = field(default=None, repr=False, compare=False)
+    #: Loaded from ``archive_master_key_file``; never in the repr.
+    archive_master_key: bytes | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.consumer:
@@ -86,6 +91,11 @@ class Settings:
         if self.subject_key_file and self.subject_key is None:
             object.__setattr__(self, "subject_key", load_secret(
                 self.subject_key_file, "AUDIT_SUBJECT_KEY_FILE"))
+        if self.archive_master_key_file and self.archive_master_key is None:
+            from .shredding import load_master_key
+
+            object.__setattr__(self, "archive_master_key",
+                               load_master_key(self.archive_master_key_file))
         self._validate()
 
     def _validate(self) -> None:
@@ -216,7 +226,7 @@ _FLOATS = {"shutdown_grace_s", "shutdown_deadline_s", "reclaim_interval_s", "tri
 _BOOLS = {"trim", "burst", "require_signature"}
 _LISTS = {"streams", "redact_detectors", "redact_drop", "redact_mask"}
 #: Fields that are not read from the environment under their own name.
-_NOT_ENV = {"keyring", "subject_key"}
+_NOT_ENV = {"keyring", "subject_key", "archive_master_key"}
 
 
 def _parse(env_name: str, field: str, raw: str) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,8 @@ import anyio
 from ..archive import Archive, restore
 from ..errors import ArchiveError, ConfigError
 from ..queries import check_workspace
-from .common import add_store_flag, archive_dir, opened_store
+from ..shredding import Opener, ShredReport, load_opener, shred_report
+from .common import add_store_flag, archive_dir, archive_master_key, opened_store
 from .output import print_json, table
 
 
@@ -47,13 +49,33 @@ def _selected(archive: Archive, args: argparse.Namespace, location: str) -> list
     return present
 
 
+def _shred_report(archive: Archive, workspace: str, opener: Opener) -> ShredReport:
+    return shred_report(archive.records(workspace), opener)
+
+
+async def _shredding(args: argparse.Namespace, archive: Archive,
+                     workspaces: list[str]) -> dict[str, ShredReport]:
+    """With a store URL: per workspace, which encrypted records' data keys are shredded."""
+    if not (getattr(args, "store_url", None) or os.environ.get("AUDIT_STORE_URL")):
+        return {}
+    out: dict[str, ShredReport] = {}
+    async with opened_store(args, read_only=True) as store:
+        for ws in workspaces:
+            opener = await load_opener(store, None, ws)
+            out[ws] = await anyio.to_thread.run_sync(_shred_report, archive, ws, opener)
+    return out
+
+
 async def cmd_verify(args: argparse.Namespace) -> int:
     archive, location = _existing_archive(args)
-    reports = [await anyio.to_thread.run_sync(archive.verify, ws)
-               for ws in _selected(archive, args, location)]
+    selected = _selected(archive, args, location)
+    reports = [await anyio.to_thread.run_sync(archive.verify, ws) for ws in selected]
+    shredded = await _shredding(args, archive, [r.workspace for r in reports if r.ok])
     if args.json:
         print_json({"ok": all(r.ok for r in reports),
-                     "workspaces": [r.to_json() for r in reports]})
+                     "workspaces": [r.to_json() | ({"erasure": shredded[r.workspace].to_json()}
+                                                   if r.workspace in shredded else {})
+                                    for r in reports]})
     else:
         for r in reports:
             state = "OK" if r.ok else "FAILED"
@@ -61,6 +83,9 @@ async def cmd_verify(args: argparse.Namespace) -> int:
                   f"head {r.head_seq} {r.head_hash[:16]}")
             for problem in r.problems:
                 print(f"  ! {problem}")
+            if r.workspace in shredded:
+                for line in shredded[r.workspace].lines():
+                    print(f"  erasure: {line}")
             for leftover in r.leftovers:
                 print(f"  ~ uncommitted leftover (removed by the next retention run): {leftover}")
     return 0 if all(r.ok for r in reports) else 1
@@ -95,8 +120,10 @@ async def cmd_restore(args: argparse.Namespace) -> int:
         raise ArchiveError("the archive does not verify (see archive verify); "
                            "--force restores anyway")
     async with opened_store(args) as store:
+        opener = await load_opener(store, archive_master_key(), workspace)
         counts = await restore(store, archive, workspace, segments=args.segment or (),
-                               run_ids=args.run or (), replace=args.replace)
+                               run_ids=args.run or (), replace=args.replace,
+                               opener=opener.open)
     if args.json:
         print_json({"workspace": workspace, "restored": counts})
     else:
@@ -118,6 +145,7 @@ def register(subparsers: Any) -> None:
 
     verify = sub.add_parser("verify", help="check segments, manifests and the hash chain")
     common(verify)
+    add_store_flag(verify)  # with a store: report crypto-shredded records
     verify.set_defaults(func=cmd_verify)
     listing = sub.add_parser("list", help="list committed segments")
     common(listing)

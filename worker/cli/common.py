@@ -9,6 +9,7 @@ from typing import Any
 
 from ..constants import DEFAULT_STORE_URL
 from ..settings import Settings
+from ..shredding import MasterKey
 from ..stores import Store, open_store
 
 
@@ -70,3 +71,9 @@ async def opened_store(
         yield store
     finally:
         await store.close()
+
+
+def archive_master_key() -> MasterKey | None:
+    """The archive master key ``AUDIT_ARCHIVE_MASTER_KEY_FILE`` names, if any."""
+    key = Settings.from_env(metrics_port=0).archive_master_key
+    return None if key is None else MasterKey(key)

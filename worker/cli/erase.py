@@ -29,9 +29,17 @@ def render(report: ErasureReport) -> str:
     if report.erasure_id:
         lines.append(f"  erasure record: run {report.erasure_id} (workflow audit-fleet.erasure)"
                      + (", resumed" if report.resumed else ""))
+    if report.sealed or report.keys_shredded:
+        verb = "would shred" if report.dry_run else "crypto-shredded"
+        lines.append(f"  {verb} {report.keys_shredded} data key(s) now"
+                     + ("" if report.dry_run else f", {report.keys_shredded_total} in all")
+                     + f": {len(report.sealed)} archived run(s) of the subject read as erased")
+        for run_id, segments in report.sealed.items():
+            lines.append(f"    - {escape_text(run_id)} in {', '.join(segments)}")
     if report.archived:
         lines.append(f"  ! NOT erased: {len(report.archived)} archived run(s) of the subject "
-                     "(archive segments are immutable; crypto-shredding is not implemented):")
+                     "hold personal fields in clear (archived without "
+                     "AUDIT_ARCHIVE_MASTER_KEY_FILE; segments are immutable):")
         for run_id, segments in report.archived.items():
             lines.append(f"    - {escape_text(run_id)} in {', '.join(segments)}")
     if report.remaining:
@@ -62,14 +70,16 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "erase", help="erase a data subject's personal data (GDPR Art. 17)",
         description="Remove prompts, raw outputs and errors of every run tagged with the "
-        "subject from hot storage, and leave an erasure record in the audit trail.")
+        "subject from hot storage, shred the data keys of its archived copies, and leave "
+        "an erasure record in the audit trail.")
     add_store_flag(p)
     p.add_argument("-w", "--workspace", required=True, help="workspace ID")
     p.add_argument("--subject", required=True, help="the subject as producers tag it "
                    "(email:lead@example.com)")
     p.add_argument("--by", help="who asks (recorded; default: the OS user)")
     p.add_argument("--dry-run", action="store_true", help="show what would be erased")
-    p.add_argument("--archive-dir", metavar="DIR", help="also list the subject's archived "
-                   "runs, which are not erased (AUDIT_ARCHIVE_DIR)")
+    p.add_argument("--archive-dir", metavar="DIR", help="also find the subject's archived "
+                   "runs: shred their data keys, list those archived in clear "
+                   "(AUDIT_ARCHIVE_DIR)")
     p.add_argument("--json", action="store_true", help="stable JSON")
     p.set_defaults(func=cmd_erase)

@@ -19,7 +19,7 @@ from ..explain import (
     find_workspace,
 )
 from ..queries import check_workspace, jsonable
-from .common import add_store_flag, opened_store
+from .common import add_store_flag, archive_master_key, opened_store
 from .output import escape_lines, format_ms, format_time, print_json
 
 
@@ -201,8 +201,16 @@ async def _explain(args: argparse.Namespace) -> int:
 
         if not args.workspace:
             raise AuditFleetError("explain --archive needs --workspace")
+        from ..shredding import load_opener, sealed_kids
+
         workspace = check_workspace(args.workspace)
-        found = await read_run(Archive.at(args.archive), workspace, run_id)
+        archive = Archive.at(args.archive)
+        found = await read_run(archive, workspace, run_id)
+        if found is not None and (sealed_kids("run", found[0] or {}) or any(
+                sealed_kids("node", n) for n in found[1])):
+            async with opened_store(args, read_only=True) as store:  # the run's data keys
+                opener = await load_opener(store, archive_master_key(), workspace, [run_id])
+            found = await read_run(archive, workspace, run_id, opener.open)
         ex = None
         if found is not None:
             run, nodes, segments = found

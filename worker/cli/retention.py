@@ -15,7 +15,7 @@ from ..retention import (
     WorkspaceReport,
     run_retention,
 )
-from .common import add_store_flag, archive_dir, opened_store
+from .common import add_store_flag, archive_dir, archive_master_key, opened_store
 from .output import format_time, parse_time, print_json, table
 
 
@@ -53,7 +53,7 @@ async def _cmd(args: argparse.Namespace, apply: bool) -> int:
     workspaces = [check_workspace(args.workspace)] if args.workspace else []
     async with opened_store(args, read_only=not apply) as store:
         reports = await run_retention(store, policy, now=now, archive=archive, apply=apply,
-                                      workspaces=workspaces)
+                                      workspaces=workspaces, master=archive_master_key())
     if args.json:
         print_json({"applied": apply, "now": now, "policy": policy.to_json(),
                      "workspaces": [r.to_json() for r in reports]})

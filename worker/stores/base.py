@@ -94,6 +94,18 @@ STRIPPABLE_NODE_FIELDS: Final = frozenset({"input", "output", "error"})
 STRIPPABLE_RUN_FIELDS: Final = frozenset({"error"})
 
 
+@dataclass(frozen=True, slots=True)
+class StoredKey:
+    """A row of ``audit_data_keys`` (``worker.shredding``): ``wrapped`` is None once
+    shredded."""
+
+    run_id: str
+    key_id: str
+    wrapped: bytes | None
+    created_at: datetime
+    shredded_at: datetime | None = None
+
+
 def check_strippable(fields: Sequence[str], allowed: frozenset[str]) -> tuple[str, ...]:
     """The field names to strip, sorted; only names from ``allowed`` (never user input)."""
     names = tuple(sorted(set(fields)))
@@ -198,6 +210,21 @@ class RetentionStore(QueryStore, Protocol):
         """Set ``fields`` (of :data:`STRIPPABLE_RUN_FIELDS`) to null in the run documents
         still exactly as in ``runs`` (their nodes are not compared); returns how many held
         a value."""
+
+    # -- archive data keys (worker.shredding) --------------------------------------------
+
+    async def put_data_keys(self, workspace: str, keys: Sequence[StoredKey]) -> None:
+        """Store new data keys (durable on return; a key id already stored is kept)."""
+
+    async def data_keys(self, workspace: str,
+                        run_ids: Sequence[str] | None = None) -> list[StoredKey]:
+        """The data keys of these runs (all of the workspace's with None), shredded ones
+        included."""
+
+    async def shred_data_keys(self, workspace: str, run_ids: Sequence[str],
+                              at: datetime) -> int:
+        """Remove the key material of these runs' data keys, keeping when; returns how many
+        keys were shredded now (already shredded ones are not counted again)."""
 
 
 @runtime_checkable

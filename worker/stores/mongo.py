@@ -61,6 +61,7 @@ from .base import (
     Rejection,
     RunQuery,
     RunVersion,
+    StoredKey,
     WriteResult,
     check_strippable,
 )
@@ -68,6 +69,8 @@ from .base import (
 Doc = dict[str, Any]
 T = TypeVar("T")
 
+#: The collection of archive data keys (``worker.shredding``), per workspace database.
+DATA_KEYS: Final = "audit_data_keys"
 DEFAULT_PREFIX: Final = "audit_"
 DEFAULT_SHARED_DB: Final = "audit"
 DEFAULT_LARGE_PAYLOAD_BYTES: Final = 4 * 1024 * 1024
@@ -446,6 +449,45 @@ class MongoStore:
         except ConnectionFailure as exc:
             raise StoreUnavailable(f"MongoDB is unreachable: {exc}") from exc
         return data
+
+    # -- archive data keys (worker.shredding) --------------------------------------------
+
+    async def put_data_keys(self, workspace: str, keys: Sequence[StoredKey]) -> None:
+        db = self._read_db(workspace)
+        if db is None:
+            raise StoreRejected(f"workspace {workspace!r} has no database name")
+        for k in keys:  # upsert-if-absent: a key id already stored is kept
+            await self._call(db[DATA_KEYS].update_one(
+                {"_id": f"{workspace}\x1f{k.run_id}\x1f{k.key_id}"},
+                {"$setOnInsert": {"workspaceId": workspace, "runId": k.run_id,
+                                  "keyId": k.key_id, "wrappedKey": k.wrapped,
+                                  "createdAt": k.created_at, "shreddedAt": None}},
+                upsert=True))
+
+    async def data_keys(self, workspace: str,
+                        run_ids: Sequence[str] | None = None) -> list[StoredKey]:
+        db = self._read_db(workspace)
+        if db is None:
+            return []
+        query: Doc = {"workspaceId": workspace}
+        if run_ids is not None:
+            query["runId"] = {"$in": sorted(set(run_ids))}
+        docs = await self._call(db[DATA_KEYS].find(query).to_list(None))
+        out = [StoredKey(str(d["runId"]), str(d["keyId"]),
+                         None if d.get("wrappedKey") is None else bytes(d["wrappedKey"]),
+                         d["createdAt"], d.get("shreddedAt")) for d in docs]
+        return sorted(out, key=lambda k: (k.run_id, k.key_id))
+
+    async def shred_data_keys(self, workspace: str, run_ids: Sequence[str],
+                              at: datetime) -> int:
+        db = self._read_db(workspace)
+        if db is None:
+            return 0
+        result = await self._call(db[DATA_KEYS].update_many(
+            {"workspaceId": workspace, "runId": {"$in": sorted(set(run_ids))},
+             "wrappedKey": {"$ne": None}},
+            {"$set": {"wrappedKey": None, "shreddedAt": at}}))
+        return int(result.modified_count)
 
     async def workspaces(self) -> list[str]:
         if self.shared:

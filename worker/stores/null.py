@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from ..documents import WriteBatch
-from .base import NodeQuery, NodeVersion, RunQuery, RunVersion, WriteResult
+from .base import NodeQuery, NodeVersion, RunQuery, RunVersion, StoredKey, WriteResult
 
 
 class NullStore:
@@ -72,4 +72,15 @@ class NullStore:
 
     async def strip_run_fields(self, workspace: str, runs: Sequence[RunVersion],
                                fields: Sequence[str]) -> int:
+        return 0
+
+    async def put_data_keys(self, workspace: str, keys: Sequence[StoredKey]) -> None:
+        return None
+
+    async def data_keys(self, workspace: str,
+                        run_ids: Sequence[str] | None = None) -> list[StoredKey]:
+        return []
+
+    async def shred_data_keys(self, workspace: str, run_ids: Sequence[str],
+                              at: datetime) -> int:
         return 0

@@ -56,6 +56,7 @@ from .base import (
     Rejection,
     RunQuery,
     RunVersion,
+    StoredKey,
     WriteResult,
     check_strippable,
 )
@@ -120,6 +121,17 @@ CREATE INDEX IF NOT EXISTS workflow_node_runs_type_idx
 -- node traces by time (insights, retention)
 CREATE INDEX IF NOT EXISTS workflow_node_runs_started_idx
     ON workflow_node_runs (workspace_id, started_at);
+
+-- archive data keys (worker.shredding): wrapped_key NULL once shredded
+CREATE TABLE IF NOT EXISTS audit_data_keys (
+    workspace_id text COLLATE "C" NOT NULL,
+    run_id       text COLLATE "C" NOT NULL,
+    key_id       text COLLATE "C" NOT NULL,
+    wrapped_key  bytea,
+    created_at   timestamptz NOT NULL,
+    shredded_at  timestamptz,
+    PRIMARY KEY (workspace_id, run_id, key_id)
+);
 
 CREATE OR REPLACE FUNCTION audit_status_rank(s text) RETURNS integer
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
@@ -540,6 +552,40 @@ class PostgresStore:
             if mapped is None:
                 raise
             _raise(mapped, exc)
+
+    # -- archive data keys (worker.shredding) --------------------------------------------
+
+    async def put_data_keys(self, workspace: str, keys: Sequence[StoredKey]) -> None:
+        if not keys:
+            return
+        with _errors():
+            await self.pool.executemany(
+                "INSERT INTO audit_data_keys (workspace_id, run_id, key_id, wrapped_key,"
+                " created_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                [(workspace, k.run_id, k.key_id, k.wrapped, k.created_at) for k in keys])
+
+    async def data_keys(self, workspace: str,
+                        run_ids: Sequence[str] | None = None) -> list[StoredKey]:
+        sql = ("SELECT run_id, key_id, wrapped_key, created_at, shredded_at"
+               " FROM audit_data_keys WHERE workspace_id = $1")
+        args: list[Any] = [workspace]
+        if run_ids is not None:
+            sql += " AND run_id = ANY($2::text[])"
+            args.append(sorted(set(run_ids)))
+        with _errors():
+            rows = await self.pool.fetch(sql + " ORDER BY run_id, key_id", *args)
+        return [StoredKey(r[0], r[1], None if r[2] is None else bytes(r[2]), r[3], r[4])
+                for r in rows]
+
+    async def shred_data_keys(self, workspace: str, run_ids: Sequence[str],
+                              at: datetime) -> int:
+        with _errors():
+            done = await self.pool.fetchval(
+                "WITH s AS (UPDATE audit_data_keys SET wrapped_key = NULL, shredded_at = $3"
+                " WHERE workspace_id = $1 AND run_id = ANY($2::text[])"
+                " AND wrapped_key IS NOT NULL RETURNING 1) SELECT count(*) FROM s",
+                workspace, sorted(set(run_ids)), at)
+        return int(done)
 
     async def workspaces(self) -> list[str]:
         with _errors():

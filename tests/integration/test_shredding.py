@@ -1,0 +1,219 @@
+"""Crypto-shredding end to end (SQLite and PostgreSQL): retention encrypts archived personal
+fields, `erase` shreds the subject's data keys, the archive still verifies and says so."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from worker import events as ev
+from worker.archive import Archive
+from worker.cli import main
+from worker.documents import coalesce
+from worker.emitter import make_event
+from worker.erasure import ERASURE_WORKFLOW, erase, hash_subjects
+from worker.retention import Policy, run_retention
+from worker.shredding import MasterKey
+from worker.stores import RunQuery, Store, open_store
+
+pytestmark = pytest.mark.anyio
+
+SUBJECT_KEY = b"the-subject-key-of-the-shredding-test"
+MASTER = bytes(range(32))
+NOW = datetime(2027, 6, 1, tzinfo=UTC)
+#: (run, day, subject, prompt): three archived months of ann, one hot run, one of bob.
+RUNS = [("old1", "2026-01-05", "email:ann@example.com", "ann-jan"),
+        ("old2", "2026-02-05", "email:ann@example.com", "ann-feb"),
+        ("bob1", "2026-02-06", "email:bob@example.com", "bob-feb"),
+        ("old3", "2026-03-05", "email:ann@example.com", "ann-mar"),
+        ("hot", "2027-05-20", "email:ann@example.com", "ann-may")]
+
+
+async def write_runs(store: Store) -> None:
+    items = []
+    for run_id, day, subject, prompt in RUNS:
+        ts = f"{day}T10:30:00Z"
+        for e in [
+            make_event("run.started", "ws1", "wf", run_id, eventId=f"{run_id}-s", ts=ts,
+                       subjects=[subject]),
+            make_event("node.completed", "ws1", "wf", run_id, eventId=f"{run_id}-n", ts=ts,
+                       node={"nodeId": "classify", "type": "ai", "input": {"prompt": prompt},
+                             "output": f"out-{prompt}", "completedAt": ts}),
+            make_event("run.completed", "ws1", "wf", run_id, eventId=f"{run_id}-e", ts=ts),
+        ]:
+            d = ev.decode(ev.encode(e), max_bytes=1 << 24)
+            hash_subjects(d.doc, SUBJECT_KEY)
+            items.append((f"{run_id}-{len(items)}", d))
+    await store.write(coalesce(items))
+
+
+def segment_bytes(root: Path) -> bytes:
+    return b"".join(gzip.decompress(p.read_bytes()) for p in sorted(root.glob("ws1/*.jsonl.gz")))
+
+
+def cli_json(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, Any]:
+    code = main(list(args))
+    return code, json.loads(capsys.readouterr().out)
+
+
+class Crash(Exception):
+    pass
+
+
+async def test_subject_erased_across_hot_storage_and_three_archived_months(
+    store_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    arch = tmp_path / "arch"
+    store = open_store(store_url)
+    await store.open()
+    try:
+        await write_runs(store)
+        archive = Archive.at(arch)
+        master = MasterKey(MASTER)
+
+        def crash_once(step: str, seen: list[str] = []) -> None:  # noqa: B006
+            if step == "verify" and not seen:
+                seen.append(step)
+                raise Crash(step)
+
+        with pytest.raises(Crash):  # segment committed, hot storage not yet changed
+            await run_retention(store, Policy(), now=NOW, archive=archive, apply=True,
+                                workspaces=["ws1"], fault=crash_once, master=master)
+        archive.fault = None
+        (report,) = await run_retention(store, Policy(), now=NOW, archive=archive,
+                                        apply=True, workspaces=["ws1"], master=master)
+        # the rerun recognises the committed (encrypted) month: archives the other two only
+        assert [m["period"] for m in archive.manifests("ws1")] == ["2026-01", "2026-02",
+                                                                    "2026-03"]
+        assert report.docs_archived == 6  # Feb (old2, bob1) and Mar (old3): run + node each
+        assert report.runs_deleted == 4
+        raw = segment_bytes(arch)
+        for prompt in ("ann-jan", "ann-feb", "bob-feb", "ann-mar"):
+            assert prompt.encode() not in raw  # personal fields are encrypted
+        assert raw.count(b'"$enc":"aes-256-gcm"') == 8  # input + output of 4 node records
+        keys = await store.data_keys("ws1")
+        assert sorted(k.run_id for k in keys) == ["bob1", "old1", "old2", "old3"]
+        assert all(k.wrapped is not None and MASTER not in k.wrapped for k in keys)
+    finally:
+        await store.close()
+
+    key_file = tmp_path / "subject.key"
+    key_file.write_text(base64.b64encode(SUBJECT_KEY).decode())
+    master_file = tmp_path / "master.key"
+    master_file.write_text(base64.b64encode(MASTER).decode())
+    monkeypatch.setenv("AUDIT_SUBJECT_KEY_FILE", str(key_file))
+    monkeypatch.setenv("AUDIT_ARCHIVE_MASTER_KEY_FILE", str(master_file))
+    monkeypatch.setenv("AUDIT_STORE_URL", store_url)
+    before = segment_bytes(arch)
+
+    # before erasure every archived field reads back
+    code, ex = await anyio.to_thread.run_sync(
+        cli_json, capsys, "explain", "old2", "-w", "ws1", "--archive", str(arch),
+        "--show-prompts", "--json")
+    assert code == 0
+    assert ex["nodes"][0]["input"] == {"prompt": "ann-feb"}
+
+    code, out = await anyio.to_thread.run_sync(
+        cli_json, capsys, "erase", "-w", "ws1", "--subject", "email:ann@example.com",
+        "--by", "dpo@corp", "--archive-dir", str(arch), "--json")
+    assert code == 0
+    assert out["runs"] == ["hot"]
+    assert out["nodesErased"] == 1
+    assert sorted(out["archivedShredded"]) == ["old1", "old2", "old3"]
+    assert out["archivedNotErased"] == {}
+    assert (out["keysShredded"], out["keysShreddedTotal"]) == (3, 3)
+    assert segment_bytes(arch) == before  # segments untouched
+
+    code, verify = await anyio.to_thread.run_sync(
+        cli_json, capsys, "archive", "verify", "--archive-dir", str(arch), "--json")
+    assert code == 0
+    assert verify["ok"] is True
+    assert verify["workspaces"][0]["erasure"] == {
+        "sealedRecords": 4, "shreddedRecords": 3, "shreddedRuns": ["old1", "old2", "old3"],
+        "missingKeyRecords": 0, "missingKeyRuns": []}
+    assert await anyio.to_thread.run_sync(
+        main, ["archive", "verify", "--archive-dir", str(arch)]) == 0
+    text = capsys.readouterr().out
+    assert "ws1: OK  3 segments, 8 records" in text
+    assert "3 records of 3 runs crypto-shredded (keys deleted)" in text
+
+    code, ex = await anyio.to_thread.run_sync(
+        cli_json, capsys, "explain", "old2", "-w", "ws1", "--archive", str(arch),
+        "--show-prompts", "--json")
+    assert code == 0
+    erased = ex["nodes"][0]["input"]
+    assert erased["erased"] is True
+    assert erased["at"].startswith(str(datetime.now(UTC).year))
+    code, ex = await anyio.to_thread.run_sync(
+        cli_json, capsys, "explain", "bob1", "-w", "ws1", "--archive", str(arch),
+        "--show-prompts", "--json")
+    assert ex["nodes"][0]["input"] == {"prompt": "bob-feb"}  # another subject still decrypts
+
+    assert await anyio.to_thread.run_sync(
+        main, ["archive", "restore", "-w", "ws1", "--archive-dir", str(arch),
+               "--run", "old1", "--run", "bob1"]) == 0
+    capsys.readouterr()
+    store = open_store(store_url)
+    await store.open()
+    try:
+        (node,) = await store.get_nodes("ws1", "old1")
+        assert node["input"]["erased"] is True
+        assert node["output"]["erased"] is True
+        (node,) = await store.get_nodes("ws1", "bob1")
+        assert (node["input"], node["output"]) == ({"prompt": "bob-feb"}, "out-bob-feb")
+        (hot,) = await store.get_nodes("ws1", "hot")
+        assert "input" not in hot
+        assert "output" not in hot
+    finally:
+        await store.close()
+
+
+async def test_erasure_killed_at_key_deletion_and_rerun(store_url: str, tmp_path: Path) -> None:
+    """A crash after the first run's keys are shredded: the rerun resumes the record and
+    shreds the rest, once; the other subject's key is untouched."""
+    store = open_store(store_url)
+    await store.open()
+    try:
+        await write_runs(store)
+        archive = Archive.at(tmp_path / "arch")
+        await run_retention(store, Policy(), now=NOW, archive=archive, apply=True,
+                            workspaces=["ws1"], master=MasterKey(MASTER))
+
+        steps: list[str] = []
+
+        def crash(step: str) -> None:  # runs in order hot, old1, ...: after old1's keys
+            steps.append(step)
+            if steps.count("keys") == 2:
+                raise Crash(step)
+
+        with pytest.raises(Crash):
+            await erase(store, "ws1", "email:ann@example.com", SUBJECT_KEY, by="dpo",
+                        archive=archive, fault=crash)
+        live = {k.run_id for k in await store.data_keys("ws1") if k.wrapped is not None}
+        assert live == {"bob1", "old2", "old3"}  # old1's key went before the crash
+        report = await erase(store, "ws1", "email:ann@example.com", SUBJECT_KEY, by="dpo",
+                             archive=archive)
+        assert report.resumed
+        assert (report.keys_shredded, report.keys_shredded_total) == (2, 3)
+        live = {k.run_id for k in await store.data_keys("ws1") if k.wrapped is not None}
+        assert live == {"bob1"}
+        records = await store.list_runs("ws1", RunQuery(workflow_id=ERASURE_WORKFLOW))
+        assert [r["runId"] for r in records] == [report.erasure_id]  # resumed, not a second
+        record = await store.get_run("ws1", str(report.erasure_id))
+        assert record is not None
+        assert record["status"] == "completed"
+        assert record["erasureResult"]["keysShredded"] == 3
+        again = await erase(store, "ws1", "email:ann@example.com", SUBJECT_KEY, by="dpo",
+                            archive=archive)
+        assert (again.keys_shredded, again.keys_shredded_total) == (0, 3)
+        assert archive.verify("ws1").ok
+    finally:
+        await store.close()

@@ -1,0 +1,284 @@
+"""Crypto-shredding of archived personal fields: per-run data keys, wrapped by a master key.
+
+When ``AUDIT_ARCHIVE_MASTER_KEY_FILE`` names a master key (base64 of 32 bytes), retention
+encrypts the personal fields of every record it archives — node ``input``, ``output``
+and ``error`` and the run ``error``, the fields erasure strips from hot storage — with
+the run's **data key** (AES-256-GCM, a fresh random 96-bit nonce per field). The
+associated data binds each ciphertext to its place (workspace, run, node key, field),
+so a ciphertext moved to another record or field fails authentication. A field is
+archived as an envelope::
+
+    {"$enc": "aes-256-gcm", "kid": "<data key id>", "n": "<b64 nonce>", "ct": "<b64>"}
+
+Data keys live in the store (``audit_data_keys``: workspace, run, key id, wrapped key,
+created, shredded), wrapped with AES-256-GCM under the master key with the key's place
+(workspace, run, key id) as associated data. The store write of a key happens before
+the segment using it is committed, so no committed ciphertext is ever without its key.
+
+Erasure shreds the keys of the subject's runs: the wrapped key is removed and the row
+keeps when (``shreddedAt``), so the archive segments stay byte-for-byte the same (the
+hash chain verifies) while the fields can no longer be read: they read as
+``{"erased": true, "at": <shreddedAt>}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from .archive import canonical
+from .errors import AuditFleetError, ConfigError
+from .queries import utcnow
+from .stores.base import RetentionStore, StoredKey
+
+ENC: Final = "$enc"
+ALG: Final = "aes-256-gcm"
+#: Personal fields encrypted in archived records (the fields erasure strips).
+SEALED: Final = {"run": ("error",), "node": ("error", "input", "output")}
+_NONCE: Final = 12
+
+
+class SealError(AuditFleetError):
+    """A data key or ciphertext does not authenticate (wrong master key, moved data)."""
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _place(*parts: str | None) -> bytes:
+    return json.dumps(["audit-fleet/v1", *parts], separators=(",", ":")).encode()
+
+
+def field_aad(workspace: str, run_id: str, node_key: str | None, name: str) -> bytes:
+    """The associated data of one encrypted field: its workspace, run, node and name."""
+    return _place(workspace, run_id, node_key, name)
+
+
+def load_master_key(path: str) -> bytes:
+    """The master key: base64 of exactly 32 bytes in a file (a mounted secret)."""
+    try:
+        text = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"AUDIT_ARCHIVE_MASTER_KEY_FILE: cannot read {path!r}: "
+                          f"{exc.strerror}") from None
+    try:
+        key = base64.b64decode(text, validate=True)
+    except ValueError:
+        raise ConfigError(f"AUDIT_ARCHIVE_MASTER_KEY_FILE {path!r} is not base64") from None
+    if len(key) != 32:
+        raise ConfigError(f"AUDIT_ARCHIVE_MASTER_KEY_FILE {path!r} must hold 32 bytes "
+                          f"(base64), got {len(key)}")
+    return key
+
+
+def is_envelope(value: Any) -> bool:
+    return isinstance(value, Mapping) and value.get(ENC) == ALG
+
+
+class MasterKey:
+    """Wraps and unwraps data keys (the key itself is never in a repr or a log)."""
+
+    def __init__(self, key: bytes) -> None:
+        self._aead = AESGCM(key)
+
+    def __repr__(self) -> str:
+        return "MasterKey(<secret>)"
+
+    def new_key(self, workspace: str, run_id: str) -> tuple[StoredKey, bytes]:
+        """A fresh data key for a run: the row to store and the key."""
+        key = AESGCM.generate_key(bit_length=256)
+        kid = secrets.token_hex(8)
+        nonce = os.urandom(_NONCE)
+        wrapped = nonce + self._aead.encrypt(nonce, key, _place(workspace, run_id, kid))
+        return StoredKey(run_id, kid, wrapped, utcnow()), key
+
+    def unwrap(self, workspace: str, row: StoredKey) -> bytes:
+        if row.wrapped is None:
+            raise SealError(f"data key {row.key_id} of run {row.run_id} was shredded")
+        try:
+            return self._aead.decrypt(row.wrapped[:_NONCE], row.wrapped[_NONCE:],
+                                      _place(workspace, row.run_id, row.key_id))
+        except InvalidTag:
+            raise SealError(f"data key {row.key_id} of run {row.run_id} does not unwrap "
+                            "(another master key?)") from None
+
+
+def seal(workspace: str, kind: str, doc: Mapping[str, Any], kid: str,
+         key: bytes) -> dict[str, Any]:
+    """``doc`` with its personal fields encrypted under the run's data key."""
+    out = dict(doc)
+    aead = AESGCM(key)
+    node_key = str(doc["nodeKey"]) if kind == "node" else None
+    for name in SEALED[kind]:
+        value = doc.get(name)
+        if value is None or is_envelope(value):
+            continue
+        nonce = os.urandom(_NONCE)
+        ct = aead.encrypt(nonce, canonical(value).encode(),
+                          field_aad(workspace, str(doc["runId"]), node_key, name))
+        out[name] = {ENC: ALG, "kid": kid, "n": _b64(nonce), "ct": _b64(ct)}
+    return out
+
+
+class Opener:
+    """Decrypts archived records with the data keys of a workspace, as read from the store.
+
+    A field whose key was shredded reads as ``{"erased": true, "at": ...}``; one whose
+    key is not in the store at all as ``{"erased": true, "at": null, "reason": ...}``.
+    A ciphertext that does not authenticate (moved, changed) raises :class:`SealError`.
+    """
+
+    def __init__(self, workspace: str, master: MasterKey | None,
+                 rows: Iterable[StoredKey]) -> None:
+        self.workspace = workspace
+        self.master = master
+        self.rows = {(r.run_id, r.key_id): r for r in rows}
+        self._keys: dict[tuple[str, str], bytes] = {}
+
+    def key_state(self, run_id: str, kid: str) -> str:
+        """``live``, ``shredded`` or ``missing``."""
+        row = self.rows.get((run_id, kid))
+        if row is None:
+            return "missing"
+        return "live" if row.wrapped is not None else "shredded"
+
+    def open_field(self, run_id: str, node_key: str | None, name: str,
+                   env: Mapping[str, Any]) -> Any:
+        kid = str(env.get("kid"))
+        row = self.rows.get((run_id, kid))
+        if row is None:
+            return {"erased": True, "at": None, "reason": f"data key {kid} not in the store"}
+        if row.wrapped is None:
+            at = row.shredded_at.isoformat() if row.shredded_at else None
+            return {"erased": True, "at": at}
+        if self.master is None:
+            raise ConfigError("reading encrypted archive fields needs "
+                              "AUDIT_ARCHIVE_MASTER_KEY_FILE")
+        key = self._keys.get((run_id, kid))
+        if key is None:
+            key = self._keys[(run_id, kid)] = self.master.unwrap(self.workspace, row)
+        try:
+            plain = AESGCM(key).decrypt(base64.b64decode(str(env["n"])),
+                                        base64.b64decode(str(env["ct"])),
+                                        field_aad(self.workspace, run_id, node_key, name))
+        except (InvalidTag, ValueError, KeyError):
+            raise SealError(f"run {run_id}: archived {name} of "
+                            f"{node_key or 'the run'} does not authenticate "
+                            "(moved or changed ciphertext)") from None
+        return json.loads(plain)
+
+    def open(self, kind: str, doc: Mapping[str, Any]) -> dict[str, Any]:
+        out = dict(doc)
+        node_key = str(doc["nodeKey"]) if kind == "node" else None
+        for name in SEALED.get(kind, ()):
+            value = doc.get(name)
+            if isinstance(value, Mapping) and is_envelope(value):
+                out[name] = self.open_field(str(doc["runId"]), node_key, name, value)
+        return out
+
+
+def sealed_kids(kind: str, doc: Mapping[str, Any]) -> set[str]:
+    """The data key ids a record's envelopes name."""
+    return {str(doc[n]["kid"]) for n in SEALED.get(kind, ()) if is_envelope(doc.get(n))}
+
+
+def holds_personal(kind: str, doc: Mapping[str, Any]) -> bool:
+    """Whether a record holds a personal field in clear."""
+    return any(doc.get(n) is not None and not is_envelope(doc.get(n))
+               for n in SEALED.get(kind, ()))
+
+
+class Sealer:
+    """Seals the records retention archives, with one data key per run (created and
+    stored before any segment using it is committed; a live stored key is reused)."""
+
+    def __init__(self, store: RetentionStore, master: MasterKey, workspace: str) -> None:
+        self.store = store
+        self.master = master
+        self.workspace = workspace
+        self.keys: dict[str, tuple[str, bytes]] = {}
+
+    async def prepare(self, run_ids: Iterable[str]) -> None:
+        need = sorted(set(run_ids) - set(self.keys))
+        if not need:
+            return
+        for row in await self.store.data_keys(self.workspace, need):
+            if row.wrapped is not None and row.run_id not in self.keys:
+                self.keys[row.run_id] = (row.key_id, self.master.unwrap(self.workspace, row))
+        fresh = [self.master.new_key(self.workspace, r) for r in need if r not in self.keys]
+        if fresh:
+            await self.store.put_data_keys(self.workspace, [row for row, _ in fresh])
+            for row, key in fresh:
+                self.keys[row.run_id] = (row.key_id, key)
+
+    def seal(self, kind: str, doc: Mapping[str, Any]) -> dict[str, Any]:
+        if not holds_personal(kind, doc):
+            return dict(doc)
+        kid, key = self.keys[str(doc["runId"])]
+        return seal(self.workspace, kind, doc, kid, key)
+
+
+async def load_opener(store: RetentionStore, master: MasterKey | None, workspace: str,
+                      run_ids: Sequence[str] | None = None) -> Opener:
+    """An :class:`Opener` with the stored data keys of a workspace (or of some runs)."""
+    return Opener(workspace, master, await store.data_keys(workspace, run_ids))
+
+
+@dataclass(slots=True)
+class ShredReport:
+    """What a workspace's archive holds encrypted, and how much of it was shredded."""
+
+    sealed_records: int = 0
+    shredded_records: int = 0
+    shredded_runs: set[str] = field(default_factory=set)
+    missing_records: int = 0
+    missing_runs: set[str] = field(default_factory=set)
+
+    def add(self, kind: str, doc: Mapping[str, Any], opener: Opener) -> None:
+        kids = sealed_kids(kind, doc)
+        if not kids:
+            return
+        self.sealed_records += 1
+        run_id = str(doc["runId"])
+        states = {opener.key_state(run_id, kid) for kid in kids}
+        if "missing" in states:
+            self.missing_records += 1
+            self.missing_runs.add(run_id)
+        elif "shredded" in states:
+            self.shredded_records += 1
+            self.shredded_runs.add(run_id)
+
+    def lines(self) -> list[str]:
+        out = [f"{self.sealed_records} records with encrypted personal fields; "
+               f"{self.shredded_records} records of {len(self.shredded_runs)} runs "
+               "crypto-shredded (keys deleted)"]
+        if self.missing_records:
+            out.append(f"{self.missing_records} records of {len(self.missing_runs)} runs name "
+                       "a data key the store does not hold (unreadable)")
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sealedRecords": self.sealed_records,
+                "shreddedRecords": self.shredded_records,
+                "shreddedRuns": sorted(self.shredded_runs),
+                "missingKeyRecords": self.missing_records,
+                "missingKeyRuns": sorted(self.missing_runs)}
+
+
+def shred_report(records: Iterable[tuple[str, str, dict[str, Any]]],
+                 opener: Opener) -> ShredReport:
+    """Count encrypted and shredded records (``records`` as ``Archive.records`` yields)."""
+    report = ShredReport()
+    for _, kind, doc in records:
+        report.add(kind, doc, opener)
+    return report
