@@ -41,7 +41,15 @@ from tests.reference import (
 from worker import events as ev
 from worker.documents import coalesce, fold, node_key
 from worker.erasure import erase, subject_hash
-from worker.stores.base import NodeQuery, NodeVersion, RunQuery, RunVersion, Store, WriteResult
+from worker.stores.base import (
+    NodeQuery,
+    NodeVersion,
+    RunQuery,
+    RunVersion,
+    Store,
+    StoredKey,
+    WriteResult,
+)
 
 T0 = datetime(2026, 2, 15, 10, 30, tzinfo=UTC)
 Raw = dict[str, Any]
@@ -841,7 +849,25 @@ class StoreConformance:
         again = await erase(store, ws, "email:lead@example.com", ERASE_KEY, by="dpo", now=at)
         assert (again.runs, again.nodes_erased, again.run_fields_erased) == (["r1", "r2"], 0, 0)
 
-    @pytest.mark.parametrize("crash_at", ["record", "mark", "nodes", "run", "result"])
+    async def test_archive_data_keys(self, store: Store) -> None:
+        """Data keys (worker.shredding): stored durably, read per run, shredded once (the
+        row keeps when), and per workspace."""
+        ws, other = new_workspace("dk"), new_workspace("dk")
+        made = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+        keys = [StoredKey("r1", "k1", b"\x00wrapped-1", made),
+                StoredKey("r2", "k2", b"wrapped-2", made)]
+        await store.put_data_keys(ws, keys)
+        await store.put_data_keys(ws, [StoredKey("r1", "k1", b"other", made)])  # kept as is
+        await store.put_data_keys(other, [StoredKey("r1", "k9", b"theirs", made)])
+        assert await store.data_keys(ws) == keys
+        assert await store.data_keys(ws, ["r2", "nope"]) == keys[1:]
+        at = datetime(2026, 4, 1, 9, 30, tzinfo=UTC)
+        assert await store.shred_data_keys(ws, ["r1", "nope"], at) == 1
+        assert await store.shred_data_keys(ws, ["r1"], at) == 0  # idempotent
+        assert await store.data_keys(ws, ["r1"]) == [StoredKey("r1", "k1", None, made, at)]
+        assert await store.data_keys(other) == [StoredKey("r1", "k9", b"theirs", made)]
+
+    @pytest.mark.parametrize("crash_at", ["record", "mark", "nodes", "run", "keys", "result"])
     async def test_erasure_killed_at_each_step_and_rerun(self, store: Store,
                                                          crash_at: str) -> None:
         """Killed at any step, a rerun resumes the same erasure record, erases everything

@@ -45,6 +45,7 @@ from pymongo import AsyncMongoClient, DeleteOne, IndexModel, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import (
     ConnectionFailure,
+    DuplicateKeyError,
     OperationFailure,
     PyMongoError,
 )
@@ -456,13 +457,17 @@ class MongoStore:
         db = self._read_db(workspace)
         if db is None:
             raise StoreRejected(f"workspace {workspace!r} has no database name")
-        for k in keys:  # upsert-if-absent: a key id already stored is kept
-            await self._call(db[DATA_KEYS].update_one(
-                {"_id": f"{workspace}\x1f{k.run_id}\x1f{k.key_id}"},
-                {"$setOnInsert": {"workspaceId": workspace, "runId": k.run_id,
-                                  "keyId": k.key_id, "wrappedKey": k.wrapped,
-                                  "createdAt": k.created_at, "shreddedAt": None}},
-                upsert=True))
+        async def insert(doc: Doc) -> None:  # insert-if-absent: a stored key id is kept
+            try:
+                await db[DATA_KEYS].insert_one(doc)
+            except DuplicateKeyError:
+                return
+
+        for k in keys:
+            await self._call(insert(
+                {"_id": f"{workspace}\x1f{k.run_id}\x1f{k.key_id}",
+                 "workspaceId": workspace, "runId": k.run_id, "keyId": k.key_id,
+                 "wrappedKey": k.wrapped, "createdAt": k.created_at, "shreddedAt": None}))
 
     async def data_keys(self, workspace: str,
                         run_ids: Sequence[str] | None = None) -> list[StoredKey]:
