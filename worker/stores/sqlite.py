@@ -38,7 +38,7 @@ import anyio.to_thread
 
 from ..documents import NodeDoc, RunPatch, WriteBatch
 from ..errors import ConfigError, StoreMisconfigured, StoreRejected, StoreUnavailable
-from . import _sql
+from . import _sql, _sqlite_keys
 from .base import (
     STRIPPABLE_NODE_FIELDS,
     STRIPPABLE_RUN_FIELDS,
@@ -103,17 +103,7 @@ CREATE INDEX IF NOT EXISTS workflow_node_runs_type_idx
 -- node traces by time (insights, retention)
 CREATE INDEX IF NOT EXISTS workflow_node_runs_started_idx
     ON workflow_node_runs (workspace_id, started_at);
--- archive data keys (worker.shredding): wrapped_key NULL once shredded
-CREATE TABLE IF NOT EXISTS audit_data_keys (
-    workspace_id TEXT NOT NULL,
-    run_id       TEXT NOT NULL,
-    key_id       TEXT NOT NULL,
-    wrapped_key  BLOB,
-    created_at   TEXT NOT NULL,
-    shredded_at  TEXT,
-    PRIMARY KEY (workspace_id, run_id, key_id)
-);
-"""
+""" + _sqlite_keys.SCHEMA
 
 _STORED_RUNS: Final = """
 SELECT workspace_id, run_id, doc FROM workflow_runs
@@ -406,34 +396,16 @@ class SQLiteStore:
     # -- archive data keys (worker.shredding) --------------------------------------------
 
     async def put_data_keys(self, workspace: str, keys: Sequence[StoredKey]) -> None:
-        rows = [(workspace, k.run_id, k.key_id, k.wrapped, _time(k.created_at)) for k in keys]
-        await self._run(partial(_transaction, lambda conn: conn.executemany(
-            "INSERT INTO audit_data_keys (workspace_id, run_id, key_id, wrapped_key,"
-            " created_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", rows)))
+        await self._run(partial(_transaction, partial(_sqlite_keys.put, workspace, keys)))
 
     async def data_keys(self, workspace: str,
                         run_ids: Sequence[str] | None = None) -> list[StoredKey]:
-        sql = ("SELECT run_id, key_id, wrapped_key, created_at, shredded_at"
-               " FROM audit_data_keys WHERE workspace_id = ?")
-        args: list[Any] = [workspace]
-        if run_ids is not None:
-            sql += " AND run_id IN (SELECT value FROM json_each(?))"
-            args.append(_sql.encode_json(sorted(set(run_ids))).decode())
-        rows = await self._run(partial(_fetchall, sql + " ORDER BY run_id, key_id", args))
-        return [_key_row(r) for r in rows]
+        return await self._run(partial(_sqlite_keys.fetch, workspace, run_ids))
 
     async def shred_data_keys(self, workspace: str, run_ids: Sequence[str],
                               at: datetime) -> int:
-        ids = _sql.encode_json(sorted(set(run_ids))).decode()
-
-        def shred(conn: sqlite3.Connection) -> int:
-            return conn.execute(
-                "UPDATE audit_data_keys SET wrapped_key = NULL, shredded_at = ?"
-                " WHERE workspace_id = ? AND wrapped_key IS NOT NULL"
-                " AND run_id IN (SELECT value FROM json_each(?))",
-                (_time(at), workspace, ids)).rowcount
-
-        return await self._run(partial(_transaction, shred))
+        return await self._run(partial(_transaction, partial(
+            _sqlite_keys.shred, workspace, run_ids, _time(at))))
 
     # -- retention (worker.retention) ----------------------------------------------------
 
@@ -554,13 +526,6 @@ def _delete_unchanged(workspace: str, want: dict[str, RunVersion],
         "  WHERE n.workspace_id = r.workspace_id AND n.run_id = r.run_id)",
         (workspace, _sql.encode_json(same).decode()))
     return cursor.rowcount
-
-
-def _key_row(row: Sequence[Any]) -> StoredKey:
-    run_id, key_id, wrapped, created, shredded = row
-    return StoredKey(run_id, key_id, None if wrapped is None else bytes(wrapped),
-                     datetime.fromisoformat(created),
-                     None if shredded is None else datetime.fromisoformat(shredded))
 
 
 def _fetchall(sql: str, args: list[Any], conn: sqlite3.Connection) -> list[Any]:
