@@ -20,13 +20,16 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from .errors import AuditFleetError
 from .queries import (
     jsonable,
 )
 from .stores import QueryStore
+
+if TYPE_CHECKING:
+    from .archive import Archive
 
 EXPLAIN_VERSION: Final = 1
 #: Longest prompt string shown when prompts are not shown in full.
@@ -391,3 +394,14 @@ async def explain_run(store: QueryStore, workspace: str, run_id: str, *,
     return build(workspace, run_id, run, nodes, show_prompts=show_prompts)
 
 
+async def explain_archived(archive: Archive, workspace: str, run_id: str, *,
+                           show_prompts: bool = False) -> Explanation | None:
+    """The explanation of a run read back from the archive, or None if it holds none."""
+    from .archive import read_run
+
+    found = await read_run(archive, workspace, run_id)
+    if found is None:
+        return None
+    run, nodes, segments = found
+    return build(workspace, run_id, run, nodes, show_prompts=show_prompts,
+                 source="archive " + ", ".join(segments))

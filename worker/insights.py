@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Final
 
 from .queries import (
@@ -198,14 +198,52 @@ def _usage(bucket: Mapping[str, list[int]], label: str) -> list[dict[str, Any]]:
     return rows
 
 
+@dataclass(slots=True)
+class Distributions:
+    """A one-pass fold for charts: AI confidences in ten bins of 0.1 (1.0 in the last),
+    and errors per UTC day and error type (grouped as in the error groups)."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+    confidence: list[int] = field(default_factory=lambda: [0] * 10)
+    _errors: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def add(self, doc: Mapping[str, Any]) -> None:
+        if not Insights(since=self.since, until=self.until).in_window(doc):
+            return
+        output = doc.get("output")
+        if doc.get("type") == "ai" and isinstance(output, Mapping):
+            value = _num(output.get("confidence"))
+            if value is not None and 0 <= value <= 1:
+                self.confidence[min(9, int(value * 10))] += 1
+        error = doc.get("error")
+        started = doc.get("startedAt")
+        if (doc.get("status") == "failed" or error is not None) \
+                and isinstance(started, datetime):
+            etype = error.get("type") if isinstance(error, Mapping) else None
+            name = etype if isinstance(etype, str) and etype else "unknown"
+            day = started.astimezone(UTC).strftime("%Y-%m-%d")
+            self._errors[(day, name)] = self._errors.get((day, name), 0) + 1
+
+    def result(self) -> dict[str, Any]:
+        return {"confidenceBins": [{"from": i / 10, "to": (i + 1) / 10, "count": c}
+                                   for i, c in enumerate(self.confidence)],
+                "errorsByDay": [{"day": d, "type": t, "count": c}
+                                for (d, t), c in sorted(self._errors.items())]}
+
+
 async def compute(store: QueryStore, workspace: str, *, since: datetime | None = None,
                   until: datetime | None = None, threshold: float = DEFAULT_THRESHOLD,
-                  limit: int = DEFAULT_LIMIT) -> dict[str, Any]:
-    """Insights of a workspace's nodes started in ``[since, until)``, streamed from a store."""
+                  limit: int = DEFAULT_LIMIT,
+                  distributions: Distributions | None = None) -> dict[str, Any]:
+    """Insights of a workspace's nodes started in ``[since, until)``, streamed from a store
+    (and, in the same pass, ``distributions`` when given)."""
     acc = Insights(threshold=threshold, limit=limit, since=since, until=until)
     query = NodeQuery(since=since, until=until, fields=FIELDS)
     async for doc in store.scan_nodes(workspace, query):
         acc.add(doc)
+        if distributions is not None:
+            distributions.add(doc)
     out = acc.result()
     out["workspace"] = workspace
     return out

@@ -7,9 +7,11 @@ strings with microseconds and a ``Z`` suffix, no NaN.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -87,5 +89,46 @@ async def list_runs(store: QueryStore, workspace: str, query: RunQuery) -> list[
     """Runs matching ``query`` in the listing form, newest first (the store's index order)."""
     docs = await store.list_runs(workspace, query)
     return [run_row(doc) for doc in docs]
+
+
+def encode_cursor(row: Mapping[str, Any]) -> str:
+    """The opaque cursor naming the position after ``row`` (a run in the listing form)."""
+    started = row.get("startedAt")
+    position = [format_time(started) if isinstance(started, datetime) else None,
+                str(row["runId"])]
+    raw = json.dumps(position, separators=(",", ":"), ensure_ascii=False).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(text: str) -> tuple[datetime | None, str]:
+    """The ``(startedAt, runId)`` position of a cursor from :func:`encode_cursor`."""
+    try:
+        if len(text) > 1000:
+            raise ValueError("too long")
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        started, run_id = json.loads(raw)
+        if not isinstance(run_id, str) or not (started is None or isinstance(started, str)):
+            raise ValueError("bad position")
+        if started is None:
+            return None, run_id
+        when = datetime.fromisoformat(started.replace("Z", "+00:00"))
+        if when.tzinfo is None:
+            raise ValueError("no offset")
+        return when.astimezone(UTC), run_id
+    except (ValueError, TypeError):
+        raise ConfigError(f"not a cursor: {text[:60]!r}") from None
+
+
+async def list_runs_page(store: QueryStore, workspace: str,
+                         query: RunQuery) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of :func:`list_runs` and the cursor of the next (None on the last page).
+
+    Keyset pagination on the listing order, so every page is one index range scan.
+    """
+    rows = await list_runs(store, workspace, replace(query, limit=query.limit + 1))
+    if len(rows) <= query.limit:
+        return rows, None
+    rows = rows[: query.limit]
+    return rows, encode_cursor(rows[-1])
 
 

@@ -61,6 +61,7 @@ from .queries import (
 )
 from .shredding import MasterKey, Sealer, holds_personal, load_opener
 from .stores import NodeQuery, NodeVersion, RetentionStore, RunVersion
+from .stores.access import AccessStore
 
 CLASSES: Final = ("run_summaries", "node_traces", "prompts", "error_details")
 PROMPT_FIELDS: Final = ("input", "output")
@@ -266,6 +267,8 @@ class WorkspaceReport:
     #: Hot changes skipped because the document changed after it was read (late events):
     #: the next run archives the new version and makes them.
     deferred: int = 0
+    #: API access records older than the run-summary horizon, removed (or to remove).
+    access_expired: int = 0
     segments: list[dict[str, Any]] = field(default_factory=list)
     recovered: list[str] = field(default_factory=list)
 
@@ -282,6 +285,7 @@ class WorkspaceReport:
             "promptsStripped": self.prompts_stripped,
             "errorsStripped": self.errors_stripped,
             "deferred": self.deferred,
+            "accessRecordsExpired": self.access_expired,
             "segments": [{"seq": m.get("seq"), "period": m["period"],
                           "runs": m["counts"]["runs"], "nodes": m["counts"]["nodes"],
                           "sha256": m.get("sha256")} for m in self.segments],
@@ -303,12 +307,27 @@ class Retention:
     #: With a master key, archived personal fields are encrypted (``worker.shredding``).
     master: MasterKey | None = None
     _sealer: Sealer | None = None
+    #: The store's API access log, expired with the run-summary class (None: untouched).
+    access: AccessStore | None = None
 
     def _step(self, name: str) -> None:
         if self.fault is not None:
             self.fault(name)
 
     async def workspace(self, workspace: str) -> WorkspaceReport:
+        report = await self._workspace(workspace)
+        days = report.hot.run_summaries
+        if self.access is not None and days is not None:
+            # Access records are kept as long as run summaries: the same horizon.
+            before = self.now - timedelta(days=days)
+            if self.apply:
+                report.access_expired = await self.access.expire_access(workspace, before)
+            else:
+                report.access_expired = len(await self.access.access_log(workspace,
+                                                                         until=before))
+        return report
+
+    async def _workspace(self, workspace: str) -> WorkspaceReport:
         hot = self.policy.for_workspace(workspace)
         report = WorkspaceReport(workspace, hot)
         shortest = hot.shortest()
@@ -462,12 +481,13 @@ async def run_retention(store: RetentionStore, policy: Policy, *, now: datetime,
                         archive: Archive | None, apply: bool,
                         workspaces: Sequence[str] = (),
                         fault: Callable[[str], None] | None = None,
-                        master: MasterKey | None = None) -> list[WorkspaceReport]:
+                        master: MasterKey | None = None,
+                        access: AccessStore | None = None) -> list[WorkspaceReport]:
     """Plan (``apply=False``) or run a retention pass over some or all workspaces;
     with ``master``, archived personal fields are encrypted (crypto-shreddable)."""
     if archive is not None and fault is not None:
         archive.fault = fault
-    job = Retention(store, policy, now, archive, apply, fault, master)
+    job = Retention(store, policy, now, archive, apply, fault, master, access=access)
     names = list(workspaces) or await store.workspaces()
     return [await job.workspace(ws) for ws in names]
 

@@ -34,6 +34,12 @@ def test_demo_stores_every_run_and_explains_one(tmp_path: Path) -> None:
     assert "Trigger: webhook" in out
     for node in ("source", "classify", "route", "update-crm"):
         assert f". {node}  [" in out
+    # It ends with the URL of a viewer on its own data and a token for it.
+    last = out.strip().splitlines()
+    assert last[-3].startswith("the run in the viewer: "
+                               "http://127.0.0.1:8700/workspaces/workspace_demo/runs/")
+    assert last[-1].startswith("aft_")
+    assert f"serve --insecure-localhost --bind 127.0.0.1:8700 --store-url '{store}'" in out
     runs = subprocess.run(
         [sys.executable, "-m", "worker", "runs", "--workspace", "workspace_demo",
          "--limit", "100", "--json", "--store-url", store],
@@ -41,6 +47,12 @@ def test_demo_stores_every_run_and_explains_one(tmp_path: Path) -> None:
     )
     assert runs.returncode == 0, runs.stderr
     assert runs.stdout.count('"runId"') == 40
+    tokens = subprocess.run(
+        [sys.executable, "-m", "worker", "tokens", "list", "--json", "--store-url", store],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )
+    assert '"workspace_demo"' in tokens.stdout
+    assert last[-1].split("_")[1] in tokens.stdout
 
 
 def test_demo_is_hermetic_and_reproducible(redis_url: str, stream: str, tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,34 @@ class QueryConformance:
                                  show_prompts=show)
             assert queries.dumps(got.to_json()) == queries.dumps(want.to_json())
             assert explain_cli.render(got) == explain_cli.render(want)
+
+    async def test_cursor_pages_walk_the_listing_exactly_once(self, qstore: Store) -> None:
+        """Keyset pages of every size, with filters and runs sharing a start time, give
+        the whole listing in order, each run once, and the last page has no cursor."""
+        ws = self.workspace()
+        events, _ = make_dataset(ws, runs=14, seed=5)
+        for i in range(5):  # five runs with the very same startedAt: ties by run ID
+            events += ref.reference_events(ws, run_id=f"run_tie_{i}")
+        await write_events(qstore, events)
+        runs, _ = folded(events)
+        for q in [RunQuery(limit=1000), RunQuery(limit=1000, status="completed"),
+                  RunQuery(limit=1000, workflow_id=ref.WORKFLOW_ID)]:
+            want = expected_runs(runs, q)
+            for size in (1, 3, len(want), len(want) + 1):
+                got: list[dict[str, Any]] = []
+                after = None
+                pages = 0
+                while True:
+                    page, cursor = await queries.list_runs_page(
+                        qstore, ws, replace(q, limit=size, after=after))
+                    got.extend(page)
+                    pages += 1
+                    if cursor is None:
+                        break
+                    after = queries.decode_cursor(cursor)
+                    assert pages <= len(want)
+                assert queries.dumps(got) == queries.dumps(want), (q, size)
+                assert pages == max(1, -(-len(want) // size)), (q, size)
 
     async def test_runs_listing_matches_the_specification(self, qstore: Store) -> None:
         """Every filter combination lists the same runs, in the same order."""

@@ -32,7 +32,9 @@ from . import (
     retention,
     run,
     runs,
+    serve,
     status,
+    tokens,
     trim,
     validate,
 )
@@ -41,7 +43,7 @@ Handler = Callable[[argparse.Namespace], Awaitable[int]]
 
 #: The command modules, in the order ``audit-fleet --help`` lists them.
 COMMANDS = (run, demo, status, dlq, health, trim, explain, runs, insights, retention, archive,
-            erase, config, validate, groups)
+            erase, config, validate, groups, serve, tokens)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -55,6 +55,9 @@ def register(sub: Any) -> None:
     p.add_argument("--store-url", default=None,
                    help="store the demo runs here (default: a SQLite file in a new "
                    "temporary directory)")
+    p.add_argument("--serve", action="store_true",
+                   help="then serve the viewer on --bind until Ctrl-C")
+    p.add_argument("--bind", default="127.0.0.1:8700", help="the viewer's loopback address")
     p.set_defaults(func=cmd_demo)
 
 
@@ -173,7 +176,10 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     pick = next((r for r in runs if r["nodes"][1].get("error") and r["status"] == "completed"),
                 runs[0])
     print()
-    return await _explain(store_url, WORKSPACE, pick["runId"])
+    code = await _explain(store_url, WORKSPACE, pick["runId"])
+    if code == 0:
+        await _viewer(store_url, WORKSPACE, pick["runId"], args)
+    return code
 
 
 #: Entries no worker can store: they end in the demo stream's dead-letter stream.
@@ -260,3 +266,35 @@ async def _explain(store_url: str, workspace: str, run_id: str) -> int:
     print(f"\nexplain it yourself: audit-fleet explain {run_id} --workspace {workspace} {flag}")
     print(f"improvement queries: audit-fleet insights --workspace {workspace} --since 7d {flag}")
     return 0
+
+
+async def _viewer(store_url: str, workspace: str, run_id: str, args: argparse.Namespace) -> None:
+    """Print (or, with --serve, start) a local viewer on the demo's data and a token for it."""
+    from urllib.parse import quote
+
+    from ..api.server import Listen
+    from ..stores import open_store
+    from .serve import viewer_token
+
+    listen = Listen.make(args.bind, cert=None, key=None, insecure_localhost=True)
+    store = open_store(store_url)
+    await store.open()
+    try:
+        token = await viewer_token(store, workspace, label="demo")
+    finally:
+        await store.close()
+    url = f"{listen.url(listen.bind.port)}/workspaces/{workspace}/runs/{quote(run_id, safe='')}"
+    if not args.serve:
+        print(f"\nthe viewer:          audit-fleet serve --insecure-localhost --bind {args.bind}"
+              f" --store-url '{store_url}'")
+    print(f"\nthe run in the viewer: {url}")
+    print(f"log in there with this token ({workspace} only, runs:read,prompts:read):")
+    print(token)
+    if args.serve:
+        from argparse import Namespace
+
+        from .serve import cmd_serve
+
+        await cmd_serve(Namespace(bind=args.bind, tls_cert=None, tls_key=None,
+                                  insecure_localhost=True, archive_dir=None,
+                                  store_url=store_url))

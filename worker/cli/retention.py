@@ -15,6 +15,7 @@ from ..retention import (
     WorkspaceReport,
     run_retention,
 )
+from ..stores.access import access_store
 from .common import add_store_flag, archive_dir, archive_master_key, opened_store
 from .output import format_time, parse_time, print_json, table
 
@@ -39,6 +40,9 @@ def render(reports: Sequence[WorkspaceReport], *, applied: bool, now: datetime) 
         if r.deferred:
             out.append(f"  {r.workspace}: {r.deferred} changes deferred to the next run "
                        "(documents changed after they were read)")
+        if r.access_expired:
+            out.append(f"  {r.workspace}: {r.access_expired} API access records older than "
+                       "the run summaries " + ("removed" if applied else "to remove"))
     return "\n".join(out)
 
 
@@ -52,8 +56,11 @@ async def _cmd(args: argparse.Namespace, apply: bool) -> int:
                           "--no-archive to drop expired data without keeping it")
     workspaces = [check_workspace(args.workspace)] if args.workspace else []
     async with opened_store(args, read_only=not apply) as store:
+        access = access_store(store)
+        await access.migrate()  # the access-log table, idempotent (plan counts its records)
         reports = await run_retention(store, policy, now=now, archive=archive, apply=apply,
-                                      workspaces=workspaces, master=archive_master_key())
+                                      workspaces=workspaces, master=archive_master_key(),
+                                      access=access)
     if args.json:
         print_json({"applied": apply, "now": now, "policy": policy.to_json(),
                      "workspaces": [r.to_json() for r in reports]})

@@ -39,6 +39,10 @@ async def cmd_migrate(args: argparse.Namespace) -> int:
     await store.open()
     try:
         await store.migrate()
+        if store.name != "null":
+            from ..stores.access import access_store
+
+            await access_store(store).migrate()
     finally:
         await store.close()
     print(f"schema and indexes are up to date ({store.name})")

@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from ..errors import ConfigError
-from ..queries import check_workspace, list_runs, utcnow
+from ..queries import check_workspace, decode_cursor, list_runs_page, utcnow
 from ..stores import RunQuery
 from .common import add_store_flag, add_workspace_flag, opened_store
 from .output import format_ms, parse_when, print_json, table
@@ -25,6 +25,7 @@ def runs_query(args: argparse.Namespace, now: datetime) -> RunQuery:
         since=parse_when(args.since, now),
         until=parse_when(args.until, now),
         limit=limit,
+        after=decode_cursor(args.after) if getattr(args, "after", None) else None,
     )
 
 
@@ -49,11 +50,13 @@ async def cmd_runs(args: argparse.Namespace) -> int:
     workspace = check_workspace(args.workspace)
     query = runs_query(args, utcnow())
     async with opened_store(args, read_only=True) as store:
-        rows = await list_runs(store, workspace, query)
+        rows, cursor = await list_runs_page(store, workspace, query)
     if args.json:
-        print_json({"workspace": workspace, "runs": rows})
+        print_json({"workspace": workspace, "runs": rows, "nextCursor": cursor})
     else:
         print(render_runs(rows))
+        if cursor is not None:
+            print(f"(more: --after {cursor})")
     return 0
 
 
@@ -70,5 +73,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--since", help="started at or after: a duration back (7d) or a time")
     p.add_argument("--until", help="started before: a duration back (1h) or a time")
     p.add_argument("--limit", type=int, default=50, help="at most this many runs (default 50)")
+    p.add_argument("--after", metavar="CURSOR",
+                   help="the next page: the cursor a previous page ended with")
     p.add_argument("--json", action="store_true", help="stable JSON instead of a table")
     p.set_defaults(func=cmd_runs)

@@ -41,6 +41,9 @@ class RunQuery:
     since: datetime | None = None
     until: datetime | None = None
     limit: int = 50
+    #: Keyset pagination: only runs after this ``(startedAt, runId)`` in the listing order
+    #: (the last run of the previous page; a ``None`` start sorts after every time).
+    after: tuple[datetime | None, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)

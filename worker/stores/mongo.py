@@ -382,6 +382,8 @@ class MongoStore:
         filt = self._filter(workspace, workflowId=query.workflow_id, status=query.status,
                             **{"trigger.source": query.trigger_source, "startedAt": span,
                                "_startedAtUs": exact})
+        if query.after is not None:
+            filt["$and"] = [_after(query.after)]
         # newest first, unknown start last (MongoDB sorts null lowest), ties by runId
         cursor = db[mc.RUNS].find(filt, sort=[("startedAt", -1), ("_startedAtUs", -1),
                                               ("runId", 1)], limit=query.limit)
@@ -713,6 +715,18 @@ def _time_range(since: datetime | None, until: datetime | None) -> tuple[Doc | N
         span["$lte"] = mc.floor_ms(until)
         exact["$lt"] = mc.micros(until)
     return span or None, exact or None
+
+
+def _after(position: tuple[datetime | None, str]) -> Doc:
+    """Runs after ``(startedAt, runId)`` in the listing order (newest first, no start
+    last, ties by runId): keyset pagination on the start index."""
+    started, run_id = position
+    if started is None:
+        return {"startedAt": None, "runId": {"$gt": run_id}}
+    us = mc.micros(started)
+    return {"$or": [{"startedAt": {"$lte": mc.floor_ms(started)}, "_startedAtUs": {"$lt": us}},
+                    {"_startedAtUs": us, "runId": {"$gt": run_id}},
+                    {"startedAt": None}]}
 
 
 def _run_doc(stored: Mapping[str, Any]) -> Doc:

@@ -507,6 +507,14 @@ class PostgresStore:
             where.append(f"started_at >= {arg(_sql.utc(query.since))}")
         if query.until is not None:
             where.append(f"started_at < {arg(_sql.utc(query.until))}")
+        if query.after is not None:
+            started, run_id = query.after
+            if started is None:
+                where.append(f"(started_at IS NULL AND run_id > {arg(run_id)})")
+            else:
+                at, after_id = arg(_sql.utc(started)), arg(run_id)
+                where.append(f"(started_at < {at} OR (started_at = {at} AND run_id > {after_id})"
+                             " OR started_at IS NULL)")
         limit = arg(max(0, query.limit))
         sql = (f"SELECT {_RUN_COLUMNS} FROM workflow_runs WHERE {' AND '.join(where)}"
                f" ORDER BY started_at DESC NULLS LAST, run_id LIMIT {limit}")

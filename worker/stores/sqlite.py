@@ -333,6 +333,15 @@ class SQLiteStore:
         if query.until is not None:
             where.append("started_at < ?")
             args.append(_time(query.until))
+        if query.after is not None:
+            started, run_id = query.after
+            if started is None:
+                where.append("(started_at IS NULL AND run_id > ?)")
+                args.append(run_id)
+            else:
+                where.append("(started_at < ? OR (started_at = ? AND run_id > ?)"
+                             " OR started_at IS NULL)")
+                args.extend([_time(started), _time(started), run_id])
         args.append(max(0, query.limit))
         sql = (f"SELECT doc FROM workflow_runs WHERE {' AND '.join(where)}"
                " ORDER BY started_at DESC, run_id LIMIT ?")
