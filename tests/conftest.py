@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from tests.mongo_emulator import FakeMongo, start_emulator
+from tests.redis_servers import RedisCluster, SentinelSetup
 from worker.stores import Store, open_store
 
 # Plain tracebacks in test logs: structlog's default renders each logged exception with rich
@@ -307,3 +308,29 @@ def mongo_wire(mongo_wire_server: FakeMongo) -> FakeMongo:
     """The session's emulated MongoDB primary, emptied for this test."""
     mongo_wire_server.reset()
     return mongo_wire_server
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """One private six-node Redis Cluster (3 masters, 3 replicas) shared by the session.
+
+    Tests use their own hash-tagged stream names; a test that kills or moves something
+    leaves the cluster healthy (three masters, every slot covered) when it ends.
+    """
+    cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def sentinel_setup(tmp_path: Path) -> Iterator[SentinelSetup]:
+    """A private master, replica and Sentinel for this test (its failover changes them)."""
+    setup = SentinelSetup(tmp_path / "sentinel")
+    try:
+        setup.start()
+        yield setup
+    finally:
+        setup.stop()

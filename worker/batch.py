@@ -15,3 +15,8 @@ class Batch:
     entries: list[Entry]
     #: Payload bytes of the entries, counted against the memory budget until settled.
     nbytes: int = 0
+
+    @property
+    def stream(self) -> str:
+        """The shard the batch came from (a reader or reclaimer reads one stream only)."""
+        return self.entries[0].stream

@@ -37,6 +37,7 @@ from .budget import MemoryBudget
 from .documents import SUBJECTS, WriteBatch, coalesce, coalesce_each
 from .erasure import hash_subjects
 from .errors import (
+    GroupMissing,
     InvalidEvent,
     RedisRefused,
     RedisUnavailable,
@@ -47,16 +48,16 @@ from .errors import (
 from .events import Decoded, decode
 from .logs import get_logger
 from .metrics import Metrics
+from .redisclient import connect_settings
 from .redisio import (
     DeadLetter,
     Entry,
     ack,
     dead_lettered_ids,
     ensure_group,
-    is_nogroup,
+    group_drained,
     read_group,
     refresh_leases,
-    text,
     write_dead_letters,
 )
 from .settings import Settings
@@ -64,8 +65,9 @@ from .signing import UNSIGNED, SignaturePolicy, mismatch
 from .stores.base import Store, WriteResult
 
 #: Errors that mean Redis is (briefly) unavailable: back off and try again. The Redis
-#: edge (:mod:`worker.redisio`) raises :class:`RedisUnavailable` (out of memory included);
-#: the raw redis-py classes cover the few commands sent outside it.
+#: edge (:mod:`worker.redisio`) raises :class:`RedisUnavailable` for connection errors,
+#: out of memory and cluster failovers alike.
+REDIS_TRANSIENT = (RedisUnavailable,)
 
 #: Attempts at a dead letter Redis refuses for good (WRONGTYPE …) before its entry is
 #: left pending for a later redelivery instead (it is never acknowledged without one).
@@ -142,7 +144,14 @@ def _failure(stage: str, exc: BaseException) -> str:
 
 
 class Worker:
-    """One member of the fleet: a consumer in the group, reading every configured stream."""
+    """One member of the fleet: a consumer in the group, with one reader and one reclaimer
+    per stream (shard), sharing the writers.
+
+    Each shard's reader asks for ``batch_size / shards`` entries at a time, so the memory
+    a worker holds does not grow with the number of shards, and each shard may have at
+    most :attr:`shard_budget` batches in the writers (or waiting for one) at once, so a
+    backlog on one shard leaves writers free for the others.
+    """
 
     def __init__(
         self,
@@ -160,7 +169,8 @@ class Worker:
         #: How long the reader waits after a read that did not fill a batch (AUDIT_LINGER_MS).
         self.linger_s = settings.linger_ms / 1000 if linger_s is None else linger_s
         self.store = store
-        self.redis = redis if redis is not None else aioredis.Redis.from_url(settings.redis_url)
+        self._own_redis = redis is None
+        self.redis: aioredis.Redis = redis  # type: ignore[assignment]  # connected in run()
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.prime(settings.streams, settings.group, store.name)
         self.side_loops = list(side_loops)
@@ -175,6 +185,13 @@ class Worker:
         self._pipe_scope: anyio.CancelScope | None = None
         self.signatures = SignaturePolicy.of(settings)
         self.redactor = settings.redactor()
+        shards = len(settings.streams)
+        #: Entries one read asks for: the batch size split between the shards.
+        self.read_count = max(1, settings.batch_size // shards)
+        #: Batches of one shard that may be in the writers (or waiting for one) at once.
+        self.shard_budget = (settings.max_inflight if shards == 1
+                             else max(1, (settings.max_inflight + 1) // 2))
+        self._slots: dict[str, anyio.Semaphore] = {}
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -197,7 +214,7 @@ class Worker:
     def beat(self, loop: str) -> None:
         self.metrics.heartbeat(loop)
 
-    async def ensure_groups(self) -> bool:
+    async def ensure_groups(self, streams: Sequence[str] | None = None) -> bool:
         """Create the consumer groups, waiting (backoff with jitter) while Redis cannot:
         unreachable, or at ``maxmemory`` (XGROUP CREATE is refused then). Returns False
         if the worker was stopped meanwhile."""
@@ -210,7 +227,7 @@ class Worker:
         try:
             async for attempt in retrying:
                 with attempt:
-                    for stream in self.settings.streams:
+                    for stream in self.settings.streams if streams is None else streams:
                         if await ensure_group(self.redis, stream, self.settings.group):
                             self.log.info("group_created", stream=stream)
         except RedisUnavailable:
@@ -231,16 +248,30 @@ class Worker:
                                  retry_in_s=round(wait, 3))
         return report
 
+    def shard_slots(self, stream: str) -> anyio.Semaphore:
+        """The in-flight budget of one shard (:attr:`shard_budget` batches)."""
+        sem = self._slots.get(stream)
+        if sem is None:
+            sem = self._slots[stream] = anyio.Semaphore(self.shard_budget)
+        return sem
+
     async def run(self) -> None:
         """Run until stopped (signal, :meth:`stop`, or an idle group in burst mode)."""
-        async with anyio.create_task_group() as outer:
-            if self.handle_signals:
-                outer.start_soon(self._signal_watcher)
-            try:
-                if await self.ensure_groups():
-                    await self._run()
-            finally:
-                outer.cancel_scope.cancel()
+        if self.redis is None:
+            self.redis = await connect_settings(self.settings)
+        try:
+            async with anyio.create_task_group() as outer:
+                if self.handle_signals:
+                    outer.start_soon(self._signal_watcher)
+                try:
+                    if await self.ensure_groups():
+                        await self._run()
+                finally:
+                    outer.cancel_scope.cancel()
+        finally:
+            if self._own_redis:
+                with anyio.move_on_after(2.0, shield=True):
+                    await self.redis.aclose()
         self.log.info("worker_stopped")
 
     async def _run(self) -> None:
@@ -249,7 +280,8 @@ class Worker:
         reclaimer = Reclaimer(self)
         send, recv = anyio.create_memory_object_stream[Batch](0)
         self.log.info("worker_started", streams=list(self.settings.streams),
-                      store=self.store.name, burst=self.settings.burst)
+                      store=self.store.name, burst=self.settings.burst,
+                      read_count=self.read_count, shard_budget=self.shard_budget)
         with tuned_gc(self.settings.batch_size * GC_GEN0_PER_EVENT):
             await self._run_loops(reclaimer, send, recv)
 
@@ -263,8 +295,9 @@ class Worker:
             async with anyio.create_task_group() as pipe:
                 self._pipe_scope = pipe.cancel_scope
                 async with send, recv:
-                    pipe.start_soon(self._reader, send.clone())
-                    pipe.start_soon(reclaimer.run, send.clone())
+                    for stream in self.settings.streams:
+                        pipe.start_soon(self._reader, send.clone(), stream)
+                        pipe.start_soon(reclaimer.run, send.clone(), stream)
                     for _ in range(self.settings.max_inflight):
                         pipe.start_soon(self._writer, recv.clone())
             side.cancel_scope.cancel()
@@ -305,9 +338,10 @@ class Worker:
 
     # -- reading -------------------------------------------------------------------
 
-    async def _read_group(self, count: int) -> list[Entry]:
-        """One XREADGROUP, retried with backoff while Redis is unavailable (the reader
-        keeps beating meanwhile); re-raises RedisUnavailable if the worker stops."""
+    async def _read_group(self, stream: str, count: int) -> list[Entry]:
+        """One XREADGROUP on ``stream``, retried with backoff while Redis is unavailable
+        (an outage, a cluster failover; the reader keeps beating meanwhile); re-raises
+        RedisUnavailable if the worker stops."""
         s = self.settings
         async for attempt in retry.retrying(
             RedisUnavailable, initial_s=0.1, max_s=5.0, stop=lambda _: self.stopping,
@@ -315,30 +349,34 @@ class Worker:
         ):
             with attempt:
                 self.beat("reader")
-                return await read_group(self.redis, s.group, s.consumer, s.streams, count,
+                return await read_group(self.redis, s.group, s.consumer, stream, count,
                                         s.block_ms)
         raise AssertionError("unreachable: retrying re-raises")
 
-    async def _reader(self, send: ObjectSendStream[Batch]) -> None:
+    def shard_read_count(self) -> int:
+        """Entries one shard's read may ask for: the memory budget's count split between
+        the shards, so the payload held does not grow with the number of shards."""
+        return max(1, self.budget.read_count() // len(self.settings.streams))
+
+    async def _reader(self, send: ObjectSendStream[Batch], stream: str) -> None:
+        """Read one shard: XREADGROUP on ``stream`` only."""
         s = self.settings
         async with send:
             while not self.stopping:
                 self.beat("reader")
                 await self.budget.wait_for_room(lambda: self.beat("reader"),
                                                 lambda: self.stopping)
-                count = self.budget.read_count()
+                count = self.shard_read_count()
                 try:
-                    entries = await self._read_group(count)
+                    entries = await self._read_group(stream, count)
                 except RedisUnavailable:
                     continue  # stopped while Redis was unavailable
-                except Exception as exc:
-                    if not is_nogroup(exc):
-                        raise
-                    self.log.warning("nogroup_recreating", error=str(exc))
-                    await self.ensure_groups()
+                except GroupMissing as exc:
+                    self.log.warning("nogroup_recreating", stream=stream, error=exc.detail)
+                    await self.ensure_groups([stream])
                     continue
                 if entries and self.linger_s > 0 and len(entries) < count:
-                    entries = await self._linger(entries, count)
+                    entries = await self._linger(stream, entries, count)
                 if not entries:
                     if s.burst and await self.drained():
                         self.log.info("burst_drained")
@@ -349,7 +387,7 @@ class Worker:
                 nbytes = self.budget.take(entries)
                 await self.hand_over(send, Batch(entries, nbytes=nbytes), "reader")
 
-    async def _linger(self, entries: list[Entry], count: int) -> list[Entry]:
+    async def _linger(self, stream: str, entries: list[Entry], count: int) -> list[Entry]:
         """After a short read, wait ``linger_s`` and add what arrived meanwhile.
 
         Under moderate load a blocking XREADGROUP returns as soon as one entry arrives,
@@ -365,31 +403,41 @@ class Worker:
         s = self.settings
         await anyio.sleep(self.linger_s)
         try:
-            more = await read_group(self.redis, s.group, s.consumer, s.streams,
+            more = await read_group(self.redis, s.group, s.consumer, stream,
                                     count - len(entries), None)
-        except Exception as exc:
-            if isinstance(exc, RedisUnavailable) or is_nogroup(exc):
-                return entries  # hand over what was read; the next read meets the error
-            raise
+        except (RedisUnavailable, GroupMissing):
+            return entries  # hand over what was read; the next read meets the error
         return entries + more
 
     async def hand_over(self, send: ObjectSendStream[Batch], batch: Batch, loop: str) -> None:
         """Pass a batch to the writers, waiting while they are busy (backpressure).
 
-        The wait can be long during a store outage; the loop keeps beating its
-        heartbeat meanwhile, so /healthz reports a live process, not a stuck one.
+        A batch first takes a place in its shard's budget (given back once it is
+        settled), then waits for a writer. The wait can be long during a store outage;
+        the loop keeps beating its heartbeat meanwhile, so /healthz reports a live
+        process, not a stuck one.
         """
-        if isinstance(send, MemoryObjectSendStream):
-            try:  # a writer is already waiting: no timeout scope needed
-                send.send_nowait(batch)
-                return
-            except anyio.WouldBlock:
-                pass
+        slots = self.shard_slots(batch.stream)
         while True:
             with anyio.move_on_after(1.0):
-                await send.send(batch)
-                return
+                await slots.acquire()
+                break
             self.beat(loop)
+        try:
+            if isinstance(send, MemoryObjectSendStream):
+                try:  # a writer is already waiting: no timeout scope needed
+                    send.send_nowait(batch)
+                    return
+                except anyio.WouldBlock:
+                    pass
+            while True:
+                with anyio.move_on_after(1.0):
+                    await send.send(batch)
+                    return
+                self.beat(loop)
+        except BaseException:
+            slots.release()
+            raise
 
     def hold(self, entries: Sequence[Entry]) -> None:
         for e in entries:
@@ -406,23 +454,10 @@ class Worker:
             return False
         for stream in self.settings.streams:
             try:
-                groups = await self.redis.xinfo_groups(stream)
-            except Exception as exc:
-                if "no such key" in str(exc).lower():
-                    continue
-                raise
-            mine = next((g for g in groups if text(g["name"]) == self.settings.group), None)
-            if mine is None:
-                return False
-            if int(mine["pending"]):
-                return False
-            lag = mine.get("lag")
-            if lag is None or int(lag) > 0:
-                info = await self.redis.xinfo_stream(stream)
-                if _id_tuple(text(mine["last-delivered-id"])) < _id_tuple(
-                    text(info["last-generated-id"])
-                ) and int(info["length"]) > 0:
+                if not await group_drained(self.redis, stream, self.settings.group):
                     return False
+            except (RedisUnavailable, GroupMissing):
+                return False
         return True
 
     # -- writing -------------------------------------------------------------------
@@ -436,6 +471,7 @@ class Worker:
                     await self.process(batch)
                 finally:
                     self.budget.release(batch.nbytes)
+                    self.shard_slots(batch.stream).release()
                     self.inflight -= 1
                     self.metrics.batches_in_flight.dec()
                     self.beat("writer")
@@ -798,11 +834,6 @@ def _count_by_stream(entries: Sequence[Entry]) -> dict[str, int]:
     for e in entries:
         counts[e.stream] = counts.get(e.stream, 0) + 1
     return counts
-
-
-def _id_tuple(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return (int(ms), int(seq or 0))
 
 
 

@@ -22,8 +22,8 @@ import msgspec
 import redis.asyncio as aioredis
 
 from . import constants as c
-from .fleet import id_ms, parse_id, text
 from .queries import format_time
+from .redisio import id_ms, parse_id, text
 
 #: JSON schema version of ``dlq ... --json``.
 DLQ_SCHEMA_VERSION = 1

@@ -6,7 +6,9 @@
 ...     run.record_node({"nodeId": "classify", "type": "ai", ...})
 
 Events are validated against the v1 contract before ``XADD``, so a producer bug
-fails in the producer, not in the fleet. Streams are never trimmed here (no
+fails in the producer, not in the fleet. With several streams (shards) a run's events
+all go to ``streams[crc32(runId) % len(streams)]`` (docs/events.md, "Sharding"), on a
+standalone Redis and on a cluster alike. Streams are never trimmed here (no
 ``MAXLEN``): trimming is the fleet's job, below what every group acknowledged.
 
 Given a keyring (``keyring=Keyring.load(path)``), every entry is signed with the
@@ -29,8 +31,10 @@ import redis.asyncio as aioredis
 
 from . import constants as c
 from . import events as ev
+from . import redisclient
 from .constants import Reason
-from .errors import InvalidEvent
+from .errors import InvalidEvent, NotReplicated
+from .settings import Settings
 from .signing import Keyring, sign
 
 
@@ -39,6 +43,14 @@ def uuid7(ms: int, random_bits: int) -> uuid.UUID:
     rand_a, rand_b = (random_bits >> 62) & 0xFFF, random_bits & ((1 << 62) - 1)
     return uuid.UUID(int=(ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | rand_a << 64
                      | 0b10 << 62 | rand_b)
+
+
+def shard_index(run_id: str, shards: int) -> int:
+    """The shard of a run: CRC-32 (IEEE 802.3, as zlib) of the UTF-8 ``runId``, modulo
+    the number of streams. ``shard_index("run_42", 8) == 4`` (docs/events.md)."""
+    if shards <= 1:
+        return 0
+    return zlib.crc32(run_id.encode()) % shards
 
 
 def new_event_id() -> str:
@@ -91,6 +103,8 @@ class AuditEmitter:
         max_event_bytes: int = c.DEFAULT_MAX_EVENT_BYTES,
         validate: bool = True,
         keyring: Keyring | None = None,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 100,
     ) -> None:
         if not streams:
             raise ValueError("at least one stream is required")
@@ -99,19 +113,40 @@ class AuditEmitter:
         self.max_event_bytes = max_event_bytes
         self.validate = validate
         self.keyring = keyring
+        #: After XADD, ``WAIT wait_replicas wait_timeout_ms`` (AUDIT_EMIT_WAIT_REPLICAS).
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
 
     @classmethod
-    def from_url(cls, url: str = c.DEFAULT_REDIS_URL, **kwargs: Any) -> AuditEmitter:
-        return cls(aioredis.Redis.from_url(url), **kwargs)
+    def from_url(
+        cls, url: str = c.DEFAULT_REDIS_URL, *, mode: str = "standalone", **kwargs: Any
+    ) -> AuditEmitter:
+        """An emitter on a client for ``mode`` (standalone, cluster or sentinel)."""
+        return cls(redisclient.client(url, mode), **kwargs)
+
+    @classmethod
+    async def connect(
+        cls, url: str = c.DEFAULT_REDIS_URL, *, mode: str = "auto", **kwargs: Any
+    ) -> AuditEmitter:
+        """An emitter on :func:`worker.redisclient.connect` (``auto`` asks the server)."""
+        streams = tuple(kwargs.get("streams", (c.DEFAULT_STREAM,)))
+        return cls(await redisclient.connect(url, mode, streams=streams), **kwargs)
+
+    @classmethod
+    async def from_settings(cls, settings: Settings, **kwargs: Any) -> AuditEmitter:
+        """An emitter configured like the fleet (AUDIT_REDIS_*, AUDIT_STREAM,
+        AUDIT_EMIT_WAIT_REPLICAS, AUDIT_EMIT_WAIT_TIMEOUT_MS)."""
+        return cls(await redisclient.connect_settings(settings), settings.streams,
+                   max_event_bytes=settings.max_event_bytes,
+                   wait_replicas=settings.emit_wait_replicas,
+                   wait_timeout_ms=settings.emit_wait_timeout_ms, **kwargs)
 
     async def aclose(self) -> None:
         await self.redis.aclose()
 
     def stream_for(self, run_id: str) -> str:
         """The stream a run's events go to: stable, so one run stays in one shard."""
-        if len(self.streams) == 1:
-            return self.streams[0]
-        return self.streams[zlib.crc32(run_id.encode()) % len(self.streams)]
+        return self.streams[shard_index(run_id, len(self.streams))]
 
     def encode(self, event: Mapping[str, Any]) -> bytes:
         """Encode (and validate) one event; raises :class:`worker.errors.InvalidEvent`."""
@@ -130,7 +165,9 @@ class AuditEmitter:
 
     async def emit(self, event: Mapping[str, Any]) -> str:
         """Append one event; returns its stream entry ID."""
-        entry_id = await self.redis.xadd(self.stream_for(event["runId"]), self.fields(event))
+        stream = self.stream_for(event["runId"])
+        entry_id = await self.redis.xadd(stream, self.fields(event))
+        await self._wait([stream])
         return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
     async def emit_many(self, events: Iterable[Mapping[str, Any]]) -> list[str]:
@@ -142,7 +179,29 @@ class AuditEmitter:
             for stream, fields in encoded:
                 pipe.xadd(stream, fields)
             ids = await pipe.execute()
+        await self._wait(sorted({stream for stream, _ in encoded}))
         return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+
+    async def _wait(self, streams: Sequence[str]) -> None:
+        """``WAIT n timeout`` on the node of each stream written, when asked for.
+
+        Raises :class:`worker.errors.NotReplicated` when fewer replicas than asked
+        acknowledged in time: the entries are appended (re-emitting them is safe,
+        the fleet deduplicates by ``eventId``), but not yet on enough replicas.
+        """
+        if self.wait_replicas <= 0:
+            return
+        args = ("WAIT", self.wait_replicas, self.wait_timeout_ms)
+        if redisclient.is_cluster(self.redis):
+            nodes = {self.redis.get_node_from_key(s).name: self.redis.get_node_from_key(s)  # type: ignore[attr-defined]
+                     for s in streams}
+            counts = [await self.redis.execute_command(*args, target_nodes=node)  # type: ignore[no-untyped-call]
+                      for node in nodes.values()]
+        else:
+            counts = [await self.redis.execute_command(*args)]  # type: ignore[no-untyped-call]
+        acked = min(int(x) for x in counts)
+        if acked < self.wait_replicas:
+            raise NotReplicated(acked, self.wait_replicas, self.wait_timeout_ms)
 
     async def emit_raw(self, stream: str, payload: bytes, sig: bytes | None = None) -> str:
         """Append a payload as is, without validation (tests, replays of dead letters)."""

@@ -47,26 +47,45 @@ class StoreRejected(StoreError):
     """A permanent store failure for the data written: retrying cannot succeed."""
 
 
-class RedisUnavailable(AuditFleetError):
+class RedisFailure(AuditFleetError):
+    """A Redis command failed; raised by the Redis edge (:mod:`worker.redisio`) only.
+    ``kind`` names which failure (a metric label), ``detail`` is Redis's message."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+        self.detail = detail
+
+
+class RedisUnavailable(RedisFailure):
     """Redis cannot serve a command now: unreachable, timed out, out of memory
-    (``maxmemory`` reached), loading, or a cluster slot moved/down. Back off and try
-    again; nothing was acknowledged on its account. ``kind`` names which (a metric label).
+    (``maxmemory`` reached), loading, or a cluster failing over or moving a slot
+    (CLUSTERDOWN, TRYAGAIN, MASTERDOWN, READONLY, MOVED/ASK). Back off and try again;
+    nothing was acknowledged on its account.
     """
 
-    def __init__(self, kind: str, detail: str) -> None:
-        super().__init__(f"{kind}: {detail}")
-        self.kind = kind
-        self.detail = detail
 
-
-class RedisRefused(AuditFleetError):
+class RedisRefused(RedisFailure):
     """Redis refused a command for a reason retrying soon will not cure (e.g. the
-    dead-letter key holds another type: ``WRONGTYPE``). ``kind`` is a metric label."""
+    dead-letter key holds another type: ``WRONGTYPE``)."""
 
-    def __init__(self, kind: str, detail: str) -> None:
-        super().__init__(f"{kind}: {detail}")
-        self.kind = kind
-        self.detail = detail
+
+class GroupMissing(RedisRefused):
+    """The consumer group (or its stream) is gone: NOGROUP, or UNBLOCKED for a blocked
+    read whose stream was deleted. The answer is to create the group again."""
+
+
+class StreamMissing(RedisRefused):
+    """The stream does not exist (``no such key`` from XINFO)."""
+
+
+class NotReplicated(AuditFleetError):
+    """``WAIT`` after XADD: fewer replicas than asked acknowledged within the timeout."""
+
+    def __init__(self, acked: int, wanted: int, timeout_ms: int) -> None:
+        super().__init__(f"{acked} of {wanted} replicas acknowledged within {timeout_ms} ms")
+        self.acked = acked
+        self.wanted = wanted
 
 
 class ArchiveError(AuditFleetError):

@@ -10,10 +10,13 @@ from .fleet import FleetStatus, StreamStatus
 
 
 def status_problems(status: FleetStatus) -> list[str]:
-    """What is missing: a stream that does not exist, a group asked for that does not."""
+    """What is missing: a stream that does not exist (or could not be read), a group asked
+    for that does not."""
     problems = []
     for s in status.streams:
-        if not s.exists:
+        if s.error is not None:
+            problems.append(f"stream {s.name!r} could not be read: {s.error}")
+        elif not s.exists:
             problems.append(f"stream {s.name!r} does not exist")
         for g in s.groups:
             if not g.exists:

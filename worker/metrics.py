@@ -43,22 +43,12 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
-from redis.exceptions import (
-    AuthenticationError,
-    BusyLoadingError,
-    NoPermissionError,
-    OutOfMemoryError,
-    ReadOnlyError,
-    ResponseError,
-)
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import __version__
 from . import constants as c
-from .errors import RedisRefused, RedisUnavailable
 from .fleet import FleetCollector
 from .redaction import COUNTER_LABELS as REDACTION_LABELS
+from .redisio import translate
 
 # ``x_created`` samples: one more series per labelled child, used by no rule or dashboard.
 disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
@@ -285,30 +275,14 @@ class Metrics:
 
 
 def redis_error_kind(exc: BaseException) -> str:
-    """The ``kind`` label of a Redis error: one of :data:`REDIS_ERROR_KINDS`."""
-    if isinstance(exc, RedisUnavailable | RedisRefused):
-        return exc.kind  # translated at the Redis edge (worker.redisio)
-    if isinstance(exc, OutOfMemoryError):
-        return "oom"
-    if isinstance(exc, BusyLoadingError):
-        return "loading"
-    if isinstance(exc, ReadOnlyError):
-        return "readonly"
-    if isinstance(exc, NoPermissionError | AuthenticationError):
-        return "auth"
-    if isinstance(exc, RedisTimeoutError | TimeoutError):
+    """The ``kind`` label of a Redis error: one of :data:`REDIS_ERROR_KINDS` (as the Redis
+    edge, :func:`worker.redisio.translate`, classifies it)."""
+    if isinstance(exc, TimeoutError):
         return "timeout"
-    if isinstance(exc, RedisConnectionError | OSError):
-        return "connection"
-    if isinstance(exc, ResponseError):
-        message = str(exc)
-        if message.startswith(("NOGROUP", "UNBLOCKED")):
-            return "nogroup"
-        if message.startswith("OOM"):
-            return "oom"
-        if message.startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
-            return "auth"
-    return "other"
+    mapped = translate(exc)
+    if mapped is None or (mapped is not exc and mapped.kind == "refused"):
+        return "other"  # a raw reply error the edge has no name for
+    return mapped.kind
 
 
 def exposition_names(families: Iterable[Metric]) -> set[str]:

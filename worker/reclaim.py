@@ -1,31 +1,28 @@
 """Reclaim: take over entries that crashed or stuck peers left pending (XAUTOCLAIM).
 
-Each sweep walks the group's pending entries list with XAUTOCLAIM, carrying the
-cursor between calls until it wraps to ``0-0``. Claimed entries go through the
-same pipeline as new ones (same backpressure); an entry delivered more than
-``AUDIT_MAX_DELIVERIES`` times is a poison message and is dead-lettered instead.
-Redis 7 also returns the IDs of pending entries that no longer exist in the
-stream (deleted or trimmed); it has already removed them from the pending list,
-so they are counted and logged.
+One reclaimer loop runs per stream (shard). Each sweep walks the group's pending
+entries list with XAUTOCLAIM, carrying the cursor between calls until it wraps to
+``0-0``. Claimed entries go through the same pipeline as new ones (same backpressure,
+same per-shard budget); an entry delivered more than ``AUDIT_MAX_DELIVERIES`` times is
+a poison message and is dead-lettered instead. Redis 7 also returns the IDs of pending
+entries that no longer exist in the stream (deleted or trimmed); it has already
+removed them from the pending list, so they are counted and logged.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from anyio.abc import ObjectSendStream
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .batch import Batch
 from .budget import MemoryBudget
-from .errors import RedisRefused, RedisUnavailable
+from .errors import GroupMissing, RedisRefused, RedisUnavailable
 from .metrics import Metrics
-from .redisio import Entry, entries_from_read, is_nogroup, text, translated
+from .redisio import Entry, autoclaim
 from .settings import Settings
-
-REDIS_TRANSIENT = (RedisUnavailable, RedisConnectionError, RedisTimeoutError, OSError)
 
 
 def claim_interval(settings: Settings) -> float:
@@ -50,13 +47,15 @@ class Worker(Protocol):
 
     def redis_error(self, exc: RedisUnavailable | RedisRefused, op: str, **extra: Any) -> None: ...
 
-    async def ensure_groups(self) -> bool: ...
+    async def ensure_groups(self, streams: Sequence[str] | None = None) -> bool: ...
 
     async def sleep_or_stop(self, seconds: float) -> None: ...
 
     def count_read(self, entries: list[Entry]) -> None: ...
 
     def hold(self, entries: list[Entry]) -> None: ...
+
+    def shard_read_count(self) -> int: ...
 
     async def hand_over(self, send: ObjectSendStream[Batch], batch: Batch, loop: str) -> None: ...
 
@@ -65,31 +64,24 @@ class Reclaimer:
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         self.settings = worker.settings
-        self.redis = worker.redis
         self.metrics = worker.metrics
         self.log = worker.log
         self.cursors: dict[str, str] = {s: "0-0" for s in self.settings.streams}
 
-    async def run(self, send: ObjectSendStream[Batch]) -> None:
+    async def run(self, send: ObjectSendStream[Batch], stream: str) -> None:
+        """Sweep ``stream`` every claim interval until the worker stops."""
         async with send:
             while not self.worker.stopping:
                 self.worker.beat("reclaim")
-                for stream in self.settings.streams:
-                    try:
-                        await self.sweep(stream, send)
-                    except RedisUnavailable as exc:
-                        self.worker.redis_error(exc, "reclaim", stream=stream)
-                    except REDIS_TRANSIENT as exc:
-                        self.metrics.redis_error(exc)
-                        self.log.warning("reclaim_redis_unavailable", stream=stream,
-                                         error=str(exc))
-                    except Exception as exc:
-                        if not is_nogroup(exc):
-                            raise
-                        await self.worker.ensure_groups()
-                        self.cursors[stream] = "0-0"
-                    if self.worker.stopping:
-                        return
+                try:
+                    await self.sweep(stream, send)
+                except RedisUnavailable as exc:
+                    self.worker.redis_error(exc, "reclaim", stream=stream)
+                except GroupMissing:
+                    await self.worker.ensure_groups([stream])
+                    self.cursors[stream] = "0-0"
+                if self.worker.stopping:
+                    return
                 await self.worker.sleep_or_stop(claim_interval(self.settings))
 
     async def sweep(self, stream: str, send: ObjectSendStream[Batch] | None = None) -> list[Entry]:
@@ -104,8 +96,8 @@ class Reclaimer:
             if send is not None:
                 await budget.wait_for_room(lambda: self.worker.beat("reclaim"),
                                            lambda: self.worker.stopping)
-            cursor, claimed, deleted = await self.claim(stream, self.cursors[stream],
-                                                        budget.read_count())
+            cursor, claimed, deleted = await self.claim(stream, self.cursors.get(stream, "0-0"),
+                                                        self.worker.shard_read_count())
             self.cursors[stream] = cursor
             held = self.worker.held.get(stream, set())
             if held and claimed:
@@ -136,29 +128,5 @@ class Reclaimer:
         """One XAUTOCLAIM call (``count`` entries at most, default AUDIT_BATCH_SIZE), with
         the delivery count of every claimed entry."""
         s = self.settings
-        with translated():
-            reply: Any = await self.redis.xautoclaim(
-                stream, s.group, s.consumer, s.claim_idle_ms, cursor,
-                count=count or s.batch_size
-            )
-        next_cursor = text(reply[0])
-        raw = reply[1] or []
-        deleted = [text(i) for i in reply[2]] if len(reply) > 2 and reply[2] else []
-        live = [(i, f) for i, f in raw if f is not None]
-        deleted.extend(text(i) for i, f in raw if f is None)  # Redis 6.2 reports them as nil
-        entries = entries_from_read([(stream, live)]) if live else []
-        if entries:
-            counts = await self.delivery_counts(stream, entries)
-            for entry in entries:
-                entry.deliveries = counts.get(entry.id, 1)
-        return next_cursor, entries, deleted
-
-    async def delivery_counts(self, stream: str, entries: list[Entry]) -> dict[str, int]:
-        """Delivery counts of entries this consumer now owns (one XPENDING range)."""
-        s = self.settings
-        with translated():
-            rows = await self.redis.xpending_range(
-                stream, s.group, min=entries[0].id, max=entries[-1].id,
-                count=len(entries) + 1000, consumername=s.consumer,
-            )
-        return {text(r["message_id"]): int(r["times_delivered"]) for r in rows}
+        return await autoclaim(self.worker.redis, stream, s.group, s.consumer, s.claim_idle_ms,
+                               cursor, count or s.batch_size)

@@ -1,9 +1,21 @@
-"""Small Redis helpers shared by the worker loops: groups, entries, dead letters, ACKs.
+"""The Redis edge: every stream command the worker sends, and the one place where
+redis-py errors become the project's own.
 
-This is the Redis edge: redis-py errors are translated here, once, into the project's
-own (:class:`~worker.errors.RedisUnavailable`: back off and retry;
-:class:`~worker.errors.RedisRefused`: this command will not succeed as sent). The loops
-above never look at Redis error strings.
+Reading (XREADGROUP), claiming (XAUTOCLAIM, XCLAIM JUSTID), settling (dead letters,
+XACK), group creation, stream IDs and the slot rule for a stream's keys live here.
+redis-py errors are translated here, once (:func:`translate`, :func:`translated`):
+
+* :class:`~worker.errors.RedisUnavailable` — back off and retry: unreachable, timed
+  out, loading, out of memory, or a cluster failing over or moving a slot
+  (CLUSTERDOWN, TRYAGAIN, MASTERDOWN, READONLY, MOVED/ASK left after redirects);
+* :class:`~worker.errors.GroupMissing` — NOGROUP, or UNBLOCKED for a blocked read whose
+  stream was deleted: create the group again;
+* :class:`~worker.errors.StreamMissing` — ``no such key`` (XINFO on a missing stream);
+* :class:`~worker.errors.RedisRefused` — this command will not succeed as sent.
+
+The loops above never look at Redis error strings. Commands name one stream each:
+on a cluster a stream and its dead-letter key share one slot (:func:`check_slots`),
+so every command of a shard goes to the node that owns it.
 """
 
 from __future__ import annotations
@@ -15,24 +27,35 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.crc import key_slot
 from redis.exceptions import (
     AskError,
     AuthenticationError,
     BusyLoadingError,
     ClusterDownError,
+    ClusterError,
     MasterDownError,
     MovedError,
     OutOfMemoryError,
     ReadOnlyError,
+    RedisClusterException,
     RedisError,
     ResponseError,
+    SlotNotCoveredError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import constants as c
-from .errors import RedisRefused, RedisUnavailable
+from .errors import (
+    ConfigError,
+    GroupMissing,
+    RedisFailure,
+    RedisRefused,
+    RedisUnavailable,
+    StreamMissing,
+)
 
 
 @dataclass(slots=True)
@@ -65,14 +88,6 @@ def text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def is_nogroup(exc: BaseException) -> bool:
-    """The group (or its stream) is gone: Redis restarted empty, FLUSHALL, or DEL.
-
-    A blocked XREADGROUP whose stream is deleted is answered with ``UNBLOCKED``.
-    """
-    return isinstance(exc, ResponseError) and str(exc).startswith(("NOGROUP", "UNBLOCKED"))
-
-
 #: redis-py's own classes of errors that pass once Redis (or the cluster) recovers.
 _UNAVAILABLE_CLASSES: tuple[tuple[type[BaseException], str], ...] = (
     (BusyLoadingError, "loading"),  # ConnectionError subclasses: matched before it
@@ -86,28 +101,43 @@ _UNAVAILABLE_CLASSES: tuple[tuple[type[BaseException], str], ...] = (
     (TryAgainError, "cluster"),
     (ClusterDownError, "cluster"),
     (MasterDownError, "cluster"),
+    (SlotNotCoveredError, "cluster"),
     (ReadOnlyError, "readonly"),
+    (ClusterError, "cluster"),
+    (RedisClusterException, "cluster"),
 )
 
 #: Reply prefixes of other errors that pass on their own (redis-py keeps the prefix).
-_UNAVAILABLE_PREFIXES = {"BUSY": "busy", "NOREPLICAS": "cluster"}
+_UNAVAILABLE_PREFIXES = {
+    "BUSY": "busy", "NOREPLICAS": "cluster", "OOM": "oom", "LOADING": "loading",
+    "CLUSTERDOWN": "cluster", "TRYAGAIN": "cluster", "MASTERDOWN": "cluster",
+    "READONLY": "readonly", "MOVED": "moved", "ASK": "moved",
+}
 
 
-def translate(exc: BaseException) -> RedisUnavailable | RedisRefused | None:
-    """The project's error for a redis-py error, or None if it is not one to translate
-    (NOGROUP is left to :func:`is_nogroup`; non-Redis errors are not Redis's to judge)."""
-    if isinstance(exc, RedisUnavailable | RedisRefused):
+def translate(exc: BaseException) -> RedisFailure | None:
+    """The project's error for a redis-py error, or None for an exception that is not
+    Redis's (and for BUSYGROUP, which :func:`ensure_group` reads as "exists")."""
+    if isinstance(exc, RedisFailure):
         return exc
     for cls, kind in _UNAVAILABLE_CLASSES:
         if isinstance(exc, cls):
             return RedisUnavailable(kind, str(exc))
-    if not isinstance(exc, RedisError) or is_nogroup(exc):
+    if not isinstance(exc, RedisError):
         return None
     message = str(exc)
     head = message.split(" ", 1)[0]
+    if head in ("NOGROUP", "UNBLOCKED"):
+        return GroupMissing("nogroup", message)
     if head in _UNAVAILABLE_PREFIXES:
         return RedisUnavailable(_UNAVAILABLE_PREFIXES[head], message)
     if isinstance(exc, ResponseError):
+        if head == "BUSYGROUP":
+            return None
+        if head in ("NOAUTH", "WRONGPASS", "NOPERM"):
+            return RedisRefused("auth", message)
+        if "no such key" in message.lower():
+            return StreamMissing("nogroup", message)
         return RedisRefused("wrongtype" if head == "WRONGTYPE" else "refused", message)
     return RedisUnavailable("other", message)
 
@@ -124,29 +154,104 @@ def translated() -> Iterator[None]:
         raise mapped from exc
 
 
+def check(result: object) -> None:
+    """Raise the (translated) error a pipeline returned with ``raise_on_error=False``."""
+    if isinstance(result, BaseException):
+        raise (translate(result) or result) from result
+
+
+# -- stream IDs and keys ---------------------------------------------------------------
+
+
+def parse_id(entry_id: str) -> tuple[int, int]:
+    """``"1700000000000-3"`` → ``(1700000000000, 3)``; a bare ``ms`` means ``ms-0``."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def id_ms(entry_id: str) -> int:
+    """Milliseconds since the epoch encoded in a stream entry ID."""
+    return parse_id(entry_id)[0]
+
+
+def stream_keys(stream: str) -> tuple[str, ...]:
+    """Every key that belongs to ``stream``: the stream and its dead-letter stream."""
+    return (stream, c.dlq_key(stream))
+
+
+def check_slots(streams: Sequence[str]) -> None:
+    """Refuse streams whose own keys would land in different cluster slots.
+
+    A stream's dead-letter XADD and its XACK must reach the same node, so the
+    dead-letter key has to hash to the stream's slot: give sharded streams a hash tag
+    (``audit:events:{0}`` → ``audit:events:{0}:dlq``).
+    """
+    for stream in streams:
+        slot = key_slot(stream.encode())
+        for key in stream_keys(stream)[1:]:
+            other = key_slot(key.encode())
+            if other != slot:
+                raise ConfigError(
+                    f"AUDIT_STREAM {stream!r} is in cluster slot {slot} but its key {key!r} "
+                    f"is in slot {other}: put a hash tag in the stream name "
+                    f"(e.g. 'audit:events:{{0}}')"
+                )
+
+
+# -- reading ---------------------------------------------------------------------------
+
+
+class EntryFields(dict[Any, Any]):
+    """An entry's fields as redis-py hands them out (a dict), with every raw
+    ``field, value`` pair kept in :attr:`pairs`: a field repeated in one entry (two
+    ``event`` fields) is seen instead of the last one silently winning."""
+
+    __slots__ = ("pairs",)
+
+    def __init__(self, pairs: Sequence[Any]) -> None:
+        super().__init__(zip(pairs[::2], pairs[1::2], strict=False))
+        self.pairs = pairs
+
+
+def _stream_entries(entries: Any) -> list[tuple[Any, EntryFields | None]]:
+    return [(item[0], None if item[1] is None else EntryFields(item[1]))
+            for item in entries or () if item is not None]
+
+
+def parse_read_reply(response: Any, **_options: Any) -> Any:
+    """The XREADGROUP response callback this edge registers with redis-py: redis-py's own
+    shapes (RESP2 ``[[stream, [(id, fields)…]]…]``, RESP3 ``{stream: [[(id, fields)…]]}``),
+    with :class:`EntryFields` as the fields."""
+    if response is None:
+        return []
+    if isinstance(response, dict):
+        return {key: [_stream_entries(value)] for key, value in response.items()}
+    return [[item[0], _stream_entries(item[1])] for item in response]
+
+
+def install_read_parser(redis: aioredis.Redis) -> None:
+    """Register :func:`parse_read_reply` for XREADGROUP on ``redis`` (idempotent)."""
+    if redis.response_callbacks.get("XREADGROUP") is not parse_read_reply:
+        redis.set_response_callback("XREADGROUP", parse_read_reply)
+
+
 async def read_group(
     redis: aioredis.Redis,
     group: str,
     consumer: str,
-    streams: Sequence[str],
+    stream: str,
     count: int,
     block_ms: int | None,
 ) -> list[Entry]:
-    """``XREADGROUP GROUP g c COUNT n BLOCK ms STREAMS s… >…``: new entries for ``consumer``.
+    """``XREADGROUP GROUP g c COUNT n [BLOCK ms] STREAMS s >``: new entries of one stream.
 
-    The command name is passed as ``"XREADGROUP GROUP"``: redis-py sends exactly the
-    same command (it splits the first argument on spaces) but finds no response
-    callback for that name, so the reply is parsed straight from the wire instead of
-    through a dict per entry and a list of tuples per stream first (a few per cent of
-    a worker's CPU at full speed).
+    Sent through redis-py's ``xreadgroup`` (a cluster client routes it to the node that
+    owns ``stream``) and parsed by the registered :func:`parse_read_reply`.
     """
-    args: list[Any] = [group, consumer, "COUNT", count]
-    if block_ms is not None:
-        args += ["BLOCK", block_ms]
-    args += ["STREAMS", *streams, *([">"] * len(streams))]
+    install_read_parser(redis)
     with translated():
-        # redis-py leaves execute_command untyped; the reply is parsed just below.
-        reply = await redis.execute_command("XREADGROUP GROUP", *args)  # type: ignore[no-untyped-call]
+        reply = await redis.xreadgroup(group, consumer, {stream: ">"}, count=count,
+                                       block=block_ms)
     return entries_from_read(reply)
 
 
@@ -178,6 +283,8 @@ def _payloads(fields: Any) -> list[bytes]:
     """
     if not fields:
         return []
+    if isinstance(fields, EntryFields):
+        fields = fields.pairs
     if isinstance(fields, dict):
         value = fields.get(_EVENT_KEYS[0])
         values = [fields.get(_EVENT_KEYS[1])] if value is None else [value]
@@ -215,8 +322,8 @@ async def ensure_group(redis: aioredis.Redis, stream: str, group: str) -> bool:
     try:
         with translated():
             await redis.xgroup_create(stream, group, id="0", mkstream=True)
-    except RedisRefused as exc:
-        if exc.detail.startswith("BUSYGROUP"):
+    except ResponseError as exc:
+        if str(exc).startswith("BUSYGROUP"):
             return False
         raise
     except RedisUnavailable as exc:
@@ -233,11 +340,71 @@ async def group_exists(redis: aioredis.Redis, stream: str, group: str) -> bool:
     try:
         with translated():
             groups = await redis.xinfo_groups(stream)
-    except RedisRefused as exc:
-        if "no such key" in exc.detail.lower():
-            return False
-        raise
+    except StreamMissing:
+        return False
     return any(text(g["name"]) == group for g in groups)
+
+
+async def group_drained(redis: aioredis.Redis, stream: str, group: str) -> bool:
+    """True when ``group`` has no pending and no undelivered entries on ``stream``
+    (a missing stream counts as drained, a missing group does not)."""
+    try:
+        with translated():
+            groups = await redis.xinfo_groups(stream)
+    except StreamMissing:
+        return True
+    mine = next((g for g in groups if text(g["name"]) == group), None)
+    if mine is None:
+        return False
+    if int(mine["pending"]):
+        return False
+    lag = mine.get("lag")
+    if lag is not None and int(lag) == 0:
+        return True
+    with translated():
+        info = await redis.xinfo_stream(stream)
+    last_delivered = parse_id(text(mine["last-delivered-id"]))
+    return int(info["length"]) == 0 or last_delivered >= parse_id(text(info["last-generated-id"]))
+
+
+# -- claiming --------------------------------------------------------------------------
+
+
+async def autoclaim(
+    redis: aioredis.Redis, stream: str, group: str, consumer: str, min_idle_ms: int,
+    cursor: str, count: int,
+) -> tuple[str, list[Entry], list[str]]:
+    """One XAUTOCLAIM call: the next cursor, the claimed entries with their delivery
+    counts, and the IDs of pending entries that no longer exist in the stream."""
+    with translated():
+        reply: Any = await redis.xautoclaim(stream, group, consumer, min_idle_ms, cursor,
+                                            count=count)
+    next_cursor = text(reply[0])
+    raw = reply[1] or []
+    deleted = [text(i) for i in reply[2]] if len(reply) > 2 and reply[2] else []
+    live = [(i, f) for i, f in raw if f is not None]
+    deleted.extend(text(i) for i, f in raw if f is None)  # Redis 6.2 reports them as nil
+    entries = entries_from_read([(stream, live)]) if live else []
+    if entries:
+        counts = await delivery_counts(redis, stream, group, consumer, entries)
+        for entry in entries:
+            entry.deliveries = counts.get(entry.id, 1)
+    return next_cursor, entries, deleted
+
+
+async def delivery_counts(
+    redis: aioredis.Redis, stream: str, group: str, consumer: str, entries: Sequence[Entry]
+) -> dict[str, int]:
+    """Delivery counts of entries ``consumer`` owns (one XPENDING range)."""
+    with translated():
+        rows = await redis.xpending_range(
+            stream, group, min=entries[0].id, max=entries[-1].id,
+            count=len(entries) + 1000, consumername=consumer,
+        )
+    return {text(r["message_id"]): int(r["times_delivered"]) for r in rows}
+
+
+# -- settling --------------------------------------------------------------------------
 
 
 def dead_letter_fields(dead: DeadLetter, consumer: str) -> dict[Any, Any]:
@@ -273,7 +440,9 @@ async def write_dead_letters(
     refused: list[tuple[DeadLetter, RedisUnavailable | RedisRefused]] = []
     for d, result in zip(dead, results, strict=True):
         if isinstance(result, BaseException):
-            error = translate(result) or RedisRefused("refused", str(result))
+            mapped = translate(result)
+            error = (mapped if isinstance(mapped, RedisUnavailable | RedisRefused)
+                     else RedisRefused("refused", str(result)))
             refused.append((d, error))
     return refused
 
@@ -316,9 +485,8 @@ async def ack(redis: aioredis.Redis, group: str, entries: Iterable[Entry]) -> No
         try:
             with translated():
                 await redis.xack(stream, group, *ids)
-        except ResponseError as exc:
-            if not is_nogroup(exc):
-                raise
+        except GroupMissing:
+            pass
 
 
 async def settle(
@@ -352,6 +520,5 @@ async def refresh_leases(
             with translated():
                 await redis.xclaim(stream, group, consumer, 0, list(ids[i : i + 1000]),
                                    justid=True)
-        except ResponseError as exc:
-            if not is_nogroup(exc):
-                raise
+        except GroupMissing:
+            return

@@ -23,11 +23,12 @@ from tenacity import RetryCallState, stop_after_attempt, stop_never
 
 from . import retry
 from .consumer import Worker
-from .errors import AuditFleetError, NotReady, StoreUnavailable
+from .errors import AuditFleetError, NotReady, RedisFailure, StoreUnavailable
 from .fleet import fleet_side_loop
 from .health import build_health_server
 from .logs import get_logger
 from .metrics import Metrics
+from .redisclient import connect_settings
 from .settings import Settings, mask_url
 from .stores import Store, open_store
 from .trim import trim_side_loop
@@ -105,7 +106,13 @@ def build_worker(
 
 async def run_worker(settings: Settings) -> None:
     """The ``audit-fleet run`` process: exits normally after a graceful stop."""
-    redis = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        redis = await connect_settings(settings)
+    except RedisFailure as exc:
+        raise AuditFleetError(
+            f"cannot reach Redis at {mask_url(settings.redis_url)} (AUDIT_REDIS_URL): "
+            f"{exc.detail}"
+        ) from None
     metrics = Metrics()
     slot = StoreSlot()
     worker: Worker | None = None

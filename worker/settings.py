@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -12,6 +13,7 @@ from urllib.parse import urlsplit
 from . import constants as c
 from .errors import ConfigError
 from .redaction import Redactor
+from .redisclient import mode_of
 from .signing import Keyring, load_secret
 
 _STORE_SCHEMES = ("sqlite", "postgresql", "postgres", "mongodb", "mongodb+srv", "null")
@@ -37,6 +39,7 @@ class Settings:
     """Worker configuration. Invalid combinations are rejected at construction."""
 
     redis_url: str = c.DEFAULT_REDIS_URL
+    redis_mode: str = "auto"
     streams: tuple[str, ...] = (c.DEFAULT_STREAM,)
     group: str = c.DEFAULT_GROUP
     consumer: str = ""
@@ -82,6 +85,8 @@ class Settings:
     subject_key: bytes | None = field(default=None, repr=False, compare=False)
     #: Loaded from ``archive_master_key_file``; never in the repr.
     archive_master_key: bytes | None = field(default=None, repr=False, compare=False)
+    emit_wait_replicas: int = 0
+    emit_wait_timeout_ms: int = 100
 
     def __post_init__(self) -> None:
         if not self.consumer:
@@ -99,10 +104,7 @@ class Settings:
         self._validate()
 
     def _validate(self) -> None:
-        if urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):
-            raise ConfigError(
-                f"AUDIT_REDIS_URL must be redis://, rediss:// or unix://, got {self.redis_url!r}"
-            )
+        mode_of(self.redis_url, self.redis_mode)
         scheme = urlsplit(self.store_url).scheme
         if scheme not in _STORE_SCHEMES:
             raise ConfigError(
@@ -114,6 +116,8 @@ class Settings:
             raise ConfigError("AUDIT_STREAM must name at least one stream")
         if any(s.endswith(c.DLQ_SUFFIX) for s in self.streams):
             raise ConfigError(f"AUDIT_STREAM must not be a dead-letter stream (*{c.DLQ_SUFFIX})")
+        if len(set(self.streams)) != len(self.streams):
+            raise ConfigError("AUDIT_STREAM names a stream twice")
         if not self.group:
             raise ConfigError("AUDIT_GROUP must not be empty")
         _positive("AUDIT_BATCH_SIZE", self.batch_size, upper=100_000)
@@ -125,6 +129,9 @@ class Settings:
         _positive("AUDIT_INFLIGHT_BYTES", self.inflight_bytes, upper=64 * 1024**3)
         if not 0 <= self.linger_ms <= 1000:
             raise ConfigError(f"AUDIT_LINGER_MS must be 0..1000, got {self.linger_ms}")
+        if not 0 <= self.emit_wait_replicas <= 16 or self.emit_wait_timeout_ms < 0:
+            raise ConfigError("AUDIT_EMIT_WAIT_REPLICAS must be 0..16 and "
+                              "AUDIT_EMIT_WAIT_TIMEOUT_MS >= 0")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"AUDIT_METRICS_PORT must be 0..65535, got {self.metrics_port}")
         if (self.shutdown_grace_s < 0 or self.shutdown_deadline_s <= 0
@@ -218,7 +225,8 @@ def describe_unknown(name: str, suggestion: str | None) -> str:
     return f"unknown variable {name} is ignored{hint}"
 _INTS = {
     "batch_size", "block_ms", "claim_idle_ms", "max_deliveries", "metrics_port",
-    "max_event_bytes", "max_inflight", "inflight_bytes", "linger_ms",
+    "max_event_bytes", "max_inflight", "inflight_bytes", "linger_ms", "emit_wait_replicas",
+    "emit_wait_timeout_ms",
 }
 _FLOATS = {"shutdown_grace_s", "shutdown_deadline_s", "reclaim_interval_s", "trim_interval_s",
            "trim_retention_s",
@@ -244,9 +252,34 @@ def _parse(env_name: str, field: str, raw: str) -> Any:
         if low in ("0", "false", "no", "off"):
             return False
         raise ConfigError(f"{env_name} must be true or false, got {raw!r}")
+    if field == "streams":
+        return expand_streams(raw)
     if field in _LISTS:
         return tuple(s.strip() for s in raw.split(",") if s.strip())
     return raw
+
+
+_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+
+
+def expand_streams(raw: str) -> tuple[str, ...]:
+    """``audit:events:{0..3}`` → the four hash-tagged shards ``audit:events:{0}`` …
+    ``{3}``; a comma list names streams one by one (each item may hold a range)."""
+    out: list[str] = []
+    for item in (s.strip() for s in raw.split(",")):
+        if not item:
+            continue
+        match = _RANGE.search(item)
+        if match is None:
+            out.append(item)
+            continue
+        low, high = int(match.group(1)), int(match.group(2))
+        if high < low or high - low >= 1024:
+            raise ConfigError(f"AUDIT_STREAM range {match.group(0)} must be {{low..high}} "
+                              "with low <= high and at most 1024 shards")
+        out.extend(item[: match.start()] + "{" + str(i) + "}" + item[match.end():]
+                   for i in range(low, high + 1))
+    return tuple(out)
 
 
 def _positive(name: str, value: int, upper: int | None = None) -> None:

@@ -31,10 +31,12 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
-from .fleet import acquire_poller, parse_id, redis_time_ms, text
+from .errors import GroupMissing, RedisFailure, StreamMissing
+from .fleet import acquire_poller, redis_time_ms
 from .logs import get_logger
+from .redisio import check, parse_id, text, translated
 
 if TYPE_CHECKING:
     from .metrics import Metrics
@@ -107,28 +109,28 @@ def _format(entry_id: tuple[int, int]) -> str:
 
 async def plan_trim(redis: aioredis.Redis, stream: str, retention_s: float) -> TrimPlan:
     """The MINID that keeps every unacknowledged entry and everything newer than the floor."""
-    now_ms = await redis_time_ms(redis)
+    now_ms = await redis_time_ms(redis, stream)  # the clock of the node owning the stream
     try:
-        groups = await redis.xinfo_groups(stream)
-    except ResponseError as exc:
-        if "no such key" in str(exc).lower():
-            return TrimPlan(stream, None, "no_stream")
-        raise
+        with translated():
+            groups = await redis.xinfo_groups(stream)
+    except StreamMissing:
+        return TrimPlan(stream, None, "no_stream")
     if not groups:
         return TrimPlan(stream, None, "no_groups")
     retention_floor = (max(0, now_ms - int(retention_s * 1000)), 0)
     names = [text(g["name"]) for g in groups]
     # After XINFO GROUPS, never before: see the module docstring.
-    async with redis.pipeline(transaction=False) as pipe:
-        for name in names:
-            pipe.xpending(stream, name)
-        pendings = await pipe.execute(raise_on_error=False)
+    with translated():
+        async with redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.xpending(stream, name)
+            pendings = await pipe.execute(raise_on_error=False)
     floors: dict[str, str] = {}
     for g, name, pending in zip(groups, names, pendings, strict=True):
-        if isinstance(pending, Exception):
-            if str(pending).startswith("NOGROUP"):
-                return TrimPlan(stream, None, "groups_changed")
-            raise pending
+        try:
+            check(pending)
+        except GroupMissing:
+            return TrimPlan(stream, None, "groups_changed")
         floor = parse_id(successor(text(g["last-delivered-id"])))
         if pending.get("pending") and pending.get("min") is not None:
             floor = min(floor, parse_id(text(pending["min"])))
@@ -155,7 +157,8 @@ async def trim_stream(
     plan = await plan_trim(redis, stream, retention_s)
     if plan.minid is None or dry_run:
         return TrimResult(plan, 0)
-    trimmed = await redis.xtrim(stream, minid=plan.minid, approximate=approximate)
+    with translated():
+        trimmed = await redis.xtrim(stream, minid=plan.minid, approximate=approximate)
     return TrimResult(plan, int(trimmed))
 
 
@@ -174,19 +177,17 @@ async def remove_dead_consumers(
 ) -> list[str]:
     """Delete consumers idle for ``idle_ms`` or more with no pending entries; their names."""
     try:
-        consumers = await redis.xinfo_consumers(stream, group)
-    except ResponseError as exc:
-        if str(exc).startswith("NOGROUP") or "no such key" in str(exc).lower():
-            return []
-        raise
+        with translated():
+            consumers = await redis.xinfo_consumers(stream, group)
+    except (GroupMissing, StreamMissing):
+        return []
     removed: list[str] = []
     for consumer in consumers:
         name = text(consumer["name"])
         if name in keep or int(consumer["pending"]) > 0 or int(consumer["idle"]) < idle_ms:
             continue
-        result = await redis.eval(
-            _DELCONSUMER, 1, stream, group, name, idle_ms
-        )
+        with translated():
+            result = await redis.eval(_DELCONSUMER, 1, stream, group, name, idle_ms)
         if int(result) >= 0:
             removed.append(name)
     return removed
@@ -238,7 +239,7 @@ async def trim_loop(
                 await hygiene_once(redis, settings, metrics)
         except Exception as exc:
             metrics.loop_errors.labels("trim").inc()
-            if isinstance(exc, RedisError | OSError):
+            if isinstance(exc, RedisError | RedisFailure | OSError):
                 metrics.redis_error(exc)
             log.warning("trim_failed", error=f"{type(exc).__name__}: {exc}"[:300])
         metrics.heartbeat("trim")
@@ -254,8 +255,3 @@ def trim_side_loop(
         await trim_loop(redis, settings, metrics)
 
     return trim
-
-
-# -- audit-fleet trim -------------------------------------------------------------------
-
-

@@ -170,7 +170,8 @@ async def test_status_of_all_groups(redis_client: aioredis.Redis, stream: str) -
 async def test_lag_falls_back_to_zero_for_a_caught_up_group_after_xdel(
     redis_client: aioredis.Redis, stream: str
 ) -> None:
-    """After an XDEL Redis reports no lag; a group that has read everything still shows 0."""
+    """After an XDEL Redis reports no lag: it is counted instead (entries after the group's
+    last delivered ID), and a group that has read everything shows 0."""
     ids = await add(redis_client, stream, 3)
     await redis_client.xgroup_create(stream, "writers", id="0")
     await redis_client.xgroup_create(stream, "behind", id="0")
@@ -179,8 +180,8 @@ async def test_lag_falls_back_to_zero_for_a_caught_up_group_after_xdel(
 
     status = await fleet_status(redis_client, [stream], None)
 
-    lags = {g.name: g.lag for g in status.streams[0].groups}
-    assert lags == {"behind": None, "writers": 0}
+    lags = {g.name: (g.lag, g.lag_source) for g in status.streams[0].groups}
+    assert lags == {"behind": (2, "counted"), "writers": (0, "redis")}
 
 
 async def test_status_json_form_is_stable(redis_client: aioredis.Redis, stream: str) -> None:
@@ -196,12 +197,12 @@ async def test_status_json_form_is_stable(redis_client: aioredis.Redis, stream: 
     assert doc["taken_at"].endswith("Z")
     (s,) = doc["streams"]
     assert set(s) == {"stream", "exists", "length", "first_id", "last_id",
-                      "dead_letter_stream", "dead_letter_length", "groups"}
+                      "dead_letter_stream", "dead_letter_length", "groups", "error", "node"}
     assert s["dead_letter_stream"] == stream + ":dlq"
     (g,) = s["groups"]
-    assert set(g) == {"group", "exists", "lag", "pending", "entries_read", "last_delivered_id",
-                      "oldest_pending_id", "oldest_pending_age_s", "max_pending_idle_s",
-                      "consumers"}
+    assert set(g) == {"group", "exists", "lag", "lag_source", "pending", "entries_read",
+                      "last_delivered_id", "oldest_pending_id", "oldest_pending_age_s",
+                      "max_pending_idle_s", "consumers"}
     assert g["consumers"] == [{"name": "a", "pending": 1, "idle_ms": g["consumers"][0]["idle_ms"]}]
 
 

@@ -16,7 +16,7 @@ from tests.helpers import wait_until
 from worker import constants as c
 from worker import trim
 from worker.cli import trim as trim_cli
-from worker.fleet import acquire_poller, parse_id, redis_time_ms
+from worker.fleet import acquire_poller, parse_id, poller_lock_key, redis_time_ms
 from worker.metrics import Metrics
 from worker.settings import Settings
 from worker.trim import (
@@ -314,7 +314,7 @@ async def test_trim_loop_trims_only_as_poller(redis_client: aioredis.Redis, stre
         await wait_until(rounds(3), what="three rounds of the loop")
         assert await ids_in(redis_client, stream) == ids  # not the poller: nothing trimmed
 
-        await redis_client.delete(f"{stream}:fleet-poller:writers")
+        await redis_client.delete(poller_lock_key(mine.streams, mine.group))
 
         async def trimmed() -> bool:
             return await ids_in(redis_client, stream) == []  # approximate: whole nodes

@@ -9,7 +9,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MovedError, OutOfMemoryError, ResponseError
 
 from worker import constants as c
-from worker.errors import RedisRefused, RedisUnavailable
+from worker.errors import GroupMissing, RedisRefused, RedisUnavailable
 from worker.redisio import DeadLetter, Entry, settle, translate
 
 GROUP = c.DEFAULT_GROUP
@@ -28,7 +28,8 @@ def test_redis_errors_are_translated_once_at_the_edge(error: Exception, kind: st
     assert mapped is not None
     assert mapped.kind == kind
     assert isinstance(mapped, RedisRefused if kind == "wrongtype" else RedisUnavailable)
-    assert translate(ResponseError("NOGROUP No such key or consumer group")) is None
+    assert isinstance(translate(ResponseError("NOGROUP No such key or consumer group")),
+                      GroupMissing)
     assert translate(ValueError("not Redis")) is None
 
 

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from ..constants import DEFAULT_STORE_URL
-from ..settings import Settings
+from ..settings import Settings, expand_streams
 from ..shredding import MasterKey
 from ..stores import Store, open_store
 
@@ -16,7 +16,9 @@ from ..stores import Store, open_store
 def add_worker_flags(p: argparse.ArgumentParser) -> None:
     """Flags that override ``AUDIT_*`` variables (see README's configuration table)."""
     p.add_argument("--redis-url", help="AUDIT_REDIS_URL")
-    p.add_argument("--stream", help="AUDIT_STREAM (comma-separated for several shards)")
+    p.add_argument("--redis-mode", choices=("auto", "standalone", "cluster", "sentinel"),
+                   help="AUDIT_REDIS_MODE")
+    p.add_argument("--stream", help="AUDIT_STREAM (audit:events:{0..7} or a comma list)")
     p.add_argument("--group", help="AUDIT_GROUP")
     p.add_argument("--consumer", help="AUDIT_CONSUMER (default hostname-pid)")
     p.add_argument("--store-url", help="AUDIT_STORE_URL")
@@ -25,9 +27,10 @@ def add_worker_flags(p: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace, **extra: Any) -> Settings:
     streams = None
     if getattr(args, "stream", None):
-        streams = tuple(s.strip() for s in args.stream.split(",") if s.strip())
+        streams = expand_streams(args.stream)
     return Settings.from_env(
         redis_url=getattr(args, "redis_url", None),
+        redis_mode=getattr(args, "redis_mode", None),
         streams=streams,
         group=getattr(args, "group", None),
         consumer=getattr(args, "consumer", None),

@@ -34,9 +34,10 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from .. import samples
-from ..constants import DEFAULT_REDIS_URL
+from ..constants import DEFAULT_REDIS_URL, dlq_key
 from ..emitter import AuditEmitter, uuid7
 from ..errors import AuditFleetError
+from ..redisclient import connect
 from ..redisio import text
 from ..settings import Settings, mask_url
 from .output import progress_bar as _bar
@@ -62,7 +63,10 @@ def register(sub: Any) -> None:
 
 
 async def _reachable(url: str) -> bool:
-    client = aioredis.Redis.from_url(url, socket_connect_timeout=1)
+    try:
+        client = await connect(url, "auto", socket_connect_timeout=1)
+    except Exception:
+        return False
     try:
         await client.ping()
         return True
@@ -136,7 +140,8 @@ def _uuid7(ts: str, rng: random.Random) -> str:
 async def cmd_demo(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else int(time.time())
     token = uuid.uuid4().hex[:8]
-    stream, group = f"audit-demo:{token}:events", f"audit-demo-{token}"
+    # The token is a hash tag: on a cluster the stream and its :dlq share one slot.
+    stream, group = f"audit-demo:{{{token}}}:events", f"audit-demo-{token}"
     workdir = Path(tempfile.mkdtemp(prefix=f"audit-fleet-demo-{token}-"))
     store_url = args.store_url or f"sqlite:///{workdir / 'demo.db'}"
     today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
@@ -144,7 +149,7 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     async with redis_for_demo(args.redis_url) as redis_url:
         settings = Settings(redis_url=redis_url, streams=(stream,), group=group,
                             store_url=store_url, metrics_port=0)
-        client = aioredis.Redis.from_url(redis_url)
+        client = await connect(redis_url, "auto")
         try:
             await _create_own_group(client, stream, group)
             emitter = AuditEmitter(client, settings.streams)
@@ -164,8 +169,8 @@ async def cmd_demo(args: argparse.Namespace) -> int:
             lead = "\r" if sys.stdout.isatty() else ""
             print(f"{lead}{_bar(total, total)} {total}/{total} events handled in {elapsed:.1f}s "
                   f"(worker exit codes {codes}; logs: {log})")
-            dlq = await client.xlen(stream + ":dlq")
-            print(f"dead-letter stream {stream}:dlq holds {dlq} entries")
+            dlq = await client.xlen(dlq_key(stream))
+            print(f"dead-letter stream {dlq_key(stream)} holds {dlq} entries")
         finally:
             await client.aclose()
         if any(codes):

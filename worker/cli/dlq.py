@@ -23,7 +23,9 @@ from ..dlq import (
     purge,
     replay,
 )
+from ..errors import RedisFailure
 from ..fleet import redis_time_ms
+from ..redisclient import connect_settings
 from .output import escape_lines, format_time, print_json, table, when_ms
 
 
@@ -83,7 +85,7 @@ async def _open(args: argparse.Namespace) -> tuple[aioredis.Redis, Sequence[str]
     from .common import settings_from_args
 
     settings = settings_from_args(args)
-    return aioredis.Redis.from_url(settings.redis_url), settings.streams
+    return await connect_settings(settings), settings.streams
 
 
 def _filter(args: argparse.Namespace, now_ms: int) -> DlqFilter:
@@ -132,11 +134,15 @@ def _print_json(kind: str, payload: dict[str, Any]) -> None:
 
 
 async def _guarded(args: argparse.Namespace, action: Any) -> int:
-    redis, streams = await _open(args)
+    try:
+        redis, streams = await _open(args)
+    except RedisFailure as exc:
+        print(f"audit-fleet: cannot connect to Redis: {exc}", file=sys.stderr)
+        return 1
     try:
         result: int = await action(redis, streams)
         return result
-    except RedisError as exc:
+    except (RedisError, RedisFailure) as exc:
         print(f"audit-fleet: Redis error: {exc}", file=sys.stderr)
         return 1
     finally:

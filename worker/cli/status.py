@@ -14,11 +14,10 @@ import argparse
 import sys
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
-from ..fleet import FleetStatus, fleet_status
+from ..errors import RedisFailure
+from ..fleet import FleetStatus, GroupStatus, fleet_status
 from ..fleet_checks import rates, status_problems, threshold_breaches
+from ..redisclient import connect_settings
 from .output import escape_text, format_time, human_duration, print_json, table
 
 
@@ -26,22 +25,34 @@ def _num(value: int | None) -> str:
     return "-" if value is None else str(value)
 
 
+def _lag(group: GroupStatus) -> str:
+    """The lag, ``~`` in front when it is an estimate (too many entries to count)."""
+    return ("~" if group.lag_source == "estimated" and group.lag is not None else "") + _num(
+        group.lag)
+
+
 def render(status: FleetStatus) -> str:
     """The terminal view: streams, then groups, then consumers."""
     taken = format_time(status.taken_at)
     sections = [f"Fleet status at {taken}"]
 
+    clustered = any(x.node for x in status.streams)
     stream_rows = [
         [
             s.name,
-            str(s.length) if s.exists else "missing",
+            "unavailable" if s.error else str(s.length) if s.exists else "missing",
             s.first_id or "-",
             s.last_id or "-",
-            str(s.dlq_length),
+            "-" if s.error else str(s.dlq_length),
+            *([s.node or "-"] if clustered else []),
         ]
         for s in status.streams
     ]
-    sections.append(table(["STREAM", "LENGTH", "FIRST-ID", "LAST-ID", "DLQ"], stream_rows))
+    sections.append(table(
+        ["STREAM", "LENGTH", "FIRST-ID", "LAST-ID", "DLQ", *(["NODE"] if clustered else [])],
+        stream_rows,
+    ))
+    sections.extend(f"{s.name}: cannot be read: {s.error}" for s in status.streams if s.error)
 
     group_rows: list[list[str]] = []
     consumer_rows: list[list[str]] = []
@@ -53,7 +64,7 @@ def render(status: FleetStatus) -> str:
             group_rows.append([
                 s.name,
                 g.name,
-                _num(g.lag),
+                _lag(g),
                 str(g.pending),
                 human_duration(g.oldest_pending_age_s),
                 human_duration(g.max_pending_idle_s),
@@ -114,12 +125,16 @@ async def run_status(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     if args.watch is not None:
         return await _watch(args, settings)
-    redis = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        redis = await connect_settings(settings)
+    except RedisFailure as exc:
+        print(f"audit-fleet: cannot read the fleet status from Redis: {exc}", file=sys.stderr)
+        return 1
     try:
         status = await fleet_status(
             redis, settings.streams, None if args.all_groups else settings.group
         )
-    except RedisError as exc:
+    except RedisFailure as exc:
         print(f"audit-fleet: cannot read the fleet status from Redis: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -156,7 +171,7 @@ async def _watch(args: argparse.Namespace, settings: Any) -> int:
         from ..errors import ConfigError
 
         raise ConfigError("--watch needs a positive number of seconds")
-    redis = aioredis.Redis.from_url(settings.redis_url)
+    redis = await connect_settings(settings)
     clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
     previous = None
     try:

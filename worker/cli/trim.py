@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-import redis.asyncio as aioredis
-
 if TYPE_CHECKING:
     pass
+from ..redisclient import connect_settings
 from ..trim import trim_stream
 from .output import print_json
 
@@ -39,7 +38,7 @@ async def run_trim(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     retention = settings.trim_retention_s if args.retention is None else args.retention
-    redis = aioredis.Redis.from_url(settings.redis_url)
+    redis = await connect_settings(settings)
     try:
         results = [
             await trim_stream(redis, stream, retention, approximate=not args.exact,

@@ -1,0 +1,94 @@
+"""The Redis Cluster and Sentinel deployment variants agree with what the worker reads."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from worker.metrics import Metrics, exported_names
+from worker.redisclient import mode_of, parse_sentinel_url
+from worker.redisio import check_slots
+from worker.settings import Settings
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+VARIANTS = DEPLOY / "kubernetes" / "variants"
+
+
+def one(path: Path) -> Any:
+    (doc,) = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    return doc
+
+
+def cluster_settings() -> Settings:
+    env = dict(one(VARIANTS / "configmap-cluster.yaml")["data"])
+    env["AUDIT_REDIS_URL"] = "redis://redis-cluster-0.redis-cluster:6379/0"
+    return Settings.from_env(env)
+
+
+def test_cluster_configmap_names_hash_tagged_shards_the_slot_check_accepts() -> None:
+    """AUDIT_STREAM expands to four hash-tagged shards whose dead-letter keys share slots."""
+    s = cluster_settings()
+    assert s.redis_mode == "cluster"
+    assert s.streams == tuple(f"audit:events:{{{i}}}" for i in range(4))
+    check_slots(s.streams)
+
+
+def test_cluster_keda_scales_on_summed_lag_with_one_redis_trigger_per_shard() -> None:
+    """A Prometheus trigger sums an exported lag gauge; one redis-cluster-streams trigger
+    per configured shard, each with host:port addresses, the same group and lagCount."""
+    s = cluster_settings()
+    scaled = one(VARIANTS / "keda-scaledobject-cluster.yaml")
+    assert scaled["kind"] == "ScaledObject"
+    assert scaled["spec"]["scaleTargetRef"]["name"] == "audit-fleet"
+    assert scaled["spec"]["minReplicaCount"] >= 1
+    prom, *shards = scaled["spec"]["triggers"]
+    assert prom["type"] == "prometheus"
+    names = set(re.findall(r"\baudit_fleet_[a-z0-9_]+", prom["metadata"]["query"]))
+    assert names == {"audit_fleet_group_lag"}
+    assert names <= exported_names(Metrics())
+    assert prom["metadata"]["query"].startswith("sum(")
+    assert f'group="{s.group}"' in prom["metadata"]["query"]
+    assert [t["type"] for t in shards] == ["redis-cluster-streams"] * len(s.streams)
+    assert [t["metadata"]["stream"] for t in shards] == list(s.streams)
+    for t in shards:
+        meta = t["metadata"]
+        assert meta["consumerGroup"] == s.group
+        assert meta["lagCount"] == prom["metadata"]["threshold"]
+        for address in meta["addresses"].split(","):
+            assert re.fullmatch(r"[\w.-]+:\d+", address), address
+
+
+def test_sentinel_secret_is_a_url_the_worker_accepts() -> None:
+    """The example Sentinel URL parses: three Sentinels, a master name, database 0."""
+    secret = one(VARIANTS / "secret-sentinel.example.yaml")
+    url = secret["stringData"]["AUDIT_REDIS_URL"]
+    assert mode_of(url, "auto") == "sentinel"
+    target = parse_sentinel_url(url)
+    assert len(target.hosts) == 3
+    assert (target.master, target.db) == ("audit", 0)
+    assert Settings.from_env(dict(secret["stringData"])).redis_url == url
+
+
+def test_compose_cluster_profile_creates_a_cluster_and_points_workers_at_it() -> None:
+    """Six cluster nodes, a one-shot create, and workers on hash-tagged shards."""
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = compose["services"]
+    nodes = [n for n, svc in services.items() if "--cluster-enabled" in svc.get("command", [])]
+    assert len(nodes) == 6
+    init = services["redis-cluster-init"]
+    assert "--cluster-replicas 1" in " ".join(init["command"])
+    workers = [svc for svc in services.values() if svc.get("profiles") == ["cluster"]
+               and svc.get("environment", {}).get("AUDIT_REDIS_MODE") == "cluster"]
+    assert len(workers) == 2
+    for svc in workers:
+        assert svc["depends_on"]["redis-cluster-init"]["condition"] == (
+            "service_completed_successfully")
+        env = {k: str(v) for k, v in svc["environment"].items()}
+        settings = Settings.from_env(env)
+        check_slots(settings.streams)
+        assert len(settings.streams) == 4
+    for name in ("worker-1", "worker-2", "redis"):
+        assert "profiles" not in services[name], "the default profile is unchanged"
