@@ -368,7 +368,7 @@ async def test_adding_shards_while_the_fleet_runs_loses_nothing(
             await old_emitter.emit_many(before)          # 1. the fleet as it was
             tg.start_soon(run_until_stored, new_worker, store, run_level, 60.0)
             with anyio.fail_after(20):                   # 2. workers on the new set first
-                while not new_worker.heartbeats.get("reader"):
+                while not new_worker.metrics.heartbeats().get("reader"):
                     await anyio.sleep(0.02)
             await new_emitter.emit_many(after)           # 3. then producers
             old_worker.stop()                            # 4. old-set workers retire
