@@ -32,7 +32,7 @@ from tests.flow import (
 )
 from tests.helpers import MemoryStore
 from tests.redis_servers import RedisCluster, cli, wait_for
-from worker.cli import dlq, status, trim
+from worker.cli import dlq, groups, status, trim
 from worker.constants import Reason, dlq_key
 from worker.consumer import Worker
 from worker.emitter import AuditEmitter, shard_index
@@ -194,6 +194,36 @@ async def test_status_dlq_trim_and_the_sdk_on_the_cluster(
     trimmed = json.loads(capsys.readouterr().out)
     assert sum(t["trimmed"] for t in trimmed) == len(events) + 1
     assert [await cluster_client.xlen(s) for s in streams] == [0, 0, 0]
+
+
+async def test_groups_and_rewind_on_the_cluster(
+    redis_cluster: RedisCluster, cluster_client: aioredis.Redis,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``groups`` finds the shards on every master (SCAN on each node) and ``rewind`` moves
+    one shard's group back on the node that owns it."""
+    streams = shards(3)
+    assert len({redis_cluster.master_of(s) for s in streams}) > 1
+    for i, s in enumerate(streams):
+        for n in range(i + 1):
+            await cluster_client.xadd(s, {"event": b"{}"}, id=f"{1000 * (n + 1)}-0")
+        await cluster_client.xgroup_create(s, "audit-writers", id="$")
+    parser = argparse.ArgumentParser()
+    groups.register(parser.add_subparsers())
+    base = ["--redis-url", redis_cluster.url, "--stream", ",".join(streams)]
+    prefix = streams[0].split(":{", 1)[0]
+
+    args = parser.parse_args(["groups", *base, "--match", f"{prefix}:*", "--json"])
+    assert await args.func(args) == 0
+    rows = json.loads(capsys.readouterr().out)["groups"]
+    assert [(r["stream"], r["lastDeliveredId"]) for r in rows] == [
+        (s, f"{1000 * (i + 1)}-0") for i, s in enumerate(streams)]
+
+    args = parser.parse_args(["rewind", *base, "--stream-name", streams[2], "--to-id", "0-0"])
+    assert await args.func(args) == 0
+    assert "3 entries delivered again" in capsys.readouterr().out
+    got = await cluster_client.xreadgroup("audit-writers", "w1", {streams[2]: ">"}, count=10)
+    assert [e[0] for e in got[0][1]] == [b"1000-0", b"2000-0", b"3000-0"]
 
 
 def test_demo_runs_on_the_cluster(redis_cluster: RedisCluster, tmp_path: Path) -> None:

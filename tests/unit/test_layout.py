@@ -1,6 +1,6 @@
 """The tree stays as the docs say: README's module table names every module, no module
 grows past 600 lines (the few still past it are listed and may only shrink), and the
-package has no import cycles."""
+package has no import cycles, and Redis clients are made in one place only."""
 
 from __future__ import annotations
 
@@ -42,6 +42,23 @@ def test_no_module_grows_past_600_lines() -> None:
             for path in (ROOT / "worker").rglob("*.py")
             if len(path.read_text().splitlines()) > 600}
     assert over <= OVER_LIMIT, f"past 600 lines: {sorted(over - OVER_LIMIT)}"
+
+
+#: How a Redis client is made without the factory (redis-py's constructors).
+CLIENT_CONSTRUCTORS = re.compile(
+    r"\b(?:Redis|StrictRedis|RedisCluster|Sentinel|ConnectionPool|BlockingConnectionPool)"
+    r"(?:\.from_url)?\(")
+
+
+def test_every_redis_client_comes_from_the_one_factory() -> None:
+    """Only worker/redisclient.py builds a redis-py client; everything else calls it (a
+    plain ``Redis.from_url`` cannot follow a cluster's MOVED or a Sentinel failover)."""
+    bypass = [f"{path.relative_to(ROOT).as_posix()}:{n}: {line.strip()}"
+              for path in sorted((ROOT / "worker").rglob("*.py"))
+              if path.name != "redisclient.py"
+              for n, line in enumerate(path.read_text().splitlines(), 1)
+              if CLIENT_CONSTRUCTORS.search(line) and "AuditEmitter.from_url" not in line]
+    assert bypass == []
 
 
 def test_no_import_cycles() -> None:

@@ -5,17 +5,16 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from ..groups import id_before_ms, list_groups, plan_rewind, rewind
 from ..queries import utcnow
+from ..redisclient import connect_settings
 from .common import add_worker_flags, settings_from_args
 from .output import escape_text, parse_when, print_json, table
 
 
 async def cmd_groups(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
-    redis = aioredis.Redis.from_url(settings.redis_url)
+    redis = await connect_settings(settings)
     try:
         rows = await list_groups(redis, args.match)
     finally:
@@ -44,7 +43,7 @@ async def cmd_rewind(args: argparse.Namespace) -> int:
         assert when is not None
         new_id = id_before_ms(int(when.timestamp() * 1000))
     stream = settings.streams[0] if args.stream_name is None else args.stream_name
-    redis = aioredis.Redis.from_url(settings.redis_url)
+    redis = await connect_settings(settings)
     try:
         plan = await plan_rewind(redis, stream, settings.group, new_id)
         more = "+" if plan.redelivered >= 100_000 else ""
