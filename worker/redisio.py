@@ -229,10 +229,26 @@ def parse_read_reply(response: Any, **_options: Any) -> Any:
     return [[item[0], _stream_entries(item[1])] for item in response]
 
 
+def parse_autoclaim_reply(response: Any, **options: Any) -> Any:
+    """The XAUTOCLAIM response callback this edge registers with redis-py: redis-py's own
+    shape (``[cursor, [(id, fields)…], deleted…]``, the same on RESP2 and RESP3), with
+    :class:`EntryFields` as the fields, so a repeated ``event`` field survives a reclaim
+    as it survives a read. ``JUSTID`` replies are the list of IDs, as redis-py returns."""
+    if options.get("parse_justid", False):
+        return response[1]
+    cursor, entries, *rest = response
+    return [cursor, _stream_entries(entries), *rest]
+
+
+_PARSERS = {"XREADGROUP": parse_read_reply, "XAUTOCLAIM": parse_autoclaim_reply}
+
+
 def install_read_parser(redis: aioredis.Redis) -> None:
-    """Register :func:`parse_read_reply` for XREADGROUP on ``redis`` (idempotent)."""
-    if redis.response_callbacks.get("XREADGROUP") is not parse_read_reply:
-        redis.set_response_callback("XREADGROUP", parse_read_reply)
+    """Register :func:`parse_read_reply` for XREADGROUP and :func:`parse_autoclaim_reply`
+    for XAUTOCLAIM on ``redis`` (idempotent)."""
+    for command, parser in _PARSERS.items():
+        if redis.response_callbacks.get(command) is not parser:
+            redis.set_response_callback(command, parser)
 
 
 async def read_group(
@@ -375,7 +391,11 @@ async def autoclaim(
     cursor: str, count: int,
 ) -> tuple[str, list[Entry], list[str]]:
     """One XAUTOCLAIM call: the next cursor, the claimed entries with their delivery
-    counts, and the IDs of pending entries that no longer exist in the stream."""
+    counts, and the IDs of pending entries that no longer exist in the stream.
+
+    Parsed by the registered :func:`parse_autoclaim_reply`: an entry's raw field pairs
+    are kept, so two ``event`` fields are seen (and dead-lettered as ambiguous)."""
+    install_read_parser(redis)
     with translated():
         reply: Any = await redis.xautoclaim(stream, group, consumer, min_idle_ms, cursor,
                                             count=count)

@@ -312,6 +312,54 @@ async def test_lease_renewal_keeps_peers_from_stealing_slow_batches(
     assert len(inner.runs) == 5
 
 
+@pytest.mark.parametrize("protocol", [2, 3])
+async def test_a_reclaimed_entry_with_two_event_fields_is_dead_lettered_as_ambiguous(
+    stream: str, redis_url: str, protocol: int
+) -> None:
+    """An entry with two ``event`` fields that a dead consumer held is reclaimed
+    (XAUTOCLAIM, RESP2 and RESP3) and dead-lettered as ambiguous; its neighbours, reclaimed
+    with it, are stored."""
+    client = aioredis.Redis.from_url(redis_url, protocol=protocol)
+    try:
+        first = make_event("run.started", "ws1", "wf", "run-first")
+        second = make_event("run.started", "ws1", "wf", "run-second")
+        neighbour = make_event("run.started", "ws1", "wf", "run-before")
+        emitter = AuditEmitter(client, [stream])
+        cfg = settings(stream, redis_url, claim_idle_ms=1)
+        await Worker(cfg.with_(consumer="dead"), MemoryStore(), client).ensure_groups()
+        await emitter.emit(neighbour)
+        entry_id = (await client.execute_command(  # type: ignore[no-untyped-call]
+            "XADD", stream, "*", "event", json.dumps(first), "event", json.dumps(second))
+        ).decode()
+        await emitter.emit({**neighbour, "eventId": "e-after", "runId": "run-after"})
+        # The dead consumer read all three and never settled them: only reclaim sees them.
+        held = await read_as_dead_consumer(client, cfg.group, stream)
+        assert len(held) == 3
+        await anyio.sleep(0.01)
+        store = MemoryStore()
+        metrics = Metrics()
+        await run_burst(Worker(cfg, store, client, metrics))
+
+        assert metrics.entries_reclaimed.labels(stream)._value.get() == 3
+        assert sorted(run_id for _, run_id in store.runs) == ["run-after", "run-before"]
+        (dead,) = await dlq_entries(client, stream)
+        assert (dead["reason"], dead["id"]) == (Reason.DUPLICATE_FIELD, entry_id)
+        assert dead["error"] == "entry has 2 'event' fields: ambiguous, none is stored"
+        assert json.loads(dead["event"]) == first
+        assert json.loads(dead["event_2"]) == second
+        assert await pending_count(client, stream, cfg.group) == 0
+    finally:
+        await client.aclose()
+
+
+async def read_as_dead_consumer(client: aioredis.Redis, group: str, stream: str) -> list[Any]:
+    """XREADGROUP as consumer ``dead``, which then dies: its entries stay pending."""
+    reply: Any = await client.xreadgroup(group, "dead", {stream: ">"}, count=100)
+    items = reply.items() if isinstance(reply, dict) else reply
+    return [e for _, entries in items for e in (entries[0] if isinstance(reply, dict)
+                                                  else entries)]
+
+
 async def test_reclaim_counts_entries_deleted_while_pending(
     redis_client: aioredis.Redis, stream: str, redis_url: str
 ) -> None:

@@ -14,6 +14,7 @@ from worker.redisio import (
     EntryFields,
     check_slots,
     entries_from_read,
+    parse_autoclaim_reply,
     parse_read_reply,
     translate,
     translated,
@@ -93,6 +94,25 @@ def test_the_read_callback_keeps_a_repeated_event_field() -> None:
         inner = parsed[0][1][0][1] if isinstance(parsed, list) else parsed[b"s"][0][0][1]
         assert isinstance(inner, EntryFields)
         assert inner == {b"event": b"y", b"other": b"o"}
+
+
+def test_the_autoclaim_callback_keeps_a_repeated_event_field() -> None:
+    """XAUTOCLAIM replies (the same wire shape on RESP2 and RESP3: cursor, entries, deleted
+    IDs) keep every raw field pair, so a reclaimed entry with two ``event`` fields is
+    ambiguous as it is when read; deleted entries (nil fields) stay recognisable."""
+    fields = [b"event", b"x", b"other", b"o", b"event", b"y"]
+    for wire in ([b"0-0", [[b"2-1", fields], [b"2-2", None]], [b"1-9"]],  # Redis 7
+                 [b"0-0", [[b"2-1", list(fields)], [b"2-2", None]]]):  # 6.2: no deleted list
+        cursor, entries, *deleted = parse_autoclaim_reply(wire)
+        assert (cursor, deleted) == (b"0-0", wire[2:])
+        (entry_id, inner), (gone_id, gone) = entries
+        assert isinstance(inner, EntryFields)
+        assert (gone_id, gone) == (b"2-2", None)
+        (entry,) = entries_from_read([("s", [(entry_id, inner)])])
+        assert (entry.id, entry.payload, entry.extra_payloads) == ("2-1", b"x", (b"y",))
+        assert inner == {b"event": b"y", b"other": b"o"}
+    assert parse_autoclaim_reply([b"0-0", [b"1-1", b"1-2"], []], parse_justid=True) == [
+        b"1-1", b"1-2"]
 
 
 def test_slot_check_refuses_a_dead_letter_key_in_another_slot() -> None:
