@@ -32,6 +32,13 @@ structlog.configure(processors=[
     structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback),
 ])
 
+# The test PostgreSQL is on loopback without TLS. Under asyncpg's default sslmode=prefer a
+# connect cancelled mid-handshake (a worker cancelled mid-write, as the fault tests do)
+# leaves a future with "unexpected connection_lost() call" that nobody retrieves; the
+# event loop reports it and anyio's test runner fails the test with it. A URL or an
+# environment that sets sslmode itself still wins.
+os.environ.setdefault("PGSSLMODE", "disable")
+
 REDIS_URL = os.environ.get("AUDIT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PG_ADMIN_URL = os.environ.get("AUDIT_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
