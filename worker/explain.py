@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import re
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
@@ -29,7 +29,7 @@ from .queries import (
 from .stores import QueryStore
 
 if TYPE_CHECKING:
-    from .archive import Archive
+    from .archive import Archive, OpenDoc
 
 EXPLAIN_VERSION: Final = 1
 #: Longest prompt string shown when prompts are not shown in full.
@@ -394,12 +394,39 @@ async def explain_run(store: QueryStore, workspace: str, run_id: str, *,
     return build(workspace, run_id, run, nodes, show_prompts=show_prompts)
 
 
-async def explain_archived(archive: Archive, workspace: str, run_id: str, *,
-                           show_prompts: bool = False) -> Explanation | None:
-    """The explanation of a run read back from the archive, or None if it holds none."""
+#: Opens a run's sealed archive fields: called with the run ID, returns the record
+#: opener (``worker.shredding.Opener.open``) built from the run's data keys.
+KeysFor = Callable[[str], Awaitable["OpenDoc"]]
+
+
+async def read_archived(archive: Archive, workspace: str, run_id: str,
+                        keys: KeysFor | None = None) -> tuple[
+        dict[str, Any] | None, list[dict[str, Any]], list[str]] | None:
+    """A run read back from the archive (run doc, nodes, segments), or None.
+
+    Personal fields sealed by retention (``worker.shredding``) are opened with the run's
+    data keys, which ``keys`` loads only when the run holds sealed fields: they read as
+    archived, or as ``{"erased": true, "at": ...}`` once erasure shredded their key.
+    Without ``keys`` they stay sealed envelopes.
+    """
     from .archive import read_run
+    from .shredding import sealed_kids
 
     found = await read_run(archive, workspace, run_id)
+    if found is None or keys is None:
+        return found
+    run, nodes, _ = found
+    if not sealed_kids("run", run or {}) and not any(sealed_kids("node", n) for n in nodes):
+        return found
+    return await read_run(archive, workspace, run_id, await keys(run_id))
+
+
+async def explain_archived(archive: Archive, workspace: str, run_id: str, *,
+                           show_prompts: bool = False,
+                           keys: KeysFor | None = None) -> Explanation | None:
+    """The explanation of a run read back from the archive, or None if it holds none
+    (sealed fields opened through ``keys``, as :func:`read_archived` says)."""
+    found = await read_archived(archive, workspace, run_id, keys)
     if found is None:
         return None
     run, nodes, segments = found

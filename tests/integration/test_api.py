@@ -3,6 +3,8 @@ and pagination edge, the isolation matrix, the access log, login and the pages."
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -10,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
@@ -26,6 +29,10 @@ from worker.api.app import ServerConfig, build_app
 from worker.api.guards import SESSION_COOKIE
 from worker.api.reads import Reader
 from worker.api.tokens import new_token
+from worker.cli import main
+from worker.emitter import make_event
+from worker.erasure import erase, subject_hash
+from worker.shredding import MasterKey
 from worker.stores import RunQuery, Store, open_store
 from worker.stores.access import AccessStore, access_store
 
@@ -33,6 +40,8 @@ pytestmark = pytest.mark.anyio
 
 A, B = "acme", "beta"
 NOW = datetime(2026, 3, 1, tzinfo=UTC)
+MASTER = bytes(range(32))
+SUBJECT_KEY = b"the-subject-key-of-the-api-tests-0"
 
 
 @dataclass
@@ -91,7 +100,8 @@ class ApiSuite:
         await write(store, vd.hostile_events(A))
         events, _ = make_dataset(A, runs=12, seed=3)
         await write(store, events)
-        reader = Reader(store, access, arc.Archive.at(tmp_path / "archive"))
+        reader = Reader(store, access, arc.Archive.at(tmp_path / "archive"),
+                        master=MasterKey(MASTER))
         client = TestClient(TestServer(build_app(reader, ServerConfig(secure_cookies=False))))
         await client.start_server()
         api = Api(store, access, client, archive_dir=tmp_path / "archive")
@@ -272,6 +282,72 @@ class ApiSuite:
         await api.json(f"/v1/workspaces/{A}/archive/runs/run_nope", "a_runs", 404)
         # B's run of the same ID was never archived: B's token sees nothing there.
         await api.json(f"/v1/workspaces/{B}/archive/runs/{ref.RUN_ID}", "b_prompts", 404)
+
+    async def test_archived_sealed_and_erased_runs_read_as_explain_reads_them(
+            self, api: Api, store_url: str, tmp_path: Path,
+            capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+        """The archive route opens fields retention sealed with the run's data key, and
+        reads a crypto-shredded one as erased: the same document as `explain --archive
+        --show-prompts --json`; an erased field is no prompt read (no access record)."""
+        assert api.archive_dir is not None
+        ts = "2026-01-05T10:30:00Z"
+        await write(api.store, [
+            make_event("run.started", A, "wf", "r_ann", eventId="ann-s", ts=ts,
+                       subjects=[subject_hash(SUBJECT_KEY, "email:ann@example.com")]),
+            make_event("node.completed", A, "wf", "r_ann", eventId="ann-n", ts=ts,
+                       node={"nodeId": "classify", "type": "ai",
+                             "input": {"prompt": "Hi Ann"}, "output": "lead-ann",
+                             "completedAt": ts}),
+            make_event("run.completed", A, "wf", "r_ann", eventId="ann-e", ts=ts)])
+        archive = arc.Archive.at(api.archive_dir)
+        await retention.run_retention(api.store, retention.Policy(),
+                                      now=datetime(2026, 6, 1, tzinfo=UTC), archive=archive,
+                                      apply=True, workspaces=[A], master=MasterKey(MASTER))
+        raw = b"".join(p.read_bytes() for p in api.archive_dir.glob(f"{A}/*.jsonl.gz"))
+        assert raw
+        assert b"lead-ann" not in raw
+        master_file = tmp_path / "master.key"
+        master_file.write_text(base64.b64encode(MASTER).decode())
+        monkeypatch.setenv("AUDIT_ARCHIVE_MASTER_KEY_FILE", str(master_file))
+        monkeypatch.setenv("AUDIT_STORE_URL", store_url)
+
+        async def explained(run_id: str) -> Any:
+            args = ["explain", run_id, "-w", A, "--archive", str(api.archive_dir),
+                    "--show-prompts", "--json"]
+            assert await anyio.to_thread.run_sync(main, args) == 0
+            want = json.loads(capsys.readouterr().out) | {"withheld": []}
+            for node in want["nodes"]:
+                node["withheld"] = []
+            return want
+
+        sealed = await api.json(f"/v1/workspaces/{A}/archive/runs/{ref.RUN_ID}",
+                                "a_prompts", include="prompts")
+        assert sealed == await explained(ref.RUN_ID)
+        classify = next(n for n in sealed["nodes"] if n["nodeId"] == "classify")
+        assert "$enc" not in json.dumps(classify)
+        assert classify["input"] == next(
+            n for n in ref.reference_events(A) if n.get("node", {}).get("nodeId")
+            == "classify")["node"]["input"]
+        ann = await api.json(f"/v1/workspaces/{A}/archive/runs/r_ann", "a_prompts",
+                             include="prompts")
+        assert ann["nodes"][0]["output"] == "lead-ann"
+
+        report = await erase(api.store, A, "email:ann@example.com", SUBJECT_KEY, by="dpo",
+                             archive=archive)
+        assert report.sealed == {"r_ann": [report.sealed["r_ann"][0]]}
+        before = len(await api.access.access_log(A))
+        erased = await api.json(f"/v1/workspaces/{A}/archive/runs/r_ann", "a_prompts",
+                                include="prompts")
+        assert erased == await explained("r_ann")
+        node = erased["nodes"][0]
+        assert node["input"]["erased"] is True
+        assert node["output"]["erased"] is True
+        assert node["input"]["at"] is not None
+        assert len(await api.access.access_log(A)) == before  # nothing personal returned
+        # the other runs' keys are untouched
+        again = await api.json(f"/v1/workspaces/{A}/archive/runs/{ref.RUN_ID}",
+                               "a_prompts", include="prompts")
+        assert again == sealed
 
     # -- isolation ---------------------------------------------------------------------------
 

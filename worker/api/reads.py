@@ -28,7 +28,8 @@ from datetime import datetime
 from typing import Any, Final
 
 from .. import explain, insights, queries
-from ..archive import Archive
+from ..archive import Archive, OpenDoc
+from ..shredding import MasterKey, load_opener
 from ..stores import RunQuery, Store
 from ..stores.access import AccessRecord, AccessStore
 from .tokens import Principal
@@ -48,6 +49,8 @@ class Reader:
     store: Store
     access: AccessStore
     archive: Archive | None = None
+    #: The archive master key (``AUDIT_ARCHIVE_MASTER_KEY_FILE``): opens sealed fields.
+    master: MasterKey | None = None
     clock: Callable[[], datetime] = field(default=queries.utcnow)
 
     async def runs(self, workspace: str, query: RunQuery) -> dict[str, Any]:
@@ -74,16 +77,24 @@ class Reader:
         if archived:
             if self.archive is None:
                 return None
-            safe = await explain.explain_archived(self.archive, workspace, run_id)
+            found = await explain.read_archived(self.archive, workspace, run_id, self._keys(
+                workspace))
+            if found is None:
+                return None
+            run, nodes, segments = found
+            source = "archive " + ", ".join(segments)
         else:
-            safe = await explain.explain_run(self.store, workspace, run_id)
-        if safe is None:
-            return None
+            run = await self.store.get_run(workspace, run_id)
+            nodes = await self.store.get_nodes(workspace, run_id)
+            if run is None and not nodes:
+                return None
+            source = "store"
+        safe = explain.build(workspace, run_id, run, nodes, source=source)
         doc = safe.to_json()
         if not reveal:
             return withhold(doc)
-        full = explain.build(workspace, run_id, *await self._docs(workspace, run_id, archived),
-                             show_prompts=True, source=safe.source).to_json()
+        full = explain.build(workspace, run_id, run, nodes, show_prompts=True,
+                             source=source).to_json()
         if reveal == ALL:
             shown = [(n["nodeId"], n["attempt"]) for n in full["nodes"]]
             doc = full | {"withheld": []}
@@ -95,8 +106,7 @@ class Reader:
                      if k in wanted]
             doc = withhold(doc, keep=full, shown=set(shown))
         records = [self._record(who, workspace, run_id, n["nodeId"], n["attempt"],
-                                [f for f in PROMPT_FIELDS if n.get(f) is not None],
-                                archived)
+                                [f for f in PROMPT_FIELDS if _held(n.get(f))], archived)
                    for n in full["nodes"] if (n["nodeId"], n["attempt"]) in set(shown)]
         if reveal == ALL and isinstance(full["run"].get("trigger"), Mapping) \
                 and full["run"]["trigger"].get("metadata") is not None:
@@ -105,16 +115,12 @@ class Reader:
         await self.access.record_access([r for r in records if r.fields])
         return doc
 
-    async def _docs(self, workspace: str, run_id: str, archived: bool) -> tuple[
-            dict[str, Any] | None, list[dict[str, Any]]]:
-        if archived:
-            from ..archive import read_run
+    def _keys(self, workspace: str) -> explain.KeysFor:
+        """The data keys of an archived run, as ``explain --archive`` opens them."""
+        async def keys(run_id: str) -> OpenDoc:
+            return (await load_opener(self.store, self.master, workspace, [run_id])).open
 
-            assert self.archive is not None
-            found = await read_run(self.archive, workspace, run_id)
-            return (None, []) if found is None else (found[0], found[1])
-        return (await self.store.get_run(workspace, run_id),
-                await self.store.get_nodes(workspace, run_id))
+        return keys
 
     async def node(self, who: Principal, workspace: str, run_id: str, node_id: str,
                    attempt: int | None, *, prompts: bool) -> dict[str, Any] | None:
@@ -141,6 +147,12 @@ class Reader:
         return AccessRecord(uuid.uuid4().hex, self.clock(), who.token_id, workspace, run_id,
                             node_id, attempt, tuple(fields),
                             "archive" if archived else "store")
+
+
+def _held(value: Any) -> bool:
+    """Whether a returned field holds data (not nothing, not the mark of an erased one)."""
+    return value is not None and not (isinstance(value, Mapping)
+                                      and value.get("erased") is True)
 
 
 def withhold(doc: dict[str, Any], *, keep: Mapping[str, Any] | None = None,

@@ -13,8 +13,8 @@ from ..errors import AuditFleetError
 from ..explain import (
     Explanation,
     Step,
-    build,
     deep_documents,
+    explain_archived,
     explain_run,
     find_workspace,
 )
@@ -197,25 +197,20 @@ async def _explain(args: argparse.Namespace) -> int:
     run_id: str = args.run_id
     ex: Explanation | None
     if args.archive:
-        from ..archive import Archive, read_run
+        from ..archive import Archive, OpenDoc
+        from ..shredding import load_opener
 
         if not args.workspace:
             raise AuditFleetError("explain --archive needs --workspace")
-        from ..shredding import load_opener, sealed_kids
-
         workspace = check_workspace(args.workspace)
-        archive = Archive.at(args.archive)
-        found = await read_run(archive, workspace, run_id)
-        if found is not None and (sealed_kids("run", found[0] or {}) or any(
-                sealed_kids("node", n) for n in found[1])):
-            async with opened_store(args, read_only=True) as store:  # the run's data keys
-                opener = await load_opener(store, archive_master_key(), workspace, [run_id])
-            found = await read_run(archive, workspace, run_id, opener.open)
-        ex = None
-        if found is not None:
-            run, nodes, segments = found
-            ex = build(workspace, run_id, run, nodes, show_prompts=args.show_prompts,
-                       source="archive " + ", ".join(segments))
+
+        async def keys(run: str) -> OpenDoc:  # the run's data keys, from the store
+            async with opened_store(args, read_only=True) as store:
+                return (await load_opener(store, archive_master_key(), workspace,
+                                          [run])).open
+
+        ex = await explain_archived(Archive.at(args.archive), workspace, run_id,
+                                    show_prompts=args.show_prompts, keys=keys)
     else:
         async with opened_store(args, read_only=True) as store:
             ws = check_workspace(args.workspace) if args.workspace else \

@@ -12,7 +12,7 @@ import anyio
 from ..queries import utcnow
 from ..stores import Store
 from ..stores.access import access_store
-from .common import add_store_flag, opened_store
+from .common import add_store_flag, archive_master_key, opened_store
 
 
 async def cmd_serve(args: argparse.Namespace) -> int:
@@ -26,7 +26,8 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     async with opened_store(args, read_only=True) as store:
         access = access_store(store)
         await access.migrate()  # the tokens and access-log tables (idempotent)
-        reader = Reader(store, access, Archive.at(location) if location else None)
+        reader = Reader(store, access, Archive.at(location) if location else None,
+                        master=archive_master_key())  # opens sealed archive fields
 
         def ready(url: str) -> None:
             print(f"serving the read API and viewer on {url} (store: {store.name})",
