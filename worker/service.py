@@ -12,12 +12,21 @@ Start-up order (``audit-fleet run``):
    the database does not exist, a bad path) ends the process with one line and a non-zero
    exit instead.
 4. The worker runs; ``/healthz`` requires its reader loop from then on.
+
+SIGTERM or SIGINT before the worker runs (while it waits for the store) ends the process
+at once with exit code 0 and one log line (``stopped_before_start``): nothing is read yet,
+so there is nothing to drain. From then on the worker's own watcher drains (see
+:class:`~worker.consumer.Worker`).
 """
 
 from __future__ import annotations
 
+import signal
+from collections.abc import Callable
+
 import anyio
 import redis.asyncio as aioredis
+from anyio.abc import TaskStatus
 from redis.exceptions import RedisError
 from tenacity import RetryCallState, stop_after_attempt, stop_never
 
@@ -94,6 +103,30 @@ async def check_redis(redis: aioredis.Redis, settings: Settings) -> None:
         ) from None
 
 
+async def watch_startup_signals(
+    starting: anyio.CancelScope,
+    current: Callable[[], Worker | None],
+    *,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Until the worker's own watcher takes the signals over: SIGTERM/SIGINT cancels the
+    start-up (``starting``), or stops the worker if it exists already.
+
+    Registered before anything waits, and never removed before the worker registers its
+    own handler (which replaces this one), so no signal meets the default action, which
+    killed the process (exit -15) while it waited for the store.
+    """
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
+        async for signum in signals:
+            worker = current()
+            if worker is not None:
+                worker.stop()
+                continue
+            get_logger().info("stopped_before_start", signal=signal.Signals(signum).name)
+            starting.cancel()
+
+
 def build_worker(
     settings: Settings, store: Store, redis: aioredis.Redis, metrics: Metrics
 ) -> Worker:
@@ -119,6 +152,8 @@ async def run_worker(settings: Settings) -> None:
     try:
         await check_redis(redis, settings)
         async with anyio.create_task_group() as tg:
+            starting = anyio.CancelScope()
+            await tg.start(watch_startup_signals, starting, lambda: worker)
             server = None
             if settings.metrics_port:
                 server = build_health_server(
@@ -127,7 +162,11 @@ async def run_worker(settings: Settings) -> None:
                     required_loops=(),
                 )
                 await tg.start(server.serve, settings.metrics_host, settings.metrics_port)
-            slot.store = await open_store_waiting(settings, metrics=metrics)
+            with starting:
+                slot.store = await open_store_waiting(settings, metrics=metrics)
+            if slot.store is None:  # a signal before the store opened: exit 0
+                tg.cancel_scope.cancel()
+                return
             if "store_wait" in metrics.heartbeats():
                 metrics.loop_heartbeat.remove("store_wait")
             worker = build_worker(settings, slot.store, redis, metrics)

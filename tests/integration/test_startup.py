@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ import pytest
 import structlog
 
 from tests.conftest import free_port
-from tests.helpers import TcpProxy
+from tests.helpers import TcpProxy, spawn_worker, wait_until
 from worker.cli import main
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
@@ -122,6 +123,33 @@ async def test_health_answers_at_once_while_the_store_is_down(
             await anyio.to_thread.run_sync(lambda: proc.wait(timeout=30))
             log.close()
     assert proc.returncode == 0, (tmp_path / "worker.log").read_text()
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_a_signal_while_waiting_for_the_store_exits_0_with_one_line(
+    tmp_path: Path, redis_url: str, stream: str, signum: signal.Signals
+) -> None:
+    """Regression: SIGTERM while the worker still waited for the store at start killed it
+    (exit -15). It now exits 0 at once, logging one line, with nothing read."""
+    log = tmp_path / "worker.log"
+    dead_pg = f"postgresql://audit@127.0.0.1:{free_port()}/test"  # nothing listens there
+    proc = spawn_worker("w-start", stream, redis_url, dead_pg, log)
+    try:
+        await wait_until(lambda: "store_unreachable_waiting" in log.read_text(),
+                         what="the worker waits for the store")
+        proc.send_signal(signum)
+        code = await anyio.to_thread.run_sync(lambda: proc.wait(timeout=20))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert code == 0, text
+    stopped = [json.loads(line) for line in text.splitlines() if "stopped_before_start" in line]
+    assert [line["signal"] for line in stopped] == [signum.name], text
+    assert "Traceback" not in text
 
 
 @pytest.mark.anyio
