@@ -101,7 +101,9 @@ async def faststream_consumer(redis_url: str, stream: str, group: str, consumer:
     from faststream.redis import RedisBroker, StreamSub
     from faststream.redis.annotations import RedisBatchStreamMessage
 
-    broker = RedisBroker(redis_url, logger=None)
+    # None turns FastStream's logging off (its logger state takes an Optional logger), but
+    # RedisBrokerParams types the keyword as a logger only.
+    broker = RedisBroker(redis_url, logger=None)  # type: ignore[arg-type]
     done = anyio.Event()
     seen = [0]
     runs_seen: set[tuple[str, str]] = set()

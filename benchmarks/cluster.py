@@ -38,7 +38,8 @@ import redis.asyncio as aioredis
 from tests.redis_servers import RedisCluster, free_ports, wait_for
 from worker import events as ev
 from worker import samples
-from worker.consumer import Batch, Outcome, Worker
+from worker.batch import Batch
+from worker.consumer import Outcome, Worker
 from worker.emitter import shard_index
 from worker.redisclient import connect
 from worker.settings import Settings

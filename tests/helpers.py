@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
+import asyncpg
 import redis.asyncio as aioredis
 
 from worker import events as ev
@@ -26,6 +29,42 @@ from worker.stores.base import NodeQuery, RunQuery, Store, WriteResult
 
 ROOT = Path(__file__).resolve().parent.parent
 """The repository's top directory (deploy/, docs/ ...)."""
+
+REDIS_URL = os.environ.get("AUDIT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+"""The shared test Redis (tests isolate themselves by unique stream names)."""
+PG_ADMIN_URL = os.environ.get("AUDIT_TEST_POSTGRES_URL",
+                              "postgresql://postgres@127.0.0.1:5432/postgres")
+"""The test PostgreSQL server's admin database (tests create databases of their own)."""
+
+
+async def _admin() -> asyncpg.Connection:
+    return await asyncpg.connect(PG_ADMIN_URL)
+
+
+@contextlib.asynccontextmanager
+async def pg_database() -> AsyncIterator[str]:
+    """A fresh PostgreSQL database (its URL), dropped afterwards (for any fixture scope)."""
+    name = f"aft_{uuid.uuid4().hex[:16]}"
+    conn = await _admin()
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}"
+    finally:
+        conn = await _admin()
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def workspace_name(prefix: str = "ws") -> str:
@@ -152,10 +191,42 @@ async def wait_until(condition: Condition, within_s: float = 20.0, interval: flo
         raise AssertionError(f"not true within {within_s} s: {what or condition!r}") from None
 
 
+RawEntry = tuple[bytes, dict[bytes, bytes]]
+"""A stream entry as a client without ``decode_responses`` reads it: ID and fields as bytes."""
+
+
+def raw_entries(rows: Iterable[tuple[object, object]] | None) -> list[RawEntry]:
+    """Entries of an XRANGE or XREADGROUP reply, typed as they are (redis-py's reply types
+    allow text and None: the test clients decode no responses, and the entries exist)."""
+    out: list[RawEntry] = []
+    for entry_id, fields in rows or []:
+        assert isinstance(entry_id, bytes), entry_id
+        assert isinstance(fields, dict), fields
+        out.append((entry_id, cast(dict[bytes, bytes], fields)))
+    return out
+
+
+async def stream_range(redis: aioredis.Redis, key: str, count: int | None = None
+                       ) -> list[RawEntry]:
+    """XRANGE of all of ``key`` (or its first ``count`` entries)."""
+    return raw_entries(await redis.xrange(key, count=count))
+
+
+async def read_group(redis: aioredis.Redis, group: str, consumer: str, stream: str,
+                     count: int) -> list[RawEntry]:
+    """XREADGROUP of new entries (``>``) of one stream as ``consumer``."""
+    reply = await redis.xreadgroup(group, consumer, {stream: ">"}, count=count)
+    if not reply:
+        return []
+    assert isinstance(reply, list), reply  # RESP2: [[stream, entries]]
+    ((_, rows),) = reply
+    return raw_entries(rows)
+
+
 async def dlq_entries(redis: aioredis.Redis, stream: str) -> list[dict[str, Any]]:
     """The dead-letter stream's entries as dicts of text fields (event kept as bytes)."""
     out = []
-    for entry_id, fields in await redis.xrange(stream + ":dlq"):
+    for entry_id, fields in await stream_range(redis, stream + ":dlq"):
         row = {k.decode(): (v if k == b"event" else v.decode()) for k, v in fields.items()}
         row["_id"] = entry_id.decode()
         out.append(row)

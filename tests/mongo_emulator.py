@@ -502,7 +502,7 @@ class FakeMongo:
         found = [d for d in self.docs(doc["$db"], doc["find"])
                  if matches(d, doc.get("filter") or {})]
         for field, direction in reversed(list((doc.get("sort") or {}).items())):
-            found.sort(key=lambda d, f=field: _bson_key(_get(d, f)), reverse=direction == -1)
+            found.sort(key=lambda d: _bson_key(_get(d, field)), reverse=direction == -1)
         if doc.get("limit"):
             found = found[: doc["limit"]]
         found = [_project(d, doc.get("projection")) for d in found]

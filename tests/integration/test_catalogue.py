@@ -24,7 +24,7 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from tests.conftest import REDIS_URL, pg_database
+from tests.helpers import REDIS_URL, pg_database
 from worker.constants import Reason
 from worker.consumer import Worker
 from worker.events import MAX_DEPTH

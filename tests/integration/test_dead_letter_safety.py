@@ -15,7 +15,6 @@ import anyio
 import pytest
 import redis.asyncio as aioredis
 
-from tests.conftest import RedisServers
 from tests.helpers import (
     MemoryStore,
     dlq_entries,
@@ -24,6 +23,7 @@ from tests.helpers import (
     pending_count,
     wait_until,
 )
+from tests.redis_servers import RedisServers
 from worker import constants as c
 from worker import samples
 from worker.consumer import DEAD_LETTER_REFUSED_ATTEMPTS, Worker

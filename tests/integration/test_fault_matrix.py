@@ -36,7 +36,6 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from tests.conftest import RedisServers
 from tests.helpers import (
     ControlledStore,
     TcpProxy,
@@ -47,6 +46,7 @@ from tests.helpers import (
     wait_until,
     workload,
 )
+from tests.redis_servers import RedisServers
 from worker.consumer import Worker
 from worker.documents import node_tokens
 from worker.emitter import AuditEmitter

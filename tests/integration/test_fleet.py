@@ -300,7 +300,7 @@ async def test_fleet_loop_polls_beats_and_releases_on_cancel(
 
 async def test_fleet_loop_counts_failures_and_carries_on(stream: str) -> None:
     """With Redis unreachable the loop counts errors, keeps beating and does not crash."""
-    from tests.conftest import free_port
+    from tests.helpers import free_port
 
     dead = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0",
                                    socket_connect_timeout=0.2)

@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import free_port
+from tests.helpers import free_port
 from worker import health
 from worker.cli import health as health_cli
 from worker.cli.health import check, default_url

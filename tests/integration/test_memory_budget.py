@@ -16,8 +16,8 @@ import anyio
 import pytest
 import redis.asyncio as aioredis
 
-from tests.conftest import RedisServers
 from tests.helpers import pending_count, spawn_worker, wait_until
+from tests.redis_servers import RedisServers
 from worker import samples
 from worker.emitter import AuditEmitter
 from worker.stores import open_store

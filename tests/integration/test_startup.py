@@ -17,8 +17,7 @@ import anyio
 import pytest
 import structlog
 
-from tests.conftest import free_port
-from tests.helpers import TcpProxy, spawn_worker, wait_until
+from tests.helpers import TcpProxy, free_port, spawn_worker, wait_until
 from worker.cli import main
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]

@@ -8,7 +8,7 @@ import json
 import pytest
 import redis.asyncio as aioredis
 
-from tests.conftest import free_port
+from tests.helpers import free_port
 from worker import constants as c
 from worker.cli import status as status_cli
 from worker.cli.output import human_duration

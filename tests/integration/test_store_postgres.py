@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
@@ -12,7 +11,7 @@ import asyncpg
 import asyncpg.exceptions as pgx
 import pytest
 
-from tests.conftest import PG_ADMIN_URL, free_port
+from tests.helpers import free_port, pg_database
 from tests.reference import RUN_ID, decoded, reference_events, reference_snapshot
 from tests.store_conformance import (
     T0,
@@ -42,23 +41,13 @@ def anyio_backend() -> str:
 @pytest.fixture(scope="module")
 async def shared_store() -> AsyncIterator[PostgresStore]:
     """One database for the conformance suite: its tests use workspaces of their own."""
-    name = f"aft_{uuid.uuid4().hex[:16]}"
-    admin = await asyncpg.connect(PG_ADMIN_URL)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    store = PostgresStore(f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}", max_size=4)
-    try:
-        await store.open()
-        yield store
-    finally:
-        await store.close()
-        admin = await asyncpg.connect(PG_ADMIN_URL)
+    async with pg_database() as url:
+        store = PostgresStore(url, max_size=4)
         try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            await store.open()
+            yield store
         finally:
-            await admin.close()
+            await store.close()
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -283,7 +284,7 @@ def test_store_urls_are_redirected_and_redacted() -> None:
 def test_targets_compare_ratios_within_one_run() -> None:
     """Each target is judged from numbers of the same run; null duplicates are n/a."""
     pg = "postgresql://postgres@127.0.0.1:5432/audit_bench"
-    baselines = {
+    baselines: dict[str, dict[str, Any]] = {
         "raw_redis_loop": {"events_per_s": 50_000.0},
         "faststream_consumer": {"events_per_s": 25_000.0},
         "raw_store_upsert": {"store": pg, "events_per_s": 10_000.0},

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from typing import Any
 
 import fakeredis
 import pytest
 
+from tests.helpers import stream_range
 from worker.emitter import AuditEmitter, RunRecorder, make_event
 from worker.errors import InvalidEvent
 from worker.events import decode
@@ -20,8 +22,8 @@ def fake() -> fakeredis.FakeAsyncRedis:
     return fakeredis.FakeAsyncRedis()
 
 
-async def entries(client: fakeredis.FakeAsyncRedis, stream: str) -> list[dict[str, object]]:
-    return [json.loads(f[b"event"]) for _, f in await client.xrange(stream)]
+async def entries(client: fakeredis.FakeAsyncRedis, stream: str) -> list[dict[str, Any]]:
+    return [json.loads(f[b"event"]) for _, f in await stream_range(client, stream)]
 
 
 async def test_invalid_events_are_refused_before_xadd(fake: fakeredis.FakeAsyncRedis) -> None:
@@ -77,7 +79,7 @@ async def test_run_recorder_flushes_one_snapshot(fake: fakeredis.FakeAsyncRedis)
     (event,) = await entries(fake, "s")
     assert event["type"] == "run.snapshot"
     assert event["status"] == "completed"
-    assert [n["nodeId"] for n in event["nodes"]] == ["classify", "route"]  # type: ignore[index]
+    assert [n["nodeId"] for n in event["nodes"]] == ["classify", "route"]
     decode(json.dumps(event).encode(), max_bytes=1 << 20)
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 from structlog.testing import capture_logs
 
@@ -36,7 +34,7 @@ async def test_open_store_waiting_logs_each_wait_then_opens(
     with capture_logs() as logs:
         store = await service.open_store_waiting(settings, attempts=3)
     assert isinstance(store, FlakyStore)
-    waits: list[dict[str, Any]] = [e for e in logs if e["event"] == "store_unreachable_waiting"]
+    waits = [e for e in logs if e["event"] == "store_unreachable_waiting"]
     assert len(waits) == 2
     assert all(e["log_level"] == "warning" and e["error"] == "connection refused"
                for e in waits)

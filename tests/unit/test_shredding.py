@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,7 +21,7 @@ def node(run_id: str, key: str = "classify#1") -> dict[str, object]:
             "output": "lead", "error": None, "status": "completed"}
 
 
-def sealed_pair() -> tuple[Opener, dict[str, object], dict[str, object], StoredKey]:
+def sealed_pair() -> tuple[Opener, dict[str, Any], dict[str, Any], StoredKey]:
     row_a, key_a = MASTER.new_key("ws1", "a")
     row_b, key_b = MASTER.new_key("ws1", "b")
     a = seal("ws1", "node", node("a"), row_a.key_id, key_a)
@@ -44,7 +45,7 @@ def test_sealed_fields_round_trip_and_nothing_else_changes() -> None:
 
 def test_a_ciphertext_moved_to_another_record_or_field_fails_authentication() -> None:
     opener, a, b, _ = sealed_pair()
-    moved = dict(b, input=dict(a["input"], kid=b["input"]["kid"]))  # type: ignore[arg-type]
+    moved = dict(b, input=dict(a["input"], kid=b["input"]["kid"]))
     with pytest.raises(SealError, match="does not authenticate"):
         opener.open("node", moved)
     swapped = dict(a, input=a["output"])  # output's ciphertext as the input

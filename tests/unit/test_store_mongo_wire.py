@@ -382,9 +382,10 @@ async def test_hostile_field_names_are_escaped_on_the_wire_and_read_back_unchang
     """$-prefixed, dotted, NUL, %-holding, empty and _id keys never reach the server raw."""
     hostile = {"$where": "sleep(1000)", "a.b": {"$gt": ""}, "nul\x00key": 1, "50%": "$x",
                "": "empty", "_id": "mine", "nested": [{"$set": {"x.y": 1}}]}
+    spoofed: dict[str, Any] = {"$inc": {"summary.totalTokens": 1}, "a.b": 2, "_id": "spoof",
+                               "meta": hostile}
     decoded = [
-        event("run.started", "e1", **{"$inc": {"summary.totalTokens": 1}, "a.b": 2,
-                                      "_id": "spoof", "meta": hostile}),
+        event("run.started", "e1", **spoofed),
         event("node.completed", "e2", node={"nodeId": "classify", "type": "ai",
                                             "output": hostile, "input": {"$regex": ".*"},
                                             "_payload": "user data"}),
@@ -916,7 +917,7 @@ def test_field_tenancy_database_comes_from_the_url() -> None:
 @pytest.mark.anyio
 async def test_unreachable_server_is_unavailable() -> None:
     """Nothing listening: open() and ping() raise StoreUnavailable, not a driver error."""
-    from tests.conftest import free_port
+    from tests.helpers import free_port
 
     url = f"mongodb://127.0.0.1:{free_port()}/?serverSelectionTimeoutMS=300"
     store = MongoStore(url, env={})
