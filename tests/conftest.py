@@ -6,7 +6,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import redis.asyncio as aioredis
@@ -14,7 +14,7 @@ import structlog
 
 from tests.helpers import REDIS_URL, pg_database
 from tests.mongo_emulator import FakeMongo, start_emulator
-from tests.redis_servers import RedisCluster, RedisServers, SentinelSetup
+from tests.redis_servers import RedisCluster, RedisServers, ReplicaPair, SentinelSetup
 from worker.stores import Store, open_store
 
 # Plain tracebacks in test logs: structlog's default renders each logged exception with rich
@@ -151,12 +151,25 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
         cluster.stop()
 
 
-@pytest.fixture
-def sentinel_setup(tmp_path: Path) -> Iterator[SentinelSetup]:
-    """A private master, replica and Sentinel for this test (its failover changes them)."""
-    setup = SentinelSetup(tmp_path / "sentinel")
+_Setup = TypeVar("_Setup", SentinelSetup, ReplicaPair)
+
+
+def _started(setup: _Setup) -> Iterator[_Setup]:
+    """Start a set-up of private servers, hand it over, stop every process it started."""
     try:
         setup.start()
         yield setup
     finally:
         setup.stop()
+
+
+@pytest.fixture
+def sentinel_setup(tmp_path: Path) -> Iterator[SentinelSetup]:
+    """A private master, replica and Sentinel for this test (its failover changes them)."""
+    yield from _started(SentinelSetup(tmp_path / "sentinel"))
+
+
+@pytest.fixture
+def replica_pair(tmp_path: Path) -> Iterator[ReplicaPair]:
+    """A private primary and replica, no Sentinel: the test fails over by hand."""
+    yield from _started(ReplicaPair(tmp_path / "pair"))

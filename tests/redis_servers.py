@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -74,6 +75,20 @@ def _listening(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def role_server(base: Path, role: str, port: int, *extra: str) -> subprocess.Popen[bytes]:
+    """A ``redis-server`` on ``port`` with its files in ``base/role``, once it listens."""
+    d = base / role
+    d.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [_binary("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
+         "--save", "", "--appendonly", "no", "--dir", str(d),
+         "--logfile", str(d / "redis.log"), *extra],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    wait_for(lambda: _listening(port), 10, f"{role} on {port}")
+    return proc
 
 
 @dataclass
@@ -178,16 +193,7 @@ class SentinelSetup:
         return f"redis+sentinel://127.0.0.1:{self.ports['sentinel']}/{self.master_name}/0"
 
     def _server(self, role: str, *extra: str) -> None:
-        d = self.base / role
-        d.mkdir(parents=True, exist_ok=True)
-        port = self.ports[role]
-        self.procs[role] = subprocess.Popen(
-            [_binary("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", str(d),
-             "--logfile", str(d / "redis.log"), *extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        wait_for(lambda: _listening(port), 10, f"{role} on {port}")
+        self.procs[role] = role_server(self.base, role, self.ports[role], *extra)
 
     def start(self) -> None:
         m, r, s = free_ports(3)
@@ -357,3 +363,70 @@ def make_tls_files(folder: Path) -> tuple[Path, Path, Path]:
                                                   serialization.PrivateFormat.PKCS8,
                                                   serialization.NoEncryption()))
     return paths
+@dataclass
+class ReplicaPair:
+    """A primary and one replica of it, with no Sentinel: the caller fails over by hand
+    (:meth:`promote`). ``replica_upstream`` lets the replica follow another address (a
+    delaying proxy in front of the primary: ``benchmarks/failover_loss.py``)."""
+
+    base: Path
+    ports: dict[str, int] = field(default_factory=dict)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def url(self, role: str) -> str:
+        return f"redis://127.0.0.1:{self.ports[role]}/0"
+
+    def _server(self, role: str, *extra: str) -> None:
+        self.procs[role] = role_server(self.base, role, self.ports[role], *extra)
+
+    def start_primary(self) -> None:
+        self.ports["primary"], self.ports["replica"] = free_ports(2)
+        self._server("primary")
+
+    def start_replica(self, upstream_port: int | None = None) -> None:
+        """The replica, following the primary (or ``upstream_port``); returns once the
+        primary counts it as an acknowledging replica (``WAIT 1`` answers 1)."""
+        upstream = upstream_port or self.ports["primary"]
+        self._server("replica", "--replicaof", "127.0.0.1", str(upstream))
+        wait_for(lambda: "master_link_status:up" in cli(self.ports["replica"], "info",
+                                                        "replication"), 20, "replica in sync")
+        wait_for(lambda: cli(self.ports["primary"], "wait", "1", "200").strip() == "1", 20,
+                 "the primary to count the replica")
+
+    def start(self) -> None:
+        self.start_primary()
+        self.start_replica()
+
+    def wait_acknowledged(self, timeout: float = 10) -> None:
+        """Until the primary has the replica's acknowledgement of every write so far."""
+        def acked() -> bool:
+            info = dict(line.split(":", 1) for line in
+                        cli(self.ports["primary"], "info", "replication").splitlines()
+                        if ":" in line)
+            replica = dict(kv.split("=", 1) for kv in info.get("slave0", "").split(",")
+                           if "=" in kv)
+            return replica.get("offset") == info["master_repl_offset"].strip()
+        wait_for(acked, timeout, "the replica's acknowledgement")
+
+    def pause_replica(self) -> None:
+        """SIGSTOP: the replica stays connected but acknowledges nothing more."""
+        self.procs["replica"].send_signal(signal.SIGSTOP)
+
+    def resume_replica(self) -> None:
+        self.procs["replica"].send_signal(signal.SIGCONT)
+
+    def kill_primary(self) -> None:
+        self.procs["primary"].kill()
+        self.procs["primary"].wait(timeout=10)
+
+    def promote(self) -> None:
+        """The replica becomes a primary (``REPLICAOF NO ONE``), as a failover would."""
+        out = cli(self.ports["replica"], "replicaof", "no", "one")
+        if "OK" not in out:
+            raise RuntimeError(f"REPLICAOF NO ONE failed: {out}")
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+        stop_all(self.procs.values())

@@ -165,43 +165,50 @@ class AuditEmitter:
 
     async def emit(self, event: Mapping[str, Any]) -> str:
         """Append one event; returns its stream entry ID."""
-        stream = self.stream_for(event["runId"])
-        entry_id = await self.redis.xadd(stream, self.fields(event))
-        await self._wait([stream])
+        if self.wait_replicas > 0:
+            return (await self.emit_many([event]))[0]
+        entry_id = await self.redis.xadd(self.stream_for(event["runId"]), self.fields(event))
         return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
     async def emit_many(self, events: Iterable[Mapping[str, Any]]) -> list[str]:
-        """Append many events in one pipelined round trip; all are validated first."""
+        """Append many events in one pipelined round trip; all are validated first.
+
+        With ``wait_replicas``, ``WAIT n timeout`` goes in the same pipeline, after the
+        appends to its node, so it runs on the connection that sent them: Redis's WAIT
+        counts the replicas that have the *calling connection's* last write, and on
+        another connection of the pool it could confirm without these entries.
+        Raises :class:`worker.errors.NotReplicated` when fewer replicas than asked
+        acknowledged in time: the entries are appended (re-emitting them is safe,
+        the fleet deduplicates by ``eventId``), but not yet on enough replicas.
+        """
         encoded = [(self.stream_for(e["runId"]), self.fields(e)) for e in events]
         if not encoded:
             return []
         async with self.redis.pipeline(transaction=False) as pipe:
             for stream, fields in encoded:
                 pipe.xadd(stream, fields)
-            ids = await pipe.execute()
-        await self._wait(sorted({stream for stream, _ in encoded}))
+            if self.wait_replicas > 0:
+                self._queue_wait(pipe, sorted({stream for stream, _ in encoded}))
+            replies = await pipe.execute()
+        ids, counts = replies[: len(encoded)], replies[len(encoded):]
+        if counts:
+            acked = min(int(x) for x in counts)
+            if acked < self.wait_replicas:
+                raise NotReplicated(acked, self.wait_replicas, self.wait_timeout_ms)
         return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
 
-    async def _wait(self, streams: Sequence[str]) -> None:
-        """``WAIT n timeout`` on the node of each stream written, when asked for.
-
-        Raises :class:`worker.errors.NotReplicated` when fewer replicas than asked
-        acknowledged in time: the entries are appended (re-emitting them is safe,
-        the fleet deduplicates by ``eventId``), but not yet on enough replicas.
-        """
-        if self.wait_replicas <= 0:
-            return
+    def _queue_wait(self, pipe: Any, streams: Sequence[str]) -> None:
+        """``WAIT`` once per node written (on a cluster each shard's master is asked)."""
         args = ("WAIT", self.wait_replicas, self.wait_timeout_ms)
-        if redisclient.is_cluster(self.redis):
-            nodes = {self.redis.get_node_from_key(s).name: self.redis.get_node_from_key(s)  # type: ignore[attr-defined]
-                     for s in streams}
-            counts = [await self.redis.execute_command(*args, target_nodes=node)  # type: ignore[no-untyped-call]
-                      for node in nodes.values()]
-        else:
-            counts = [await self.redis.execute_command(*args)]  # type: ignore[no-untyped-call]
-        acked = min(int(x) for x in counts)
-        if acked < self.wait_replicas:
-            raise NotReplicated(acked, self.wait_replicas, self.wait_timeout_ms)
+        if not redisclient.is_cluster(self.redis):
+            pipe.execute_command(*args)
+            return
+        nodes = {}
+        for stream in streams:
+            node = self.redis.get_node_from_key(stream)  # type: ignore[attr-defined]
+            nodes[node.name] = node
+        for node in nodes.values():
+            pipe.execute_command(*args, target_nodes=node)
 
     async def emit_raw(self, stream: str, payload: bytes, sig: bytes | None = None) -> str:
         """Append a payload as is, without validation (tests, replays of dead letters)."""
