@@ -33,7 +33,6 @@ from redis.exceptions import RedisError
 from .errors import RedisFailure
 from .fleet_status import (
     ACTIVE_CONSUMER_IDLE_S,
-    PENDING_IDLE_SCAN,
     STATUS_SCHEMA_VERSION,
     ConsumerStatus,
     FleetStatus,
@@ -43,10 +42,11 @@ from .fleet_status import (
     redis_time_ms,
 )
 from .logs import get_logger
+from .pending_idle import PendingScans
 from .redisio import id_ms, parse_id, text, translated
 
 __all__ = [
-    "ACTIVE_CONSUMER_IDLE_S", "PENDING_IDLE_SCAN", "STATUS_SCHEMA_VERSION", "ConsumerStatus",
+    "ACTIVE_CONSUMER_IDLE_S", "STATUS_SCHEMA_VERSION", "ConsumerStatus",
     "FleetCollector", "FleetStatus", "GroupStatus", "StreamStatus", "acquire_poller",
     "fleet_loop", "fleet_side_loop", "fleet_status", "id_ms", "parse_id", "poll_fleet",
     "poller_lock_key", "redis_time_ms", "release_poller", "text",
@@ -139,7 +139,7 @@ class FleetCollector(Collector):
              "none is pending", ["stream", "group"]),
             ("group_pending_max_idle_seconds",
              "Longest time since delivery among pending entries (XPENDING idle; a stuck "
-             f"consumer; the {PENDING_IDLE_SCAN} lowest IDs); 0 when none is pending",
+             "consumer); 0 when none is pending",
              ["stream", "group"]),
             ("group_consumers", "Consumers registered in the group (alive or dead)",
              ["stream", "group"]),
@@ -234,18 +234,20 @@ async def release_poller(redis: aioredis.Redis, settings: Settings) -> bool:
     return bool(released)
 
 
-async def poll_fleet(redis: aioredis.Redis, settings: Settings, metrics: Metrics) -> bool:
+async def poll_fleet(redis: aioredis.Redis, settings: Settings, metrics: Metrics,
+                     scans: PendingScans | None = None) -> bool:
     """One poll: export the fleet gauges if this worker is (or becomes) the poller.
 
     Returns True when this worker is the poller. A worker that is not clears whatever
     fleet gauges it exported before, so two workers never export the same series for long.
+    ``scans`` carries the sweeps over large pending lists between polls.
     """
     if not await acquire_poller(redis, settings):
         metrics.fleet.clear()
         metrics.fleet_poller.set(0)
         return False
     metrics.fleet_poller.set(1)
-    status = await fleet_status(redis, settings.streams, settings.group)
+    status = await fleet_status(redis, settings.streams, settings.group, scans)
     metrics.fleet.max_age_s = lock_ttl_ms(settings) / 1000
     metrics.fleet.update(status)
     return True
@@ -265,10 +267,11 @@ async def fleet_loop(
     """
     interval = settings.fleet_poll_interval_s if interval_s is None else interval_s
     log = get_logger(loop="fleet", group=settings.group, consumer=settings.consumer)
+    scans = PendingScans()
     try:
         while True:
             try:
-                leader = await poll_fleet(redis, settings, metrics)
+                leader = await poll_fleet(redis, settings, metrics, scans)
             except Exception as exc:
                 metrics.loop_errors.labels("fleet").inc()
                 if isinstance(exc, RedisError | RedisFailure | OSError):

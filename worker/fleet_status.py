@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 
 from . import constants as c
 from .errors import GroupMissing, RedisFailure, RedisUnavailable, StreamMissing
+from .pending_idle import PendingScans
 from .queries import format_time
 from .redisclient import is_cluster
 from .redisio import check, id_ms, parse_id, text, translated
@@ -31,9 +32,6 @@ STATUS_SCHEMA_VERSION = 1
 
 #: A consumer that has not tried to read for this long does not count as active.
 ACTIVE_CONSUMER_IDLE_S = 120.0
-
-#: Pending entries (lowest IDs first) whose time since delivery is read per group and poll.
-PENDING_IDLE_SCAN = 1000
 
 # -- the status data model ---------------------------------------------------------------
 
@@ -68,6 +66,7 @@ class GroupStatus:
     oldest_pending_age_s: float | None = None
     #: The longest time since delivery among pending entries (XPENDING idle): what a stuck
     #: consumer drives up. A backlog being drained has old entries but short idle times.
+    #: Over every pending entry, at a bounded cost (:mod:`worker.pending_idle`).
     max_pending_idle_s: float | None = None
     consumers: tuple[ConsumerStatus, ...] = ()
 
@@ -195,22 +194,25 @@ async def _server_version(redis: aioredis.Redis, key: str) -> tuple[int, ...]:
 
 
 async def fleet_status(
-    redis: aioredis.Redis, streams: Sequence[str], group: str | None
+    redis: aioredis.Redis, streams: Sequence[str], group: str | None,
+    scans: PendingScans | None = None,
 ) -> FleetStatus:
     """Length, lag, pending, oldest pending age, consumers and DLQ size of each stream.
 
     ``group=None`` describes every group of each stream. Streams are read concurrently,
     each from the node that owns it, with that node's clock (no TIME inside a cluster
     pipeline). A stream that cannot be read (its node down) carries the error and the
-    others are reported all the same.
+    others are reported all the same. ``scans`` carries the sweeps over large pending
+    lists from one call to the next (the fleet poller keeps one).
     """
+    scans = scans if scans is not None else PendingScans()
     results: list[tuple[StreamStatus, int | None]] = [
         (StreamStatus(name), None) for name in streams
     ]
 
     async def one(i: int, name: str) -> None:
         try:
-            results[i] = await _stream_status(redis, name, group)
+            results[i] = await _stream_status(redis, name, group, scans)
         except RedisFailure as exc:
             results[i] = (StreamStatus(name, error=f"{type(exc).__name__}: {exc}"[:300],
                                        node=_node_name(redis, name)), None)
@@ -232,7 +234,7 @@ def _node_name(redis: aioredis.Redis, key: str) -> str | None:
 
 
 async def _stream_status(
-    redis: aioredis.Redis, name: str, group: str | None
+    redis: aioredis.Redis, name: str, group: str | None, scans: PendingScans
 ) -> tuple[StreamStatus, int]:
     now_ms = await redis_time_ms(redis, name)
     node = _node_name(redis, name)
@@ -266,8 +268,6 @@ async def _stream_status(
                 for gname in present:
                     pipe.xpending(name, gname)
                     pipe.xinfo_consumers(name, gname)
-                    pipe.xpending_range(name, gname, min="-", max="+",
-                                        count=PENDING_IDLE_SCAN)
                 details = await pipe.execute(raise_on_error=False)
     version: tuple[int, ...] | None = None
     out: list[GroupStatus] = []
@@ -277,17 +277,17 @@ async def _stream_status(
             out.append(GroupStatus(gname, exists=False))
             continue
         k = present.index(gname)
-        pending_summary, consumers, pending = details[3 * k: 3 * k + 3]
+        pending_summary, consumers = details[2 * k: 2 * k + 2]
         try:
             check(pending_summary)
             check(consumers)
-            check(pending)
+            g = _group(stream, gname, ginfo, pending_summary, consumers, now_ms)
+            idle_ms = await scans.of(name, gname).max_idle_ms(
+                redis, name, gname, g.pending, g.consumers)
         except GroupMissing:
             out.append(GroupStatus(gname, exists=False))  # deleted meanwhile
             continue
-        idle_ms = [int(x["time_since_delivered"]) for x in pending]
-        g = replace(_group(stream, gname, ginfo, pending_summary, consumers, now_ms),
-                    max_pending_idle_s=max(idle_ms) / 1000 if idle_ms else None)
+        g = replace(g, max_pending_idle_s=idle_ms / 1000 if idle_ms is not None else None)
         if not _lag_plausible(stream, g):
             g = await _counted_lag(redis, stream, g)
         elif g.lag:

@@ -17,8 +17,13 @@ from typing import Any
 from ..errors import RedisFailure
 from ..fleet import FleetStatus, GroupStatus, fleet_status
 from ..fleet_checks import rates, status_problems, threshold_breaches
+from ..pending_idle import PendingScans
 from ..redisclient import connect_settings
 from .output import escape_text, format_time, human_duration, print_json, table
+
+#: One ``status`` reads pending lists of up to 1 M entries whole (MAX-IDLE exact), in
+#: pages of 1000 (each as cheap for Redis as one read of a worker).
+ONE_SHOT_PENDING_PAGES = 1000
 
 
 def _num(value: int | None) -> str:
@@ -132,7 +137,8 @@ async def run_status(args: argparse.Namespace) -> int:
         return 1
     try:
         status = await fleet_status(
-            redis, settings.streams, None if args.all_groups else settings.group
+            redis, settings.streams, None if args.all_groups else settings.group,
+            PendingScans(pages_per_poll=ONE_SHOT_PENDING_PAGES),
         )
     except RedisFailure as exc:
         print(f"audit-fleet: cannot read the fleet status from Redis: {exc}", file=sys.stderr)
@@ -174,10 +180,11 @@ async def _watch(args: argparse.Namespace, settings: Any) -> int:
     redis = await connect_settings(settings)
     clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
     previous = None
+    scans = PendingScans()  # large pending lists are swept over the redraws, as the poller does
     try:
         while True:
             status = await fleet_status(
-                redis, settings.streams, None if args.all_groups else settings.group)
+                redis, settings.streams, None if args.all_groups else settings.group, scans)
             text = escape_text(render(status).rstrip("\n"), keep_newlines=True)
             if previous is not None:
                 text += "\n\n" + escape_text(render_rates(rates(previous, status)),
