@@ -18,6 +18,7 @@ import pytest
 import structlog
 
 from tests.helpers import TcpProxy, free_port, spawn_worker, wait_until
+from tests.redis_servers import RedisServers
 from worker.cli import main
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
@@ -151,6 +152,127 @@ async def test_a_signal_while_waiting_for_the_store_exits_0_with_one_line(
     assert "Traceback" not in text
 
 
+def wait_for_http(port: int, path: str, proc: subprocess.Popen[bytes], log: Path,
+                  within_s: float = 15.0, status: int | None = None) -> tuple[int, str]:
+    """Poll ``path`` until it answers (with ``status`` when given); fail if the worker
+    exits meanwhile or nothing comes within ``within_s``."""
+    deadline = time.monotonic() + within_s
+    while True:
+        assert proc.poll() is None, log.read_text()
+        try:
+            got = get(port, path)
+            if status is None or got[0] == status:
+                return got
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        assert time.monotonic() < deadline, f"no {path} ({status}) within {within_s} s"
+        time.sleep(0.1)
+
+
+def stop_with_sigterm(proc: subprocess.Popen[bytes], within_s: float = 15.0) -> int:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=within_s)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_run_waits_for_redis_serving_health_then_starts(
+    tmp_path: Path, redis_servers: RedisServers, stream: str
+) -> None:
+    """Regression: `run` ended at once when Redis was unreachable at start. It serves
+    /healthz and /metrics from the first second, says "waiting for Redis" on /readyz, and
+    starts by itself once a redis-server comes up on the configured port."""
+    redis_port, port = free_port(), free_port()
+    log = tmp_path / "worker.log"
+    proc = spawn_worker("w1", stream, f"redis://127.0.0.1:{redis_port}/0",
+                        f"sqlite:///{tmp_path / 'a.db'}", log,
+                        AUDIT_METRICS_PORT=str(port), AUDIT_METRICS_HOST="127.0.0.1")
+    try:
+        status, body = wait_for_http(port, "/healthz", proc, log)
+        assert status == 200, body
+        status, body = get(port, "/readyz")
+        assert status == 503
+        assert json.loads(body)["checks"]["redis"] == "waiting for Redis"
+        status, body = get(port, "/metrics")
+        assert status == 200
+        assert "audit_fleet_build_info" in body
+        wait_until_logged(log, "redis_unreachable_waiting", proc)
+        status, body = get(port, "/healthz")
+        assert status == 200
+        assert json.loads(body)["loops"]["redis_wait"]["ok"] is True  # alive and waiting
+
+        redis_servers.start(port=redis_port)
+        wait_for_http(port, "/readyz", proc, log, within_s=30, status=200)
+        status, body = wait_for_http(port, "/healthz", proc, log)
+        assert "reader" in json.loads(body)["loops"]
+        assert "redis_wait" not in json.loads(body)["loops"]
+    finally:
+        code = stop_with_sigterm(proc)
+    assert code == 0, log.read_text()
+
+
+def wait_until_logged(log: Path, event: str, proc: subprocess.Popen[bytes],
+                      within_s: float = 15.0) -> None:
+    deadline = time.monotonic() + within_s
+    while f'"event": "{event}"' not in log.read_text():
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, f"{event} not logged within {within_s} s"
+        time.sleep(0.1)
+
+
+def test_sigterm_while_waiting_for_redis_exits_0(tmp_path: Path, stream: str) -> None:
+    """SIGTERM while the worker waits for Redis ends it at once with exit code 0: nothing
+    was read, so nothing needs draining (a rolling update must not count a failure)."""
+    port = free_port()
+    log = tmp_path / "worker.log"
+    proc = spawn_worker("w1", stream, f"redis://127.0.0.1:{free_port()}/0",
+                        f"sqlite:///{tmp_path / 'a.db'}", log,
+                        AUDIT_METRICS_PORT=str(port), AUDIT_METRICS_HOST="127.0.0.1")
+    try:
+        wait_for_http(port, "/healthz", proc, log, status=200)
+        wait_until_logged(log, "redis_unreachable_waiting", proc)
+        started = time.monotonic()
+        code = stop_with_sigterm(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 0, log.read_text()
+    assert time.monotonic() - started < 5, "a waiting worker stops at once"
+    assert '"event": "stopped_before_start"' in log.read_text()
+
+
+@pytest.mark.parametrize(("server_args", "url", "expected"), [
+    (("--requirepass", "s3cret"), "redis://:wrong-pw@127.0.0.1:{port}/0",
+     "authentication failed"),
+    (("--requirepass", "s3cret"), "redis://127.0.0.1:{port}/0", "authentication failed"),
+    ((), "redis://127.0.0.1:{port}/99", "DB index is out of range"),
+    (None, "redis://127.0.0.1:not-a-port/0", "not a valid Redis URL"),
+])
+def test_permanent_redis_errors_end_the_worker_with_one_line(
+    run_cli: Cli, tmp_path: Path, redis_servers: RedisServers, stream: str,
+    server_args: tuple[str, ...] | None, url: str, expected: str,
+) -> None:
+    """Redis refusing for good at start (wrong password, no password, a database index out
+    of range) or a URL that cannot be parsed is not waited for: one line naming
+    AUDIT_REDIS_URL, password masked, exit code 2."""
+    port = 0
+    if server_args is not None:
+        port = int(redis_servers.start(*server_args).rsplit(":", 1)[1].split("/", 1)[0])
+    done = run_cli(["run"], tmp_path, AUDIT_REDIS_URL=url.format(port=port),
+                   AUDIT_STREAM=stream, AUDIT_METRICS_PORT="0",
+                   AUDIT_STORE_URL=f"sqlite:///{tmp_path / 'a.db'}")
+    line = one_line_error(done)
+    assert done.returncode == 2
+    assert expected in line
+    assert "AUDIT_REDIS_URL" in line
+    assert "wrong-pw" not in line
+
+
 @pytest.mark.anyio
 async def test_waiting_readiness_and_the_grace_of_required_loops() -> None:
     """Until the store is open its check says "waiting"; required loops count from then."""
@@ -192,11 +314,12 @@ def test_permanent_store_errors_end_the_worker_with_one_line(
 
 
 @pytest.mark.parametrize("command", [
-    ["run"], ["trim"], ["trim", "--dry-run"], ["status"], ["dlq", "list"], ["migrate"],
+    ["trim"], ["trim", "--dry-run"], ["status"], ["dlq", "list"], ["migrate"],
 ])
 def test_redis_unreachable_is_one_line(run_cli: Cli, tmp_path: Path, command: list[str]) -> None:
-    """Regression: `run` and `trim` with Redis unreachable printed an ExceptionGroup of ~60
-    lines. Every command says which Redis it could not reach, in one line, exit 1."""
+    """Regression: `trim` with Redis unreachable printed an ExceptionGroup of ~60 lines.
+    Every command says which Redis it could not reach, in one line, exit 1 (`run` waits
+    for it instead: test_run_waits_for_redis_serving_health_then_starts)."""
     url = f"redis://:s3cret@127.0.0.1:{free_port()}/0"
     done = run_cli(command, tmp_path, AUDIT_REDIS_URL=url, AUDIT_METRICS_PORT="0",
                    AUDIT_STORE_URL=f"sqlite:///{tmp_path / 'a.db'}")
