@@ -34,6 +34,12 @@ DEFAULT_RECLAIM_INTERVAL_S = 5.0
 DEFAULT_TRIM_INTERVAL_S = 30.0
 DEFAULT_TRIM_RETENTION_S = 3600.0
 DEFAULT_FLEET_POLL_INTERVAL_S = 10.0
+#: Bounds of each dead-letter stream (0: no bound). Past them the hygiene round drops the
+#: oldest dead letters, counted and logged; alerts fire at 80% first. See worker/dlq_bound.py.
+DEFAULT_DLQ_MAX_AGE_S = 30 * 24 * 3600.0
+DEFAULT_DLQ_MAX_BYTES = 512 * 1024 * 1024
+#: Values of the ``bound`` label of ``dead_letters_dropped_total``.
+DLQ_BOUNDS = ("age", "size")
 
 #: Dead-letter stream of a source stream.
 DLQ_SUFFIX = ":dlq"

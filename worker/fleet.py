@@ -106,6 +106,10 @@ class FleetCollector(Collector):
         self.prefix = prefix
         self.active_idle_s = active_idle_s
         self.max_age_s: float | None = None
+        #: The poller's dead-letter bounds (AUDIT_DLQ_MAX_AGE_S, AUDIT_DLQ_MAX_BYTES; 0:
+        #: none), exported beside the dead-letter gauges for the alerts to compare.
+        self.dlq_max_age_s = 0.0
+        self.dlq_max_bytes = 0
         self._status: FleetStatus | None = None
         self._updated = 0.0
 
@@ -130,6 +134,14 @@ class FleetCollector(Collector):
             ("stream_length", "Entries in the stream (XLEN)", ["stream"]),
             ("dead_letter_length", "Entries in the stream's dead-letter stream <stream>:dlq",
              ["stream"]),
+            ("dead_letter_bytes", "Memory of <stream>:dlq (MEMORY USAGE, every node counted)",
+             ["stream"]),
+            ("dead_letter_oldest_age_seconds", "Time since the oldest entry of <stream>:dlq "
+             "was dead-lettered; 0 when there is none", ["stream"]),
+            ("dead_letter_max_bytes", "AUDIT_DLQ_MAX_BYTES: beyond it the oldest dead letters "
+             "are dropped (absent: no size bound)", ["stream"]),
+            ("dead_letter_max_age_seconds", "AUDIT_DLQ_MAX_AGE_S: older dead letters are "
+             "dropped (absent: no age bound)", ["stream"]),
             ("group_lag", "Entries not yet delivered to the group (XINFO GROUPS lag)",
              ["stream", "group"]),
             ("group_pending", "Entries delivered but not acknowledged (XPENDING)",
@@ -169,6 +181,15 @@ class FleetCollector(Collector):
             if s.error is not None:
                 continue  # its node could not be read: no numbers rather than zeros
             f["dead_letter_length"].add_metric([s.name], s.dlq_length)
+            if s.dlq_bytes is not None:
+                f["dead_letter_bytes"].add_metric([s.name], s.dlq_bytes)
+            oldest_ms = id_ms(s.dlq_oldest_id) if s.dlq_oldest_id else status.taken_at_ms
+            f["dead_letter_oldest_age_seconds"].add_metric(
+                [s.name], max(0, status.taken_at_ms - oldest_ms) / 1000)
+            if self.dlq_max_bytes:
+                f["dead_letter_max_bytes"].add_metric([s.name], self.dlq_max_bytes)
+            if self.dlq_max_age_s:
+                f["dead_letter_max_age_seconds"].add_metric([s.name], self.dlq_max_age_s)
             if not s.exists:
                 continue
             f["stream_length"].add_metric([s.name], s.length)
@@ -249,6 +270,8 @@ async def poll_fleet(redis: aioredis.Redis, settings: Settings, metrics: Metrics
     metrics.fleet_poller.set(1)
     status = await fleet_status(redis, settings.streams, settings.group, scans)
     metrics.fleet.max_age_s = lock_ttl_ms(settings) / 1000
+    metrics.fleet.dlq_max_age_s = settings.dlq_max_age_s
+    metrics.fleet.dlq_max_bytes = settings.dlq_max_bytes
     metrics.fleet.update(status)
     return True
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import redis.asyncio as aioredis
@@ -100,6 +100,10 @@ class StreamStatus:
     first_id: str | None = None
     last_id: str | None = None
     dlq_length: int = 0
+    #: ``MEMORY USAGE`` of the dead-letter stream (None: unknown, e.g. an ACL without it).
+    dlq_bytes: int | None = None
+    #: ID of the oldest dead letter (None when there is none).
+    dlq_oldest_id: str | None = None
     groups: tuple[GroupStatus, ...] = ()
     #: Why the stream could not be read (its node down, …); None when it was.
     error: str | None = None
@@ -119,6 +123,8 @@ class StreamStatus:
             "last_id": self.last_id,
             "dead_letter_stream": self.dlq,
             "dead_letter_length": self.dlq_length,
+            "dead_letter_bytes": self.dlq_bytes,
+            "dead_letter_oldest_id": self.dlq_oldest_id,
             "groups": [g.to_dict() for g in self.groups],
             "error": self.error,
             "node": self.node,
@@ -228,6 +234,21 @@ async def fleet_status(
                        streams=tuple(st for st, _ in results))
 
 
+#: The ID of a stream's oldest entry without sending its fields (a dead letter can hold
+#: a 16 MiB payload): false for an empty or missing stream.
+_OLDEST_ID = """
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
+if first then return first[1] end
+return false
+"""
+
+
+class _DlqFacts(NamedTuple):
+    length: int
+    nbytes: int | None
+    oldest_id: str | None
+
+
 def _node_name(redis: aioredis.Redis, key: str) -> str | None:
     node = _node_of(redis, key)
     return f"{node.host}:{node.port}" if node is not None else None
@@ -243,20 +264,30 @@ async def _stream_status(
             pipe.xinfo_stream(name)
             pipe.xlen(c.dlq_key(name))
             pipe.xinfo_groups(name)
-            info, dlq_len, groups = await pipe.execute(raise_on_error=False)
+            pipe.memory_usage(c.dlq_key(name), samples=0)
+            pipe.eval(_OLDEST_ID, 1, c.dlq_key(name))
+            info, dlq_len, groups, dlq_bytes, dlq_oldest = await pipe.execute(
+                raise_on_error=False)
     check(dlq_len)
+    # Either may be refused (an ACL without MEMORY USAGE): unknown, not an error.
+    dlq = _DlqFacts(
+        int(dlq_len), None if isinstance(dlq_bytes, BaseException) else int(dlq_bytes or 0),
+        text(dlq_oldest) if dlq_oldest and not isinstance(dlq_oldest, BaseException) else None,
+    )
     try:
         check(info)
     except StreamMissing:
         wanted = [] if group is None else [GroupStatus(group, exists=False)]
-        return StreamStatus(name, exists=False, dlq_length=int(dlq_len), node=node,
-                            groups=tuple(wanted)), now_ms
+        return StreamStatus(name, exists=False, node=node, groups=tuple(wanted),
+                            dlq_length=dlq.length, dlq_bytes=dlq.nbytes,
+                            dlq_oldest_id=dlq.oldest_id), now_ms
     check(groups)
     first_entry = info.get("first-entry")
     stream = StreamStatus(
         name, exists=True, length=int(info["length"]),
         first_id=text(first_entry[0]) if first_entry else None,
-        last_id=text(info["last-generated-id"]), dlq_length=int(dlq_len), node=node,
+        last_id=text(info["last-generated-id"]), node=node, dlq_length=dlq.length,
+        dlq_bytes=dlq.nbytes, dlq_oldest_id=dlq.oldest_id,
     )
     by_name = {text(g["name"]): g for g in groups}
     names = sorted(by_name) if group is None else [group]

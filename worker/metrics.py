@@ -203,6 +203,11 @@ class Metrics:
             f"{p}_trimmed_entries", "Stream entries removed by XTRIM MINID (acknowledged by "
             "every group and older than the retention floor)", ["stream"], registry=r,
         )
+        self.dead_letters_dropped = Counter(
+            f"{p}_dead_letters_dropped", "Dead letters removed from <stream>:dlq by a bound "
+            "(AUDIT_DLQ_MAX_AGE_S: bound=age, AUDIT_DLQ_MAX_BYTES: bound=size)",
+            ["stream", "bound"], registry=r,
+        )
         self.consumers_deleted = Counter(
             f"{p}_consumers_deleted", "Dead consumers removed with XGROUP DELCONSUMER "
             "(only with no pending entries)", ["stream", "group"], registry=r,
@@ -240,6 +245,8 @@ class Metrics:
                 counter.labels(stream)
             for reason in c.REASONS:
                 self.events_dead_lettered.labels(stream, reason)
+            for bound in c.DLQ_BOUNDS:
+                self.dead_letters_dropped.labels(stream, bound)
         for outcome in STORE_OUTCOMES:
             self.store_write_seconds.labels(store, outcome)
         self.retries.labels(store)

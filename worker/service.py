@@ -198,7 +198,7 @@ def build_worker(
 ) -> Worker:
     """A worker with the fleet-gauge poller and stream hygiene running beside it."""
     side_loops = [fleet_side_loop(redis, settings, metrics)]
-    if settings.trim:
+    if settings.trim or settings.dlq_bounded:
         side_loops.append(trim_side_loop(redis, settings, metrics))
     return Worker(settings, store, redis, metrics, side_loops=side_loops, handle_signals=True)
 

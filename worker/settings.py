@@ -62,6 +62,10 @@ class Settings:
     trim: bool = True
     trim_interval_s: float = c.DEFAULT_TRIM_INTERVAL_S
     trim_retention_s: float = c.DEFAULT_TRIM_RETENTION_S
+    #: AUDIT_DLQ_MAX_AGE_S / AUDIT_DLQ_MAX_BYTES: bounds of each dead-letter stream, 0 for
+    #: none (``worker.dlq_bound``: the oldest go past a bound, counted and logged).
+    dlq_max_age_s: float = c.DEFAULT_DLQ_MAX_AGE_S
+    dlq_max_bytes: int = c.DEFAULT_DLQ_MAX_BYTES
     fleet_poll_interval_s: float = c.DEFAULT_FLEET_POLL_INTERVAL_S
     burst: bool = False
     log_level: str = "info"
@@ -140,6 +144,13 @@ class Settings:
             raise ConfigError("grace and interval settings must be positive")
         if self.trim_retention_s < 0:
             raise ConfigError("AUDIT_TRIM_RETENTION_S must be >= 0")
+        if self.dlq_max_age_s < 0:
+            raise ConfigError("AUDIT_DLQ_MAX_AGE_S must be >= 0 (0: no age bound)")
+        if self.dlq_max_bytes and self.dlq_max_bytes < 2 * self.max_event_bytes:
+            raise ConfigError(
+                f"AUDIT_DLQ_MAX_BYTES must be 0 (no size bound) or at least twice "
+                f"AUDIT_MAX_EVENT_BYTES ({2 * self.max_event_bytes}), got {self.dlq_max_bytes}"
+            )
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError(
                 f"AUDIT_LOG_LEVEL must be debug|info|warning|error, got {self.log_level!r}"
@@ -151,6 +162,11 @@ class Settings:
             raise ConfigError(
                 f"AUDIT_LOG_FORMAT must be auto|json|console, got {self.log_format!r}"
             )
+
+    @property
+    def dlq_bounded(self) -> bool:
+        """Whether a dead-letter bound is set (the hygiene round then applies it)."""
+        return bool(self.dlq_max_age_s or self.dlq_max_bytes)
 
     def redactor(self) -> Redactor | None:
         """The redaction step these settings configure (None: redaction is off)."""
@@ -226,10 +242,10 @@ def describe_unknown(name: str, suggestion: str | None) -> str:
 _INTS = {
     "batch_size", "block_ms", "claim_idle_ms", "max_deliveries", "metrics_port",
     "max_event_bytes", "max_inflight", "inflight_bytes", "linger_ms", "emit_wait_replicas",
-    "emit_wait_timeout_ms",
+    "emit_wait_timeout_ms", "dlq_max_bytes",
 }
 _FLOATS = {"shutdown_grace_s", "shutdown_deadline_s", "reclaim_interval_s", "trim_interval_s",
-           "trim_retention_s",
+           "trim_retention_s", "dlq_max_age_s",
            "fleet_poll_interval_s"}
 _BOOLS = {"trim", "burst", "require_signature"}
 _LISTS = {"streams", "redact_detectors", "redact_drop", "redact_mask"}

@@ -33,6 +33,7 @@ import anyio
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from .dlq_bound import bound_dead_letters
 from .errors import GroupMissing, RedisFailure, StreamMissing
 from .fleet import acquire_poller, redis_time_ms
 from .logs import get_logger
@@ -196,7 +197,8 @@ async def remove_dead_consumers(
 async def hygiene_once(
     redis: aioredis.Redis, settings: Settings, metrics: Metrics, *, approximate: bool = True
 ) -> list[TrimResult]:
-    """One round over every stream: trim (if ``settings.trim``) and remove dead consumers."""
+    """One round over every stream: trim (if ``settings.trim``), bound its dead-letter
+    stream (if a bound is set, see :mod:`worker.dlq_bound`) and remove dead consumers."""
     log = get_logger(loop="trim", group=settings.group)
     results: list[TrimResult] = []
     for stream in settings.streams:
@@ -209,6 +211,8 @@ async def hygiene_once(
                 metrics.trimmed_entries.labels(stream).inc(result.trimmed)
                 log.info("stream_trimmed", stream=stream, minid=result.plan.minid,
                          trimmed=result.trimmed)
+        if settings.dlq_bounded:
+            await bound_dead_letters(redis, settings, metrics, streams=(stream,))
         removed = await remove_dead_consumers(
             redis, stream, settings.group, idle_ms=dead_consumer_idle_ms(settings),
             keep=(settings.consumer,),

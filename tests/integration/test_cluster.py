@@ -183,6 +183,10 @@ async def test_status_dlq_trim_and_the_sdk_on_the_cluster(
         (g,) = got["groups"]
         assert (g["lag"], g["pending"]) == (0, 0)
     assert by_name[streams[1]]["dead_letter_length"] == 1
+    # MEMORY USAGE and the oldest-ID script reach each dead-letter stream's own node
+    assert by_name[streams[1]]["dead_letter_bytes"] > len(b"{nope")
+    assert by_name[streams[1]]["dead_letter_oldest_id"] is not None
+    assert by_name[streams[0]]["dead_letter_oldest_id"] is None
 
     args = parser.parse_args(["dlq", "list", *base, "--json"])
     assert await args.func(args) == 0

@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 from tests.helpers import MemoryStore, dlq_entries
 from worker.constants import Reason
 from worker.consumer import Worker
+from worker.dlq_bound import dlq_bytes
 from worker.emitter import AuditEmitter, make_event
 from worker.fleet import acquire_poller, fleet_side_loop
 from worker.metrics import Metrics
@@ -31,7 +32,7 @@ pytestmark = [pytest.mark.anyio]
 PRODUCER_ACL = ("on >producer-pw resetkeys resetchannels ~audit:events ~audit:events:[0-9]* "
                 "-@all +xadd +ping +hello +auth")
 WORKER_ACL = ("on >worker-pw resetkeys resetchannels ~audit:events* -@all +@stream "
-              "+eval +evalsha +get +set +pexpire +del +ping +hello +auth +info +time")
+              "+eval +evalsha +get +set +pexpire +del +ping +hello +auth +info +time +memory|usage")
 
 SECRET_A = b"workspace-a-secret-0123456789abcdef"
 KEYS = {"ws_a": {"2026-01": base64.b64encode(SECRET_A).decode()},
@@ -99,8 +100,13 @@ async def test_producer_and_worker_acl_users(private_redis: str, tmp_path: Path)
         dead = await dlq_entries(admin, stream)
         assert [d["reason"] for d in dead] == [Reason.SIGNATURE_INVALID]
         assert await acquire_poller(worker_redis, settings) is True
-        assert [r.plan.stream for r in await hygiene_once(worker_redis, settings, metrics)] \
-            == [stream]
+        with capture_logs() as hygiene_logs:
+            results = await hygiene_once(worker_redis, settings, metrics)
+        assert [r.plan.stream for r in results] == [stream]
+        assert [e for e in hygiene_logs if e["log_level"] != "info"] == []
+        dlq_size = await dlq_bytes(worker_redis, stream)  # the size bound can measure
+        assert dlq_size is not None
+        assert dlq_size > len(dead[0]["event"])
         for call in (worker_redis.flushall(), worker_redis.set("other:key", "1"),
                      worker_redis.execute_command("CONFIG", "GET", "maxmemory")):
             with pytest.raises(NoPermissionError):

@@ -17,6 +17,9 @@ def test_defaults_match_the_documented_configuration() -> None:
     assert s.store_url == "sqlite:///./audit.db"
     assert s.metrics_port == 9464
     assert "-" in s.consumer  # hostname-pid
+    assert (s.dlq_max_age_s, s.dlq_max_bytes, s.dlq_bounded) == (30 * 86400, 512 * 2**20, True)
+    off = Settings.from_env({"AUDIT_DLQ_MAX_AGE_S": "0", "AUDIT_DLQ_MAX_BYTES": "0"})
+    assert not off.dlq_bounded
 
 
 def test_environment_is_read_and_flags_override_it() -> None:
@@ -44,6 +47,8 @@ def test_environment_is_read_and_flags_override_it() -> None:
         ({"AUDIT_BURST": "maybe"}, "AUDIT_BURST must be true or false"),
         ({"AUDIT_LOG_LEVEL": "loud"}, "AUDIT_LOG_LEVEL"),
         ({"AUDIT_LINGER_MS": "5000"}, "AUDIT_LINGER_MS"),
+        ({"AUDIT_DLQ_MAX_AGE_S": "-1"}, "AUDIT_DLQ_MAX_AGE_S must be >= 0"),
+        ({"AUDIT_DLQ_MAX_BYTES": "1000000"}, "at least twice AUDIT_MAX_EVENT_BYTES"),
     ],
 )
 def test_bad_configuration_fails_with_a_clear_message(env: dict[str, str], message: str) -> None:
