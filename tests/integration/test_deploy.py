@@ -10,6 +10,7 @@ import subprocess
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -323,7 +324,7 @@ def test_alert_rules_are_complete_and_name_exported_metrics() -> None:
         assert rule["expr"].strip()
         assert rule["labels"]["severity"] in ("warning", "critical")
         assert rule["annotations"]["summary"]
-        assert rule["annotations"]["runbook_url"].startswith("docs/operations.md#"), rule
+        assert rule["annotations"]["runbook_url"].startswith(RUNBOOK_BASE + "/operations.md#")
         assert "runbook" not in rule["annotations"], "Alertmanager templates read runbook_url"
     check_expressions([r["expr"] for r in rules])
 
@@ -351,16 +352,50 @@ def _anchors(markdown: str) -> set[str]:
     return out
 
 
-def test_alert_runbooks_point_at_real_sections() -> None:
-    """Every runbook link in the alert rules and metrics.md names a section of operations.md."""
-    anchors = _anchors((ROOT / "docs" / "operations.md").read_text())
-    links = [r["annotations"]["runbook_url"] for r in alert_rules()]
+#: The one base of every runbook link in the rules (docs/operations.md "Alerts").
+RUNBOOK_BASE = "https://audit-fleet.example.com/docs"
+
+
+def test_alert_runbooks_are_absolute_links_to_real_sections() -> None:
+    """Regression: runbook_url was repository-relative (docs/operations.md#…), which no
+    Alertmanager, Grafana or pager can open. Every rule's link is absolute, under the one
+    documented base, and names a section of operations.md that exists; so do the links in
+    the rules' unit tests and in metrics.md."""
+    operations = (ROOT / "docs" / "operations.md").read_text()
+    assert f"s#{RUNBOOK_BASE}#" in operations, "the docs say how to set the base"
+    anchors = _anchors(operations)
+    urls = [r["annotations"]["runbook_url"] for r in alert_rules()]
+    urls += re.findall(r"runbook_url: (\S+)", (DEPLOY / "alerts.test.yaml").read_text())
+    assert len(urls) >= 20
+    sections = []
+    for url in urls:
+        parts = urlsplit(url)
+        assert (parts.scheme, parts.netloc) == ("https", urlsplit(RUNBOOK_BASE).netloc), url
+        assert url.startswith(RUNBOOK_BASE + "/operations.md#"), url
+        sections.append(parts.fragment)
     text = " ".join(str(r["annotations"]) for r in alert_rules())
     text += (ROOT / "docs" / "metrics.md").read_text()
-    links += re.findall(r"operations\.md#([\w-]+)", text)
-    assert len(links) >= 10
-    for link in links:
-        assert link.split("#")[-1] in anchors, link
+    sections += re.findall(r"operations\.md#([\w-]+)", text)
+    for section in sections:
+        assert section in anchors, section
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None,
+                    reason="promtool is not installed (Debian: prometheus)")
+def test_the_documented_runbook_rewrite_keeps_the_rules_and_tests_green(tmp_path: Path) -> None:
+    """The sed of docs/operations.md, applied to both files, changes every link and the
+    unit tests still pass."""
+    mine = "https://git.example.org/ops/audit-fleet/-/blob/main/docs"
+    for name in ("alerts.yaml", "alerts.test.yaml"):
+        text = (DEPLOY / name).read_text().replace(RUNBOOK_BASE, mine)
+        assert RUNBOOK_BASE not in text
+        (tmp_path / name).write_text(text)
+    result = subprocess.run(["promtool", "test", "rules", "alerts.test.yaml"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rules = yaml.safe_load((tmp_path / "alerts.yaml").read_text())
+    assert all(r["annotations"]["runbook_url"].startswith(mine + "/operations.md#")
+               for g in rules["groups"] for r in g["rules"])
 
 
 def test_dashboard_names_exported_metrics() -> None:
