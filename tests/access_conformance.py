@@ -5,7 +5,9 @@ Subclass :class:`AccessConformance` in a test module and provide an opened ``sto
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +83,63 @@ class AccessConformance:
         assert await access.expire_access("acme", T0 + timedelta(minutes=15)) == 2
         assert [r.record_id for r in await access.access_log("acme")] == ["r004"]
         assert [r.record_id for r in await access.access_log("beta")] == ["r003"]
+
+    @pytest.mark.anyio
+    async def test_retention_archives_access_records_before_removing_them(
+            self, store: Store, access: AccessStore, tmp_path: Path) -> None:
+        """Records older than the run-summary horizon go to archive segments (one per
+        period, hash-chained, verified), and leave the store only once committed: killed
+        after the first segment's commit and rerun, each is archived once and removed."""
+        from tests import reference as ref
+        from tests.store_conformance import write
+        from worker import archive as arc
+        from worker import retention
+
+        await write(store, ref.reference_events("acme"))
+        records = [AccessRecord(f"acme-{d:03d}", T0 - timedelta(days=d), "tok", "acme",
+                                ref.RUN_ID, "classify", 1, ("input", "output"), "store")
+                   for d in (5, 20, 95, 200)]
+        await access.record_access(records)
+        await access.record_access([AccessRecord("beta-200", T0 - timedelta(days=200),
+                                                 "tok", "beta", ref.RUN_ID, None, None,
+                                                 ("trigger",), "archive")])
+        archive = arc.Archive.at(tmp_path / "archive")
+        plan = await retention.run_retention(store, retention.Policy(), now=T0,
+                                             archive=archive, apply=False,
+                                             workspaces=["acme"], access=access)
+        assert (plan[0].access_expired, plan[0].access_archived) == (2, 2)
+        assert len(await access.access_log("acme")) == 4
+
+        class Crash(Exception):
+            pass
+
+        def crash(step: str) -> None:  # the first access segment is committed, then...
+            if step == "verify":
+                raise Crash(step)
+
+        with pytest.raises(Crash):
+            await retention.run_retention(store, retention.Policy(), now=T0, archive=archive,
+                                          apply=True, workspaces=["acme"], fault=crash,
+                                          access=access)
+        assert len(await access.access_log("acme")) == 4  # nothing removed before the end
+        archive.fault = None
+        (done,) = await retention.run_retention(store, retention.Policy(), now=T0,
+                                                archive=archive, apply=True,
+                                                workspaces=["acme"], access=access)
+        assert (done.access_expired, done.access_archived) == (2, 1)
+        assert [r.record_id for r in await access.access_log("acme")] == ["acme-020",
+                                                                          "acme-005"]
+        assert await access.access_log("beta") != []  # another workspace: untouched
+        verify = archive.verify("acme")
+        assert verify.ok, verify.problems
+        manifests = archive.manifests("acme")
+        assert [(m["period"], m["counts"]) for m in manifests] == [
+            ("2025-08", {"runs": 0, "nodes": 0, "access": 1, "records": 1}),
+            ("2025-11", {"runs": 0, "nodes": 0, "access": 1, "records": 1})]
+        got = [AccessRecord.from_json(d) for d in arc.access_docs(archive, "acme")]
+        assert got == [replace(r, at=r.at.replace(microsecond=123000))  # kept to the ms
+                       for r in (records[3], records[2])]
+        again = await retention.run_retention(store, retention.Policy(), now=T0,
+                                              archive=archive, apply=True,
+                                              workspaces=["acme"], access=access)
+        assert (again[0].access_expired, len(archive.manifests("acme"))) == (0, 2)

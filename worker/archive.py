@@ -6,8 +6,10 @@ Layout (keys of a :class:`BlobStore`; the local implementation maps them to file
     <workspace>/<seq:08d>-<period>.jsonl.gz          a segment: one record per line
     <workspace>/<seq:08d>-<period>.manifest.json     its manifest
 
-A record is ``{"kind": "run" | "node", "doc": {...}}``: a run or node document exactly
-as the store returned it, times as RFC 3339 UTC strings. A manifest holds the
+A record is ``{"kind": "run" | "node" | "access", "doc": {...}}``: a run or node document
+exactly as the store returned it, or an API access record (``AccessRecord.to_json``,
+archived when retention removes the run summaries of its time), times as RFC 3339 UTC
+strings. A manifest holds the
 segment's counts, time range, size and SHA-256, the previous manifest's chain hash,
 and its own chain hash: the SHA-256 of the manifest's canonical JSON without that
 field. ``HEAD.json`` names the last committed segment and its chain hash, so
@@ -58,8 +60,12 @@ from .stores import Store
 
 FORMAT: Final = 1
 GENESIS: Final = "0" * 64
-#: Fields retention may remove from hot documents after archiving them.
-STRIPPABLE: Final = {"run": frozenset({"error"}), "node": frozenset({"input", "output", "error"})}
+#: Fields retention may remove from hot documents after archiving them, per record kind
+#: (every kind an archive holds: runs, nodes, and API access records, which never change).
+STRIPPABLE: Final = {"run": frozenset({"error"}), "node": frozenset({"input", "output", "error"}),
+                     "access": frozenset()}
+#: The record kinds of a run (what reading a run back gathers).
+RUN_KINDS: Final = frozenset({"run", "node"})
 _TIME_FIELDS: Final = ("startedAt", "completedAt")
 _SEGMENT = re.compile(r"\A(\d{8})-([0-9A-Za-z_-]{1,32})\.(jsonl\.gz|manifest\.json)\Z")
 
@@ -80,8 +86,8 @@ def encode_record(kind: str, doc: Mapping[str, Any]) -> bytes:
     return (canonical({"kind": kind, "doc": doc}) + "\n").encode()
 
 
-def _restore_times(doc: dict[str, Any]) -> dict[str, Any]:
-    for name in _TIME_FIELDS:
+def _restore_times(kind: str, doc: dict[str, Any]) -> dict[str, Any]:
+    for name in ("at",) if kind == "access" else _TIME_FIELDS:
         value = doc.get(name)
         if isinstance(value, str):
             doc[name] = datetime.fromisoformat(value)
@@ -93,7 +99,7 @@ def decode_record(line: bytes) -> tuple[str, dict[str, Any]]:
     kind, doc = raw["kind"], raw["doc"]
     if kind not in STRIPPABLE or not isinstance(doc, dict):
         raise ArchiveError(f"not an archive record: kind {kind!r}")
-    return kind, _restore_times(doc)
+    return kind, _restore_times(kind, doc)
 
 
 def field_hashes(doc: Mapping[str, Any]) -> dict[str, str]:
@@ -103,6 +109,8 @@ def field_hashes(doc: Mapping[str, Any]) -> dict[str, str]:
 
 
 def doc_key(kind: str, doc: Mapping[str, Any]) -> str:
+    if kind == "access":
+        return f"access\x1f{doc['id']}"
     if kind == "run":
         return f"run\x1f{doc['runId']}"
     return f"node\x1f{doc['runId']}\x1f{doc['nodeKey']}"
@@ -161,6 +169,7 @@ class Spool:
         self._gz = gzip.GzipFile(fileobj=self._raw, mode="wb", mtime=0)
         self.runs = 0
         self.nodes = 0
+        self.access = 0
         self.first: datetime | None = None
         self.last: datetime | None = None
         self.keys: list[tuple[str, dict[str, str]]] = []
@@ -169,17 +178,19 @@ class Spool:
         self._gz.write(encode_record(kind, doc))
         if kind == "run":
             self.runs += 1
+        elif kind == "access":
+            self.access += 1
         else:
             self.nodes += 1
         self.keys.append((doc_key(kind, doc), field_hashes(doc)))
-        for name in _TIME_FIELDS:
+        for name in ("at",) if kind == "access" else _TIME_FIELDS:
             when = doc.get(name)
             if isinstance(when, datetime):
                 self.first = when if self.first is None else min(self.first, when)
                 self.last = when if self.last is None else max(self.last, when)
 
     def __len__(self) -> int:
-        return self.runs + self.nodes
+        return self.runs + self.nodes + self.access
 
     def finish(self) -> tuple[str, int]:
         """Close the file: its SHA-256 and size."""
@@ -349,7 +360,8 @@ class Archive:
             "period": period,
             "segment": name.stem + ".jsonl.gz",
             "createdAt": format_time(utcnow()),
-            "counts": {"runs": spool.runs, "nodes": spool.nodes, "records": len(spool)},
+            "counts": {"runs": spool.runs, "nodes": spool.nodes, "records": len(spool)}
+            | ({"access": spool.access} if spool.access else {}),
             "timeRange": {"from": spool.first and format_time(spool.first),
                           "to": spool.last and format_time(spool.last)},
             "bytes": size,
@@ -434,8 +446,10 @@ class Archive:
         if problem is not None:
             report.problems.append(f"segment {seq}: {problem}")
         runs = sum(1 for kind, _ in records if kind == "run")
+        access = sum(1 for kind, _ in records if kind == "access")
         counts = manifest.get("counts") or {}
-        if runs != counts.get("runs") or len(records) - runs != counts.get("nodes"):
+        if runs != counts.get("runs") or access != counts.get("access", 0) or \
+                len(records) - runs - access != counts.get("nodes"):
             report.problems.append(f"segment {seq}: record counts differ from the manifest")
         report.records += len(records)
 
@@ -458,6 +472,12 @@ def foreign_document(workspace: str, manifest: Mapping[str, Any],
                     f"{doc.get('workspaceId')!r} (run {doc.get('runId')!r}), "
                     f"not of workspace {workspace!r}")
     return None
+
+
+def access_docs(archive: Archive, workspace: str) -> list[dict[str, Any]]:
+    """The API access records in a workspace's committed segments (``AccessRecord.to_json``
+    form), oldest segment first."""
+    return [doc for _, kind, doc in archive.records(workspace) if kind == "access"]
 
 
 # -- reading runs back -----------------------------------------------------------------------
@@ -493,7 +513,7 @@ def _gather(archive: Archive, workspace: str, run_ids: set[str],
     found: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]] = {}
     for segment, kind, raw in archive.records(workspace):
         run_id = raw.get("runId")
-        if run_id not in run_ids:
+        if run_id not in run_ids or kind not in RUN_KINDS:
             continue
         doc = raw if opener is None else opener(kind, raw)
         runs, nodes, segments = found.setdefault(run_id, ([], [], []))
@@ -548,7 +568,7 @@ async def restore(store: Store, archive: Archive, workspace: str, *,
                 raise ArchiveError(f"workspace {workspace!r} has no committed segment {seq}")
             records = await anyio.to_thread.run_sync(archive.read_segment, workspace,
                                                      manifests[seq])
-            wanted.update(str(doc["runId"]) for _, doc in records)
+            wanted.update(str(doc["runId"]) for kind, doc in records if kind in RUN_KINDS)
     found = await anyio.to_thread.run_sync(_gather, archive, workspace, wanted, opener)
     missing = wanted - set(found)
     if missing:

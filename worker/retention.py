@@ -267,8 +267,10 @@ class WorkspaceReport:
     #: Hot changes skipped because the document changed after it was read (late events):
     #: the next run archives the new version and makes them.
     deferred: int = 0
-    #: API access records older than the run-summary horizon, removed (or to remove).
+    #: API access records older than the run-summary horizon, removed (or to remove)...
     access_expired: int = 0
+    #: ...of which written to archive segments now (or to write; the others already were).
+    access_archived: int = 0
     segments: list[dict[str, Any]] = field(default_factory=list)
     recovered: list[str] = field(default_factory=list)
 
@@ -286,8 +288,10 @@ class WorkspaceReport:
             "errorsStripped": self.errors_stripped,
             "deferred": self.deferred,
             "accessRecordsExpired": self.access_expired,
+            "accessRecordsArchived": self.access_archived,
             "segments": [{"seq": m.get("seq"), "period": m["period"],
                           "runs": m["counts"]["runs"], "nodes": m["counts"]["nodes"],
+                          "access": m["counts"].get("access", 0),
                           "sha256": m.get("sha256")} for m in self.segments],
             "recovered": self.recovered,
         }
@@ -307,7 +311,7 @@ class Retention:
     #: With a master key, archived personal fields are encrypted (``worker.shredding``).
     master: MasterKey | None = None
     _sealer: Sealer | None = None
-    #: The store's API access log, expired with the run-summary class (None: untouched).
+    #: The store's API access log, retained like run summaries (None: untouched).
     access: AccessStore | None = None
 
     def _step(self, name: str) -> None:
@@ -315,19 +319,6 @@ class Retention:
             self.fault(name)
 
     async def workspace(self, workspace: str) -> WorkspaceReport:
-        report = await self._workspace(workspace)
-        days = report.hot.run_summaries
-        if self.access is not None and days is not None:
-            # Access records are kept as long as run summaries: the same horizon.
-            before = self.now - timedelta(days=days)
-            if self.apply:
-                report.access_expired = await self.access.expire_access(workspace, before)
-            else:
-                report.access_expired = len(await self.access.access_log(workspace,
-                                                                         until=before))
-        return report
-
-    async def _workspace(self, workspace: str) -> WorkspaceReport:
         hot = self.policy.for_workspace(workspace)
         report = WorkspaceReport(workspace, hot)
         shortest = hot.shortest()
@@ -335,17 +326,65 @@ class Retention:
             return report
         if self.archive is None:  # a plan shows what a run with an empty archive would write
             catalog = None if self.apply else Catalog()
-            return await self._pass(workspace, hot, shortest, report, catalog)
+            await self._pass(workspace, hot, shortest, report, catalog)
+            await self._access(workspace, report, catalog)
+            return report
         archive = self.archive
         self._sealer = None if self.master is None else Sealer(self.store, self.master,
                                                                workspace)
         if not self.apply:
             catalog = await self._catalog(archive, workspace)
-            return await self._pass(workspace, hot, shortest, report, catalog)
+            await self._pass(workspace, hot, shortest, report, catalog)
+            await self._access(workspace, report, catalog)
+            return report
         with archive.blobs.lock(workspace):
             report.recovered = await anyio.to_thread.run_sync(archive.recover, workspace)
             catalog = await self._catalog(archive, workspace)
-            return await self._pass(workspace, hot, shortest, report, catalog)
+            await self._pass(workspace, hot, shortest, report, catalog)
+            await self._access(workspace, report, catalog)
+            return report
+
+    async def _access(self, workspace: str, report: WorkspaceReport,
+                      catalog: Catalog | None) -> None:
+        """Access records are kept as long as run summaries (the same horizon): those older
+        are written to archive segments (one per period of their time), committed and
+        verified, and only then deleted from the store; without an archive, deleted."""
+        days = report.hot.run_summaries
+        if self.access is None or days is None:
+            return
+        before = self.now - timedelta(days=days)
+        records = await self.access.access_log(workspace, until=before)
+        if catalog is None:  # retention run --no-archive
+            report.access_expired = await self.access.expire_access(workspace, before)
+            return
+        report.access_expired = len(records)
+        periods: dict[str, list[dict[str, Any]]] = {}
+        for record in records:
+            doc = record.to_json()
+            if not catalog.covers("access", doc):  # not in a committed segment yet
+                periods.setdefault(period_of(record.at, self.policy.period), []).append(doc)
+        report.access_archived = sum(len(docs) for docs in periods.values())
+        for period, docs in sorted(periods.items()):
+            if not self.apply or self.archive is None:
+                report.segments.append({"period": period, "counts": {
+                    "runs": 0, "nodes": 0, "access": len(docs)}})
+                continue
+            spool = self.archive.spool(workspace)
+            try:
+                for doc in docs:
+                    spool.add("access", doc)
+                manifest = await anyio.to_thread.run_sync(self.archive.append, workspace,
+                                                          period, spool)
+            except BaseException:
+                spool.discard()
+                raise
+            report.segments.append(manifest)
+            for doc in docs:
+                catalog.add("access", doc)
+        if self.apply and records:
+            report.access_expired = await self.access.delete_access(
+                workspace, [r.record_id for r in records])
+            self._step("access")
 
     async def _catalog(self, archive: Archive, workspace: str) -> Catalog:
         """What the archive holds, decrypted where it can be (to compare with hot data)."""
@@ -355,7 +394,7 @@ class Retention:
         return await anyio.to_thread.run_sync(archive.catalog, workspace, opener.open)
 
     async def _pass(self, workspace: str, hot: HotDays, shortest: int,
-                    report: WorkspaceReport, catalog: Catalog | None) -> WorkspaceReport:
+                    report: WorkspaceReport, catalog: Catalog | None) -> None:
         before = self.now - timedelta(days=shortest)
         periods: dict[str, list[dict[str, Any]]] = {}
         async for run in self.store.scan_runs(workspace, before):
@@ -367,7 +406,6 @@ class Retention:
         for period in sorted(periods):
             runs = sorted(periods[period], key=lambda r: (run_age_time(r), str(r["runId"])))
             await self._period(workspace, hot, period, runs, report, catalog)
-        return report
 
     async def _period(self, workspace: str, hot: HotDays, period: str,
                       runs: list[dict[str, Any]], report: WorkspaceReport,

@@ -9,6 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from tests.access_conformance import T0, AccessConformance
@@ -143,8 +144,6 @@ def test_token_and_access_log_commands(tmp_path: Path, capsys: pytest.CaptureFix
     table = capsys.readouterr().out
     assert token_id in table
     assert "dpo" in table
-
-    import anyio
 
     async def add() -> None:
         store = open_store(f"sqlite:///{tmp_path}/c.db")

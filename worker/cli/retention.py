@@ -32,8 +32,10 @@ def render(reports: Sequence[WorkspaceReport], *, applied: bool, now: datetime) 
     for r in reports:
         for m in r.segments:
             seq = f"#{m['seq']} " if m.get("seq") else ""
-            out.append(f"  {r.workspace}: segment {seq}{m['period']}: {m['counts']['runs']} "
-                       f"runs, {m['counts']['nodes']} node docs"
+            access = m["counts"].get("access", 0)
+            what = (f"{access} API access records" if access else
+                    f"{m['counts']['runs']} runs, {m['counts']['nodes']} node docs")
+            out.append(f"  {r.workspace}: segment {seq}{m['period']}: {what}"
                        + ("" if applied else " (to write)"))
         for key in r.recovered:
             out.append(f"  {r.workspace}: removed leftover of an interrupted run: {key}")
@@ -41,8 +43,10 @@ def render(reports: Sequence[WorkspaceReport], *, applied: bool, now: datetime) 
             out.append(f"  {r.workspace}: {r.deferred} changes deferred to the next run "
                        "(documents changed after they were read)")
         if r.access_expired:
+            archived = f", {r.access_archived} archived first" if r.access_archived else ""
             out.append(f"  {r.workspace}: {r.access_expired} API access records older than "
-                       "the run summaries " + ("removed" if applied else "to remove"))
+                       "the run summaries " + ("removed" if applied else "to remove")
+                       + archived)
     return "\n".join(out)
 
 

@@ -8,10 +8,12 @@ import argparse
 import sys
 from typing import Any
 
+import anyio
+
 from ..errors import AuditFleetError
 from ..queries import check_workspace, dumps, jsonable, utcnow
-from ..stores.access import access_store
-from .common import add_store_flag, opened_store
+from ..stores.access import AccessRecord, access_store
+from .common import add_store_flag, archive_dir, opened_store
 from .output import parse_when, table
 
 
@@ -62,11 +64,20 @@ async def cmd_tokens_revoke(args: argparse.Namespace) -> int:
 async def cmd_access_log(args: argparse.Namespace) -> int:
     workspace = check_workspace(args.workspace)
     now = utcnow()
+    since, until = parse_when(args.since, now), parse_when(args.until, now)
     async with opened_store(args, read_only=True) as store:
         access = access_store(store)
         await access.migrate()
-        records = await access.access_log(workspace, since=parse_when(args.since, now),
-                                          until=parse_when(args.until, now))
+        records = await access.access_log(workspace, since=since, until=until)
+    location = archive_dir(args)
+    if location:  # with the records retention moved to the archive (verified segments)
+        from ..archive import Archive, access_docs
+
+        docs = await anyio.to_thread.run_sync(access_docs, Archive.at(location), workspace)
+        archived = [AccessRecord.from_json(d) for d in docs]
+        unique = {r.record_id: r for r in [*archived, *records]
+                  if (since is None or r.at >= since) and (until is None or r.at < until)}
+        records = sorted(unique.values(), key=lambda r: (r.at, r.record_id))
     if args.format == "jsonl":
         out = sys.stdout
         for r in records:
@@ -112,4 +123,6 @@ def register(subparsers: Any) -> None:
     a.add_argument("--until", help="before: a duration back or a time")
     a.add_argument("--format", choices=("table", "jsonl"), default="table",
                    help="table (default) or JSON lines")
+    a.add_argument("--archive-dir", metavar="DIR", help="also the records retention moved to "
+                   "this archive (AUDIT_ARCHIVE_DIR)")
     a.set_defaults(func=cmd_access_log)

@@ -9,8 +9,10 @@ backend, each on the backend's own connection:
   or raw output a request returned (token ID, workspace, run, node, attempt, the fields
   returned, when, and whether from hot storage or the archive).
 
-Nothing here updates or deletes an access record except :meth:`AccessStore.expire_access`,
-which retention calls with the run-summary horizon (docs/api.md, docs/retention.md).
+Nothing here updates or deletes an access record except retention, at the run-summary
+horizon: :meth:`AccessStore.delete_access` once the records are in a committed archive
+segment, or :meth:`AccessStore.expire_access` without an archive (docs/api.md,
+docs/retention.md).
 
 Layouts: SQLite and PostgreSQL add two tables (``CREATE ... IF NOT EXISTS``, so
 :meth:`AccessStore.migrate` is idempotent). MongoDB keeps the tokens in one database of
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -81,9 +83,21 @@ class AccessRecord:
     source: str  # "store" or "archive"
 
     def to_json(self) -> dict[str, Any]:
+        """The export form (``access-log --format jsonl``), also the archived record."""
         return {"id": self.record_id, "at": self.at, "tokenId": self.token_id,
                 "workspaceId": self.workspace, "runId": self.run_id, "nodeId": self.node_id,
                 "attempt": self.attempt, "fields": list(self.fields), "source": self.source}
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> AccessRecord:
+        """A record read back from its :meth:`to_json` form (an archive segment)."""
+        attempt = doc.get("attempt")
+        return cls(str(doc["id"]), _utc(doc["at"]), str(doc["tokenId"]),
+                   str(doc["workspaceId"]), str(doc["runId"]),
+                   None if doc.get("nodeId") is None else str(doc["nodeId"]),
+                   attempt if isinstance(attempt, int) else None,
+                   tuple(str(f) for f in doc.get("fields") or ()),
+                   str(doc.get("source", "store")))
 
 
 class AccessStore(Protocol):
@@ -110,7 +124,12 @@ class AccessStore(Protocol):
         """A workspace's access records in ``[since, until)``, oldest first."""
 
     async def expire_access(self, workspace: str, before: datetime) -> int:
-        """Delete a workspace's access records older than ``before`` (retention)."""
+        """Delete a workspace's access records older than ``before`` (retention without
+        an archive)."""
+
+    async def delete_access(self, workspace: str, record_ids: Sequence[str]) -> int:
+        """Delete these access records of a workspace (retention, once they are archived);
+        returns how many were still there."""
 
 
 def access_store(store: Store) -> AccessStore:
@@ -265,6 +284,12 @@ class SQLiteAccess:
         return await self._write(f"DELETE FROM {ACCESS_LOG} WHERE workspace_id = ? AND at < ?",
                                  [(workspace, _text(before))])
 
+    async def delete_access(self, workspace: str, record_ids: Sequence[str]) -> int:
+        if not record_ids:
+            return 0
+        return await self._write(f"DELETE FROM {ACCESS_LOG} WHERE workspace_id = ? AND id = ?",
+                                 [(workspace, rid) for rid in record_ids])
+
 
 # -- PostgreSQL ------------------------------------------------------------------------------
 
@@ -370,6 +395,14 @@ class PostgresAccess:
             millis(before))
         return int(status.rsplit(" ", 1)[-1])
 
+    async def delete_access(self, workspace: str, record_ids: Sequence[str]) -> int:
+        if not record_ids:
+            return 0
+        status = await self._execute(
+            f"DELETE FROM {ACCESS_LOG} WHERE workspace_id = $1 AND id = ANY($2::text[])",
+            workspace, list(record_ids))
+        return int(status.rsplit(" ", 1)[-1])
+
 
 # -- MongoDB ---------------------------------------------------------------------------------
 
@@ -463,4 +496,12 @@ class MongoAccess:
             return 0
         result = await self.store._call(coll.delete_many(
             self._in(workspace, at={"$lt": millis(before)})))
+        return int(result.deleted_count)
+
+    async def delete_access(self, workspace: str, record_ids: Sequence[str]) -> int:
+        coll = self._log(workspace)
+        if coll is None or not record_ids:
+            return 0
+        result = await self.store._call(coll.delete_many(
+            self._in(workspace, _id={"$in": list(record_ids)})))
         return int(result.deleted_count)
