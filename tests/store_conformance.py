@@ -41,6 +41,7 @@ from tests.reference import (
 from worker import events as ev
 from worker.documents import coalesce, fold, node_key
 from worker.erasure import erase, subject_hash
+from worker.personal import PersonalFields
 from worker.stores.base import (
     NodeQuery,
     NodeVersion,
@@ -142,6 +143,31 @@ def erasure_events(workspace: str, run_id: str, subjects: list[str]) -> list[Raw
                         error={"type": "Timeout", "message": "lead@example.com timed out"})),
         event(ev.RUN_FAILED, workspace, run_id, f"{run_id}-e", t + timedelta(seconds=3),
               error={"message": "reply to lead@example.com failed"}),
+    ]
+
+
+#: Configured personal paths (``AUDIT_PERSONAL_FIELDS``) of :func:`personal_events`.
+PERSONAL = PersonalFields.parse(["node.metadata.contact", "run.trigger.metadata.email",
+                                 "run.customer.name", "run.contact"])
+
+
+def personal_events(workspace: str, run_id: str, subjects: list[str]) -> list[Raw]:
+    """A run with personal data outside prompts and outputs: trigger metadata, run-level
+    fields and node metadata (beside what is not personal)."""
+    t = T0 + timedelta(minutes=len(run_id))
+    return [
+        event(ev.RUN_STARTED, workspace, run_id, f"{run_id}-s", t, subjects=subjects,
+              trigger={"type": "webhook", "source": "gmail",
+                       "metadata": {"email": "lead@example.com", "subject": "Hi"}},
+              customer={"name": "Lead Person", "tier": "gold"}, contact="lead@example.com"),
+        event(ev.NODE_COMPLETED, workspace, run_id, f"{run_id}-n1", t,
+              node=node("classify", "ai", t, t + timedelta(seconds=1), model="m-1",
+                        input={"prompt": "Reply to lead"}, output="ok",
+                        metadata={"contact": "lead@example.com", "channel": "mail"})),
+        event(ev.NODE_COMPLETED, workspace, run_id, f"{run_id}-n2", t,
+              node=node("route", "condition", t + timedelta(seconds=1),
+                        t + timedelta(seconds=2), result="sales")),
+        event(ev.RUN_COMPLETED, workspace, run_id, f"{run_id}-e", t + timedelta(seconds=3)),
     ]
 
 
@@ -848,6 +874,84 @@ class StoreConformance:
         assert record["erasureResult"]["nodesErased"] == 4
         again = await erase(store, ws, "email:lead@example.com", ERASE_KEY, by="dpo", now=at)
         assert (again.runs, again.nodes_erased, again.run_fields_erased) == (["r1", "r2"], 0, 0)
+
+    async def test_erasure_of_configured_personal_paths(self, store: Store) -> None:
+        """With AUDIT_PERSONAL_FIELDS, erase also removes those paths (nested trigger
+        metadata, run-level fields, node metadata) and records them, leaving the rest of
+        each document and every other run as it was; identity paths cannot be stripped."""
+        ws = new_workspace("ep")
+        lead, other = subject_hash(ERASE_KEY, "email:lead@example.com"), \
+            subject_hash(ERASE_KEY, "email:x@example.com")
+        await write(store, personal_events(ws, "r1", [lead])
+                    + personal_events(ws, "r2", [other]))
+        keep = (await store.get_run(ws, "r2"), await store.get_nodes(ws, "r2"))
+        at = datetime(2026, 3, 1, tzinfo=UTC)
+        dry = await erase(store, ws, "email:lead@example.com", ERASE_KEY, by="dpo",
+                          dry_run=True, now=at, fields=PERSONAL)
+        assert (dry.nodes_erased, dry.run_fields_erased) == (1, 1)
+        report = await erase(store, ws, "email:lead@example.com", ERASE_KEY, by="dpo",
+                             now=at, fields=PERSONAL)
+        assert (report.runs, report.nodes_erased, report.run_fields_erased,
+                report.remaining) == (["r1"], 1, 1, [])
+        run = await store.get_run(ws, "r1")
+        assert run is not None
+        assert run["trigger"] == {"type": "webhook", "source": "gmail",
+                                  "metadata": {"subject": "Hi"}}
+        assert run["customer"] == {"tier": "gold"}
+        assert run["contact"] is None
+        assert run["erasure"]["fields"] == {
+            "node": ["error", "input", "metadata.contact", "output"],
+            "run": ["contact", "customer.name", "error", "trigger.metadata.email"]}
+        classify, route = await store.get_nodes(ws, "r1")
+        assert classify["metadata"] == {"channel": "mail"}
+        assert not {"input", "output"} & set(classify)
+        assert (classify["model"], route["result"]) == ("m-1", "sales")
+        assert (await store.get_run(ws, "r2"), await store.get_nodes(ws, "r2")) == keep
+        record = await store.get_run(ws, str(report.erasure_id))
+        assert record is not None
+        assert record["erasureRequest"]["fields"] == PERSONAL.to_json()
+        again = await erase(store, ws, "email:lead@example.com", ERASE_KEY, by="dpo",
+                            now=at, fields=PERSONAL)
+        assert (again.nodes_erased, again.run_fields_erased) == (0, 0)
+        r2 = await store.get_run(ws, "r2")
+        assert r2 is not None
+        for bad in (["trigger.source"], ["runId"], ["nodeIndex.x"], ["a..b"], ["0"]):
+            with pytest.raises(ValueError, match="cannot strip"):
+                await store.strip_run_fields(ws, [RunVersion.of(r2)], bad)
+        with pytest.raises(ValueError, match="cannot strip"):
+            await store.strip_node_fields(ws, [NodeVersion.of(keep[1][0])], ["status"])
+        assert (await store.get_run(ws, "r2"), await store.get_nodes(ws, "r2")) == keep
+
+    @pytest.mark.parametrize("crash_at", ["record", "mark", "nodes", "run", "keys", "result"])
+    async def test_erasure_of_personal_paths_killed_and_rerun(self, store: Store,
+                                                              crash_at: str) -> None:
+        """Killed at any step of an erasure of configured paths, a rerun erases them all
+        once and leaves the other subject's run as it was."""
+        ws = new_workspace("pk")
+        lead, other = subject_hash(ERASE_KEY, "email:lead@example.com"), \
+            subject_hash(ERASE_KEY, "email:x@example.com")
+        await write(store, personal_events(ws, "r1", [lead]) + personal_events(ws, "r2", [lead])
+                    + personal_events(ws, "r3", [other]))
+        keep = (await store.get_run(ws, "r3"), await store.get_nodes(ws, "r3"))
+
+        def fault(step: str) -> None:
+            if step == crash_at:
+                raise RuntimeError(f"killed at {step}")
+
+        with pytest.raises(RuntimeError, match="killed"):
+            await erase(store, ws, "email:lead@example.com", ERASE_KEY, by="dpo",
+                        fault=fault, fields=PERSONAL)
+        report = await erase(store, ws, "email:lead@example.com", ERASE_KEY, by="dpo",
+                             fields=PERSONAL)
+        assert (report.resumed, report.remaining) == (True, [])
+        for run_id in ("r1", "r2"):
+            run = await store.get_run(ws, run_id)
+            assert run is not None
+            assert (run["contact"], run["customer"]) == (None, {"tier": "gold"})
+            assert run["trigger"]["metadata"] == {"subject": "Hi"}
+            assert [n.get("metadata") for n in await store.get_nodes(ws, run_id)] == [
+                {"channel": "mail"}, None]
+        assert (await store.get_run(ws, "r3"), await store.get_nodes(ws, "r3")) == keep
 
     async def test_archive_data_keys(self, store: Store) -> None:
         """Data keys (worker.shredding): stored durably, read per run, shredded once (the

@@ -8,7 +8,8 @@ run document keeps the set of hashes (``subjects``, indexed where the store can)
 
 :func:`erase` finds every run of a subject in a workspace and removes its personal fields
 from hot storage — node ``input`` (prompts), ``output`` (raw model responses) and
-``error``, and the run's ``error`` — through the stores' compare-and-strip operations,
+``error``, the run's ``error``, and the paths ``AUDIT_PERSONAL_FIELDS`` names
+(``worker.personal``) — through the stores' compare-and-strip operations,
 so a document a late event changed meanwhile is left for the next pass, never
 overwritten. Each erasure leaves an **erasure record** in the audit trail itself: a run
 of workflow ``audit-fleet.erasure`` (``erasure-<id>``) whose ``erasureRequest`` says
@@ -43,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Final
 import anyio
 
 from .documents import SUBJECTS, RunPatch, WriteBatch
+from .personal import DEFAULTS, PersonalFields, holds
 from .shredding import holds_personal, sealed_kids
 from .stores.base import NodeVersion, RunQuery, RunVersion, Store
 
@@ -55,7 +57,7 @@ ERASURE_WORKFLOW: Final = "audit-fleet.erasure"
 MARK: Final = "erasure"
 REQUEST: Final = "erasureRequest"
 RESULT: Final = "erasureResult"
-#: Personal fields removed from hot storage.
+#: Personal fields always removed from hot storage (``worker.personal`` adds configured ones).
 NODE_FIELDS: Final = ("error", "input", "output")
 RUN_FIELDS: Final = ("error",)
 #: Passes over a subject's runs while late writes keep changing them.
@@ -102,6 +104,8 @@ class ErasureReport:
     #: keys shredded in all (this pass and earlier, interrupted ones).
     keys_shredded: int = 0
     keys_shredded_total: int = 0
+    #: The personal field paths erased (the defaults and the configured ones).
+    fields: PersonalFields = DEFAULTS
 
     def to_json(self) -> dict[str, Any]:
         return {"workspace": self.workspace, "subjectHash": self.subject_hash,
@@ -111,15 +115,11 @@ class ErasureReport:
                 "resumed": self.resumed, "archivedNotErased": self.archived,
                 "archivedShredded": self.sealed, "keysShredded": self.keys_shredded,
                 "keysShreddedTotal": self.keys_shredded_total,
-                "fields": {"node": list(NODE_FIELDS), "run": list(RUN_FIELDS)}}
-
-
-def _holds(doc: Mapping[str, Any], names: tuple[str, ...]) -> bool:
-    return any(doc.get(name) is not None for name in names)
+                "fields": self.fields.to_json()}
 
 
 async def _open_record(store: Store, workspace: str, digest: str, by: str,
-                       at: datetime) -> tuple[str, bool]:
+                       at: datetime, fields: PersonalFields) -> tuple[str, bool]:
     """The running erasure record of this subject (a crashed erasure), or a new one."""
     running = await store.list_runs(workspace, RunQuery(workflow_id=ERASURE_WORKFLOW,
                                                         status="running", limit=1000))
@@ -134,13 +134,14 @@ async def _open_record(store: Store, workspace: str, digest: str, by: str,
         trigger={"type": "erasure", "source": "audit-fleet erase"},
         extra={REQUEST: {"subjectHash": digest, "requestedBy": by,
                          "requestedAt": at.isoformat(),
-                         "fields": {"node": list(NODE_FIELDS), "run": list(RUN_FIELDS)}}},
+                         "fields": fields.to_json()}},
     ), [])
     await store.write(batch)
     return record, False
 
 
-def archived_runs(archive: Archive, workspace: str, digest: str) -> tuple[
+def archived_runs(archive: Archive, workspace: str, digest: str,
+                  fields: PersonalFields = DEFAULTS) -> tuple[
         dict[str, list[str]], dict[str, list[str]]]:
     """Runs of a subject in the archive's committed segments: those whose records hold
     personal fields in clear, and those with encrypted ones (run ID -> segment files).
@@ -154,7 +155,8 @@ def archived_runs(archive: Archive, workspace: str, digest: str) -> tuple[
         subjects = doc.get(SUBJECTS)
         if kind == "run" and isinstance(subjects, list) and digest in subjects:
             mine.add(run_id)
-        held.append((segment, run_id, holds_personal(kind, doc), bool(sealed_kids(kind, doc))))
+        held.append((segment, run_id, holds_personal(kind, doc, fields),
+                     bool(sealed_kids(kind, doc))))
     plain: dict[str, list[str]] = {}
     sealed: dict[str, list[str]] = {}
     for segment, run_id, clear, secret in held:
@@ -170,21 +172,23 @@ def archived_runs(archive: Archive, workspace: str, digest: str) -> tuple[
 async def erase(store: Store, workspace: str, subject: str, key: bytes, *, by: str,
                 dry_run: bool = False, now: datetime | None = None,
                 archive: Archive | None = None,
-                fault: Callable[[str], None] | None = None) -> ErasureReport:
+                fault: Callable[[str], None] | None = None,
+                fields: PersonalFields = DEFAULTS) -> ErasureReport:
     """Erase ``subject``'s personal fields from every run of it in ``workspace``.
 
     Then the data keys of the subject's runs are shredded (crypto-shredding of their
     archived copies); with ``archive``, runs found only there are included, and runs
-    archived in clear are reported (``archived``), not erased. ``fault`` is a test hook
+    archived in clear are reported (``archived``), not erased. ``fields`` are the personal
+    field paths (``Settings.personal()``). ``fault`` is a test hook
     called with each step's name (raising there simulates a crash at that step).
     """
     at = now or datetime.now(UTC)
     digest = subject_hash(key, subject)
     step = fault or (lambda name: None)
-    report = ErasureReport(workspace, digest, None, dry_run, by, at)
+    report = ErasureReport(workspace, digest, None, dry_run, by, at, fields=fields)
     if archive is not None:
         report.archived, report.sealed = await anyio.to_thread.run_sync(
-            archived_runs, archive, workspace, digest)
+            archived_runs, archive, workspace, digest, fields)
     runs = [r for r in await store.runs_with_subject(workspace, digest)
             if r.get("workflowId") != ERASURE_WORKFLOW]
     report.runs = sorted(str(r["runId"]) for r in runs)
@@ -192,21 +196,20 @@ async def erase(store: Store, workspace: str, subject: str, key: bytes, *, by: s
     if dry_run:
         for run in runs:
             nodes = await store.get_nodes(workspace, str(run["runId"]))
-            report.nodes_erased += sum(1 for n in nodes if _holds(n, NODE_FIELDS))
-            report.run_fields_erased += int(_holds(run, RUN_FIELDS))
+            report.nodes_erased += sum(1 for n in nodes if holds(n, fields.node))
+            report.run_fields_erased += int(holds(run, fields.run))
         keys = await store.data_keys(workspace, keyed) if keyed else []
         report.keys_shredded = sum(1 for k in keys if k.wrapped is not None)
         return report
-    record, report.resumed = await _open_record(store, workspace, digest, by, at)
+    record, report.resumed = await _open_record(store, workspace, digest, by, at, fields)
     report.erasure_id = record
     step("record")
-    mark = {"id": record, "at": at.isoformat(), "by": by,
-            "fields": {"node": list(NODE_FIELDS), "run": list(RUN_FIELDS)}}
+    mark = {"id": record, "at": at.isoformat(), "by": by, "fields": fields.to_json()}
     pending = report.runs
     for _ in range(MAX_PASSES):
         left: list[str] = []
         for run_id in pending:
-            if not await _erase_run(store, workspace, run_id, mark, report, step):
+            if not await _erase_run(store, workspace, run_id, mark, report, step, fields):
                 left.append(run_id)
         pending = left
         if not pending:
@@ -236,7 +239,8 @@ async def erase(store: Store, workspace: str, subject: str, key: bytes, *, by: s
 
 
 async def _erase_run(store: Store, workspace: str, run_id: str, mark: Mapping[str, Any],
-                     report: ErasureReport, step: Callable[[str], None]) -> bool:
+                     report: ErasureReport, step: Callable[[str], None],
+                     fields: PersonalFields) -> bool:
     """Mark one run, then strip its personal fields; False if something changed meanwhile."""
     run = await store.get_run(workspace, run_id)
     if run is None:  # deleted meanwhile (retention): nothing left to erase in hot storage
@@ -251,15 +255,16 @@ async def _erase_run(store: Store, workspace: str, run_id: str, mark: Mapping[st
         if run is None:
             return True
     nodes = await store.get_nodes(workspace, run_id)
-    holding = [NodeVersion.of(n) for n in nodes if _holds(n, NODE_FIELDS)]
+    holding = [NodeVersion.of(n) for n in nodes if holds(n, fields.node)]
     if holding:
-        report.nodes_erased += await store.strip_node_fields(workspace, holding, NODE_FIELDS)
+        report.nodes_erased += await store.strip_node_fields(workspace, holding,
+                                                             fields.names("node"))
         step("nodes")
-    if _holds(run, RUN_FIELDS):
+    if holds(run, fields.run):
         report.run_fields_erased += await store.strip_run_fields(
-            workspace, [RunVersion.of(run, nodes)], RUN_FIELDS)
+            workspace, [RunVersion.of(run, nodes)], fields.names("run"))
         step("run")
     after = await store.get_nodes(workspace, run_id)
     again = await store.get_run(workspace, run_id)
-    return not any(_holds(n, NODE_FIELDS) for n in after) and not (
-        again is not None and _holds(again, RUN_FIELDS))
+    return not any(holds(n, fields.node) for n in after) and not (
+        again is not None and holds(again, fields.run))

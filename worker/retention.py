@@ -56,6 +56,7 @@ import anyio
 
 from .archive import Archive, Catalog, Spool
 from .errors import ConfigError
+from .personal import DEFAULTS, PersonalFields
 from .queries import (
     check_workspace,
 )
@@ -313,6 +314,8 @@ class Retention:
     _sealer: Sealer | None = None
     #: The store's API access log, retained like run summaries (None: untouched).
     access: AccessStore | None = None
+    #: The personal field paths sealed in archived records (``worker.personal``).
+    personal: PersonalFields = DEFAULTS
 
     def _step(self, name: str) -> None:
         if self.fault is not None:
@@ -331,7 +334,7 @@ class Retention:
             return report
         archive = self.archive
         self._sealer = None if self.master is None else Sealer(self.store, self.master,
-                                                               workspace)
+                                                               workspace, self.personal)
         if not self.apply:
             catalog = await self._catalog(archive, workspace)
             await self._pass(workspace, hot, shortest, report, catalog)
@@ -464,7 +467,8 @@ class Retention:
         sealer = self._sealer
         if sealer is not None:
             await sealer.prepare(a.run_id for a in actions
-                                 if any(holds_personal(k, d) for k, d in a.archive))
+                                 if any(holds_personal(k, d, self.personal)
+                                        for k, d in a.archive))
             self._step("keys")
         for action in actions:
             for kind, doc in action.archive:
@@ -520,12 +524,14 @@ async def run_retention(store: RetentionStore, policy: Policy, *, now: datetime,
                         workspaces: Sequence[str] = (),
                         fault: Callable[[str], None] | None = None,
                         master: MasterKey | None = None,
-                        access: AccessStore | None = None) -> list[WorkspaceReport]:
+                        access: AccessStore | None = None,
+                        personal: PersonalFields = DEFAULTS) -> list[WorkspaceReport]:
     """Plan (``apply=False``) or run a retention pass over some or all workspaces;
     with ``master``, archived personal fields are encrypted (crypto-shreddable)."""
     if archive is not None and fault is not None:
         archive.fault = fault
-    job = Retention(store, policy, now, archive, apply, fault, master, access=access)
+    job = Retention(store, policy, now, archive, apply, fault, master, access=access,
+                    personal=personal)
     names = list(workspaces) or await store.workspaces()
     return [await job.workspace(ws) for ws in names]
 

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 from . import constants as c
 from .errors import ConfigError
+from .personal import PersonalFields
 from .redaction import Redactor
 from .redisclient import mode_of
 from .signing import Keyring, load_secret
@@ -83,6 +84,10 @@ class Settings:
     #: AUDIT_ARCHIVE_MASTER_KEY_FILE: base64 of 32 bytes; wraps the archive's per-run data
     #: keys (``worker.shredding``). Unset: archived personal fields are not encrypted.
     archive_master_key_file: str = ""
+    #: AUDIT_PERSONAL_FIELDS: more personal field paths (``node.metadata.contact``,
+    #: ``run.trigger.metadata.email``) that erasure removes and the archive seals, on top of
+    #: node input/output/error and the run error (``worker.personal``).
+    personal_fields: tuple[str, ...] = ()
     #: Loaded from ``signing_keys_file``; never in the repr.
     keyring: Keyring | None = field(default=None, repr=False, compare=False)
     #: Loaded from ``subject_key_file``; never in the repr.
@@ -156,6 +161,7 @@ class Settings:
                 f"AUDIT_LOG_LEVEL must be debug|info|warning|error, got {self.log_level!r}"
             )
         self.redactor()  # raises ConfigError for unknown detectors or bad paths
+        self.personal()  # raises ConfigError for a bad or protected path
         if self.require_signature and self.keyring is None:
             raise ConfigError("AUDIT_REQUIRE_SIGNATURE needs AUDIT_SIGNING_KEYS_FILE (the keyring)")
         if self.log_format not in ("auto", "json", "console"):
@@ -171,6 +177,10 @@ class Settings:
     def redactor(self) -> Redactor | None:
         """The redaction step these settings configure (None: redaction is off)."""
         return Redactor.build(self.redact_detectors, self.redact_drop, self.redact_mask)
+
+    def personal(self) -> PersonalFields:
+        """The personal field paths (the defaults and ``AUDIT_PERSONAL_FIELDS``)."""
+        return PersonalFields.parse(self.personal_fields)
 
     @property
     def store_scheme(self) -> str:
@@ -248,7 +258,7 @@ _FLOATS = {"shutdown_grace_s", "shutdown_deadline_s", "reclaim_interval_s", "tri
            "trim_retention_s", "dlq_max_age_s",
            "fleet_poll_interval_s"}
 _BOOLS = {"trim", "burst", "require_signature"}
-_LISTS = {"streams", "redact_detectors", "redact_drop", "redact_mask"}
+_LISTS = {"streams", "redact_detectors", "redact_drop", "redact_mask", "personal_fields"}
 #: Fields that are not read from the environment under their own name.
 _NOT_ENV = {"keyring", "subject_key", "archive_master_key"}
 

@@ -2,11 +2,12 @@
 
 When ``AUDIT_ARCHIVE_MASTER_KEY_FILE`` names a master key (base64 of 32 bytes), retention
 encrypts the personal fields of every record it archives — node ``input``, ``output``
-and ``error`` and the run ``error``, the fields erasure strips from hot storage — with
-the run's **data key** (AES-256-GCM, a fresh random 96-bit nonce per field). The
-associated data binds each ciphertext to its place (workspace, run, node key, field),
-so a ciphertext moved to another record or field fails authentication. A field is
-archived as an envelope::
+and ``error``, the run ``error`` and the paths ``AUDIT_PERSONAL_FIELDS`` adds
+(``worker.personal``), the fields erasure strips from hot storage — with the run's
+**data key** (AES-256-GCM, a fresh random 96-bit nonce per field). The associated data
+binds each ciphertext to its place (workspace, run, node key, field path), so a
+ciphertext moved to another record or field fails authentication. A field (at the top
+level or nested) is archived as an envelope in its place::
 
     {"$enc": "aes-256-gcm", "kid": "<data key id>", "n": "<b64 nonce>", "ct": "<b64>"}
 
@@ -27,7 +28,7 @@ import base64
 import json
 import os
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -37,12 +38,21 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .archive import canonical
 from .errors import AuditFleetError, ConfigError
+from .personal import (
+    DEFAULTS,
+    MAX_DEPTH,
+    FieldPath,
+    PersonalFields,
+    dotted,
+    value_at,
+    with_value,
+)
 from .queries import utcnow
 from .stores.base import RetentionStore, StoredKey
 
 ENC: Final = "$enc"
 ALG: Final = "aes-256-gcm"
-#: Personal fields encrypted in archived records (the fields erasure strips).
+#: Personal fields always encrypted in archived records (the fields erasure strips).
 SEALED: Final = {"run": ("error",), "node": ("error", "input", "output")}
 _NONCE: Final = 12
 
@@ -113,21 +123,41 @@ class MasterKey:
                             "(another master key?)") from None
 
 
-def seal(workspace: str, kind: str, doc: Mapping[str, Any], kid: str,
-         key: bytes) -> dict[str, Any]:
+def _outermost(paths: Iterable[FieldPath]) -> list[FieldPath]:
+    """The paths not inside another one (sealing a field seals what it holds)."""
+    ordered = sorted(set(paths))
+    return [p for p in ordered if not any(q != p and p[:len(q)] == q for q in ordered)]
+
+
+def seal(workspace: str, kind: str, doc: Mapping[str, Any], kid: str, key: bytes,
+         fields: PersonalFields = DEFAULTS) -> dict[str, Any]:
     """``doc`` with its personal fields encrypted under the run's data key."""
     out = dict(doc)
     aead = AESGCM(key)
     node_key = str(doc["nodeKey"]) if kind == "node" else None
-    for name in SEALED[kind]:
-        value = doc.get(name)
+    for path in _outermost(fields.of(kind)):
+        value = value_at(out, path)
         if value is None or is_envelope(value):
             continue
+        name = dotted(path)
         nonce = os.urandom(_NONCE)
         ct = aead.encrypt(nonce, canonical(value).encode(),
                           field_aad(workspace, str(doc["runId"]), node_key, name))
-        out[name] = {ENC: ALG, "kid": kid, "n": _b64(nonce), "ct": _b64(ct)}
+        out = with_value(out, path, {ENC: ALG, "kid": kid, "n": _b64(nonce), "ct": _b64(ct)})
     return out
+
+
+def envelopes(doc: Mapping[str, Any], depth: int = MAX_DEPTH) -> Iterator[
+        tuple[FieldPath, Mapping[str, Any]]]:
+    """Every envelope in a record (top-level or nested in objects), with its path."""
+    for key, value in doc.items():
+        if not isinstance(value, Mapping):
+            continue
+        if is_envelope(value):
+            yield (str(key),), value
+        elif depth > 1:
+            for path, env in envelopes(value, depth - 1):
+                yield (str(key), *path), env
 
 
 class Opener:
@@ -179,33 +209,41 @@ class Opener:
 
     def open(self, kind: str, doc: Mapping[str, Any]) -> dict[str, Any]:
         out = dict(doc)
+        if kind not in SEALED:
+            return out
         node_key = str(doc["nodeKey"]) if kind == "node" else None
-        for name in SEALED.get(kind, ()):
-            value = doc.get(name)
-            if isinstance(value, Mapping) and is_envelope(value):
-                out[name] = self.open_field(str(doc["runId"]), node_key, name, value)
+        for path, env in list(envelopes(doc)):
+            out = with_value(out, path, self.open_field(str(doc["runId"]), node_key,
+                                                        dotted(path), env))
         return out
 
 
 def sealed_kids(kind: str, doc: Mapping[str, Any]) -> set[str]:
     """The data key ids a record's envelopes name."""
-    return {str(doc[n]["kid"]) for n in SEALED.get(kind, ()) if is_envelope(doc.get(n))}
+    if kind not in SEALED:
+        return set()
+    return {str(env["kid"]) for _, env in envelopes(doc)}
 
 
-def holds_personal(kind: str, doc: Mapping[str, Any]) -> bool:
+def holds_personal(kind: str, doc: Mapping[str, Any],
+                   fields: PersonalFields = DEFAULTS) -> bool:
     """Whether a record holds a personal field in clear."""
-    return any(doc.get(n) is not None and not is_envelope(doc.get(n))
-               for n in SEALED.get(kind, ()))
+    if kind not in SEALED:
+        return False
+    return any(value_at(doc, p) is not None and not is_envelope(value_at(doc, p))
+               for p in fields.of(kind))
 
 
 class Sealer:
     """Seals the records retention archives, with one data key per run (created and
     stored before any segment using it is committed; a live stored key is reused)."""
 
-    def __init__(self, store: RetentionStore, master: MasterKey, workspace: str) -> None:
+    def __init__(self, store: RetentionStore, master: MasterKey, workspace: str,
+                 fields: PersonalFields = DEFAULTS) -> None:
         self.store = store
         self.master = master
         self.workspace = workspace
+        self.fields = fields
         self.keys: dict[str, tuple[str, bytes]] = {}
 
     async def prepare(self, run_ids: Iterable[str]) -> None:
@@ -222,10 +260,10 @@ class Sealer:
                 self.keys[row.run_id] = (row.key_id, key)
 
     def seal(self, kind: str, doc: Mapping[str, Any]) -> dict[str, Any]:
-        if not holds_personal(kind, doc):
+        if not holds_personal(kind, doc, self.fields):
             return dict(doc)
         kid, key = self.keys[str(doc["runId"])]
-        return seal(self.workspace, kind, doc, kid, key)
+        return seal(self.workspace, kind, doc, kid, key, self.fields)
 
 
 async def load_opener(store: RetentionStore, master: MasterKey | None, workspace: str,

@@ -18,7 +18,7 @@ from worker.archive import Archive
 from worker.cli import main
 from worker.documents import coalesce
 from worker.emitter import make_event
-from worker.erasure import ERASURE_WORKFLOW, erase, hash_subjects
+from worker.erasure import ERASURE_WORKFLOW, erase, hash_subjects, subject_hash
 from worker.retention import Policy, run_retention
 from worker.shredding import MasterKey
 from worker.stores import RunQuery, Store, open_store
@@ -217,3 +217,95 @@ async def test_erasure_killed_at_key_deletion_and_rerun(store_url: str, tmp_path
         assert archive.verify("ws1").ok
     finally:
         await store.close()
+
+
+async def test_configured_personal_paths_are_sealed_in_archives_and_shredded(
+    store_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With AUDIT_PERSONAL_FIELDS, retention seals those paths (nested trigger metadata,
+    run-level fields, node metadata) in archived records; erase shreds them with the run's
+    key: the archive still verifies, explain --archive reads them as erased, another
+    subject's run still decrypts, and explain of the erased hot run names every path."""
+    from tests.store_conformance import PERSONAL, personal_events
+    from tests.store_conformance import write as write_events
+
+    ann = subject_hash(SUBJECT_KEY, "email:ann@example.com")
+    bob = subject_hash(SUBJECT_KEY, "email:bob@example.com")
+    store = open_store(store_url)
+    await store.open()
+    try:
+        await write_events(store, personal_events("ws1", "old", [ann])
+                           + personal_events("ws1", "bobs", [bob]))
+    finally:
+        await store.close()
+    arch = tmp_path / "arch"
+    for name, value in (("subject.key", SUBJECT_KEY), ("master.key", MASTER)):
+        (tmp_path / name).write_text(base64.b64encode(value).decode())
+    monkeypatch.setenv("AUDIT_SUBJECT_KEY_FILE", str(tmp_path / "subject.key"))
+    monkeypatch.setenv("AUDIT_ARCHIVE_MASTER_KEY_FILE", str(tmp_path / "master.key"))
+    monkeypatch.setenv("AUDIT_STORE_URL", store_url)
+    monkeypatch.setenv("AUDIT_PERSONAL_FIELDS", ",".join(
+        f"{kind}.{name}" for kind in ("node", "run") for name in PERSONAL.names(kind)
+        if name not in ("error", "input", "output")))
+    code, _ = await anyio.to_thread.run_sync(
+        cli_json, capsys, "retention", "run", "--archive-dir", str(arch), "--now",
+        "2027-01-01T00:00:00Z", "--json")
+    assert code == 0
+    raw = segment_bytes(arch)
+    assert b"lead@example.com" not in raw
+    assert b"Lead Person" not in raw
+    assert b'"tier":"gold"' in raw  # not personal: archived in clear
+    assert b'"subject":"Hi"' in raw
+
+    async def explained(run_id: str) -> Any:
+        code, ex = await anyio.to_thread.run_sync(
+            cli_json, capsys, "explain", run_id, "-w", "ws1", "--archive", str(arch),
+            "--show-prompts", "--json")
+        assert code == 0
+        return ex
+
+    ex = await explained("old")
+    assert ex["run"]["trigger"]["metadata"] == {"email": "lead@example.com", "subject": "Hi"}
+    assert ex["run"]["extra"]["customer"] == {"name": "Lead Person", "tier": "gold"}
+    assert ex["run"]["extra"]["contact"] == "lead@example.com"
+    assert ex["nodes"][0]["extra"]["metadata"] == {"contact": "lead@example.com",
+                                                   "channel": "mail"}
+
+    store = open_store(store_url)
+    await store.open()
+    try:  # the subject's run is also still hot once more (a late copy)
+        await write_events(store, personal_events("ws1", "hot", [ann]))
+    finally:
+        await store.close()
+    code, out = await anyio.to_thread.run_sync(
+        cli_json, capsys, "erase", "-w", "ws1", "--subject", "email:ann@example.com",
+        "--by", "dpo@corp", "--archive-dir", str(arch), "--json")
+    assert code == 0
+    assert (out["runs"], sorted(out["archivedShredded"]), out["archivedNotErased"]) == (
+        ["hot"], ["old"], {})
+    assert out["fields"] == PERSONAL.to_json()
+    assert segment_bytes(arch) == raw
+    code, verify = await anyio.to_thread.run_sync(
+        cli_json, capsys, "archive", "verify", "--archive-dir", str(arch), "--json")
+    assert code == 0
+    assert verify["ok"] is True
+    assert verify["workspaces"][0]["erasure"]["shreddedRuns"] == ["old"]
+
+    ex = await explained("old")
+    email = ex["run"]["trigger"]["metadata"]["email"]
+    assert email["erased"] is True
+    assert ex["run"]["trigger"]["metadata"]["subject"] == "Hi"
+    assert ex["run"]["extra"]["customer"]["name"]["erased"] is True
+    assert ex["run"]["extra"]["customer"]["tier"] == "gold"
+    assert ex["run"]["extra"]["contact"]["erased"] is True
+    assert ex["nodes"][0]["extra"]["metadata"]["contact"]["erased"] is True
+    assert ex["nodes"][0]["extra"]["metadata"]["channel"] == "mail"
+    ex = await explained("bobs")
+    assert ex["run"]["trigger"]["metadata"]["email"] == "lead@example.com"  # bob's key lives
+
+    assert await anyio.to_thread.run_sync(main, ["explain", "hot", "-w", "ws1"]) == 0
+    text = capsys.readouterr().out
+    assert ("Erased: node error, node input, node metadata.contact, node output, "
+            "run contact, run customer.name, run error, run trigger.metadata.email at") in text
+    assert "lead@example.com" not in text

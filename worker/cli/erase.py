@@ -7,7 +7,7 @@ import getpass
 from typing import Any
 
 from ..archive import Archive
-from ..erasure import NODE_FIELDS, RUN_FIELDS, ErasureReport, erase
+from ..erasure import ErasureReport, erase
 from ..errors import ConfigError
 from ..queries import check_workspace
 from ..settings import Settings
@@ -17,12 +17,13 @@ from .output import escape_text, print_json
 
 def render(report: ErasureReport) -> str:
     verb = "would erase" if report.dry_run else "erased"
-    fields = ", ".join([f"node {f}" for f in NODE_FIELDS] + [f"run {f}" for f in RUN_FIELDS])
+    fields = ", ".join([f"node {f}" for f in report.fields.names("node")]
+                       + [f"run {f}" for f in report.fields.names("run")])
     lines = [
         f"{'Dry run: ' if report.dry_run else ''}subject {report.subject_hash[:16]}… in "
         f"workspace {report.workspace}: {len(report.runs)} run(s)",
         f"  {verb} {report.nodes_erased} node trace(s) and {report.run_fields_erased} run "
-        f"error(s) ({fields})",
+        f"document(s) ({fields})",
     ]
     for run_id in report.runs:
         lines.append(f"  - {escape_text(run_id)}")
@@ -57,7 +58,8 @@ async def cmd_erase(args: argparse.Namespace) -> int:
     archive = Archive.at(location) if location else None
     async with opened_store(args) as store:
         report = await erase(store, workspace, args.subject, settings.subject_key, by=by,
-                             dry_run=args.dry_run, archive=archive)
+                             dry_run=args.dry_run, archive=archive,
+                             fields=settings.personal())
     if args.json:
         print_json(report.to_json())
     else:
@@ -69,9 +71,10 @@ def register(subparsers: Any) -> None:
     """Add ``erase`` to the ``audit-fleet`` command."""
     p = subparsers.add_parser(
         "erase", help="erase a data subject's personal data (GDPR Art. 17)",
-        description="Remove prompts, raw outputs and errors of every run tagged with the "
-        "subject from hot storage, shred the data keys of its archived copies, and leave "
-        "an erasure record in the audit trail.")
+        description="Remove prompts, raw outputs, errors and the personal fields "
+        "AUDIT_PERSONAL_FIELDS names of every run tagged with the subject from hot "
+        "storage, shred the data keys of its archived copies, and leave an erasure record "
+        "in the audit trail.")
     add_store_flag(p)
     p.add_argument("-w", "--workspace", required=True, help="workspace ID")
     p.add_argument("--subject", required=True, help="the subject as producers tag it "

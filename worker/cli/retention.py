@@ -15,6 +15,7 @@ from ..retention import (
     WorkspaceReport,
     run_retention,
 )
+from ..settings import Settings
 from ..stores.access import access_store
 from .common import add_store_flag, archive_dir, archive_master_key, opened_store
 from .output import format_time, parse_time, print_json, table
@@ -64,7 +65,8 @@ async def _cmd(args: argparse.Namespace, apply: bool) -> int:
         await access.migrate()  # the access-log table, idempotent (plan counts its records)
         reports = await run_retention(store, policy, now=now, archive=archive, apply=apply,
                                       workspaces=workspaces, master=archive_master_key(),
-                                      access=access)
+                                      access=access,
+                                      personal=Settings.from_env(metrics_port=0).personal())
     if args.json:
         print_json({"applied": apply, "now": now, "policy": policy.to_json(),
                      "workspaces": [r.to_json() for r in reports]})

@@ -14,6 +14,8 @@ from datetime import datetime
 from typing import Any, Final, Protocol, runtime_checkable
 
 from ..documents import WriteBatch
+from ..errors import ConfigError
+from ..personal import FieldPath, check_path
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,13 +111,17 @@ class StoredKey:
     shredded_at: datetime | None = None
 
 
-def check_strippable(fields: Sequence[str], allowed: frozenset[str]) -> tuple[str, ...]:
-    """The field names to strip, sorted; only names from ``allowed`` (never user input)."""
-    names = tuple(sorted(set(fields)))
-    bad = [name for name in names if name not in allowed]
-    if bad or not names:
-        raise ValueError(f"cannot strip {bad or 'nothing'}: allowed are {sorted(allowed)}")
-    return names
+def check_strippable(fields: Sequence[str], kind: str) -> tuple[FieldPath, ...]:
+    """The field paths to strip from ``kind`` ("node" or "run") documents, as key tuples,
+    sorted: dotted paths that :mod:`worker.personal` accepts (never identity fields)."""
+    names = sorted(set(fields))
+    try:
+        if not names:
+            raise ConfigError("no field named")
+        return tuple(check_path(kind, name) for name in names)
+    except ConfigError as exc:
+        raise ValueError(f"cannot strip {names or 'nothing'} from {kind} documents: "
+                         f"{exc}") from None
 
 
 @runtime_checkable
@@ -205,14 +211,18 @@ class RetentionStore(QueryStore, Protocol):
 
     async def strip_node_fields(self, workspace: str, nodes: Sequence[NodeVersion],
                                 fields: Sequence[str]) -> int:
-        """Remove top-level ``fields`` (of :data:`STRIPPABLE_NODE_FIELDS`) from the node
-        documents still at these versions; returns how many held one of them."""
+        """Remove ``fields`` from the node documents still at these versions; returns how
+        many held one of them. A field is a top-level name (retention strips
+        :data:`STRIPPABLE_NODE_FIELDS`) or a dotted path (``metadata.contact``: erasure of
+        configured personal fields, ``worker.personal``), checked by
+        :func:`check_strippable`."""
 
     async def strip_run_fields(self, workspace: str, runs: Sequence[RunVersion],
                                fields: Sequence[str]) -> int:
-        """Set ``fields`` (of :data:`STRIPPABLE_RUN_FIELDS`) to null in the run documents
-        still exactly as in ``runs`` (their nodes are not compared); returns how many held
-        a value."""
+        """Set top-level ``fields`` (:data:`STRIPPABLE_RUN_FIELDS`, or configured personal
+        ones) to null and remove nested ones (dotted paths) in the run documents still
+        exactly as in ``runs`` (their nodes are not compared); returns how many held a
+        value."""
 
     # -- archive data keys (worker.shredding) --------------------------------------------
 

@@ -50,13 +50,12 @@ from pymongo.errors import (
     PyMongoError,
 )
 
+from .. import personal
 from ..documents import WriteBatch
 from ..errors import ConfigError, StoreError, StoreRejected, StoreUnavailable
 from . import _mongo_codec as mc
 from . import _mongo_write as mw
 from .base import (
-    STRIPPABLE_NODE_FIELDS,
-    STRIPPABLE_RUN_FIELDS,
     NodeQuery,
     NodeVersion,
     Rejection,
@@ -636,11 +635,11 @@ class MongoStore:
         a concurrent newer version is never overwritten); a payload stored out of line
         is folded back.
         """
-        names = check_strippable(fields, STRIPPABLE_NODE_FIELDS)
+        paths = _escaped_paths(check_strippable(fields, "node"))
         db = self._read_db(workspace)
         if db is None or not nodes:
             return 0
-        escaped = {mc.escape_key(n, top=True) for n in names}
+        escaped = {p[0] for p in paths}
         guards = [self._node_guard(workspace, v) for v in sorted(
             set(nodes), key=lambda v: (v.run_id, v.node_key))]
         found = await self._call(db[mc.NODES].find({"$or": guards}).to_list())
@@ -654,9 +653,9 @@ class MongoStore:
                                    codec_options=self.codec)
                 doc = {k: v for k, v in doc.items() if k != mc.PAYLOAD_FIELD} | rest
                 folded.append(ref["fileId"])
-            if all(doc.get(name) is None for name in escaped):
+            if not personal.holds(doc, paths):
                 continue
-            kept = {k: v for k, v in doc.items() if k not in escaped}
+            kept = personal.without(doc, paths)
             if len(bson.encode(kept)) > mw.MAX_BSON_BYTES:
                 raise StoreRejected(f"node {stored.get('nodeKey')!r}: what remains after "
                                     "stripping does not fit in one document")
@@ -672,21 +671,34 @@ class MongoStore:
                                fields: Sequence[str]) -> int:
         """Set the fields of run documents to null where they hold a value, for the runs
         whose document is still exactly the one read (guarded like :meth:`delete_runs`)."""
-        names = check_strippable(fields, STRIPPABLE_RUN_FIELDS)
+        names = check_strippable(fields, "run")
         db = self._read_db(workspace)
         if db is None or not runs:
             return 0
-        escaped = [mc.escape_key(n, top=True) for n in names]
+        paths = _escaped_paths(names)
         versions = {v.run_id: v for v in runs}
         found = await self._unchanged_runs(db, workspace, list(versions), versions)
-        ops = [UpdateOne(guard, [{"$set": {f: mc.lit(None) for f in escaped}}])
-               for run_id, guard in sorted(found.items())
-               if any(versions[run_id].doc.get(n) is not None for n in names)]
+        found = {r: g for r, g in found.items() if personal.holds(versions[r].doc, names)}
+        stored: dict[Any, Doc] = {}
+        if any(len(p) > 1 for p in paths) and found:  # nested: the new values of their fields
+            cursor = db[mc.RUNS].find({"_id": {"$in": [g["_id"] for g in found.values()]}})
+            stored = {d["_id"]: d for d in await self._call(cursor.to_list())}
+        ops = []
+        for _, guard in sorted(found.items()):
+            new = personal.without(stored.get(guard["_id"], {}), paths, null_top=True)
+            ops.append(UpdateOne(guard, [{"$set": {
+                p[0]: mc.lit(None if len(p) == 1 else new.get(p[0])) for p in paths
+                if len(p) == 1 or p[0] in new}}]))
         if ops:
             await self._call(db[mc.RUNS].bulk_write(ops, ordered=False))
         return len(ops)
 
 # ---------------------------------------------------------------------- helpers
+
+def _escaped_paths(paths: Sequence[tuple[str, ...]]) -> tuple[tuple[str, ...], ...]:
+    """Field paths with each key in its stored (escaped) form."""
+    return tuple(tuple(mc.escape_key(k, top=i == 0) for i, k in enumerate(p)) for p in paths)
+
 
 #: Stored run fields that change whenever anything is merged into a run document.
 _RUN_GUARD: Final = ("eventIds", "nodeIndex", "_startedAtUs")

@@ -49,8 +49,6 @@ from ..errors import (
 )
 from . import _sql
 from .base import (
-    STRIPPABLE_NODE_FIELDS,
-    STRIPPABLE_RUN_FIELDS,
     NodeQuery,
     NodeVersion,
     Rejection,
@@ -688,18 +686,19 @@ class PostgresStore:
                                 fields: Sequence[str]) -> int:
         """Remove ``fields`` from node documents still at these versions that hold a value
         in any of them (one statement, re-checked like :meth:`delete_nodes`)."""
-        names = list(check_strippable(fields, STRIPPABLE_NODE_FIELDS))
+        top, nested = _split_paths(check_strippable(fields, "node"))
         columns = _sql.version_columns(nodes)
         if not columns[0]:
             return 0
+        removed, held = _nested_sql("n.doc", 7, nested)
         with _errors():
             changed = await self.pool.fetchval(
-                "WITH d AS (UPDATE workflow_node_runs AS n SET doc = n.doc - $6::text[]"
+                f"WITH d AS (UPDATE workflow_node_runs AS n SET doc = n.doc - $6::text[]{removed}"
                 f" FROM {_VERSIONS} WHERE {_AT_VERSION}"
-                " AND EXISTS (SELECT 1 FROM unnest($6::text[]) AS f"
-                " WHERE NULLIF(n.doc->f, 'null') IS NOT NULL) RETURNING 1)"
+                " AND (EXISTS (SELECT 1 FROM unnest($6::text[]) AS f"
+                f" WHERE NULLIF(n.doc->f, 'null') IS NOT NULL){held}) RETURNING 1)"
                 " SELECT count(*) FROM d",
-                workspace, *columns, names,
+                workspace, *columns, top, *nested,
             )
         return int(changed)
 
@@ -707,26 +706,41 @@ class PostgresStore:
                                fields: Sequence[str]) -> int:
         """Set ``fields`` of run documents to null where they hold a value, for the runs
         whose document is still exactly the one read (locked and compared, then updated)."""
-        names = list(check_strippable(fields, STRIPPABLE_RUN_FIELDS))
+        top, nested = _split_paths(check_strippable(fields, "run"))
         want = _sql.wanted_runs([v.run_id for v in runs], runs)
         if not want:
             return 0
+        removed, held = _nested_sql("r.doc", 4, nested)
         with _errors():
             async with self.pool.acquire() as conn, conn.transaction():
                 same = await _lock_unchanged(conn, workspace, want)
                 if not same:
                     return 0
                 changed = await conn.fetchval(
-                    "WITH d AS (UPDATE workflow_runs AS r SET doc = r.doc"
-                    " || (SELECT jsonb_object_agg(f, 'null'::jsonb)"
-                    " FROM unnest($3::text[]) AS f)"
+                    "WITH d AS (UPDATE workflow_runs AS r SET doc = (r.doc"
+                    " || COALESCE((SELECT jsonb_object_agg(f, 'null'::jsonb)"
+                    f" FROM unnest($3::text[]) AS f), '{{}}'::jsonb)){removed}"
                     " WHERE r.workspace_id = $1 AND r.run_id = ANY($2::text[])"
-                    " AND EXISTS (SELECT 1 FROM unnest($3::text[]) AS f"
-                    " WHERE NULLIF(r.doc->f, 'null') IS NOT NULL) RETURNING 1)"
+                    " AND (EXISTS (SELECT 1 FROM unnest($3::text[]) AS f"
+                    f" WHERE NULLIF(r.doc->f, 'null') IS NOT NULL){held}) RETURNING 1)"
                     " SELECT count(*) FROM d",
-                    workspace, same, names,
+                    workspace, same, top, *nested,
                 )
         return int(changed)
+
+
+def _split_paths(paths: Sequence[tuple[str, ...]]) -> tuple[list[str], list[list[str]]]:
+    """Top-level field names, and the nested paths (each a text[] parameter)."""
+    return [p[0] for p in paths if len(p) == 1], [list(p) for p in paths if len(p) > 1]
+
+
+def _nested_sql(doc: str, first: int, nested: Sequence[Sequence[str]]) -> tuple[str, str]:
+    """SQL removing the nested paths (``#-``, from parameter ``$first`` on) and testing
+    whether one holds a value; the paths themselves are parameters, never SQL text."""
+    params = [f"${first + i}::text[]" for i in range(len(nested))]
+    removed = "".join(f" #- {p}" for p in params)
+    held = "".join(f" OR NULLIF({doc} #> {p}, 'null') IS NOT NULL" for p in params)
+    return removed, held
 
 
 async def _lock_unchanged(conn: asyncpg.Connection, workspace: str,

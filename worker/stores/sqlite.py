@@ -36,12 +36,11 @@ from urllib.parse import quote, urlsplit
 import anyio
 import anyio.to_thread
 
+from .. import personal
 from ..documents import NodeDoc, RunPatch, WriteBatch
 from ..errors import ConfigError, StoreMisconfigured, StoreRejected, StoreUnavailable
 from . import _sql, _sqlite_keys
 from .base import (
-    STRIPPABLE_NODE_FIELDS,
-    STRIPPABLE_RUN_FIELDS,
     NodeQuery,
     NodeVersion,
     RunQuery,
@@ -450,7 +449,7 @@ class SQLiteStore:
                                 fields: Sequence[str]) -> int:
         """Remove ``fields`` from node documents still at these versions that hold a value
         in any of them."""
-        names = check_strippable(fields, STRIPPABLE_NODE_FIELDS)
+        paths = check_strippable(fields, "node")
         rows = _version_rows(workspace, nodes)
         if not rows:
             return 0
@@ -461,8 +460,8 @@ class SQLiteStore:
                 for rowid, text in conn.execute(
                         f"SELECT rowid, doc FROM workflow_node_runs WHERE {_AT_VERSION}", key):
                     doc = _sql.decode_json(text)
-                    if any(doc.get(name) is not None for name in names):
-                        kept = {k: v for k, v in doc.items() if k not in names}
+                    if personal.holds(doc, paths):
+                        kept = personal.without(doc, paths)
                         changed.append((_sql.encode_json(kept).decode(), rowid))
             conn.executemany("UPDATE workflow_node_runs SET doc = ? WHERE rowid = ?", changed)
             return len(changed)
@@ -473,7 +472,7 @@ class SQLiteStore:
                                fields: Sequence[str]) -> int:
         """Set ``fields`` of run documents to null where they hold a value, for the runs
         whose document is still exactly the one read."""
-        names = check_strippable(fields, STRIPPABLE_RUN_FIELDS)
+        paths = check_strippable(fields, "run")
         want = _sql.wanted_runs([v.run_id for v in runs], runs)
         if not want:
             return 0
@@ -482,10 +481,9 @@ class SQLiteStore:
             changed = []
             for rowid, run_id, text in _stored_runs(conn, workspace, want):
                 doc = _doc(text)
-                if doc != want[run_id].doc or all(doc.get(name) is None for name in names):
+                if doc != want[run_id].doc or not personal.holds(doc, paths):
                     continue
-                doc = _sql.decode_json(text)
-                doc.update(dict.fromkeys(names))
+                doc = personal.without(_sql.decode_json(text), paths, null_top=True)
                 changed.append((_sql.encode_json(doc).decode(), rowid))
             conn.executemany("UPDATE workflow_runs SET doc = ? WHERE rowid = ?", changed)
             return len(changed)
