@@ -170,9 +170,12 @@ def test_token_and_access_log_commands(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 @pytest.mark.anyio
-async def test_retention_expires_access_records_with_the_run_summaries(tmp_path: Path) -> None:
-    """retention plan counts and retention run removes the access records older than the
-    workspace's run-summary days (90 by default; 10 by a per-workspace override)."""
+async def test_retention_expires_access_records_with_the_run_summaries(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """retention plan counts and retention run archives, then removes, the access records
+    older than the workspace's run-summary days (90 by default; 10 by a per-workspace
+    override); `access-log --archive-dir` exports the archived ones with the rest."""
     from tests import reference as ref
     from tests.store_conformance import write
     from worker import retention
@@ -202,6 +205,19 @@ async def test_retention_expires_access_records_with_the_run_summaries(tmp_path:
         assert [r.record_id for r in await access.access_log("beta")] == ["beta-5"]
     finally:
         await store.close()
+    # the removed records are in the archive: access-log exports both, archive verify passes
+    monkeypatch.setenv("AUDIT_STORE_URL", f"sqlite:///{tmp_path}/r.db")
+    args = ["access-log", "-w", "beta", "--archive-dir", str(tmp_path / "archive"),
+            "--format", "jsonl"]
+    assert await anyio.to_thread.run_sync(cli.main, args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line)["id"] for line in lines] == ["beta-200", "beta-95", "beta-20",
+                                                          "beta-5"]
+    assert await anyio.to_thread.run_sync(cli.main, [*args, "--since", "2025-09-01"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3
+    assert await anyio.to_thread.run_sync(cli.main, [
+        "archive", "verify", "--archive-dir", str(tmp_path / "archive")]) == 0
+    assert "beta: OK" in capsys.readouterr().out
 
 
 def arc_at(path: Path) -> Any:
