@@ -222,12 +222,12 @@ def test_probes_port_and_grace_period_match_the_worker() -> None:
 
 def test_keda_scales_on_redis_streams_lag() -> None:
     """The ScaledObject uses the redis-streams scaler with lagCount on the configured group,
-    gated by the rate of failed store writes (no scale-out while the store is down), with a
-    fallback and the ACL username and password from the audit-fleet-keda Secret."""
+    held by a Prometheus query while store writes fail, with a fallback and the ACL
+    username and password from the audit-fleet-keda Secret."""
     objects = k8s_objects()
     settings = Settings.from_env(_k8s_env())
     spec = objects[("ScaledObject", "audit-fleet")]["spec"]
-    lag, store = spec["triggers"]
+    lag, hold = spec["triggers"]
     meta = lag["metadata"]
     assert (lag["type"], lag["name"]) == ("redis-streams", "lag")
     assert (meta["lagCount"], meta["activationLagCount"]) == ("5000", "1")
@@ -236,19 +236,104 @@ def test_keda_scales_on_redis_streams_lag() -> None:
     # one worker always runs: it also reclaims crashed peers' entries and trims
     assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (1, 20)
     assert spec["fallback"] == {"failureThreshold": 3, "replicas": 2}
-    # while store writes fail the formula reports no lag: no replica is added
-    assert (store["type"], store["name"]) == ("prometheus", "store_failing")
-    assert set(METRIC.findall(store["metadata"]["query"])) <= exported_names(Metrics())
-    assert 'outcome!="ok"' in store["metadata"]["query"]
+    assert (hold["type"], hold["name"]) == ("prometheus", "hold")
+    assert set(METRIC.findall(hold["metadata"]["query"])) <= exported_names(Metrics())
+    assert 'outcome!="ok"' in hold["metadata"]["query"]
     modifiers = spec["advanced"]["scalingModifiers"]
-    assert modifiers["formula"] == "store_failing > 0 ? 0 : lag"
-    assert modifiers["target"] == meta["lagCount"]
+    assert modifiers["formula"] == "hold > 0 ? hold : lag"
+    assert (modifiers["target"], modifiers["metricType"]) == (meta["lagCount"], "AverageValue")
+    assert f"* {modifiers['target']}" in hold["metadata"]["query"], "replicas x the target"
     auth = objects[("TriggerAuthentication", lag["authenticationRef"]["name"])]
     refs = {r["parameter"]: (r["name"], r["key"]) for r in auth["spec"]["secretTargetRef"]}
     assert refs == {"username": ("audit-fleet-keda", "redis-username"),
                     "password": ("audit-fleet-keda", "redis-password")}
     secret = objects[("Secret", "audit-fleet-keda")]
     assert set(secret["stringData"]) == {"redis-username", "redis-password"}
+
+
+def keda_objects() -> list[dict[str, Any]]:
+    """The ScaledObject of deploy/kubernetes and of its Redis Cluster variant."""
+    return [k8s_objects()[("ScaledObject", "audit-fleet")],
+            load_all(K8S / "variants" / "keda-scaledobject-cluster.yaml")[0]]
+
+
+def formula_as_promql(scaled: dict[str, Any]) -> str:
+    """The ScaledObject's ``hold > 0 ? hold : <lag>`` formula as one PromQL expression over
+    its Prometheus triggers' queries (a redis-streams trigger stands in as the series
+    ``lag``)."""
+    queries = {t["name"]: t["metadata"].get("query", "sum(lag)")
+               for t in scaled["spec"]["triggers"]}
+    formula = scaled["spec"]["advanced"]["scalingModifiers"]["formula"]
+    match = re.fullmatch(r"hold > 0 \? hold : (\w+)", formula)
+    assert match, "the formula holds while `hold` is above 0, and scales on the lag otherwise"
+    return f"(({queries['hold']}) > 0) or on() ({queries[match.group(1)]})"
+
+
+#: Synthetic series: three replicas; writes fail from minute 11 to 30; lag on two shards,
+#: growing all along, with a poller hand-over (two instances) in the first minutes.
+KEDA_SERIES = [
+    ('kube_deployment_spec_replicas{deployment="audit-fleet",namespace="default"}', "3x60"),
+    ('audit_fleet_store_write_seconds_count{store="postgres",outcome="ok",instance="w1"}',
+     "0+100x10 1000x50"),
+    ('audit_fleet_store_write_seconds_count{store="postgres",outcome="unavailable",'
+     'instance="w1"}', "0x10 6+6x19 120x30"),
+    ('audit_fleet_group_lag{stream="audit:events:{0}",group="audit-writers",instance="w1"}',
+     "8000+1000x60"),
+    ('audit_fleet_group_lag{stream="audit:events:{0}",group="audit-writers",instance="w2"}',
+     "8000+1000x5 _x55"),
+    ('audit_fleet_group_lag{stream="audit:events:{1}",group="audit-writers",instance="w1"}',
+     "2000+500x60"),
+    ("lag", "10000+1500x60"),
+]
+
+
+def keda_series(*, kube_state_metrics: bool = True) -> list[dict[str, str]]:
+    out = [{"series": k, "values": v} for k, v in KEDA_SERIES
+           if kube_state_metrics or not k.startswith("kube_")]
+    if not kube_state_metrics:
+        out += [{"series": f'audit_fleet_build_info{{instance="w{i}"}}', "values": "1x60"}
+                for i in (1, 2)]
+    return out
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None,
+                    reason="promtool is not installed (Debian: prometheus)")
+def test_keda_holds_the_replica_count_while_the_store_is_down(tmp_path: Path) -> None:
+    """Regression: while store writes failed the formula reported no lag, so KEDA scaled
+    *in* after the stabilisation window. The ScaledObjects' value, over synthetic series in
+    promtool: the (summed) lag while the store is healthy; replicas x target while writes
+    fail and the lag grows (desired = current: nothing added, nothing removed); the lag
+    again two minutes after the store is back. Without kube-state-metrics the scraped
+    workers count as the replicas."""
+    main, cluster = keda_objects()
+    hold_queries = {t["metadata"]["query"] for s in (main, cluster)
+                    for t in s["spec"]["triggers"] if t["name"] == "hold"}
+    assert len(hold_queries) == 1, "both ScaledObjects hold with the same query"
+    (hold,) = hold_queries
+    assert hold.strip() in (ROOT / "docs" / "operations.md").read_text(), "documented as is"
+    cases = {
+        # (minute, value): healthy and lagging / down and growing / back
+        formula_as_promql(cluster): [(5, 13000 + 4500), (20, 15000), (30, 15000),
+                                     (35, 43000 + 19500)],
+        formula_as_promql(main): [(5, 17500), (20, 15000), (35, 62500)],
+    }
+    tests = []
+    for expr, points in cases.items():
+        tests.append({"interval": "1m", "input_series": keda_series(),
+                      "promql_expr_test": [
+                          {"expr": expr, "eval_time": f"{minute}m",
+                           "exp_samples": [{"labels": "{}", "value": value}]}
+                          for minute, value in points]})
+    tests.append({"interval": "1m", "input_series": keda_series(kube_state_metrics=False),
+                  "promql_expr_test": [
+        {"expr": hold, "eval_time": "20m", "exp_samples": [{"labels": "{}", "value": 10000}]},
+        {"expr": hold, "eval_time": "5m", "exp_samples": [{"labels": "{}", "value": 0}]},
+    ]})
+    (tmp_path / "keda.test.yaml").write_text(yaml.safe_dump(
+        {"evaluation_interval": "1m", "tests": tests}, sort_keys=False))
+    result = subprocess.run(["promtool", "test", "rules", "keda.test.yaml"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_pdb_lets_unhealthy_pods_go_and_the_image_carries_s3() -> None:

@@ -36,29 +36,28 @@ def test_cluster_configmap_names_hash_tagged_shards_the_slot_check_accepts() -> 
     check_slots(s.streams)
 
 
-def test_cluster_keda_scales_on_summed_lag_with_one_redis_trigger_per_shard() -> None:
-    """A Prometheus trigger sums an exported lag gauge; one redis-cluster-streams trigger
-    per configured shard, each with host:port addresses, the same group and lagCount."""
+def test_cluster_keda_scales_on_the_summed_lag_and_holds_while_the_store_fails() -> None:
+    """A Prometheus trigger sums an exported lag gauge over the group's shards; a second,
+    `hold`, takes over while store writes fail; no trigger reads a single shard (it would
+    be another "largest" and scale out during a store outage)."""
     s = cluster_settings()
     scaled = one(VARIANTS / "keda-scaledobject-cluster.yaml")
     assert scaled["kind"] == "ScaledObject"
     assert scaled["spec"]["scaleTargetRef"]["name"] == "audit-fleet"
     assert scaled["spec"]["minReplicaCount"] >= 1
-    prom, *shards = scaled["spec"]["triggers"]
-    assert prom["type"] == "prometheus"
-    names = set(re.findall(r"\baudit_fleet_[a-z0-9_]+", prom["metadata"]["query"]))
+    assert scaled["spec"]["fallback"] == {"failureThreshold": 3, "replicas": 2}
+    triggers = {t["name"]: t for t in scaled["spec"]["triggers"]}
+    assert set(triggers) == {"total", "hold"}
+    assert {t["type"] for t in triggers.values()} == {"prometheus"}
+    total = triggers["total"]["metadata"]["query"]
+    names = set(re.findall(r"\baudit_fleet_[a-z0-9_]+", total))
     assert names == {"audit_fleet_group_lag"}
     assert names <= exported_names(Metrics())
-    assert prom["metadata"]["query"].startswith("sum(")
-    assert f'group="{s.group}"' in prom["metadata"]["query"]
-    assert [t["type"] for t in shards] == ["redis-cluster-streams"] * len(s.streams)
-    assert [t["metadata"]["stream"] for t in shards] == list(s.streams)
-    for t in shards:
-        meta = t["metadata"]
-        assert meta["consumerGroup"] == s.group
-        assert meta["lagCount"] == prom["metadata"]["threshold"]
-        for address in meta["addresses"].split(","):
-            assert re.fullmatch(r"[\w.-]+:\d+", address), address
+    assert total.startswith("sum(")
+    assert f'group="{s.group}"' in total
+    modifiers = scaled["spec"]["advanced"]["scalingModifiers"]
+    assert modifiers["formula"] == "hold > 0 ? hold : total"
+    assert modifiers["target"] == triggers["total"]["metadata"]["threshold"]
 
 
 def test_sentinel_secret_is_a_url_the_worker_accepts() -> None:
