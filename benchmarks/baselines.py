@@ -75,7 +75,7 @@ async def raw_redis_loop(redis_url: str, stream: str, group: str, consumer: str,
     started = time.monotonic()
     try:
         while done < events:
-            reply: Any = await client.execute_command(  # type: ignore[no-untyped-call]
+            reply: Any = await client.execute_command(  # type: ignore[no-untyped-call]  # untyped in redis-py
                 "XREADGROUP GROUP", group, consumer, "COUNT", batch_size, "BLOCK", 1000,
                 "STREAMS", stream, ">")
             if not reply:

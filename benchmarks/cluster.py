@@ -176,7 +176,7 @@ async def skew(url: str, mode: str, backlog: int, rate: float, seconds: float,
                 all_seen.set()
             return outcome
 
-        worker.process = timed  # type: ignore[method-assign]
+        worker.process = timed  # type: ignore[method-assign]  # times each batch it handles
         trickle = payloads(int(rate * seconds) + 1, seed=9)
 
         async def produce() -> None:

@@ -14,8 +14,9 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from datetime import datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
@@ -25,7 +26,17 @@ import redis.asyncio as aioredis
 from worker import events as ev
 from worker.documents import WriteBatch, coalesce
 from worker.errors import StoreRejected, StoreUnavailable
-from worker.stores.base import NodeQuery, RunQuery, Store, WriteResult
+from worker.stores.base import (
+    NodeQuery,
+    NodeVersion,
+    QueryStore,
+    RunQuery,
+    RunVersion,
+    Store,
+    StoredKey,
+    WriteResult,
+    WriteStore,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 """The repository's top directory (deploy/, docs/ ...)."""
@@ -85,10 +96,16 @@ def run_cli(register: Any, argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-class ControlledStore:
-    """Wraps a real store: can be taken down, slowed, or made to choke on some runs."""
+class ReadWriteStore(WriteStore, QueryStore, Protocol):
+    """What a worker test needs of a store: the worker's write path, and the reads that
+    check what it wrote. Every backend is one; so are :class:`MemoryStore` and
+    :class:`ControlledStore`."""
 
-    def __init__(self, inner: Store) -> None:
+
+class ControlledStore(ReadWriteStore):
+    """Wraps a store: can be taken down, slowed, or made to choke on some runs."""
+
+    def __init__(self, inner: ReadWriteStore) -> None:
         self.inner = inner
         self.name = inner.name
         self.down = False
@@ -136,6 +153,9 @@ class ControlledStore:
     async def get_run(self, workspace: str, run_id: str) -> dict[str, Any] | None:
         return await self.inner.get_run(workspace, run_id)
 
+    async def runs_with_subject(self, workspace: str, subject: str) -> list[dict[str, Any]]:
+        return await self.inner.runs_with_subject(workspace, subject)
+
     async def get_nodes(self, workspace: str, run_id: str) -> list[dict[str, Any]]:
         return await self.inner.get_nodes(workspace, run_id)
 
@@ -147,9 +167,6 @@ class ControlledStore:
 
     async def workspaces(self) -> list[str]:
         return await self.inner.workspaces()
-
-    async def delete_runs(self, workspace: str, run_ids: Sequence[str]) -> int:
-        return await self.inner.delete_runs(workspace, run_ids)
 
 
 def spawn_worker(name: str, stream: str, redis_url: str, store_url: str, log: Path,
@@ -191,6 +208,13 @@ async def wait_until(condition: Condition, within_s: float = 20.0, interval: flo
         raise AssertionError(f"not true within {within_s} s: {what or condition!r}") from None
 
 
+def as_text(reply: object) -> str:
+    """A reply of a client without ``decode_responses`` (bytes) as text; redis-py types
+    such replies loosely (text, bytes, sometimes a number)."""
+    assert isinstance(reply, bytes | str), reply
+    return reply.decode() if isinstance(reply, bytes) else reply
+
+
 RawEntry = tuple[bytes, dict[bytes, bytes]]
 """A stream entry as a client without ``decode_responses`` reads it: ID and fields as bytes."""
 
@@ -221,6 +245,13 @@ async def read_group(redis: aioredis.Redis, group: str, consumer: str, stream: s
     assert isinstance(reply, list), reply  # RESP2: [[stream, entries]]
     ((_, rows),) = reply
     return raw_entries(rows)
+
+
+async def command(redis: aioredis.Redis, *args: str | bytes) -> object:
+    """A raw command: one redis-py has no method for, or a form its method cannot send
+    (two fields of one name in an XADD)."""
+    reply: object = await redis.execute_command(*args)  # type: ignore[no-untyped-call]  # untyped in redis-py
+    return reply
 
 
 async def dlq_entries(redis: aioredis.Redis, stream: str) -> list[dict[str, Any]]:
@@ -320,7 +351,7 @@ class TcpProxy:
             self._conns.discard(upstream)
 
 
-class MemoryStore:
+class MemoryStore(ReadWriteStore):
     """The reference merge of worker.documents, kept in memory (worker-loop tests)."""
 
     name = "memory"
@@ -368,6 +399,10 @@ class MemoryStore:
         run = self.runs.get((workspace, run_id))
         return run.to_doc() if run else None
 
+    async def runs_with_subject(self, workspace: str, subject: str) -> list[dict[str, Any]]:
+        return [r.to_doc() for k, r in self.runs.items()
+                if k[0] == workspace and subject in r.subjects]
+
     async def get_nodes(self, workspace: str, run_id: str) -> list[dict[str, Any]]:
         return [n.doc for k, n in self.nodes.items() if k[:2] == (workspace, run_id)]
 
@@ -382,12 +417,75 @@ class MemoryStore:
     async def workspaces(self) -> list[str]:
         return sorted({k[0] for k in self.runs})
 
-    async def delete_runs(self, workspace: str, run_ids: Sequence[str]) -> int:
-        gone = 0
-        for run_id in run_ids:
-            if self.runs.pop((workspace, run_id), None) is not None:
-                gone += 1
-        return gone
+
+class StoreProxy(Store):
+    """Forwards the whole store protocol to ``inner``; a subclass overrides what it changes."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.name = inner.name
+
+    async def open(self) -> None:
+        await self.inner.open()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def migrate(self) -> None:
+        await self.inner.migrate()
+
+    async def ping(self) -> None:
+        await self.inner.ping()
+
+    async def write(self, batch: WriteBatch) -> WriteResult:
+        return await self.inner.write(batch)
+
+    async def get_run(self, workspace: str, run_id: str) -> dict[str, Any] | None:
+        return await self.inner.get_run(workspace, run_id)
+
+    async def runs_with_subject(self, workspace: str, subject: str) -> list[dict[str, Any]]:
+        return await self.inner.runs_with_subject(workspace, subject)
+
+    async def get_nodes(self, workspace: str, run_id: str) -> list[dict[str, Any]]:
+        return await self.inner.get_nodes(workspace, run_id)
+
+    async def list_runs(self, workspace: str, query: RunQuery) -> list[dict[str, Any]]:
+        return await self.inner.list_runs(workspace, query)
+
+    def scan_nodes(self, workspace: str, query: NodeQuery) -> AsyncIterator[dict[str, Any]]:
+        return self.inner.scan_nodes(workspace, query)
+
+    async def workspaces(self) -> list[str]:
+        return await self.inner.workspaces()
+
+    async def delete_runs(self, workspace: str, run_ids: Sequence[str], *,
+                          expected: Sequence[RunVersion] | None = None) -> int:
+        return await self.inner.delete_runs(workspace, run_ids, expected=expected)
+
+    def scan_runs(self, workspace: str, before: datetime) -> AsyncIterator[dict[str, Any]]:
+        return self.inner.scan_runs(workspace, before)
+
+    async def delete_nodes(self, workspace: str, nodes: Sequence[NodeVersion]) -> int:
+        return await self.inner.delete_nodes(workspace, nodes)
+
+    async def strip_node_fields(self, workspace: str, nodes: Sequence[NodeVersion],
+                                fields: Sequence[str]) -> int:
+        return await self.inner.strip_node_fields(workspace, nodes, fields)
+
+    async def strip_run_fields(self, workspace: str, runs: Sequence[RunVersion],
+                               fields: Sequence[str]) -> int:
+        return await self.inner.strip_run_fields(workspace, runs, fields)
+
+    async def put_data_keys(self, workspace: str, keys: Sequence[StoredKey]) -> None:
+        await self.inner.put_data_keys(workspace, keys)
+
+    async def data_keys(self, workspace: str,
+                        run_ids: Sequence[str] | None = None) -> list[StoredKey]:
+        return await self.inner.data_keys(workspace, run_ids)
+
+    async def shred_data_keys(self, workspace: str, run_ids: Sequence[str],
+                              at: datetime) -> int:
+        return await self.inner.shred_data_keys(workspace, run_ids, at)
 
 
 async def fill_to_maxmemory(client: aioredis.Redis, prefix: str = "pad:") -> int:

@@ -62,7 +62,7 @@ from .redisio import (
 )
 from .settings import Settings
 from .signing import UNSIGNED, SignaturePolicy, mismatch
-from .stores.base import Store, WriteResult
+from .stores.base import WriteResult, WriteStore
 
 #: Errors that mean Redis is (briefly) unavailable: back off and try again. The Redis
 #: edge (:mod:`worker.redisio`) raises :class:`RedisUnavailable` for connection errors,
@@ -156,7 +156,7 @@ class Worker:
     def __init__(
         self,
         settings: Settings,
-        store: Store,
+        store: WriteStore,
         redis: aioredis.Redis | None = None,
         metrics: Metrics | None = None,
         *,

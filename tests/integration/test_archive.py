@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 from collections import Counter
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,12 @@ from tests.helpers import run_cli, workspace_name, write_events
 from worker import archive as arc
 from worker import events as ev
 from worker import explain, retention
+from worker.archive_blobs import S3BlobStore
 from worker.cli import archive as archive_cli
 from worker.cli import explain as explain_cli
 from worker.cli import retention as retention_cli
 from worker.documents import fold
+from worker.errors import ArchiveError
 from worker.stores import Store
 
 pytestmark = pytest.mark.anyio
@@ -316,7 +319,8 @@ async def test_restore_replace_brings_back_stripped_prompts(store: Store, tmp_pa
     archive = arc.Archive.at(tmp_path / "a")
     policy = retention.Policy(hot=retention.HotDays(run_summaries=400, node_traces=200,
                                                     prompts=30, error_details=400))
-    now = before.completed_at + timedelta(days=31)  # type: ignore[operator]
+    assert before.completed_at is not None
+    now = before.completed_at + timedelta(days=31)
     await retention.run_retention(store, policy, now=now, archive=archive, apply=True,
                                   workspaces=[ws])
     stripped = await store.get_nodes(ws, ref.RUN_ID)
@@ -341,7 +345,7 @@ async def test_restore_refuses_a_tampered_archive(store: Store, store_url: str,
     seg.write_bytes(seg.read_bytes()[:-3] + b"xyz")
     args = run_cli(archive_cli.register, ["archive", "restore", "--archive-dir", str(tmp_path),
                                   "-w", ws, "--segment", "1", "--store-url", store_url])
-    with pytest.raises(arc.ArchiveError, match="does not verify"):
+    with pytest.raises(ArchiveError, match="does not verify"):
         await args.func(args)
     assert await store.workspaces() == []  # nothing of the segment was restored
 
@@ -349,9 +353,9 @@ async def test_restore_refuses_a_tampered_archive(store: Store, store_url: str,
 # -- S3-compatible bucket (moto's in-process S3: no network) ---------------------------------
 
 @pytest.fixture
-def s3_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+def s3_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[arc.Archive]:
     moto = pytest.importorskip("moto", reason="pip install -e '.[dev]' brings moto")
-    import boto3
+    import boto3  # type: ignore[import-untyped]  # boto3 ships no type hints
 
     for name, value in (("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"),
                         ("AWS_DEFAULT_REGION", "us-east-1")):
@@ -366,7 +370,7 @@ def test_s3_archive_round_trips_and_detects_tampering(s3_archive: arc.Archive) -
     """Segments in a bucket verify, read back, and a changed byte or removed one is found."""
     archive = s3_archive
     blobs = archive.blobs
-    assert isinstance(blobs, arc.S3BlobStore)
+    assert isinstance(blobs, S3BlobStore)
     records = sample_docs("wss", runs=6)
     for i in range(3):
         write_segment(archive, "wss", f"2026-0{i + 1}", records[i * 8:(i + 1) * 8])
@@ -392,7 +396,8 @@ async def test_s3_archive_retention_restore_and_explain(store: Store,
     await write_events(store, ref.reference_events(ws))
     before = await explain.explain_run(store, ws, ref.RUN_ID, show_prompts=True)
     assert before is not None
-    now = before.completed_at + timedelta(days=91)  # type: ignore[operator]
+    assert before.completed_at is not None
+    now = before.completed_at + timedelta(days=91)
     await retention.run_retention(store, retention.Policy(), now=now, archive=s3_archive,
                                   apply=True, workspaces=[ws])
     assert await store.get_run(ws, ref.RUN_ID) is None
@@ -437,9 +442,9 @@ async def test_restore_refuses_a_segment_holding_another_workspaces_documents(
         args = run_cli(archive_cli.register, ["archive", "restore", "--archive-dir",
                                               str(tmp_path), "-w", ws_a, *argv,
                                               "--store-url", store_url])
-        with pytest.raises(arc.ArchiveError):
+        with pytest.raises(ArchiveError):
             await args.func(args)
-    with pytest.raises(arc.ArchiveError, match=f"not of workspace {ws_a!r}"):
+    with pytest.raises(ArchiveError, match=f"not of workspace {ws_a!r}"):
         await arc.restore(store, archive, ws_a, segments=[2])
     assert await store.workspaces() == []  # neither A nor B received anything
     assert archive.verify(ws_b).ok

@@ -24,7 +24,7 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from tests.helpers import REDIS_URL, pg_database
+from tests.helpers import REDIS_URL, as_text, command, pg_database, stream_range
 from worker.constants import Reason
 from worker.consumer import Worker
 from worker.events import MAX_DEPTH
@@ -372,8 +372,7 @@ async def outcome(request: pytest.FixtureRequest,
 
 async def _xadd(client: aioredis.Redis, stream: str, fields: Fields) -> str:
     flat = [part for name, value in fields for part in (name.encode(), value)]
-    reply = await client.execute_command("XADD", stream, "*", *flat)  # type: ignore[no-untyped-call]
-    return reply.decode() if isinstance(reply, bytes) else str(reply)
+    return as_text(await command(client, "XADD", stream, "*", *flat))
 
 
 async def _run_catalogue(kind: str, url: str) -> Outcome:
@@ -416,7 +415,7 @@ async def _run_catalogue(kind: str, url: str) -> Outcome:
                 alive = bool(state["alive"])
                 worker.stop()
         dlq = [{k.decode(): v if k.startswith(b"event") else v.decode() for k, v in f.items()}
-               for _, f in await client.xrange(stream + ":dlq")]
+               for _, f in await stream_range(client, stream + ":dlq")]
         by_id = {d["id"]: d for d in dlq}
         results: dict[str, Result] = {}
         neighbours: dict[str, tuple[bool, bool]] = {}

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from tests.flow import (
     run_until_stored,
     workload,
 )
-from tests.helpers import MemoryStore
+from tests.helpers import MemoryStore, read_group, stream_range
 from tests.redis_servers import RedisCluster, cli, wait_for
 from worker.cli import dlq, groups, status, trim
 from worker.constants import Reason, dlq_key
@@ -60,7 +61,7 @@ def cluster_settings(url: str, streams: tuple[str, ...], **kw: Any) -> Settings:
 
 
 @pytest.fixture
-async def cluster_client(redis_cluster: RedisCluster) -> Any:
+async def cluster_client(redis_cluster: RedisCluster) -> AsyncIterator[aioredis.Redis]:
     client = await connect(redis_cluster.url, "auto")
     try:
         yield client
@@ -136,7 +137,7 @@ async def test_sharded_streams_across_masters_two_workers_lose_and_duplicate_not
     run_level = [e["eventId"] for e in events if not e["type"].startswith("node.")]
     assert [eid for eid in run_level if store.writes[eid] != 1] == []  # no duplicates
     for i, s in enumerate(streams):
-        dead = await cluster_client.xrange(dlq_key(s))
+        dead = await stream_range(cluster_client, dlq_key(s))
         if i == 2:
             assert [(d[b"reason"], d[b"id"].decode()) for _, d in dead] == [
                 (Reason.INVALID_JSON.encode(), poison_id)]
@@ -226,8 +227,8 @@ async def test_groups_and_rewind_on_the_cluster(
     args = parser.parse_args(["rewind", *base, "--stream-name", streams[2], "--to-id", "0-0"])
     assert await args.func(args) == 0
     assert "3 entries delivered again" in capsys.readouterr().out
-    got = await cluster_client.xreadgroup("audit-writers", "w1", {streams[2]: ">"}, count=10)
-    assert [e[0] for e in got[0][1]] == [b"1000-0", b"2000-0", b"3000-0"]
+    got = await read_group(cluster_client, "audit-writers", "w1", streams[2], 10)
+    assert [e[0] for e in got] == [b"1000-0", b"2000-0", b"3000-0"]
 
 
 def test_demo_runs_on_the_cluster(redis_cluster: RedisCluster, tmp_path: Path) -> None:

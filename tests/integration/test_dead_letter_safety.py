@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 
 from tests.helpers import (
     MemoryStore,
+    as_text,
     dlq_entries,
     fill_to_maxmemory,
     free_padding,
@@ -86,7 +87,7 @@ async def test_dead_letter_refused_at_maxmemory_is_never_acked(
 
             await wait_until(neighbours_settled)
             rows = await client.xpending_range(stream, GROUP, min="-", max="+", count=10)
-            assert [r["message_id"].decode() for r in rows] == [poison]
+            assert [as_text(r["message_id"]) for r in rows] == [poison]
             assert await client.xlen(stream + ":dlq") == 0
             await free_padding(client)
 
@@ -213,7 +214,7 @@ async def test_an_earlier_dead_letter_is_found_past_the_first_page(
     dead-letter stream page by page (1,000 at a time): a dead letter behind 1,500 others
     is found, and an entry without one is not reported."""
     ids = [await redis_client.xadd(stream, {"event": b"{}"}) for _ in range(2)]
-    entries = [Entry(stream, i.decode(), b"{}", deliveries=2) for i in ids]
+    entries = [Entry(stream, as_text(i), b"{}", deliveries=2) for i in ids]
     async with redis_client.pipeline(transaction=False) as pipe:
         for n in range(1500):
             pipe.xadd(c.dlq_key(stream), {"id": f"0-{n + 1}", "reason": "x"})

@@ -11,8 +11,9 @@ from typing import Any
 import anyio
 import pytest
 import redis.asyncio as aioredis
+from redis.typing import EncodableT, FieldT
 
-from tests.helpers import ControlledStore, MemoryStore
+from tests.helpers import ControlledStore, MemoryStore, as_text, stream_range
 from worker import constants as c
 from worker import dlq, samples
 from worker.cli import dlq as dlq_cli
@@ -39,7 +40,7 @@ async def dead_letter(
     at_ms: int | None = None, source_id: str = "1-1",
 ) -> str:
     """XADD a dead letter with the worker's fields (constants.DLQ_FIELDS)."""
-    fields: dict[str, Any] = {
+    fields: dict[FieldT, EncodableT] = {
         "reason": reason, "error": f"{reason}: details", "stream": stream, "id": source_id,
         "deliveries": 2, "consumer": "host-1", "ts": at_ms or 0,
     }
@@ -47,7 +48,7 @@ async def dead_letter(
         fields["event"] = payload
     assert set(fields) <= set(c.DLQ_FIELDS)
     entry_id = await redis.xadd(c.dlq_key(stream), fields, id=f"{at_ms}-*" if at_ms else "*")
-    return str(entry_id.decode())
+    return as_text(entry_id)
 
 
 @pytest.fixture
@@ -178,7 +179,7 @@ async def test_replay_moves_entries_back_to_the_stream(
     result = await replay(redis_client, entries)
 
     assert set(result.replayed) == {seeded["a1"], seeded["a2"]}
-    in_stream = await redis_client.xrange(stream)
+    in_stream = await stream_range(redis_client, stream)
     assert [(i.decode(), f) for i, f in in_stream] == [
         (result.replayed[seeded["a1"]], {b"event": event("ws-a", 1)}),
         (result.replayed[seeded["a2"]], {b"event": event("ws-a", 3)}),
@@ -210,14 +211,15 @@ async def test_crash_between_enqueue_and_delete_duplicates_never_loses(
         patch.setattr(dlq, "_delete_replayed", crash)
         with pytest.raises(ConnectionError):
             await replay(redis_client, entries)
-    assert [f[b"event"] for _, f in await redis_client.xrange(stream)] == [event("ws-b", 2)]
+    assert [f[b"event"] for _, f in await stream_range(redis_client, stream)] == [event("ws-b", 2)]
     assert [e.id for e in await find(redis_client, [stream], DlqFilter(reasons=(
         c.Reason.STORE_REJECTED,)))] == [seeded["b1"], seeded["a2"]]
 
     entries = await find(redis_client, [stream], DlqFilter(ids=(seeded["b1"],)))
     result = await replay(redis_client, entries)
     assert list(result.replayed) == [seeded["b1"]]
-    assert [f[b"event"] for _, f in await redis_client.xrange(stream)] == [event("ws-b", 2)] * 2
+    assert [f[b"event"] for _, f in await stream_range(redis_client, stream)] == [
+        event("ws-b", 2)] * 2
     assert seeded["b1"] not in [e.id for e in await find(redis_client, [stream])]
 
 

@@ -133,7 +133,7 @@ async def test_erase_reports_the_archived_runs_it_cannot_erase(tmp_path: Path) -
     store = SQLiteStore(f"sqlite:///{tmp_path}/a.db")
     await store.open()
     try:
-        items = []
+        items: list[tuple[str, ev.Decoded]] = []
         for n, (run_id, day) in enumerate([("old1", "2026-01-05"), ("old2", "2026-02-05"),
                                            ("old3", "2026-03-05"), ("hot", "2027-05-20")]):
             for e in run_events(run_id, ["email:ann@example.com"]):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -209,9 +210,10 @@ async def test_explain_cli_json_is_stable(store: Store, store_url: str,
 def test_execution_order_puts_untimed_nodes_last() -> None:
     """Order is start time (completion when unknown), attempt, node ID; untimed last."""
     base = datetime(2026, 1, 1, tzinfo=UTC)
-    nodes = [{"nodeId": "z"}, {"nodeId": "b", "startedAt": base, "attempt": 2},
-             {"nodeId": "b", "startedAt": base, "attempt": 1},
-             {"nodeId": "a", "completedAt": base.replace(minute=5)}]
+    nodes: list[dict[str, Any]] = [
+        {"nodeId": "z"}, {"nodeId": "b", "startedAt": base, "attempt": 2},
+        {"nodeId": "b", "startedAt": base, "attempt": 1},
+        {"nodeId": "a", "completedAt": base.replace(minute=5)}]
     got = [(n["nodeId"], n.get("attempt")) for n in explain.execution_order(nodes)]
     assert got == [("b", 1), ("b", 2), ("a", None), ("z", None)]
 

@@ -38,21 +38,24 @@ from redis.exceptions import RedisError
 
 from tests.helpers import (
     ControlledStore,
+    RawEntry,
+    ReadWriteStore,
     TcpProxy,
     fill_to_maxmemory,
     free_padding,
     spawn_worker,
+    stream_range,
     through,
     wait_until,
     workload,
 )
 from tests.redis_servers import RedisServers
 from worker.consumer import Worker
-from worker.documents import node_tokens
+from worker.documents import WriteBatch, node_tokens
 from worker.emitter import AuditEmitter
 from worker.settings import Settings
 from worker.stores import open_store
-from worker.stores.base import Store
+from worker.stores.base import Store, WriteResult, WriteStore
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow]
 
@@ -80,7 +83,7 @@ class Fleet:
         self.emitter = AuditEmitter(self.client, [STREAM])
         self.sent = 0
         #: Dead letters saved before a Redis restart without persistence wiped the stream.
-        self.saved_dead: list[tuple[bytes, dict[bytes, bytes]]] = []
+        self.saved_dead: list[RawEntry] = []
 
     async def emit(self, upto: int) -> None:
         """Emit the next events up to index ``upto``, retrying while Redis is away (a
@@ -122,7 +125,7 @@ class Fleet:
         run_ids = [i for _, doc in docs.values() for i in doc["eventIds"]]
         stored = set(run_ids) | set(node_ids)
         try:
-            dead_rows = self.saved_dead + list(await self.client.xrange(STREAM + ":dlq"))
+            dead_rows = self.saved_dead + await stream_range(self.client, STREAM + ":dlq")
         except (RedisError, OSError):
             dead_rows = list(self.saved_dead)
         dead_sources = [f[b"id"] for _, f in dead_rows]
@@ -165,7 +168,7 @@ class Fleet:
 
 
 @asynccontextmanager
-async def workers(fleet: Fleet, store: Store, *names: str, **extra: Any
+async def workers(fleet: Fleet, store: WriteStore, *names: str, **extra: Any
                   ) -> AsyncIterator[list[Worker]]:
     """In-process workers on their own Redis clients; stopped (drained) on exit."""
     clients = [aioredis.Redis.from_url(fleet.redis_url) for _ in names]
@@ -216,12 +219,12 @@ async def test_kill_9_at_random_moments(
 class DiesAfterWrite(ControlledStore):
     """The worker dies right after a durable write, before its XACK (once)."""
 
-    def __init__(self, inner: Store, after: int) -> None:
+    def __init__(self, inner: ReadWriteStore, after: int) -> None:
         super().__init__(inner)
         self.after = after
         self.scope: anyio.CancelScope | None = None
 
-    async def write(self, batch: Any) -> Any:
+    async def write(self, batch: WriteBatch) -> WriteResult:
         result = await super().write(batch)
         if self.writes >= self.after and self.scope is not None:
             self.scope.cancel()  # nothing after this point runs: no settle, no XACK
@@ -265,7 +268,7 @@ async def _redis_restart(redis_servers: RedisServers, pg_url: str, seed: int, la
                         {e["eventId"] for e in fleet.events[:1000]}) + POISON
                 await wait_until(first_part, 60, interval=0.2, what="the first part stored")
                 # The dead-letter stream goes with the data: keep what it held for the count.
-                fleet.saved_dead = list(await fleet.client.xrange(STREAM + ":dlq"))
+                fleet.saved_dead = await stream_range(fleet.client, STREAM + ":dlq")
             redis_servers.restart(url, kill=kill)
             await fleet.emit(len(fleet.events))
             await fleet.finish(label)

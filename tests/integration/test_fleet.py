@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from functools import partial
+from typing import Any
 
 import anyio
 import pytest
@@ -11,7 +12,7 @@ import redis.asyncio as aioredis
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import wait_until
+from tests.helpers import as_text, wait_until
 from worker import constants as c
 from worker.fleet import (
     FleetCollector,
@@ -30,15 +31,15 @@ from worker.settings import Settings
 pytestmark = [pytest.mark.redis, pytest.mark.anyio]
 
 
-def settings_for(stream: str, consumer: str, **kw: object) -> Settings:
+def settings_for(stream: str, consumer: str, **kw: Any) -> Settings:
     return Settings(streams=(stream,), group="writers", consumer=consumer,
-                    store_url="null://", **kw)  # type: ignore[arg-type]
+                    store_url="null://", **kw)
 
 
 async def add(redis: aioredis.Redis, stream: str, n: int) -> list[str]:
     ids = []
     for i in range(n):
-        ids.append((await redis.xadd(stream, {c.EVENT_FIELD: f'{{"n": {i}}}'})).decode())
+        ids.append(as_text(await redis.xadd(stream, {c.EVENT_FIELD: f'{{"n": {i}}}'})))
     return ids
 
 
@@ -94,8 +95,8 @@ async def test_a_drained_backlog_is_old_but_not_idle(
     old (latency) but have waited only since their delivery (not stuck)."""
     now_ms = int(time.time() * 1000)
     appended = now_ms - 20 * 60 * 1000
-    ids = [(await redis_client.xadd(stream, {c.EVENT_FIELD: b"{}"}, id=f"{appended + i}-0"))
-           .decode() for i in range(3)]
+    ids = [as_text(await redis_client.xadd(stream, {c.EVENT_FIELD: b"{}"}, id=f"{appended + i}-0"))
+           for i in range(3)]
     await redis_client.xgroup_create(stream, "writers", id="0")
     await redis_client.xreadgroup("writers", "alice", {stream: ">"}, count=3)
 
@@ -105,6 +106,7 @@ async def test_a_drained_backlog_is_old_but_not_idle(
     assert g.oldest_pending_id == ids[0]
     assert g.oldest_pending_age_s == pytest.approx((status.taken_at_ms - appended) / 1000,
                                                    abs=0.001)
+    assert g.oldest_pending_age_s is not None
     assert g.oldest_pending_age_s > 1199
     assert g.max_pending_idle_s is not None
     assert 0 <= g.max_pending_idle_s < 5

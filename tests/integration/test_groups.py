@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as aioredis
 
+from tests.helpers import read_group
 from worker import constants as c
 from worker.errors import AuditFleetError
 from worker.groups import id_before_ms, list_groups, plan_rewind, rewind
@@ -49,8 +50,8 @@ async def test_rewind_to_a_time_delivers_the_later_entries_again(
     assert info[0]["last-delivered-id"] == b"4000-0"  # planning changed nothing
 
     await rewind(redis_client, plan)
-    got = await redis_client.xreadgroup("writers", "w1", {stream: ">"}, count=10)
-    assert [e[0] for e in got[0][1]] == [b"2000-0", b"3000-0", b"4000-0"]
+    got = await read_group(redis_client, "writers", "w1", stream, 10)
+    assert [e[0] for e in got] == [b"2000-0", b"3000-0", b"4000-0"]
 
     held = await plan_rewind(redis_client, stream, "writers", "0-0")
     assert held.pending == 3

@@ -30,7 +30,7 @@ def expected(specs: list[Spec], *, since: datetime | None, until: datetime | Non
     durations: dict[tuple[str, str], list[int]] = defaultdict(list)
     for s in chosen:
         durations[(s.workflow, s.node)].append(s.duration_ms)
-    slow = []
+    slow: list[dict[str, Any]] = []
     for (wf, node), values in durations.items():
         values = sorted(values)
         n = len(values)
@@ -44,18 +44,20 @@ def expected(specs: list[Spec], *, since: datetime | None, until: datetime | Non
             errors[s.error_type or "unknown"][0] += 1
             errors[s.error_type or "unknown"][1] += s.retries
     total = sum(v[0] for v in errors.values())
-    groups = sorted(({"type": k, "count": v[0], "share": round(v[0] / total, 6),
-                      "retries": v[1]} for k, v in errors.items()),
-                    key=lambda d: (-d["count"], d["type"]))
+    groups: list[dict[str, Any]] = sorted(
+        ({"type": k, "count": v[0], "share": round(v[0] / total, 6), "retries": v[1]}
+         for k, v in errors.items()),
+        key=lambda d: (-d["count"], d["type"]))
     branches: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
     for s in chosen:
         if s.type == "conditional":
             hit = s.result == (s.default_branch or "default")
             branches[(s.workflow, s.node)][0] += 1
             branches[(s.workflow, s.node)][1] += int(hit)
-    default = sorted(({"workflowId": w, "nodeId": n, "evaluations": v[0], "defaultHits": v[1],
-                       "share": round(v[1] / v[0], 6)} for (w, n), v in branches.items()),
-                     key=lambda d: (-d["defaultHits"], d["workflowId"], d["nodeId"]))
+    default: list[dict[str, Any]] = sorted(
+        ({"workflowId": w, "nodeId": n, "evaluations": v[0], "defaultHits": v[1],
+          "share": round(v[1] / v[0], 6)} for (w, n), v in branches.items()),
+        key=lambda d: (-d["defaultHits"], d["workflowId"], d["nodeId"]))
     by_model: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
     by_wf: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
     for s in chosen:

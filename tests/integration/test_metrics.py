@@ -116,6 +116,13 @@ def test_a_started_worker_exports_every_known_label_combination_at_zero() -> Non
         assert got[("audit_fleet_redis_errors_total", (("kind", kind),))] == 0.0
 
 
+def sample(m: Metrics, name: str, labels: dict[str, str] | None = None) -> float:
+    """The value of one sample of ``m``'s registry, which must exist."""
+    value = m.registry.get_sample_value(name, labels)
+    assert value is not None, (name, labels)
+    return value
+
+
 def test_no_created_samples_and_process_metrics_on_the_registry() -> None:
     """No ``_created`` series; RSS, CPU, file descriptors and GC on the worker's own registry."""
     m = Metrics()
@@ -123,10 +130,10 @@ def test_no_created_samples_and_process_metrics_on_the_registry() -> None:
     m.events_read.labels("s").inc()
     text = generate_latest(m.registry).decode()
     assert "_created" not in text
-    assert m.registry.get_sample_value("process_resident_memory_bytes") > 1_000_000
-    assert m.registry.get_sample_value("process_open_fds") >= 3
-    assert m.registry.get_sample_value("process_cpu_seconds_total") > 0
-    assert m.registry.get_sample_value("python_gc_collections_total", {"generation": "0"}) >= 0
+    assert sample(m, "process_resident_memory_bytes") > 1_000_000
+    assert sample(m, "process_open_fds") >= 3
+    assert sample(m, "process_cpu_seconds_total") > 0
+    assert sample(m, "python_gc_collections_total", {"generation": "0"}) >= 0
     assert "python_info" in text
 
 

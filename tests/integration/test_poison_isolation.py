@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from tests.helpers import ControlledStore, dlq_entries, pending_count
+from tests.helpers import ControlledStore, ReadWriteStore, dlq_entries, pending_count
 from worker import constants as c
 from worker import consumer, documents, samples
+from worker import events as ev
 from worker.consumer import Worker
 from worker.documents import WriteBatch
 from worker.emitter import AuditEmitter
@@ -34,12 +35,12 @@ pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 class PoisonStore(ControlledStore):
     """Raises an unexpected error on any write that carries the poison event."""
 
-    def __init__(self, inner: Any, poison: str) -> None:
+    def __init__(self, inner: ReadWriteStore, poison: str) -> None:
         super().__init__(inner)
         self.poison = poison
 
     async def write(self, batch: WriteBatch) -> WriteResult:
-        ids = {i for run in batch.runs.values() for i in run.event_ids}
+        ids: set[str | None] = {i for run in batch.runs.values() for i in run.event_ids}
         ids |= {n.doc.get("eventId") for n in batch.nodes.values()}
         if self.poison in ids:
             raise RuntimeError("boom: an unforeseen store adapter failure")
@@ -61,7 +62,7 @@ async def test_an_entry_failing_at_any_stage_is_dead_lettered_alone(
     pid = poison["eventId"]
 
     if stage == "decode":
-        real_decode = consumer.decode
+        real_decode = ev.decode
 
         def decode(raw: bytes, **kw: Any) -> Decoded:
             if pid.encode() in raw:

@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoPermissionError
 from structlog.testing import capture_logs
 
-from tests.helpers import MemoryStore, dlq_entries
+from tests.helpers import MemoryStore, command, dlq_entries
 from worker.constants import Reason
 from worker.consumer import Worker
 from worker.dlq_bound import dlq_bytes
@@ -55,8 +55,8 @@ async def test_producer_and_worker_acl_users(private_redis: str, tmp_path: Path)
     whole pipeline (group, read, claim, ack, dead-letter, trim, fleet lease); a forged
     event the producer may append is still dead-lettered by its signature."""
     admin = aioredis.Redis.from_url(private_redis)
-    await admin.execute_command("ACL", "SETUSER", "producer", *PRODUCER_ACL.split())
-    await admin.execute_command("ACL", "SETUSER", "worker", *WORKER_ACL.split())
+    await command(admin, "ACL", "SETUSER", "producer", *PRODUCER_ACL.split())
+    await command(admin, "ACL", "SETUSER", "worker", *WORKER_ACL.split())
     producer = aioredis.Redis.from_url(user_url(private_redis, "producer", "producer-pw"))
     worker_redis = aioredis.Redis.from_url(user_url(private_redis, "worker", "worker-pw"))
     stream = "audit:events"
@@ -108,7 +108,7 @@ async def test_producer_and_worker_acl_users(private_redis: str, tmp_path: Path)
         assert dlq_size is not None
         assert dlq_size > len(dead[0]["event"])
         for call in (worker_redis.flushall(), worker_redis.set("other:key", "1"),
-                     worker_redis.execute_command("CONFIG", "GET", "maxmemory")):
+                     command(worker_redis, "CONFIG", "GET", "maxmemory")):
             with pytest.raises(NoPermissionError):
                 await call
     finally:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 from tests import reference as ref
-from tests.helpers import run_cli, workspace_name, write_events
+from tests.helpers import StoreProxy, run_cli, workspace_name, write_events
 from tests.mongo_emulator import FakeMongo, _canon, url_of
 from worker import archive as arc
 from worker import events as ev
@@ -27,10 +27,13 @@ DAY = timedelta(days=1)
 NOW = datetime(2026, 9, 1, 12, 0, tzinfo=UTC)
 
 
+def iso(when: datetime) -> str:
+    return when.isoformat().replace("+00:00", "Z")
+
+
 def run_events(ws: str, run_id: str, finished: datetime, *, failed: bool = True
                ) -> list[dict[str, Any]]:
     """A run that finished at ``finished``: an ai node, an action that failed once, retry."""
-    iso = lambda d: d.isoformat().replace("+00:00", "Z")  # noqa: E731
     start = finished - timedelta(seconds=10)
     env = {"v": 1, "workspaceId": ws, "workflowId": "wf", "runId": run_id}
     nodes: list[dict[str, Any]] = [
@@ -100,7 +103,7 @@ def test_bad_policies_are_refused(raw: dict[str, Any], message: str) -> None:
 def test_decide_per_data_class() -> None:
     """Each expired class maps to its own hot-storage action; failed nodes keep errors."""
     run = {"runId": "r", "completedAt": NOW - 40 * DAY, "error": {"type": "E"}}
-    nodes = [{"nodeKey": "a", "input": {"p": 1}, "output": 1},
+    nodes: list[dict[str, Any]] = [{"nodeKey": "a", "input": {"p": 1}, "output": 1},
              {"nodeKey": "b", "input": {"p": 2}, "error": {"type": "E"}},
              {"nodeKey": "c"}]
     hot = retention.HotDays()
@@ -304,34 +307,47 @@ async def fixture_any_store(any_store_url: str) -> AsyncIterator[Store]:
         await store.close()
 
 
-class LateEvents:
+class LateEvents(StoreProxy):
     """A store whose first ``before`` call is preceded by a write of late events: what a
     worker merging a delayed or redelivered event does after retention read and archived
     the run and before it changes hot storage."""
 
     def __init__(self, inner: Store, before: str, events: list[dict[str, Any]]) -> None:
-        self.inner, self.before, self.events = inner, before, events
+        super().__init__(inner)
+        self.before, self.events = before, events
         self.fired = False
 
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self.inner, name)
-        if name != self.before or self.fired:
-            return attr
-
-        async def late_first(*args: Any, **kwargs: Any) -> Any:
+    async def _late(self, name: str) -> None:
+        if name == self.before and not self.fired:
             self.fired = True
             await write_events(self.inner, self.events)
-            return await attr(*args, **kwargs)
 
-        return late_first
+    async def delete_runs(self, workspace: str, run_ids: Sequence[str], *,
+                          expected: Sequence[RunVersion] | None = None) -> int:
+        await self._late("delete_runs")
+        return await super().delete_runs(workspace, run_ids, expected=expected)
+
+    async def delete_nodes(self, workspace: str, nodes: Sequence[NodeVersion]) -> int:
+        await self._late("delete_nodes")
+        return await super().delete_nodes(workspace, nodes)
+
+    async def strip_node_fields(self, workspace: str, nodes: Sequence[NodeVersion],
+                                fields: Sequence[str]) -> int:
+        await self._late("strip_node_fields")
+        return await super().strip_node_fields(workspace, nodes, fields)
+
+    async def strip_run_fields(self, workspace: str, runs: Sequence[RunVersion],
+                               fields: Sequence[str]) -> int:
+        await self._late("strip_run_fields")
+        return await super().strip_run_fields(workspace, runs, fields)
 
 
 def late_event(ws: str, run_id: str, finished: datetime, kind: str) -> dict[str, Any]:
     """One late event for a run of :func:`run_events` (see :func:`holds_late`)."""
-    iso = lambda d: d.isoformat().replace("+00:00", "Z")  # noqa: E731
     env = {"v": 1, "workspaceId": ws, "workflowId": "wf", "runId": run_id,
            "ts": iso(finished)}
     start = finished - timedelta(seconds=10)
+    node: dict[str, Any]
     if kind == "run event":  # a late run.completed: new eventId, a field not seen before
         return env | {"eventId": f"{run_id}:late", "type": "run.completed",
                       "status": "completed", "reviewedBy": "ops"}
@@ -373,7 +389,7 @@ async def test_a_late_event_before_the_run_delete_keeps_the_run_until_archived(
     finished = NOW - 100 * DAY
     await write_events(any_store, run_events(ws, "r1", finished))
     archive = arc.Archive.at(tmp_path / "a")
-    racing: Any = LateEvents(any_store, "delete_runs", [late_event(ws, "r1", finished, kind)])
+    racing = LateEvents(any_store, "delete_runs", [late_event(ws, "r1", finished, kind)])
     first = await retention.run_retention(racing, retention.Policy(), now=NOW,
                                           archive=archive, apply=True, workspaces=[ws])
     assert racing.fired
@@ -411,7 +427,7 @@ async def test_a_late_node_version_before_its_delete_or_strip_survives(
     finished = NOW - 40 * DAY
     await write_events(any_store, run_events(ws, "r1", finished))
     archive = arc.Archive.at(tmp_path / "a")
-    racing: Any = LateEvents(any_store, before, [late_event(ws, "r1", finished, kind)])
+    racing = LateEvents(any_store, before, [late_event(ws, "r1", finished, kind)])
     first = await retention.run_retention(racing, retention.Policy(), now=NOW,
                                           archive=archive, apply=True, workspaces=[ws])
     assert racing.fired
@@ -450,7 +466,7 @@ async def test_a_late_run_event_before_the_error_strip_defers_it(any_store: Stor
     policy = retention.Policy(hot=retention.HotDays(run_summaries=300, node_traces=200,
                                                     prompts=200, error_details=20))
     archive = arc.Archive.at(tmp_path / "a")
-    racing: Any = LateEvents(any_store, "strip_run_fields",
+    racing = LateEvents(any_store, "strip_run_fields",
                         [late_event(ws, "r1", finished, "run event")])
     first = await retention.run_retention(racing, policy, now=NOW, archive=archive,
                                           apply=True, workspaces=[ws])

@@ -6,7 +6,7 @@ import uuid
 
 import anyio
 import pytest
-from redis.asyncio.sentinel import SentinelManagedConnection
+from redis.asyncio.sentinel import SentinelConnectionPool, SentinelManagedConnection
 
 from tests.flow import (
     CountingStore,
@@ -16,6 +16,7 @@ from tests.flow import (
     run_until_stored,
     workload,
 )
+from tests.helpers import command
 from tests.redis_servers import SentinelSetup, wait_for
 from worker.consumer import Worker
 from worker.emitter import AuditEmitter
@@ -31,10 +32,13 @@ async def test_sentinel_url_connects_to_the_master(sentinel_setup: SentinelSetup
     try:
         key = f"t{uuid.uuid4().hex[:8]}"
         await client.set(key, b"1")
-        role = await client.execute_command("ROLE")  # type: ignore[no-untyped-call]
+        role = await command(client, "ROLE")
+        assert isinstance(role, list)
         assert role[0] == b"master"
-        assert client.connection_pool.connection_class is SentinelManagedConnection
-        info = await client.connection_pool.get_master_address()
+        pool = client.connection_pool
+        assert pool.connection_class is SentinelManagedConnection
+        assert isinstance(pool, SentinelConnectionPool)
+        info = await pool.get_master_address()  # type: ignore[no-untyped-call]  # untyped in redis-py
         assert info == ("127.0.0.1", sentinel_setup.ports["master"])
     finally:
         await client.aclose()

@@ -37,7 +37,7 @@ RUNS = [("old1", "2026-01-05", "email:ann@example.com", "ann-jan"),
 
 
 async def write_runs(store: Store) -> None:
-    items = []
+    items: list[tuple[str, ev.Decoded]] = []
     for run_id, day, subject, prompt in RUNS:
         ts = f"{day}T10:30:00Z"
         for e in [

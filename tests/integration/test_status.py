@@ -8,7 +8,7 @@ import json
 import pytest
 import redis.asyncio as aioredis
 
-from tests.helpers import free_port
+from tests.helpers import as_text, free_port
 from worker import constants as c
 from worker.cli import status as status_cli
 from worker.cli.output import human_duration
@@ -39,7 +39,7 @@ def test_format_table_aligns_columns() -> None:
 
 
 async def _fleet(redis: aioredis.Redis, stream: str) -> list[str]:
-    ids = [(await redis.xadd(stream, {c.EVENT_FIELD: b"{}"})).decode() for _ in range(8)]
+    ids = [as_text(await redis.xadd(stream, {c.EVENT_FIELD: b"{}"})) for _ in range(8)]
     await redis.xgroup_create(stream, "audit-writers", id="0")
     await redis.xgroup_create(stream, "archiver", id="$")
     await redis.xreadgroup("audit-writers", "host-a-1", {stream: ">"}, count=3)

@@ -144,8 +144,8 @@ async def test_hostile_keys_are_stored_escaped(
     """What the server holds has no $-prefixed or dotted keys; the store reads them back."""
     store = await opened(prefix)
     try:
-        events = [event(ev.RUN_STARTED, "acme", "r1", "e1", T0,
-                        **{"$where": {"a.b": 1}, "_id": "spoof"})]
+        hostile: dict[str, Any] = {"$where": {"a.b": 1}, "_id": "spoof"}
+        events = [event(ev.RUN_STARTED, "acme", "r1", "e1", T0, **hostile)]
         assert (await write(store, events)).rejected == ()
         await assert_stored(store, events)
     finally:

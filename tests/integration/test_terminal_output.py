@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from tests.helpers import run_cli, workspace_name, write_events
+from tests.helpers import as_text, run_cli, workspace_name, write_events
 from worker.cli import dlq as dlq_cli
 from worker.cli import explain as explain_cli
 from worker.cli import insights as insights_cli
@@ -123,7 +123,7 @@ async def test_dlq_list_and_show_escape_dead_letters(
         entry_id = await redis_client.xadd(stream + ":dlq", {
             "reason": "schema_violation", "error": HOSTILE, "stream": stream, "id": "1-1",
             "deliveries": 1, "consumer": "w", "ts": 0, "event": event})
-        ids.append(entry_id.decode())
+        ids.append(as_text(entry_id))
     args = _dlq(redis_url, stream, "list")
     assert await args.func(args) == 0
     out = capsys.readouterr().out

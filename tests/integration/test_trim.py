@@ -7,12 +7,13 @@ import json
 import random
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import anyio
 import pytest
 import redis.asyncio as aioredis
 
-from tests.helpers import wait_until
+from tests.helpers import as_text, read_group, stream_range, wait_until
 from worker import constants as c
 from worker import trim
 from worker.cli import trim as trim_cli
@@ -39,14 +40,14 @@ async def add(redis: aioredis.Redis, stream: str, n: int) -> list[str]:
 
 
 async def ids_in(redis: aioredis.Redis, stream: str) -> list[str]:
-    return [x[0].decode() for x in await redis.xrange(stream)]
+    return [entry_id.decode() for entry_id, _ in await stream_range(redis, stream)]
 
 
 async def read(redis: aioredis.Redis, stream: str, group: str, consumer: str, n: int) -> list[str]:
     if n == 0:
         return []
-    got = await redis.xreadgroup(group, consumer, {stream: ">"}, count=n)
-    return [x[0].decode() for x in got[0][1]] if got else []
+    got = await read_group(redis, group, consumer, stream, n)
+    return [entry_id.decode() for entry_id, _ in got]
 
 
 async def must_keep(redis: aioredis.Redis, stream: str) -> set[str]:
@@ -57,7 +58,7 @@ async def must_keep(redis: aioredis.Redis, stream: str) -> set[str]:
         name, last = g["name"].decode(), parse_id(g["last-delivered-id"].decode())
         keep |= {i for i in all_ids if parse_id(i) > last}
         pending = await redis.xpending_range(stream, name, "-", "+", 100_000)
-        keep |= {p["message_id"].decode() for p in pending}
+        keep |= {as_text(p["message_id"]) for p in pending}
     return keep
 
 
@@ -66,9 +67,9 @@ async def tick() -> None:
     await anyio.sleep(0.005)
 
 
-def settings_for(stream: str, **kw: object) -> Settings:
+def settings_for(stream: str, **kw: Any) -> Settings:
     return Settings(streams=(stream,), group="writers", consumer="me", store_url="null://",
-                    **kw)  # type: ignore[arg-type]
+                    **kw)
 
 
 def test_successor() -> None:
@@ -226,7 +227,7 @@ async def test_dead_consumers_removed_only_without_pending(
     assert names == {b"dead", b"me"}
 
     # the reclaimer takes the dead consumer's entries over, and acknowledges them
-    await redis_client.xclaim(stream, "writers", "me", 0, ids[:2])
+    await redis_client.xclaim(stream, "writers", "me", 0, [*ids[:2]])
     await redis_client.xack(stream, "writers", *ids[:2])
     assert await remove_dead_consumers(redis_client, stream, "writers", idle_ms=0,
                                        keep=("me",)) == ["dead"]

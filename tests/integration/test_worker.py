@@ -13,6 +13,8 @@ import redis.asyncio as aioredis
 from tests.helpers import (
     ControlledStore,
     MemoryStore,
+    as_text,
+    command,
     dlq_entries,
     payload,
     pending_count,
@@ -328,9 +330,8 @@ async def test_a_reclaimed_entry_with_two_event_fields_is_dead_lettered_as_ambig
         cfg = settings(stream, redis_url, claim_idle_ms=1)
         await Worker(cfg.with_(consumer="dead"), MemoryStore(), client).ensure_groups()
         await emitter.emit(neighbour)
-        entry_id = (await client.execute_command(  # type: ignore[no-untyped-call]
-            "XADD", stream, "*", "event", json.dumps(first), "event", json.dumps(second))
-        ).decode()
+        entry_id = as_text(await command(
+            client, "XADD", stream, "*", "event", json.dumps(first), "event", json.dumps(second)))
         await emitter.emit({**neighbour, "eventId": "e-after", "runId": "run-after"})
         # The dead consumer read all three and never settled them: only reclaim sees them.
         held = await read_as_dead_consumer(client, cfg.group, stream)
@@ -428,9 +429,9 @@ async def test_an_entry_with_two_event_fields_is_dead_lettered_as_ambiguous(
     neighbour = make_event("run.started", "ws1", "wf", "run-neighbour")
     emitter = AuditEmitter(redis_client, [stream])
     await emitter.emit(neighbour)
-    entry_id = (await redis_client.execute_command(  # type: ignore[no-untyped-call]
-        "XADD", stream, "*", "event", json.dumps(first), "trace", "t-1",
-        "event", json.dumps(second))).decode()
+    entry_id = as_text(await command(
+        redis_client, "XADD", stream, "*", "event", json.dumps(first), "trace", "t-1",
+        "event", json.dumps(second)))
     await emitter.emit({**neighbour, "eventId": "e-after", "runId": "run-after"})
     store = MemoryStore()
     await run_burst(Worker(settings(stream, redis_url), store, redis_client))

@@ -78,6 +78,7 @@ async def test_settle_acks_only_what_is_stored_or_confirmed(refusal: Exception) 
     refused = DeadLetter(Entry("s", "2-0", b"x"), c.Reason.INVALID_JSON, "bad")
     confirmed = DeadLetter(Entry("s", "3-0", b"y"), c.Reason.INVALID_JSON, "bad")
     stub = _StubRedis([refusal, b"9-0"])
+    # The stub answers the two commands settle sends; redis-py's Redis is a class, no protocol.
     left = await settle(stub, GROUP, "w1", [stored], [refused, confirmed])  # type: ignore[arg-type]
     assert stub.xadds == ["s:dlq", "s:dlq"]
     assert stub.acked == ["1-0", "3-0"]

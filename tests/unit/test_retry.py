@@ -5,13 +5,13 @@ from __future__ import annotations
 import random
 
 import pytest
-from tenacity import RetryCallState
+from tenacity import RetryCallState, Retrying
 
 from worker import retry
 
 
 def _state(attempt: int) -> RetryCallState:
-    state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+    state = RetryCallState(retry_object=Retrying(), fn=None, args=(), kwargs={})
     state.attempt_number = attempt
     return state
 

@@ -690,7 +690,9 @@ async def test_large_payload_is_stored_in_gridfs_and_read_back(fake: FakeMongo) 
 
 
 @pytest.mark.anyio
-async def test_leftover_chunks_of_a_crashed_upload_are_replaced(fake: FakeMongo) -> None:
+async def test_leftover_chunks_of_a_crashed_upload_are_replaced(
+    fake: FakeMongo, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Chunks without a files document (an upload cut short) do not block the retry."""
     store = MongoStore(url_of(fake), env={"AUDIT_MONGO_LARGE_PAYLOAD_BYTES": "4096"})
     await store.open()
@@ -710,7 +712,7 @@ async def test_leftover_chunks_of_a_crashed_upload_are_replaced(fake: FakeMongo)
                                                      "errmsg": "E11000 files_id_1_n_1"}]}
             return real_insert(doc)
 
-        fake.do_insert = unique_chunks  # type: ignore[method-assign]
+        monkeypatch.setattr(fake, "do_insert", unique_chunks)
         assert (await store.write(batch_of(decoded))).rejected == ()
         chunks = fake.docs("audit_acme", "node_payloads.chunks")
         assert all(c["_id"] != "stale" for c in chunks)
