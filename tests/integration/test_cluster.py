@@ -342,15 +342,17 @@ async def test_one_unreachable_node_does_not_blank_the_other_shards(
     """A stream whose node cannot be read carries the error; the others are read, and
     the gauges export nothing (not zeros) for the unreadable one."""
     from worker import fleet_status as fleet
+    from worker.pending_idle import PendingScans
 
     streams = shards(2)
     bad = streams[0]
     real = fleet._stream_status
 
-    async def failing(redis: aioredis.Redis, name: str, group: str | None) -> Any:
+    async def failing(redis: aioredis.Redis, name: str, group: str | None,
+                      scans: PendingScans) -> tuple[fleet.StreamStatus, int]:
         if name == bad:
             raise RedisUnavailable("connection", "node down")
-        return await real(redis, name, group)
+        return await real(redis, name, group, scans)
 
     monkeypatch.setattr(fleet, "_stream_status", failing)
     client = await connect(redis_cluster.url, "cluster")

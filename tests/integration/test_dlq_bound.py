@@ -8,8 +8,10 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from prometheus_client import generate_latest
+from redis.typing import EncodableT, FieldT
 from structlog.testing import capture_logs
 
+from tests.helpers import as_text, stream_range
 from worker import constants as c
 from worker.dlq_bound import bound_dead_letters, dlq_bytes
 from worker.fleet import poll_fleet, redis_time_ms
@@ -33,15 +35,15 @@ def settings_for(stream: str, redis_url: str, **kw: Any) -> Settings:
 async def dead_letter(redis: aioredis.Redis, stream: str, size: int, at_ms: int | None = None,
                       ) -> str:
     """One dead letter with the worker's fields and a ``size``-byte payload."""
-    fields = {"reason": c.Reason.SCHEMA, "error": "e", "stream": stream, "id": "1-1",
-              "deliveries": 1, "event": b"x" * size, "consumer": "w", "ts": 0}
-    entry_id = await redis.xadd(c.dlq_key(stream), fields,  # type: ignore[arg-type]
-                                id=f"{at_ms}-*" if at_ms else "*")
-    return str(entry_id.decode())
+    fields: dict[FieldT, EncodableT] = {
+        "reason": c.Reason.SCHEMA, "error": "e", "stream": stream, "id": "1-1",
+        "deliveries": 1, "event": b"x" * size, "consumer": "w", "ts": 0}
+    entry_id = await redis.xadd(c.dlq_key(stream), fields, id=f"{at_ms}-*" if at_ms else "*")
+    return as_text(entry_id)
 
 
 async def dlq_ids(redis: aioredis.Redis, stream: str) -> list[str]:
-    return [i.decode() for i, _ in await redis.xrange(c.dlq_key(stream))]
+    return [i.decode() for i, _ in await stream_range(redis, c.dlq_key(stream))]
 
 
 def dropped(metrics: Metrics, stream: str, bound: str) -> float:

@@ -333,7 +333,7 @@ def test_rates_between_two_snapshots() -> None:
     def snap(ms: int, length: int, last: str, read: int, lag: int, dlq: int) -> FleetStatus:
         group = GroupStatus("g", entries_read=read, lag=lag)
         return FleetStatus(ms, "g", (StreamStatus("s", True, length, "1-0", last, dlq,
-                                                   (group,)),))
+                                                   groups=(group,)),))
 
     before = snap(10_000, 100, "100-0", 40, 60, 1)
     after = snap(12_000, 140, "140-0", 120, 20, 5)

@@ -82,7 +82,7 @@ async def test_a_consumer_that_stopped_bounds_it_from_below(
     ids = await pending_list(redis_client, stream, 3000, read=2999)
     await redis_client.xreadgroup("writers", "bob", {stream: ">"}, count=1)  # ids[-1]
     await anyio.sleep(1.0)
-    await redis_client.xclaim(stream, "writers", "alice", 0, ids[:100], justid=True)
+    await redis_client.xclaim(stream, "writers", "alice", 0, [*ids[:100]], justid=True)
 
     value = await max_idle_s(redis_client, stream, PendingScans(page=100, pages_per_poll=1))
 

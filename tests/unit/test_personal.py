@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from worker import personal
@@ -46,7 +48,8 @@ def test_settings_read_the_paths_from_the_environment(monkeypatch: pytest.Monkey
 def test_without_removes_paths_and_never_changes_the_input() -> None:
     """Nested keys are removed, top-level run fields nulled with null_top; paths through
     lists or missing keys change nothing; the original is left as it was."""
-    doc = {"a": {"b": {"c": 1, "d": 2}, "l": [{"c": 1}]}, "top": "x", "keep": True}
+    doc: dict[str, Any] = {"a": {"b": {"c": 1, "d": 2}, "l": [{"c": 1}]}, "top": "x",
+                           "keep": True}
     out = personal.without(doc, [("a", "b", "c"), ("a", "l", "c"), ("nope", "x"), ("top",)])
     assert out == {"a": {"b": {"d": 2}, "l": [{"c": 1}]}, "keep": True}
     assert doc["a"]["b"] == {"c": 1, "d": 2}
