@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from structlog.testing import capture_logs
 
 from tests.helpers import ControlledStore, ReadWriteStore, dlq_entries, pending_count
 from worker import constants as c
@@ -52,8 +53,9 @@ async def test_an_entry_failing_at_any_stage_is_dead_lettered_alone(
     stage: str, redis_client: aioredis.Redis, stream: str, redis_url: str, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Only the failing entry reaches the dead-letter stream; every neighbour (its own
-    run's other events included) is stored exactly once."""
+    """Only the failing entry reaches the dead-letter stream, and the worker logs it with its
+    reason; every neighbour (its own run's other events included) is stored exactly once;
+    no log event carries a prompt."""
     rng = random.Random(21)
     runs = [samples.lead_triage_run(rng, "ws_poison", f"run{i}", prompt_size=lambda r: 80)
             for i in range(12)]
@@ -89,7 +91,8 @@ async def test_an_entry_failing_at_any_stage_is_dead_lettered_alone(
     if stage != "store":
         store.poison = ""
     try:
-        await Worker(settings, store, redis_client).run()  # burst: returns once drained
+        with capture_logs() as logs:
+            await Worker(settings, store, redis_client).run()  # burst: returns once drained
 
         dead = await dlq_entries(redis_client, stream)
         assert [json.loads(d["event"])["eventId"] for d in dead] == [pid]
@@ -98,6 +101,17 @@ async def test_an_entry_failing_at_any_stage_is_dead_lettered_alone(
                     "store": (c.Reason.MAX_DELIVERIES, "delivered 3 times")}[stage]
         assert dead[0]["reason"] == expected[0]
         assert dead[0]["error"].startswith(expected[1])
+        logged = [e for e in logs if e["event"] == "dead_lettered"]
+        assert [(e["log_level"], e["stream"], e["id"], e["reason"]) for e in logged] == [
+            ("warning", stream, dead[0]["id"], expected[0])]
+        assert logged[0]["error"].startswith(expected[1])
+        # each line of each prompt: a logged prompt shows its newlines escaped (repr, JSON)
+        prompt_lines = {line for e in events
+                        for line in e.get("node", {}).get("input", {}).get("prompt", "").split("\n")
+                        if line}
+        assert prompt_lines
+        logged_text = "\n".join(repr(e) for e in logs)
+        assert [line for line in prompt_lines if line in logged_text] == []
         assert await pending_count(redis_client, stream, settings.group) == 0
 
         stored: list[str] = []
