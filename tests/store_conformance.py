@@ -922,7 +922,8 @@ class StoreConformance:
             await store.strip_node_fields(ws, [NodeVersion.of(keep[1][0])], ["status"])
         assert (await store.get_run(ws, "r2"), await store.get_nodes(ws, "r2")) == keep
 
-    @pytest.mark.parametrize("crash_at", ["record", "mark", "nodes", "run", "keys", "result"])
+    @pytest.mark.parametrize("crash_at", ["record", "tombstones", "mark", "nodes", "run", "keys",
+                                      "result"])
     async def test_erasure_of_personal_paths_killed_and_rerun(self, store: Store,
                                                               crash_at: str) -> None:
         """Killed at any step of an erasure of configured paths, a rerun erases them all
@@ -971,7 +972,8 @@ class StoreConformance:
         assert await store.data_keys(ws, ["r1"]) == [StoredKey("r1", "k1", None, made, at)]
         assert await store.data_keys(other) == [StoredKey("r1", "k9", b"theirs", made)]
 
-    @pytest.mark.parametrize("crash_at", ["record", "mark", "nodes", "run", "keys", "result"])
+    @pytest.mark.parametrize("crash_at", ["record", "tombstones", "mark", "nodes", "run", "keys",
+                                      "result"])
     async def test_erasure_killed_at_each_step_and_rerun(self, store: Store,
                                                          crash_at: str) -> None:
         """Killed at any step, a rerun resumes the same erasure record, erases everything

@@ -24,12 +24,14 @@ those found in the archive), so the archived fields read as erased while every s
 stays byte-for-byte the same. Runs archived without encryption cannot be erased in the
 archive: they are listed as *not erased* in the report and the record.
 
-Crash-safe like retention: the record is written first (status ``running``), then each
-run is marked and stripped, then each run's data keys are shredded, then the record is
-completed. A rerun after a crash at any step finds the running record of the same
-subject and resumes it: stripping is idempotent and guarded by versions, shredding a
-shredded key does nothing, so everything is erased once and nothing that was not asked
-for is touched.
+Crash-safe like retention: the record is written first (status ``running``), then a
+tombstone for each run (``worker.shredding.tombstone``: a retention pass running meanwhile
+then seals the run only under a key it shreds), then each run is marked and stripped,
+then each run's data keys are shredded, then the record is completed. A rerun after a
+crash at any step finds the running record of the same subject and resumes it: stripping
+is idempotent and guarded by versions, storing a tombstone or shredding a shredded key
+again does nothing, so everything is erased once and nothing that was not asked for is
+touched.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ import anyio
 
 from .documents import SUBJECTS, RunPatch, WriteBatch
 from .personal import DEFAULTS, PersonalFields, holds
-from .shredding import holds_personal, sealed_kids
+from .shredding import TOMBSTONE, holds_personal, sealed_kids, tombstone
 from .stores.base import NodeVersion, RunQuery, RunVersion, Store
 
 if TYPE_CHECKING:  # the worker imports this module; it never reads archives
@@ -186,11 +188,13 @@ async def erase(store: Store, workspace: str, subject: str, key: bytes, *, by: s
     digest = subject_hash(key, subject)
     step = fault or (lambda name: None)
     report = ErasureReport(workspace, digest, None, dry_run, by, at, fields=fields)
+    # Hot storage first, then the archive: retention commits a segment before it deletes
+    # what it holds, so a run a concurrent pass moves is found in one or the other.
+    runs = [r for r in await store.runs_with_subject(workspace, digest)
+            if r.get("workflowId") != ERASURE_WORKFLOW]
     if archive is not None:
         report.archived, report.sealed = await anyio.to_thread.run_sync(
             archived_runs, archive, workspace, digest, fields)
-    runs = [r for r in await store.runs_with_subject(workspace, digest)
-            if r.get("workflowId") != ERASURE_WORKFLOW]
     report.runs = sorted(str(r["runId"]) for r in runs)
     keyed = sorted(set(report.runs) | set(report.sealed))
     if dry_run:
@@ -204,6 +208,9 @@ async def erase(store: Store, workspace: str, subject: str, key: bytes, *, by: s
     record, report.resumed = await _open_record(store, workspace, digest, by, at, fields)
     report.erasure_id = record
     step("record")
+    if keyed:  # before anything is stripped or shredded: see shredding.Sealer
+        await store.put_data_keys(workspace, [tombstone(r, at) for r in keyed])
+        step("tombstones")
     mark = {"id": record, "at": at.isoformat(), "by": by, "fields": fields.to_json()}
     pending = report.runs
     for _ in range(MAX_PASSES):
@@ -220,7 +227,8 @@ async def erase(store: Store, workspace: str, subject: str, key: bytes, *, by: s
         step("keys")
     if keyed:
         keys = await store.data_keys(workspace, keyed)
-        report.keys_shredded_total = sum(1 for k in keys if k.wrapped is None)
+        report.keys_shredded_total = sum(1 for k in keys
+                                         if k.wrapped is None and k.key_id != TOMBSTONE)
     done = datetime.now(UTC) if now is None else at
     batch = WriteBatch()
     batch.add(RunPatch(

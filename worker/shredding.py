@@ -30,6 +30,7 @@ import os
 import secrets
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -51,6 +52,10 @@ from .queries import utcnow
 from .stores.base import RetentionStore, StoredKey
 
 ENC: Final = "$enc"
+#: The key id of an erasure's tombstone: a keyless row erasure stores for every run it
+#: erases, before shredding, so a retention pass running meanwhile seals that run only
+#: under a key it shreds itself (no data key id is ever this: they are 16 hex digits).
+TOMBSTONE: Final = "erased"
 ALG: Final = "aes-256-gcm"
 #: Personal fields always encrypted in archived records (the fields erasure strips).
 SEALED: Final = {"run": ("error",), "node": ("error", "input", "output")}
@@ -234,9 +239,26 @@ def holds_personal(kind: str, doc: Mapping[str, Any],
                for p in fields.of(kind))
 
 
+def tombstone(run_id: str, at: datetime) -> StoredKey:
+    """The row erasure stores for a run before it shreds the run's keys."""
+    return StoredKey(run_id, TOMBSTONE, None, at)
+
+
+def erased(rows: Iterable[StoredKey]) -> set[str]:
+    """The runs an erasure has begun on (those with a tombstone)."""
+    return {r.run_id for r in rows if r.key_id == TOMBSTONE}
+
+
 class Sealer:
     """Seals the records retention archives, with one data key per run (created and
-    stored before any segment using it is committed; a live stored key is reused)."""
+    stored before any segment using it is committed; a live stored key is reused).
+
+    Erasure stores a tombstone for each run (:func:`tombstone`), then shreds its keys. A
+    run with a tombstone — seen before or after this pass stored its key — is sealed
+    under a key shredded here before the segment is committed: its archived personal
+    fields read as erased. A tombstone stored after that second look is followed by the
+    erasure's own shredding, which takes the key stored here. Either way no archived copy
+    of an erased run stays readable, whatever the interleaving."""
 
     def __init__(self, store: RetentionStore, master: MasterKey, workspace: str,
                  fields: PersonalFields = DEFAULTS) -> None:
@@ -258,6 +280,9 @@ class Sealer:
             await self.store.put_data_keys(self.workspace, [row for row, _ in fresh])
             for row, key in fresh:
                 self.keys[row.run_id] = (row.key_id, key)
+        gone = erased(await self.store.data_keys(self.workspace, need))  # after storing
+        if gone:
+            await self.store.shred_data_keys(self.workspace, sorted(gone), utcnow())
 
     def seal(self, kind: str, doc: Mapping[str, Any]) -> dict[str, Any]:
         if not holds_personal(kind, doc, self.fields):

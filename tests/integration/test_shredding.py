@@ -309,3 +309,87 @@ async def test_configured_personal_paths_are_sealed_in_archives_and_shredded(
     assert ("Erased: node error, node input, node metadata.contact, node output, "
             "run contact, run customer.name, run error, run trigger.metadata.email at") in text
     assert "lead@example.com" not in text
+
+
+class Interleaved:
+    """A store whose ``nth`` call of ``method`` first runs ``hook`` (another command
+    running at that moment), then goes on."""
+
+    def __init__(self, store: Store, method: str, nth: int, hook: Any) -> None:
+        self.store, self.method, self.nth, self.hook = store, method, nth, hook
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.store, name)
+        if name != self.method:
+            return attr
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            if self.calls == self.nth:
+                await self.hook()
+            return await attr(*args, **kwargs)
+
+        return call
+
+
+async def archived_inputs(store: Store, archive: Archive, run_id: str) -> Any:
+    """The ``input`` of every archived node record of a run, opened with its keys."""
+    from worker.shredding import load_opener
+
+    opener = await load_opener(store, MasterKey(MASTER), "ws1", [run_id])
+    return [doc.get("input") for _, kind, doc in archive.records("ws1", opener.open)
+            if kind == "node" and doc["runId"] == run_id]
+
+
+@pytest.mark.parametrize(("method", "nth"), [
+    ("data_keys", 2),  # erasure runs after retention read the runs, before it looks for keys
+    ("put_data_keys", 1),  # ... after it looked (none yet), before it stores a new key
+])
+async def test_erasure_during_retention_leaves_no_readable_archived_copy(
+        store: Store, tmp_path: Path, method: str, nth: int) -> None:
+    """An erasure that runs while a retention pass is between reading the subject's runs
+    and committing their segment: the pass seals them under keys that end up shredded
+    (the erasure's tombstones), so no archived copy of the subject reads back; the other
+    subject's run does, and the archive verifies."""
+    await write_runs(store)
+    archive = Archive.at(tmp_path / "arch")
+    master = MasterKey(MASTER)
+
+    async def erasure() -> None:
+        await erase(store, "ws1", "email:ann@example.com", SUBJECT_KEY, by="dpo",
+                    archive=archive)
+
+    racing = Interleaved(store, method, nth, erasure)
+    await run_retention(racing, Policy(), now=NOW, archive=archive,  # type: ignore[arg-type]
+                        apply=True, workspaces=["ws1"], master=master)
+    assert racing.calls >= nth  # the erasure did run in the middle
+    await run_retention(store, Policy(), now=NOW, archive=archive, apply=True,
+                        workspaces=["ws1"], master=master)  # the erased versions, deferred
+    for run_id in ("old1", "old2", "old3"):
+        for value in await archived_inputs(store, archive, run_id):
+            assert value is None or value["erased"] is True, (run_id, value)
+        assert await store.get_run("ws1", run_id) is None
+    assert await archived_inputs(store, archive, "bob1") == [{"prompt": "bob-feb"}]
+    assert archive.verify("ws1").ok
+
+
+async def test_erasure_finds_runs_a_concurrent_retention_pass_moves_to_the_archive(
+        store: Store, tmp_path: Path) -> None:
+    """Retention archives and deletes the subject's runs between erasure's look at hot
+    storage and its look at the archive: they are found there and shredded."""
+    await write_runs(store)
+    archive = Archive.at(tmp_path / "arch")
+
+    async def retention() -> None:
+        await run_retention(store, Policy(), now=NOW, archive=archive, apply=True,
+                            workspaces=["ws1"], master=MasterKey(MASTER))
+
+    racing = Interleaved(store, "runs_with_subject", 1, retention)
+    report = await erase(racing, "ws1", "email:ann@example.com",  # type: ignore[arg-type]
+                         SUBJECT_KEY, by="dpo", archive=archive)
+    assert report.runs == ["hot"]
+    assert sorted(report.sealed) == ["old1", "old2", "old3"]
+    for run_id in ("old1", "old2", "old3"):
+        assert [v["erased"] for v in await archived_inputs(store, archive, run_id)] == [True]
+    assert await archived_inputs(store, archive, "bob1") == [{"prompt": "bob-feb"}]
