@@ -361,7 +361,7 @@ async def test_erasure_during_retention_leaves_no_readable_archived_copy(
                     archive=archive)
 
     racing = Interleaved(store, method, nth, erasure)
-    await run_retention(racing, Policy(), now=NOW, archive=archive,  # type: ignore[arg-type]
+    await run_retention(racing, Policy(), now=NOW, archive=archive,
                         apply=True, workspaces=["ws1"], master=master)
     assert racing.calls >= nth  # the erasure did run in the middle
     await run_retention(store, Policy(), now=NOW, archive=archive, apply=True,
@@ -386,7 +386,7 @@ async def test_erasure_finds_runs_a_concurrent_retention_pass_moves_to_the_archi
                             workspaces=["ws1"], master=MasterKey(MASTER))
 
     racing = Interleaved(store, "runs_with_subject", 1, retention)
-    report = await erase(racing, "ws1", "email:ann@example.com",  # type: ignore[arg-type]
+    report = await erase(racing, "ws1", "email:ann@example.com",
                          SUBJECT_KEY, by="dpo", archive=archive)
     assert report.runs == ["hot"]
     assert sorted(report.sealed) == ["old1", "old2", "old3"]
