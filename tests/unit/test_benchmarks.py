@@ -340,3 +340,37 @@ def test_profile_summary_reads_py_spy_collapsed_stacks(tmp_path: Path) -> None:
     assert frames["decode (events.py)"] == (60.0, 60.0)
     assert frames["main (a.py)"] == (10.0, 100.0)
     assert frames["coalesce (documents.py)"] == (30.0, 30.0)
+
+
+def test_compliance_benchmark_configures_what_it_compares(tmp_path: Path) -> None:
+    """benchmarks.compliance: the signed run requires signatures with a keyring that
+    verifies the entries it writes, the redacted run turns every detector on, the plain
+    one neither; the table gives each configuration's same-round ratios."""
+    from benchmarks import compliance
+    from worker.events import decode
+    from worker.signing import Keyring, verify
+
+    keyring = tmp_path / "keyring.json"
+    assert compliance.variant_env("plain", keyring) == {}
+    assert compliance.variant_env("redacted", keyring) == {
+        "AUDIT_REDACT_DETECTORS": "email,phone,card,iban"}
+    signed = compliance.variant_env("signed", keyring)
+    assert signed == {"AUDIT_REQUIRE_SIGNATURE": "true",
+                      "AUDIT_SIGNING_KEYS_FILE": str(keyring)}
+    items = compliance.payloads(50, seed=3)
+    assert len(items) == 50
+    compliance.write_keyring(keyring)
+    ring = Keyring.load(keyring)
+    for payload in items:
+        assert decode(payload, max_bytes=1 << 24).doc["workspaceId"] == compliance.WORKSPACE
+        assert verify(ring, payload, compliance.signature(payload), required=True).ok
+        assert not verify(ring, payload, None, required=True).ok
+    out = {"command": "python -m benchmarks.compliance", "events": 50, "rounds": 1,
+           "store": "null://", "cpus": 2, "load_1m": {"min": 1.0, "max": 2.0},
+           "summary": {v: {"throughput_ratio": r, "cpu_per_event_ratio": c,
+                           "throughput_ratios": [r]}
+                       for v, r, c in (("plain", 1.0, 1.0), ("signed", 0.8, 1.25),
+                                       ("redacted", 0.9, 1.3))}}
+    table = compliance.render(out)
+    assert "| signed | 0.80x | 1.25x | 0.80 |" in table
+    assert "load average (1 min) 1.0-2.0" in table
