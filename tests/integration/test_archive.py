@@ -5,7 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ class Crash(Exception):
     """A simulated crash."""
 
 
-def crash_at(step: str, after: int = 1) -> Any:
+def crash_at(step: str, after: int = 1) -> Callable[[str], None]:
     """A fault hook that raises the ``after``-th time ``step`` is reached."""
     seen = Counter[str]()
 

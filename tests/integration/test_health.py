@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -52,8 +52,11 @@ async def get(port: int, path: str, method: str = "GET", accept: str = "") -> tu
     return await request(port, f"{method} {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode())
 
 
+Serve = Callable[[HealthServer], Awaitable[int]]
+
+
 @pytest.fixture
-async def serve() -> AsyncIterator[Callable[[HealthServer], Any]]:
+async def serve() -> AsyncIterator[Serve]:
     """Start HealthServers on free ports inside the test's task group."""
     async with anyio.create_task_group() as tg:
         async def start(server: HealthServer) -> int:
@@ -64,7 +67,7 @@ async def serve() -> AsyncIterator[Callable[[HealthServer], Any]]:
         tg.cancel_scope.cancel()
 
 
-async def test_metrics_endpoint_serves_the_registry(serve: Any) -> None:
+async def test_metrics_endpoint_serves_the_registry(serve: Serve) -> None:
     """/metrics is the text exposition of the worker's registry, OpenMetrics on request."""
     m = Metrics()
     m.events_written.labels("s").inc(7)
@@ -87,7 +90,7 @@ async def test_metrics_endpoint_serves_the_registry(serve: Any) -> None:
     assert body.rstrip().endswith(b"# EOF")
 
 
-async def test_healthz_follows_heartbeats(serve: Any) -> None:
+async def test_healthz_follows_heartbeats(serve: Serve) -> None:
     """/healthz is 200 while every loop beats recently and 503 once one is stale."""
     m = Metrics()
     m.heartbeat("reader")
@@ -109,7 +112,7 @@ async def test_healthz_follows_heartbeats(serve: Any) -> None:
     assert doc["loops"]["reader"]["ok"] is True
 
 
-async def test_required_loop_missing_after_grace(serve: Any) -> None:
+async def test_required_loop_missing_after_grace(serve: Serve) -> None:
     """A required loop that never beat is fine during the startup grace, not after."""
     m = Metrics()
     in_grace = await serve(HealthServer(m, required_loops=("reader",), startup_grace_s=60))
@@ -148,7 +151,7 @@ async def test_readyz_checks_redis_and_store(
     assert b"secret" not in body
 
 
-async def test_readyz_fails_while_draining(serve: Any) -> None:
+async def test_readyz_fails_while_draining(serve: Serve) -> None:
     """A draining worker is not ready, whether told directly or through a callable."""
     stopping = False
     server = HealthServer(Metrics(), checks={"store": NullStore().ping},
@@ -166,7 +169,7 @@ async def test_readyz_fails_while_draining(serve: Any) -> None:
     assert (await get(other_port, "/healthz"))[0] == 200, "draining is not dead"
 
 
-async def test_http_edge_cases(serve: Any) -> None:
+async def test_http_edge_cases(serve: Serve) -> None:
     """Unknown paths 404, other methods 405, HEAD has no body, garbage gets 400 or a close."""
     port = await serve(HealthServer(Metrics(), request_timeout_s=1))
     assert (await get(port, "/nope"))[0] == 404
@@ -181,7 +184,7 @@ async def test_http_edge_cases(serve: Any) -> None:
     assert (await get(port, "/"))[0] == 200, "the server survives bad requests"
 
 
-async def test_check_exit_codes(serve: Any) -> None:
+async def test_check_exit_codes(serve: Serve) -> None:
     """check() is 0 for a healthy worker, 1 when unhealthy, unready or unreachable."""
     m = Metrics()
     m.heartbeat("reader")

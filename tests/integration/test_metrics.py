@@ -6,7 +6,6 @@ import json
 import random
 import re
 import time
-from typing import Any
 
 import anyio
 import pytest
@@ -14,16 +13,18 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import ROOT, ControlledStore, MemoryStore
+from tests.helpers import ROOT, ControlledStore, MemoryStore, ReadWriteStore
 from worker import constants as c
 from worker import samples
 from worker.consumer import Worker
+from worker.documents import WriteBatch
 from worker.emitter import AuditEmitter
 from worker.errors import StoreUnavailable
 from worker.fleet import fleet_side_loop
 from worker.health import HealthServer
 from worker.metrics import Metrics, exported_names
 from worker.settings import Settings
+from worker.stores.base import WriteResult
 from worker.trim import trim_side_loop
 
 NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
@@ -191,11 +192,11 @@ def test_docs_list_every_metric_and_only_real_ones() -> None:
 class FlakyStore(ControlledStore):
     """Down for its first writes (StoreUnavailable), then up: retries happen for real."""
 
-    def __init__(self, inner: Any, failures: int) -> None:
+    def __init__(self, inner: ReadWriteStore, failures: int) -> None:
         super().__init__(inner)
         self.to_fail = failures
 
-    async def write(self, batch: Any) -> Any:
+    async def write(self, batch: WriteBatch) -> WriteResult:
         if self.to_fail > 0:
             self.to_fail -= 1
             self.failures += 1

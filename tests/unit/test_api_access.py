@@ -18,6 +18,7 @@ from worker import cli
 from worker.api.server import Bind, Listen
 from worker.api.text import clean
 from worker.api.tokens import digest, new_token, parse_scopes, parse_workspaces
+from worker.archive import Archive
 from worker.errors import ConfigError
 from worker.stores import Store, open_store
 from worker.stores.access import AccessRecord, access_store
@@ -220,10 +221,8 @@ async def test_retention_expires_access_records_with_the_run_summaries(
     assert "beta: OK" in capsys.readouterr().out
 
 
-def arc_at(path: Path) -> Any:
-    from worker import archive
-
-    return archive.Archive.at(path / "archive")
+def arc_at(path: Path) -> Archive:
+    return Archive.at(path / "archive")
 
 
 @pytest.mark.mongo

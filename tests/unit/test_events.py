@@ -10,7 +10,7 @@ import pytest
 
 from worker.constants import Reason
 from worker.errors import InvalidEvent
-from worker.events import NodeCompleted, RunSnapshot, decode
+from worker.events import Decoded, NodeCompleted, RunSnapshot, decode
 
 BASE: dict[str, Any] = {
     "v": 1, "eventId": "evt-1", "type": "run.started", "workspaceId": "workspace_abc",
@@ -18,7 +18,7 @@ BASE: dict[str, Any] = {
 }
 
 
-def _decode(event: dict[str, Any], max_bytes: int = 1 << 20) -> Any:
+def _decode(event: dict[str, Any], max_bytes: int = 1 << 20) -> Decoded:
     return decode(json.dumps(event).encode(), max_bytes=max_bytes)
 
 

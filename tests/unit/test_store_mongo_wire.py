@@ -29,7 +29,7 @@ from tests.helpers import ROOT
 from tests.mongo_emulator import FakeMongo, _canon, apply_pipeline, url_of
 from tests.store_conformance import StoreConformance
 from worker import events as ev
-from worker.documents import coalesce, fold, node_key
+from worker.documents import WriteBatch, coalesce, fold, node_key
 from worker.errors import ConfigError, StoreRejected, StoreUnavailable
 from worker.settings import _ENV_NAMES, Settings
 from worker.stores import _mongo_codec as mc
@@ -96,7 +96,7 @@ def lead_triage(run: str = "run-1", ws: str = "acme", prompt: str = "Classify th
     ]
 
 
-def batch_of(decoded: list[ev.Decoded], first: int = 1) -> Any:
+def batch_of(decoded: list[ev.Decoded], first: int = 1) -> WriteBatch:
     return coalesce((f"{first + i}-0", d) for i, d in enumerate(decoded))
 
 
