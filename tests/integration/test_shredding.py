@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import anyio
 import pytest
 
+from tests.helpers import StoreProxy
 from worker import events as ev
 from worker.archive import Archive
 from worker.cli import main
@@ -22,6 +24,7 @@ from worker.erasure import ERASURE_WORKFLOW, erase, hash_subjects, subject_hash
 from worker.retention import Policy, run_retention
 from worker.shredding import MasterKey
 from worker.stores import RunQuery, Store, open_store
+from worker.stores.base import StoredKey
 
 pytestmark = pytest.mark.anyio
 
@@ -311,26 +314,35 @@ async def test_configured_personal_paths_are_sealed_in_archives_and_shredded(
     assert "lead@example.com" not in text
 
 
-class Interleaved:
-    """A store whose ``nth`` call of ``method`` first runs ``hook`` (another command
-    running at that moment), then goes on."""
+class Interleaved(StoreProxy):
+    """A store whose ``nth`` call of ``method`` (``data_keys``, ``put_data_keys`` or
+    ``runs_with_subject``) first runs ``hook`` (another command running at that moment),
+    then goes on."""
 
-    def __init__(self, store: Store, method: str, nth: int, hook: Any) -> None:
-        self.store, self.method, self.nth, self.hook = store, method, nth, hook
+    def __init__(self, store: Store, method: str, nth: int,
+                 hook: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(store)
+        self.method, self.nth, self.hook = method, nth, hook
         self.calls = 0
 
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self.store, name)
-        if name != self.method:
-            return attr
-
-        async def call(*args: Any, **kwargs: Any) -> Any:
+    async def _reached(self, method: str) -> None:
+        if method == self.method:
             self.calls += 1
             if self.calls == self.nth:
                 await self.hook()
-            return await attr(*args, **kwargs)
 
-        return call
+    async def data_keys(self, workspace: str,
+                        run_ids: Sequence[str] | None = None) -> list[StoredKey]:
+        await self._reached("data_keys")
+        return await super().data_keys(workspace, run_ids)
+
+    async def put_data_keys(self, workspace: str, keys: Sequence[StoredKey]) -> None:
+        await self._reached("put_data_keys")
+        await super().put_data_keys(workspace, keys)
+
+    async def runs_with_subject(self, workspace: str, subject: str) -> list[dict[str, Any]]:
+        await self._reached("runs_with_subject")
+        return await super().runs_with_subject(workspace, subject)
 
 
 async def archived_inputs(store: Store, archive: Archive, run_id: str) -> Any:

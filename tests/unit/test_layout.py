@@ -1,6 +1,7 @@
 """The tree stays as the docs say: README's module table names every module, no module
 grows past 600 lines (the few still past it are listed and may only shrink), and the
-package has no import cycles, and Redis clients are made in one place only."""
+package has no import cycles, Redis clients are made in one place only, and no test double
+hides from the type checker."""
 
 from __future__ import annotations
 
@@ -66,3 +67,14 @@ def test_no_import_cycles() -> None:
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("no import cycles among ")
+
+
+def test_no_test_double_forwards_by_getattr() -> None:
+    """mypy takes a class with ``__getattr__`` for any protocol, so a double forwarding that
+    way hides the methods it lacks: doubles subclass the protocol they stand in for
+    (``tests.helpers.StoreProxy``, ``ReadWriteStore``) and override what they change."""
+    found = [f"{path.relative_to(ROOT).as_posix()}:{n}"
+             for path in sorted((ROOT / "tests").rglob("*.py"))
+             for n, line in enumerate(path.read_text().splitlines(), 1)
+             if re.match(r"\s+def __getattr__\(", line)]
+    assert found == []
