@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, Generic, Protocol, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
@@ -102,20 +102,15 @@ class ReadWriteStore(WriteStore, QueryStore, Protocol):
     :class:`ControlledStore`."""
 
 
-class ControlledStore(ReadWriteStore):
-    """Wraps a store: can be taken down, slowed, or made to choke on some runs."""
+S = TypeVar("S", bound=ReadWriteStore)
 
-    def __init__(self, inner: ReadWriteStore) -> None:
+
+class ForwardingStore(ReadWriteStore, Generic[S]):
+    """Forwards the read-write protocol to ``inner``; a subclass overrides what it changes."""
+
+    def __init__(self, inner: S) -> None:
         self.inner = inner
         self.name = inner.name
-        self.down = False
-        self.delay = 0.0
-        self.crash_runs: set[str] = set()   # raise an unexpected error (a poison message)
-        self.reject_runs: set[str] = set()  # raise StoreRejected (permanent)
-        self.gate: anyio.Event | None = None  # set: writes wait until it is set
-        self.writes = 0
-        self.failures = 0
-        self.entered = 0  # writes begun (before the delay, the gate or a failure)
 
     async def open(self) -> None:
         await self.inner.open()
@@ -125,6 +120,78 @@ class ControlledStore(ReadWriteStore):
 
     async def migrate(self) -> None:
         await self.inner.migrate()
+
+    async def ping(self) -> None:
+        await self.inner.ping()
+
+    async def write(self, batch: WriteBatch) -> WriteResult:
+        return await self.inner.write(batch)
+
+    async def get_run(self, workspace: str, run_id: str) -> dict[str, Any] | None:
+        return await self.inner.get_run(workspace, run_id)
+
+    async def runs_with_subject(self, workspace: str, subject: str) -> list[dict[str, Any]]:
+        return await self.inner.runs_with_subject(workspace, subject)
+
+    async def get_nodes(self, workspace: str, run_id: str) -> list[dict[str, Any]]:
+        return await self.inner.get_nodes(workspace, run_id)
+
+    async def list_runs(self, workspace: str, query: RunQuery) -> list[dict[str, Any]]:
+        return await self.inner.list_runs(workspace, query)
+
+    def scan_nodes(self, workspace: str, query: NodeQuery) -> AsyncIterator[dict[str, Any]]:
+        return self.inner.scan_nodes(workspace, query)
+
+    async def workspaces(self) -> list[str]:
+        return await self.inner.workspaces()
+
+
+class StoreProxy(ForwardingStore[Store], Store):
+    """Forwards the whole store protocol to ``inner``; a subclass overrides what it changes."""
+
+    async def delete_runs(self, workspace: str, run_ids: Sequence[str], *,
+                          expected: Sequence[RunVersion] | None = None) -> int:
+        return await self.inner.delete_runs(workspace, run_ids, expected=expected)
+
+    def scan_runs(self, workspace: str, before: datetime) -> AsyncIterator[dict[str, Any]]:
+        return self.inner.scan_runs(workspace, before)
+
+    async def delete_nodes(self, workspace: str, nodes: Sequence[NodeVersion]) -> int:
+        return await self.inner.delete_nodes(workspace, nodes)
+
+    async def strip_node_fields(self, workspace: str, nodes: Sequence[NodeVersion],
+                                fields: Sequence[str]) -> int:
+        return await self.inner.strip_node_fields(workspace, nodes, fields)
+
+    async def strip_run_fields(self, workspace: str, runs: Sequence[RunVersion],
+                               fields: Sequence[str]) -> int:
+        return await self.inner.strip_run_fields(workspace, runs, fields)
+
+    async def put_data_keys(self, workspace: str, keys: Sequence[StoredKey]) -> None:
+        await self.inner.put_data_keys(workspace, keys)
+
+    async def data_keys(self, workspace: str,
+                        run_ids: Sequence[str] | None = None) -> list[StoredKey]:
+        return await self.inner.data_keys(workspace, run_ids)
+
+    async def shred_data_keys(self, workspace: str, run_ids: Sequence[str],
+                              at: datetime) -> int:
+        return await self.inner.shred_data_keys(workspace, run_ids, at)
+
+
+class ControlledStore(ForwardingStore[ReadWriteStore]):
+    """Wraps a store: can be taken down, slowed, or made to choke on some runs."""
+
+    def __init__(self, inner: ReadWriteStore) -> None:
+        super().__init__(inner)
+        self.down = False
+        self.delay = 0.0
+        self.crash_runs: set[str] = set()   # raise an unexpected error (a poison message)
+        self.reject_runs: set[str] = set()  # raise StoreRejected (permanent)
+        self.gate: anyio.Event | None = None  # set: writes wait until it is set
+        self.writes = 0
+        self.failures = 0
+        self.entered = 0  # writes begun (before the delay, the gate or a failure)
 
     async def ping(self) -> None:
         if self.down:
@@ -149,24 +216,6 @@ class ControlledStore(ReadWriteStore):
             raise StoreRejected("value too long for this store (test)")
         self.writes += 1
         return await self.inner.write(batch)
-
-    async def get_run(self, workspace: str, run_id: str) -> dict[str, Any] | None:
-        return await self.inner.get_run(workspace, run_id)
-
-    async def runs_with_subject(self, workspace: str, subject: str) -> list[dict[str, Any]]:
-        return await self.inner.runs_with_subject(workspace, subject)
-
-    async def get_nodes(self, workspace: str, run_id: str) -> list[dict[str, Any]]:
-        return await self.inner.get_nodes(workspace, run_id)
-
-    async def list_runs(self, workspace: str, query: RunQuery) -> list[dict[str, Any]]:
-        return await self.inner.list_runs(workspace, query)
-
-    def scan_nodes(self, workspace: str, query: NodeQuery) -> AsyncIterator[dict[str, Any]]:
-        return self.inner.scan_nodes(workspace, query)
-
-    async def workspaces(self) -> list[str]:
-        return await self.inner.workspaces()
 
 
 def spawn_worker(name: str, stream: str, redis_url: str, store_url: str, log: Path,
@@ -416,76 +465,6 @@ class MemoryStore(ReadWriteStore):
 
     async def workspaces(self) -> list[str]:
         return sorted({k[0] for k in self.runs})
-
-
-class StoreProxy(Store):
-    """Forwards the whole store protocol to ``inner``; a subclass overrides what it changes."""
-
-    def __init__(self, inner: Store) -> None:
-        self.inner = inner
-        self.name = inner.name
-
-    async def open(self) -> None:
-        await self.inner.open()
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-    async def migrate(self) -> None:
-        await self.inner.migrate()
-
-    async def ping(self) -> None:
-        await self.inner.ping()
-
-    async def write(self, batch: WriteBatch) -> WriteResult:
-        return await self.inner.write(batch)
-
-    async def get_run(self, workspace: str, run_id: str) -> dict[str, Any] | None:
-        return await self.inner.get_run(workspace, run_id)
-
-    async def runs_with_subject(self, workspace: str, subject: str) -> list[dict[str, Any]]:
-        return await self.inner.runs_with_subject(workspace, subject)
-
-    async def get_nodes(self, workspace: str, run_id: str) -> list[dict[str, Any]]:
-        return await self.inner.get_nodes(workspace, run_id)
-
-    async def list_runs(self, workspace: str, query: RunQuery) -> list[dict[str, Any]]:
-        return await self.inner.list_runs(workspace, query)
-
-    def scan_nodes(self, workspace: str, query: NodeQuery) -> AsyncIterator[dict[str, Any]]:
-        return self.inner.scan_nodes(workspace, query)
-
-    async def workspaces(self) -> list[str]:
-        return await self.inner.workspaces()
-
-    async def delete_runs(self, workspace: str, run_ids: Sequence[str], *,
-                          expected: Sequence[RunVersion] | None = None) -> int:
-        return await self.inner.delete_runs(workspace, run_ids, expected=expected)
-
-    def scan_runs(self, workspace: str, before: datetime) -> AsyncIterator[dict[str, Any]]:
-        return self.inner.scan_runs(workspace, before)
-
-    async def delete_nodes(self, workspace: str, nodes: Sequence[NodeVersion]) -> int:
-        return await self.inner.delete_nodes(workspace, nodes)
-
-    async def strip_node_fields(self, workspace: str, nodes: Sequence[NodeVersion],
-                                fields: Sequence[str]) -> int:
-        return await self.inner.strip_node_fields(workspace, nodes, fields)
-
-    async def strip_run_fields(self, workspace: str, runs: Sequence[RunVersion],
-                               fields: Sequence[str]) -> int:
-        return await self.inner.strip_run_fields(workspace, runs, fields)
-
-    async def put_data_keys(self, workspace: str, keys: Sequence[StoredKey]) -> None:
-        await self.inner.put_data_keys(workspace, keys)
-
-    async def data_keys(self, workspace: str,
-                        run_ids: Sequence[str] | None = None) -> list[StoredKey]:
-        return await self.inner.data_keys(workspace, run_ids)
-
-    async def shred_data_keys(self, workspace: str, run_ids: Sequence[str],
-                              at: datetime) -> int:
-        return await self.inner.shred_data_keys(workspace, run_ids, at)
 
 
 async def fill_to_maxmemory(client: aioredis.Redis, prefix: str = "pad:") -> int:
