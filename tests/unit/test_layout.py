@@ -78,3 +78,19 @@ def test_no_test_double_forwards_by_getattr() -> None:
              for n, line in enumerate(path.read_text().splitlines(), 1)
              if re.match(r"\s+def __getattr__\(", line)]
     assert found == []
+
+
+#: An import of a test module or of conftest.py (fixtures are found by pytest, not imported).
+TEST_MODULE_IMPORT = re.compile(
+    r"^\s*(?:from|import)\s+(?:tests\.(?:conftest|unit|integration)\b|\.+test_|tests\.test_)")
+
+
+def test_no_test_imports_conftest_or_another_test_module() -> None:
+    """Shared fixtures live in tests/conftest.py, tools in tests/helpers.py and its
+    neighbours. Importing conftest.py loads it a second time as a plain module (its set-up
+    runs twice); a fixture imported from a test module becomes a second definition of it."""
+    found = [f"{path.relative_to(ROOT).as_posix()}:{n}: {line.strip()}"
+             for path in sorted((ROOT / "tests").rglob("*.py"))
+             for n, line in enumerate(path.read_text().splitlines(), 1)
+             if TEST_MODULE_IMPORT.match(line)]
+    assert found == []
