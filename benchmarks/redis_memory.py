@@ -37,6 +37,7 @@ import anyio
 import redis.asyncio as aioredis
 
 from benchmarks import load
+from benchmarks.report import markdown_table
 from tests.redis_servers import free_ports, wait_for
 
 STREAM = "mem:events:{0}"
@@ -155,15 +156,13 @@ async def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     return results
 
 
-def render(results: list[dict[str, Any]]) -> str:
-    lines = ["| server | mix | entries | mean payload B | used_memory B/entry "
-             "| MEMORY USAGE B/entry | overhead B/entry | + pending B/entry | after ACK B/entry |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['server']} | {r['mix']} | {r['entries']} | {r['mean_payload_bytes']} | "
-              f"{r['used_memory_per_entry']} | {r['memory_usage_per_entry']} | "
-              f"{r['overhead_per_entry']} | {r['pending_cost_per_entry']} | "
-              f"{r['after_ack_per_entry']} |" for r in results]
-    return "\n".join(lines)
+COLUMNS = (("server", "server"), ("mix", "mix"), ("entries", "entries"),
+           ("mean payload B", "mean_payload_bytes"),
+           ("used_memory B/entry", "used_memory_per_entry"),
+           ("MEMORY USAGE B/entry", "memory_usage_per_entry"),
+           ("overhead B/entry", "overhead_per_entry"),
+           ("+ pending B/entry", "pending_cost_per_entry"),
+           ("after ACK B/entry", "after_ack_per_entry"))
 
 
 def cli() -> None:
@@ -177,7 +176,7 @@ def cli() -> None:
     p.add_argument("--json", action="store_true", help="print the raw results as JSON")
     args = p.parse_args()
     results = anyio.run(main, args)
-    print(json.dumps(results, indent=2) if args.json else render(results))
+    print(json.dumps(results, indent=2) if args.json else markdown_table(COLUMNS, results))
 
 
 if __name__ == "__main__":

@@ -145,6 +145,16 @@ def results_table(results: Sequence[Mapping[str, Any]],
     return "\n".join(lines)
 
 
+def markdown_table(columns: Sequence[tuple[str, str]],
+                   rows: Iterable[Mapping[str, Any]]) -> str:
+    """A Markdown table: ``columns`` are (heading, key) pairs; a missing value is ``-``."""
+    lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = ("-" if row.get(key) is None else str(row[key]) for _, key in columns)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def targets_table(rows: Iterable[Mapping[str, Any]]) -> str:
     lines = ["| target | measured | threshold | met |", "|---|---|---|---|"]
     for t in rows:

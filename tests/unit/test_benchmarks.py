@@ -374,3 +374,10 @@ def test_compliance_benchmark_configures_what_it_compares(tmp_path: Path) -> Non
     table = compliance.render(out)
     assert "| signed | 0.80x | 1.25x | 0.80 |" in table
     assert "load average (1 min) 1.0-2.0" in table
+
+
+def test_markdown_table_takes_columns_by_key_and_marks_missing_values() -> None:
+    """The scripts' tables: one row per result, ``-`` where a figure is missing."""
+    got = report.markdown_table((("lag ms", "lag"), ("lost", "lost")),
+                                [{"lag": 50, "lost": 3}, {"lag": 0, "lost": None}])
+    assert got.splitlines() == ["| lag ms | lost |", "|---|---|", "| 50 | 3 |", "| 0 | - |"]
