@@ -12,9 +12,16 @@ import pytest
 import redis.asyncio as aioredis
 import structlog
 
-from tests.helpers import REDIS_URL, pg_database
+from tests.helpers import ADMIN_USER, REDIS_URL, SECURE_USERS, pg_database
 from tests.mongo_emulator import FakeMongo, start_emulator
-from tests.redis_servers import RedisCluster, RedisServers, ReplicaPair, SentinelSetup
+from tests.redis_servers import (
+    RedisCluster,
+    RedisServers,
+    ReplicaPair,
+    Security,
+    SentinelSetup,
+    make_tls_files,
+)
 from worker.stores import Store, open_store
 
 # Plain tracebacks in test logs: structlog's default renders each logged exception with rich
@@ -136,22 +143,7 @@ def mongo_wire(mongo_wire_server: FakeMongo) -> FakeMongo:
     return mongo_wire_server
 
 
-@pytest.fixture(scope="session")
-def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
-    """One private six-node Redis Cluster (3 masters, 3 replicas) shared by the session.
-
-    Tests use their own hash-tagged stream names; a test that kills or moves something
-    leaves the cluster healthy (three masters, every slot covered) when it ends.
-    """
-    cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster"))
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
-
-
-_Setup = TypeVar("_Setup", SentinelSetup, ReplicaPair)
+_Setup = TypeVar("_Setup", RedisCluster, SentinelSetup, ReplicaPair)
 
 
 def _started(setup: _Setup) -> Iterator[_Setup]:
@@ -161,6 +153,16 @@ def _started(setup: _Setup) -> Iterator[_Setup]:
         yield setup
     finally:
         setup.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """One private six-node Redis Cluster (3 masters, 3 replicas) shared by the session.
+
+    Tests use their own hash-tagged stream names; a test that kills or moves something
+    leaves the cluster healthy (three masters, every slot covered) when it ends.
+    """
+    yield from _started(RedisCluster(tmp_path_factory.mktemp("redis-cluster")))
 
 
 @pytest.fixture
@@ -173,3 +175,21 @@ def sentinel_setup(tmp_path: Path) -> Iterator[SentinelSetup]:
 def replica_pair(tmp_path: Path) -> Iterator[ReplicaPair]:
     """A private primary and replica, no Sentinel: the test fails over by hand."""
     yield from _started(ReplicaPair(tmp_path / "pair"))
+
+
+@pytest.fixture
+def secure_cluster(tmp_path: Path) -> Iterator[RedisCluster]:
+    """A private six-node cluster on TLS only (a throwaway CA), every client authenticated
+    (``SECURE_USERS``)."""
+    security = Security(make_tls_files(tmp_path), SECURE_USERS, ADMIN_USER)
+    yield from _started(RedisCluster(tmp_path / "cluster", security))
+
+
+@pytest.fixture
+def secure_sentinel(tmp_path: Path) -> Iterator[SentinelSetup]:
+    """Master, replica and Sentinel over TLS; ``SECURE_USERS`` on the servers, and a
+    ``fleet`` user (password ``sentinel-pw``) on Sentinel."""
+    yield from _started(SentinelSetup(
+        tmp_path / "sentinel", security=Security(make_tls_files(tmp_path), SECURE_USERS,
+                                                 ADMIN_USER),
+        sentinel_users=("default off", "fleet on >sentinel-pw +@all")))

@@ -47,6 +47,25 @@ PG_ADMIN_URL = os.environ.get("AUDIT_TEST_POSTGRES_URL",
                               "postgresql://postgres@127.0.0.1:5432/postgres")
 """The test PostgreSQL server's admin database (tests create databases of their own)."""
 
+#: The ACL users of docs/events.md exactly (the docs tests read them from here): a
+#: producer may only append events to ``audit:events`` and its shards (``audit:events:0``
+#: … and the hash-tagged ``audit:events:{0}`` … ``{99}``), never their dead letters; a
+#: worker runs the whole pipeline on ``audit:events*``.
+PRODUCER_ACL = ("on >producer-pw resetkeys resetchannels ~audit:events ~audit:events:[0-9]* "
+                "~audit:events:{[0-9]} ~audit:events:{[0-9][0-9]} "
+                "-@all +xadd +ping +hello +auth")
+WORKER_ACL = ("on >worker-pw resetkeys resetchannels ~audit:events* -@all +@stream "
+              "+eval +evalsha +get +set +pexpire +del +ping +hello +auth +info +time "
+              "+memory|usage")
+#: What a Redis Cluster client needs besides (docs/scaling.md): the slot map and the
+#: command table (``COMMAND``) redis-py reads when it connects.
+CLUSTER_ACL = "+cluster|slots +command"
+#: The users of the TLS + ACL set-ups (``secure_cluster``, ``secure_sentinel``): no
+#: anonymous clients; ``admin`` for replication, Sentinel and redis-cli.
+ADMIN_USER = ("admin", "admin-pw")
+SECURE_USERS = ("default off", f"{ADMIN_USER[0]} on >{ADMIN_USER[1]} ~* &* +@all",
+                f"producer {PRODUCER_ACL} {CLUSTER_ACL}", f"worker {WORKER_ACL} {CLUSTER_ACL}")
+
 
 async def _admin() -> asyncpg.Connection:
     return await asyncpg.connect(PG_ADMIN_URL)

@@ -14,7 +14,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -41,10 +41,55 @@ def _binary(name: str) -> str:
     return path
 
 
-def cli(port: int, *args: str, timeout: float = 30) -> str:
-    out = subprocess.run([_binary("redis-cli"), "-h", "127.0.0.1", "-p", str(port), *args],
-                         capture_output=True, text=True, timeout=timeout, check=False)
+def cli(port: int, *args: str, timeout: float = 30, options: Sequence[str] = ()) -> str:
+    """``redis-cli`` against 127.0.0.1:``port``; ``options`` go first (``Security``'s TLS
+    and user flags)."""
+    out = subprocess.run([_binary("redis-cli"), "-h", "127.0.0.1", "-p", str(port), *options,
+                          *args], capture_output=True, text=True, timeout=timeout, check=False)
     return out.stdout + out.stderr
+
+
+@dataclass(frozen=True)
+class Security:
+    """TLS and ACL users for a private set-up (none by default).
+
+    ``tls`` is a throwaway CA's files (:func:`make_tls_files`): the servers then listen
+    on TLS only, and replicate, gossip (cluster bus) and talk to Sentinel over TLS.
+    ``users`` are ``user`` directives (``"worker on >pw ~* +@all"``; add ``"default
+    off"`` to refuse unauthenticated clients); ``admin`` is the user replication,
+    Sentinel and ``redis-cli`` use.
+    """
+
+    tls: tuple[Path, Path, Path] | None = None
+    users: tuple[str, ...] = ()
+    admin: tuple[str, str] | None = None
+
+    def directives(self, port: int) -> list[tuple[str, ...]]:
+        """Config directives: where to listen, TLS files, users, replication's user."""
+        out: list[tuple[str, ...]] = []
+        if self.tls is None:
+            out.append(("port", str(port)))
+        else:
+            ca, cert, key = self.tls
+            out += [("port", "0"), ("tls-port", str(port)), ("tls-cert-file", str(cert)),
+                    ("tls-key-file", str(key)), ("tls-ca-cert-file", str(ca)),
+                    ("tls-auth-clients", "no"), ("tls-replication", "yes")]
+        out += [("user", *rule.split()) for rule in self.users]
+        if self.admin is not None:
+            out += [("masteruser", self.admin[0]), ("masterauth", self.admin[1])]
+        return out
+
+    def server_args(self, port: int, *, cluster: bool = False) -> list[str]:
+        args = [a for d in self.directives(port) for a in (f"--{d[0]}", *d[1:])]
+        if cluster and self.tls is not None:
+            args += ["--tls-cluster", "yes"]
+        return args
+
+    def cli_options(self) -> list[str]:
+        out = ["--tls", "--cacert", str(self.tls[0])] if self.tls is not None else []
+        if self.admin is not None:
+            out += ["--user", self.admin[0], "--pass", self.admin[1], "--no-auth-warning"]
+        return out
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None:
@@ -77,12 +122,13 @@ def _listening(port: int) -> bool:
         return False
 
 
-def role_server(base: Path, role: str, port: int, *extra: str) -> subprocess.Popen[bytes]:
+def role_server(base: Path, role: str, port: int, *extra: str,
+                security: Security = Security()) -> subprocess.Popen[bytes]:
     """A ``redis-server`` on ``port`` with its files in ``base/role``, once it listens."""
     d = base / role
     d.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
-        [_binary("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
+        [_binary("redis-server"), *security.server_args(port), "--bind", "127.0.0.1",
          "--save", "", "--appendonly", "no", "--dir", str(d),
          "--logfile", str(d / "redis.log"), *extra],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -96,6 +142,7 @@ class RedisCluster:
     """Six nodes: three masters, one replica each."""
 
     base: Path
+    security: Security = Security()
     ports: list[int] = field(default_factory=list)
     bus_ports: dict[int, int] = field(default_factory=dict)
     procs: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -104,12 +151,16 @@ class RedisCluster:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.ports[0]}/0"
 
+    def cli(self, port: int, *args: str, timeout: float = 30) -> str:
+        return cli(port, *args, timeout=timeout, options=self.security.cli_options())
+
     def start_node(self, port: int) -> None:
         d = self.base / str(port)
         d.mkdir(parents=True, exist_ok=True)
         self.procs[port] = subprocess.Popen(
-            [_binary("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
-             "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+            [_binary("redis-server"), *self.security.server_args(port, cluster=True),
+             "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+             "--cluster-config-file", "nodes.conf",
              # an explicit bus port: the default (port + 10000) overflows for high ports
              "--cluster-port", str(self.bus_ports[port]),
              "--cluster-node-timeout", "1000", "--save", "", "--appendonly", "no",
@@ -124,7 +175,7 @@ class RedisCluster:
         self.bus_ports = dict(zip(ports[:6], ports[6:], strict=True))
         for port in self.ports:
             self.start_node(port)
-        out = cli(self.ports[0], "--cluster", "create",
+        out = self.cli(self.ports[0], "--cluster", "create",
                   *(f"127.0.0.1:{p}" for p in self.ports),
                   "--cluster-replicas", "1", "--cluster-yes", timeout=60)
         if "[OK] All 16384 slots covered" not in out:
@@ -135,15 +186,15 @@ class RedisCluster:
         """Every live node reports cluster_state:ok and the same three masters."""
         def ok() -> bool:
             live = [p for p, proc in self.procs.items() if proc.poll() is None]
-            return all("cluster_state:ok" in cli(p, "cluster", "info") for p in live) and \
+            return all("cluster_state:ok" in self.cli(p, "cluster", "info") for p in live) and \
                 len(self.masters()) == 3
         wait_for(ok, timeout, "cluster_state:ok")
 
     def nodes(self) -> list[list[str]]:
         for port, proc in self.procs.items():
             if proc.poll() is None:
-                return [line.split() for line in cli(port, "cluster", "nodes").splitlines()
-                        if line.strip()]
+                rows = self.cli(port, "cluster", "nodes").splitlines()
+                return [line.split() for line in rows if line.strip()]
         return []
 
     def masters(self) -> list[int]:
@@ -155,7 +206,7 @@ class RedisCluster:
         return sorted(out)
 
     def master_of(self, key: str) -> int:
-        slot = int(cli(self.ports[0], "cluster", "keyslot", key).strip())
+        slot = int(self.cli(self.ports[0], "cluster", "keyslot", key).strip())
         for row in self.nodes():
             if "master" not in row[2] or "fail" in row[2]:
                 continue
@@ -179,12 +230,21 @@ class RedisCluster:
         stop_all(self.procs.values())
 
 
+def _user_and_password(rule: str) -> tuple[str, str]:
+    """The name and the first ``>password`` of a ``user`` directive."""
+    name, *rest = rule.split()
+    return name, next(r[1:] for r in rest if r.startswith(">"))
+
+
 @dataclass
 class SentinelSetup:
     """A master, one replica and one Sentinel (quorum 1) watching them as ``audit``."""
 
     base: Path
     master_name: str = "audit"
+    #: The servers' security; Sentinel's own users are ``sentinel_users``.
+    security: Security = Security()
+    sentinel_users: tuple[str, ...] = ()
     ports: dict[str, int] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
@@ -192,8 +252,17 @@ class SentinelSetup:
     def url(self) -> str:
         return f"redis+sentinel://127.0.0.1:{self.ports['sentinel']}/{self.master_name}/0"
 
+    def cli(self, port: int, *args: str) -> str:
+        options = self.security.cli_options()
+        if port == self.ports["sentinel"] and self.sentinel_users:
+            options = options[:3] if self.security.tls else []  # TLS only: Sentinel's user
+            user, password = _user_and_password(self.sentinel_users[-1])
+            options += ["--user", user, "--pass", password, "--no-auth-warning"]
+        return cli(port, *args, options=options)
+
     def _server(self, role: str, *extra: str) -> None:
-        self.procs[role] = role_server(self.base, role, self.ports[role], *extra)
+        self.procs[role] = role_server(self.base, role, self.ports[role], *extra,
+                                       security=self.security)
 
     def start(self) -> None:
         m, r, s = free_ports(3)
@@ -202,8 +271,13 @@ class SentinelSetup:
         self._server("replica", "--replicaof", "127.0.0.1", str(m))
         conf = self.base / "sentinel.conf"
         self.base.mkdir(parents=True, exist_ok=True)
+        sentinel_security = Security(self.security.tls, self.sentinel_users)
+        directives = sentinel_security.directives(s)
+        if self.security.admin is not None:
+            directives += [("sentinel", "auth-user", self.master_name, self.security.admin[0]),
+                           ("sentinel", "auth-pass", self.master_name, self.security.admin[1])]
         conf.write_text(
-            f"port {s}\nbind 127.0.0.1\n"
+            "".join(" ".join(d) + "\n" for d in directives) + "bind 127.0.0.1\n"
             f"sentinel monitor {self.master_name} 127.0.0.1 {m} 1\n"
             f"sentinel down-after-milliseconds {self.master_name} 1000\n"
             f"sentinel failover-timeout {self.master_name} 5000\n"
@@ -216,14 +290,14 @@ class SentinelSetup:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_for(lambda: _listening(s), 10, "sentinel")
-        wait_for(lambda: "master_link_status:up" in cli(r, "info", "replication"), 20,
+        wait_for(lambda: "master_link_status:up" in self.cli(r, "info", "replication"), 20,
                  "replica in sync")
-        wait_for(lambda: "slaves=1" in cli(s, "info", "sentinel"), 20,
+        wait_for(lambda: "slaves=1" in self.cli(s, "info", "sentinel"), 20,
                  "sentinel sees the replica")
 
     def master_port(self) -> int:
-        out = cli(self.ports["sentinel"], "sentinel", "get-master-addr-by-name",
-                  self.master_name).split()
+        out = self.cli(self.ports["sentinel"], "sentinel", "get-master-addr-by-name",
+                       self.master_name).split()
         return int(out[1])
 
     def kill(self, role: str) -> None:

@@ -14,7 +14,10 @@ Every part of the project that talks to Redis (the worker, the SDK, ``status``,
 
 TLS (``rediss``) and an ACL user name and password in the URL work in every mode
 (for Sentinel they are the master's; ``?sentinel_username=&sentinel_password=``
-authenticate to the Sentinels themselves when they require it).
+authenticate to the Sentinels themselves when they require it). The TLS options of a
+``rediss://`` URL (``?ssl_ca_certs=/path/ca.crt``, ``ssl_certfile``, ``ssl_keyfile``,
+``ssl_cert_reqs``, ``ssl_check_hostname``, ``ssl_ca_path``) are redis-py's own; in a
+``rediss+sentinel://`` URL they apply to the Sentinels and the master alike.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ from .redisio import check_slots, translated
 MODES = ("auto", "standalone", "cluster", "sentinel")
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 URL_SCHEMES = ("redis", "rediss", "unix", *SENTINEL_SCHEMES)
+#: The TLS options a Sentinel URL may carry (redis-py's connection arguments).
+TLS_OPTIONS = ("ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs",
+               "ssl_check_hostname")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +55,8 @@ class SentinelURL:
     tls: bool = False
     sentinel_username: str | None = None
     sentinel_password: str | None = None
+    #: ``ssl_*`` connection arguments (TLS_OPTIONS), for the Sentinels and the master.
+    tls_options: tuple[tuple[str, str], ...] = ()
 
 
 def parse_sentinel_url(url: str) -> SentinelURL:
@@ -81,11 +89,18 @@ def parse_sentinel_url(url: str) -> SentinelURL:
     except ValueError:
         raise ConfigError(f"Sentinel URL database must be a number: {url!r}") from None
     query = parse_qs(parts.query)
+    unknown = sorted(set(query) - {"sentinel_username", "sentinel_password", *TLS_OPTIONS})
+    if unknown:
+        raise ConfigError(f"Sentinel URL has unknown options {unknown}: {url!r}")
+    tls_options = tuple((k, query[k][0]) for k in TLS_OPTIONS if k in query)
+    if tls_options and parts.scheme != "rediss+sentinel":
+        raise ConfigError(f"TLS options need a rediss+sentinel:// URL: {url!r}")
     return SentinelURL(
         hosts=tuple(hosts), master=unquote(path[0]), db=db, username=username,
         password=password, tls=parts.scheme == "rediss+sentinel",
         sentinel_username=query.get("sentinel_username", [None])[0],
         sentinel_password=query.get("sentinel_password", [None])[0],
+        tls_options=tls_options,
     )
 
 
@@ -134,7 +149,12 @@ def client(url: str, mode: str, **kwargs: Any) -> aioredis.Redis:
 
 
 def _sentinel_master(target: SentinelURL, **kwargs: Any) -> aioredis.Redis:
-    sentinel_kwargs: dict[str, Any] = {"ssl": target.tls} if target.tls else {}
+    tls: dict[str, Any] = {}
+    if target.tls:
+        tls = {"ssl": True, **{k: v.lower() not in ("0", "false", "no")
+                               if k == "ssl_check_hostname" else v
+                               for k, v in target.tls_options}}
+    sentinel_kwargs: dict[str, Any] = dict(tls)
     if target.sentinel_password:
         sentinel_kwargs["password"] = target.sentinel_password
         if target.sentinel_username:
@@ -144,8 +164,7 @@ def _sentinel_master(target: SentinelURL, **kwargs: Any) -> aioredis.Redis:
         master_kwargs["username"] = target.username
     if target.password:
         master_kwargs["password"] = target.password
-    if target.tls:
-        master_kwargs["ssl"] = True
+    master_kwargs.update(tls)
     sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
         list(target.hosts), sentinel_kwargs=sentinel_kwargs, **master_kwargs)
     master: aioredis.Redis = sentinel.master_for(target.master)

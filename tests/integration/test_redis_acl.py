@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoPermissionError
 from structlog.testing import capture_logs
 
-from tests.helpers import MemoryStore, command, dlq_entries
+from tests.helpers import PRODUCER_ACL, WORKER_ACL, MemoryStore, command, dlq_entries
 from worker.constants import Reason
 from worker.consumer import Worker
 from worker.dlq_bound import dlq_bytes
@@ -27,12 +27,6 @@ from worker.signing import Keyring, sign
 from worker.trim import hygiene_once, trim_side_loop
 
 pytestmark = [pytest.mark.anyio]
-
-#: Exactly the commands of docs/events.md (kept in one place: the docs test reads them).
-PRODUCER_ACL = ("on >producer-pw resetkeys resetchannels ~audit:events ~audit:events:[0-9]* "
-                "-@all +xadd +ping +hello +auth")
-WORKER_ACL = ("on >worker-pw resetkeys resetchannels ~audit:events* -@all +@stream "
-              "+eval +evalsha +get +set +pexpire +del +ping +hello +auth +info +time +memory|usage")
 
 SECRET_A = b"workspace-a-secret-0123456789abcdef"
 KEYS = {"ws_a": {"2026-01": base64.b64encode(SECRET_A).decode()},

@@ -138,6 +138,20 @@ def test_stream_ranges_expand_to_hash_tagged_shards() -> None:
         Settings(streams=("a", "a"))
 
 
+def test_sentinel_urls_carry_tls_options_and_refuse_unknown_ones() -> None:
+    """``rediss+sentinel://…?ssl_ca_certs=…`` keeps redis-py's TLS options (for the
+    Sentinels and the master alike); an unknown option or TLS options on a plain
+    ``redis+sentinel://`` URL are refused instead of ignored."""
+    u = parse_sentinel_url("rediss+sentinel://h1/m/0?ssl_ca_certs=/ca.crt&ssl_check_hostname="
+                           "false&sentinel_username=s&sentinel_password=p")
+    assert u.tls_options == (("ssl_ca_certs", "/ca.crt"), ("ssl_check_hostname", "false"))
+    assert (u.sentinel_username, u.sentinel_password) == ("s", "p")
+    for bad in ("rediss+sentinel://h1/m?ssl_ca_cert=/ca.crt",
+                "redis+sentinel://h1/m?ssl_ca_certs=/ca.crt"):
+        with pytest.raises(ConfigError):
+            parse_sentinel_url(bad)
+
+
 def test_sentinel_urls_parse_hosts_master_db_and_credentials() -> None:
     """``redis+sentinel://user:pw@h1:26379,h2:26380/mymaster/2`` gives every part."""
     u = parse_sentinel_url("rediss+sentinel://app:s%3Acret@h1:26379,h2:26380/mymaster/2"
