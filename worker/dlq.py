@@ -9,6 +9,14 @@ Replay is crash-safe by ordering: the original payload is XADDed to the source s
 first, and the dead letter is XDELed only after Redis confirmed that XADD. A crash in
 between leaves the event in both places, so it is written twice and the idempotent
 store merge absorbs the duplicate; it is never in neither.
+
+Every command streams: dead letters are read in pages (XRANGE with COUNT, the cursor
+the last ID read) of at most 500 entries and about ``_PAGE_BYTES`` at the largest payload
+seen so far (the first page takes one entry), and replayed in chunks of at most 100
+entries or ``_PAGE_BYTES``, so memory does not grow with the number of dead letters
+(200,000 of them took 880 MB when they were collected first). A replay reads only up to
+the newest dead letter at its start: what it replays and fails again is dead-lettered
+anew, after that point, and is not replayed a second time by the same run.
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ from .redisio import id_ms, parse_id, text
 DLQ_SCHEMA_VERSION = 1
 
 _PAGE = 500
+#: Payload bytes one XRANGE page (at the largest payload seen) and one replay chunk hold.
+_PAGE_BYTES = 8 * 1024 * 1024
 _REPLAY_BATCH = 100
 _SHOW_PREVIEW_CHARS = 4000
 
@@ -169,12 +179,16 @@ class DlqFilter:
 
 
 async def scan(
-    redis: aioredis.Redis, stream: str, flt: DlqFilter = DlqFilter()
+    redis: aioredis.Redis, stream: str, flt: DlqFilter = DlqFilter(),
+    *, end_id: str | None = None,
 ) -> AsyncIterator[DeadLetterEntry]:
-    """Matching entries of ``stream``'s dead-letter stream, oldest first, paged by XRANGE.
+    """Matching entries of ``stream``'s dead-letter stream, oldest first, paged by XRANGE
+    (at most ``end_id`` when given).
 
     The time range is the XRANGE itself (a dead-letter ID holds the time it was
-    dead-lettered); the other filters are applied to each entry.
+    dead-lettered); the other filters are applied to each entry. A page holds at most
+    ``_PAGE`` entries and about ``_PAGE_BYTES`` at the largest payload seen (the first
+    page one entry): what is held at once does not grow with the stream.
     """
     dlq = c.dlq_key(stream)
     if flt.ids:
@@ -187,15 +201,56 @@ async def scan(
         return
     start = "-" if flt.since_ms is None else str(max(0, flt.since_ms))
     end = "+" if flt.until_ms is None else str(max(0, flt.until_ms))
+    if end_id is not None and (end == "+" or _id_key(end_id) < (int(end), _MAX_SEQ)):
+        end = end_id
+    count, largest = 1, 0
     while True:
-        page: list[Any] = await redis.xrange(dlq, start, end, count=_PAGE) or []
+        page: list[Any] = await redis.xrange(dlq, start, end, count=count) or []
         for got_id, fields in page:
             entry = parse_entry(dlq, got_id, fields or {})
+            largest = max(largest, len(entry.event or b""))
             if flt.matches(entry):
                 yield entry
-        if len(page) < _PAGE:
+        if len(page) < count:
             return
         start = "(" + text(page[-1][0])
+        count = max(1, min(_PAGE, _PAGE_BYTES // max(largest, 1)))
+        del page, entry  # not held while the next page arrives: one page at a time
+
+
+_MAX_SEQ = 2**64 - 1
+
+#: The newest entry's ID without sending its fields (a payload can be 16 MiB).
+_NEWEST_ID = """
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
+if last then return last[1] end
+return false
+"""
+
+
+async def newest_id(redis: aioredis.Redis, stream: str) -> str | None:
+    """The ID of the newest dead letter of ``stream``, or None when there is none."""
+    found = await redis.eval(_NEWEST_ID, 1, c.dlq_key(stream))
+    return text(found) if found else None
+
+
+async def scan_all(
+    redis: aioredis.Redis, streams: Sequence[str], flt: DlqFilter = DlqFilter(),
+    *, snapshot: bool = False,
+) -> AsyncIterator[DeadLetterEntry]:
+    """Matching entries across the dead-letter streams of ``streams``, at most
+    ``flt.limit``. With ``snapshot``, each stream only up to its newest dead letter at the
+    time it is reached (what is dead-lettered meanwhile is left for a later run)."""
+    seen = 0
+    for stream in streams:
+        end_id = await newest_id(redis, stream) if snapshot else None
+        if snapshot and end_id is None:
+            continue
+        async for entry in scan(redis, stream, flt, end_id=end_id):
+            if flt.limit is not None and seen >= flt.limit:
+                return
+            seen += 1
+            yield entry
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:
@@ -208,14 +263,9 @@ def _id_key(entry_id: str) -> tuple[int, int]:
 async def find(
     redis: aioredis.Redis, streams: Sequence[str], flt: DlqFilter = DlqFilter()
 ) -> list[DeadLetterEntry]:
-    """Matching entries across the dead-letter streams of ``streams``, at most ``flt.limit``."""
-    out: list[DeadLetterEntry] = []
-    for stream in streams:
-        async for entry in scan(redis, stream, flt):
-            if flt.limit is not None and len(out) >= flt.limit:
-                return out
-            out.append(entry)
-    return out
+    """Matching entries across the dead-letter streams of ``streams``, at most ``flt.limit``
+    (all in memory: for ``list`` and ``show``; the other commands stream)."""
+    return [entry async for entry in scan_all(redis, streams, flt)]
 
 
 @dataclass(slots=True)
@@ -236,23 +286,50 @@ async def replay(
     Entries without a payload field are skipped and stay in the dead-letter stream.
     """
     result = ReplayResult()
-    chunk: list[DeadLetterEntry] = []
-    for entry in entries:
-        if entry.event is None:
-            result.skipped.append(entry.id)
-            continue
-        chunk.append(entry)
-        if len(chunk) >= batch:
-            await _replay_chunk(redis, chunk, result)
-            chunk = []
-    if chunk:
-        await _replay_chunk(redis, chunk, result)
+    async for part in _replay_chunks(redis, _aiter(entries), batch):
+        result.replayed.update(part.replayed)
+        result.skipped.extend(part.skipped)
+        result.failed.update(part.failed)
     return result
 
 
-async def _replay_chunk(
-    redis: aioredis.Redis, chunk: list[DeadLetterEntry], result: ReplayResult
-) -> None:
+async def _aiter(entries: Iterable[DeadLetterEntry]) -> AsyncIterator[DeadLetterEntry]:
+    for entry in entries:
+        yield entry
+
+
+def replay_matching(
+    redis: aioredis.Redis, streams: Sequence[str], flt: DlqFilter = DlqFilter(),
+    *, batch: int = _REPLAY_BATCH,
+) -> AsyncIterator[ReplayResult]:
+    """Replay the matching dead letters chunk by chunk, as :func:`replay` does, while
+    reading them (:func:`scan_all` with ``snapshot``): one result per chunk, so nothing
+    grows with the number of dead letters."""
+    return _replay_chunks(redis, scan_all(redis, streams, flt, snapshot=True), batch)
+
+
+async def _replay_chunks(
+    redis: aioredis.Redis, entries: AsyncIterator[DeadLetterEntry], batch: int
+) -> AsyncIterator[ReplayResult]:
+    """Chunks of at most ``batch`` entries or about ``_PAGE_BYTES``, each settled (XADD,
+    replies checked, XDEL of the confirmed) before the next is read."""
+    chunk: list[DeadLetterEntry] = []
+    size = 0
+    async for entry in entries:
+        if entry.event is None:
+            yield ReplayResult(skipped=[entry.id])
+            continue
+        chunk.append(entry)
+        size += len(entry.event)
+        if len(chunk) >= batch or size >= _PAGE_BYTES:
+            yield await _replay_chunk(redis, chunk)
+            chunk, size = [], 0
+    if chunk:
+        yield await _replay_chunk(redis, chunk)
+
+
+async def _replay_chunk(redis: aioredis.Redis, chunk: list[DeadLetterEntry]) -> ReplayResult:
+    result = ReplayResult()
     async with redis.pipeline(transaction=False) as pipe:
         for entry in chunk:
             fields: dict[Any, Any] = {c.EVENT_FIELD: entry.event or b""}
@@ -269,6 +346,7 @@ async def _replay_chunk(
     if enqueued:
         await _delete_replayed(redis, enqueued)
         result.replayed.update({entry.id: new_id for entry, new_id in enqueued})
+    return result
 
 
 async def _delete_replayed(
@@ -282,13 +360,21 @@ async def _delete_replayed(
         await redis.xdel(dlq, *ids)
 
 
-async def purge(redis: aioredis.Redis, entries: Iterable[DeadLetterEntry]) -> int:
-    """Delete ``entries`` from their dead-letter streams; the number deleted."""
-    by_dlq: dict[str, list[str]] = {}
-    for entry in entries:
-        by_dlq.setdefault(entry.dlq, []).append(entry.id)
+async def purge(
+    redis: aioredis.Redis, entries: Iterable[DeadLetterEntry] | AsyncIterator[DeadLetterEntry]
+) -> int:
+    """Delete ``entries`` from their dead-letter streams, ``_PAGE`` IDs per XDEL, while
+    reading them; the number deleted."""
+    stream = entries if isinstance(entries, AsyncIterator) else _aiter(entries)
     deleted = 0
+    by_dlq: dict[str, list[str]] = {}
+    async for entry in stream:
+        ids = by_dlq.setdefault(entry.dlq, [])
+        ids.append(entry.id)
+        if len(ids) >= _PAGE:
+            deleted += int(await redis.xdel(entry.dlq, *ids))
+            ids.clear()
     for dlq, ids in by_dlq.items():
-        for i in range(0, len(ids), _PAGE):
-            deleted += int(await redis.xdel(dlq, *ids[i: i + _PAGE]))
+        if ids:
+            deleted += int(await redis.xdel(dlq, *ids))
     return deleted

@@ -308,3 +308,101 @@ async def test_replayed_events_are_stored_by_the_worker(
     doc = await store.get_run("ws1", "run-x")
     assert doc is not None
     assert doc["status"] == run["status"]
+
+
+async def _fill(redis: aioredis.Redis, stream: str, n: int, size: int) -> None:
+    """``n`` dead letters of ``size``-byte payloads (valid JSON events)."""
+    pad = "x" * max(0, size - len(event("ws", 0)) - 12)
+    async with redis.pipeline(transaction=False) as pipe:
+        for i in range(n):
+            body = json.loads(event("ws", i))
+            body["pad"] = pad
+            pipe.xadd(c.dlq_key(stream), {"reason": c.Reason.STORE_REJECTED, "stream": stream,
+                                          "event": json.dumps(body)})
+            if len(pipe) >= 1000:
+                await pipe.execute()
+        await pipe.execute()
+
+
+async def _peak_bytes(action: Any) -> int:
+    """Peak Python heap while ``action()`` runs (tracemalloc), its stdout discarded."""
+    import contextlib
+    import os
+    import tracemalloc
+
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):  # noqa: ASYNC230
+        tracemalloc.start()
+        try:
+            await action()
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+
+@pytest.mark.slow
+async def test_replay_and_dry_run_memory_does_not_grow_with_the_dead_letters(
+    redis_client: aioredis.Redis, redis_url: str,
+) -> None:
+    """Regression: replay --dry-run collected every dead letter first (880 MB for 200k).
+    The peak heap of a dry run (text and JSON) and of a replay over 10 x N dead letters
+    is about that over N (pages and chunks, never the whole stream), and far below the
+    payload bytes; every dead letter is still replayed once."""
+    n, size = 520, 4000
+    small, large = f"test:{random.getrandbits(48):x}:a", f"test:{random.getrandbits(48):x}:b"
+    try:
+        await _fill(redis_client, small, n, size)
+        await _fill(redis_client, large, 10 * n, size)
+        peaks: dict[str, list[int]] = {}
+        for name in (small, large):
+            for mode in (["--dry-run"], ["--dry-run", "--json"], ["--json"]):
+                args = cli(redis_url, name, "replay", *mode)
+                peak = await _peak_bytes(lambda args=args: args.func(args))
+                peaks.setdefault(" ".join(mode), []).append(peak)
+        for mode, (peak_n, peak_10n) in peaks.items():
+            assert peak_10n < 1.5 * peak_n, (mode, peaks)
+            assert peak_10n < 10 * n * size / 3, (mode, peaks)  # not the payloads
+        assert await redis_client.xlen(small) == n
+        assert await redis_client.xlen(large) == 10 * n
+        assert await redis_client.xlen(c.dlq_key(small)) == 0
+        assert await redis_client.xlen(c.dlq_key(large)) == 0
+    finally:
+        for name in (small, large):
+            await redis_client.delete(name, c.dlq_key(name))
+
+
+async def test_replay_deletes_only_what_redis_confirmed_and_does_not_loop(
+    redis_client: aioredis.Redis, stream: str, redis_url: str, seeded: dict[str, str],
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Streamed replay settles each chunk safely: an XADD Redis refuses (the source key
+    holds another type) leaves that dead letter in place and exits 1; and dead letters
+    written while the replay runs (its events failing again) are not replayed by the
+    same run."""
+    other = f"{stream.rsplit(':', 1)[0]}:other"
+    await redis_client.set(other, "not a stream")
+    refused = await dead_letter(redis_client, other, reason=c.Reason.SCHEMA,
+                                payload=event("ws-a", 9))
+    chunk = dlq._replay_chunk
+    appended: list[str] = []
+
+    async def and_fail_again(redis: aioredis.Redis, entries: list[Any]) -> Any:
+        result = await chunk(redis, entries)
+        for e in entries:  # each replayed event is dead-lettered again at once
+            appended.append(await dead_letter(redis, e.source_stream, reason="again",
+                                              payload=e.event))
+        return result
+
+    monkeypatch.setattr(dlq, "_replay_chunk", and_fail_again)
+    args = cli(redis_url, f"{stream},{other}", "replay", "--json")
+    assert await args.func(args) == 1
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)
+    assert set(doc["replayed"]) == {seeded["a1"], seeded["b1"], seeded["bad"], seeded["a2"]}
+    assert doc["skipped"] == [seeded["none"]]
+    assert list(doc["failed"]) == [refused]
+    assert "WRONGTYPE" in doc["failed"][refused]
+    assert f"{refused}: not replayed" in captured.err
+    assert await redis_client.xlen(stream) == 4
+    left = {e.id for e in await find(redis_client, [stream, other])}
+    assert left == {seeded["none"], refused, *appended}  # the new ones wait for a later run
+    assert len(appended) == 5

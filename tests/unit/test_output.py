@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from worker.cli.output import (
+    JsonStream,
     escape_text,
     format_time,
     parse_duration,
     parse_when,
+    print_json,
     table,
 )
 
@@ -64,3 +67,24 @@ def test_parse_when_forms() -> None:
         parse_when("yesterday", NOW)
     with pytest.raises(ValueError, match="not a duration"):
         parse_duration("7 days")
+
+
+def test_a_streamed_json_document_is_the_printed_one(capsys: pytest.CaptureFixture[str]) -> None:
+    """JsonStream prints, item by item, the same JSON value print_json prints whole, with
+    event data escaped the same way; an empty stream closes cleanly."""
+    items = [{"id": "1-0", "workspace": "a\x1b[31m", "n": [1, 2]}, {"id": "2-0"}]
+    out = JsonStream({"version": 1, "dry_run": True}, "entries")
+    for item in items:
+        out.add(item)
+    out.close({"count": 2})
+    streamed = capsys.readouterr().out
+    print_json({"version": 1, "dry_run": True, "entries": items, "count": 2})
+    whole = capsys.readouterr().out
+    assert json.loads(streamed) == json.loads(whole)
+    assert "\x1b" not in streamed
+    out = JsonStream({}, "replayed", "{")
+    out.add("9-0", "1-0")
+    out.close({"failed": {}})
+    assert json.loads(capsys.readouterr().out) == {"replayed": {"1-0": "9-0"}, "failed": {}}
+    JsonStream({}, "entries").close({})
+    assert json.loads(capsys.readouterr().out) == {"entries": []}

@@ -6,7 +6,7 @@ import argparse
 import contextlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,12 +21,13 @@ from ..dlq import (
     _event_text,
     find,
     purge,
-    replay,
+    replay_matching,
+    scan_all,
 )
 from ..errors import RedisFailure
 from ..fleet import redis_time_ms
 from ..redisclient import connect_settings
-from .output import escape_lines, format_time, print_json, table, when_ms
+from .output import JsonStream, escape_lines, format_time, print_json, table, when_ms
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -104,7 +105,7 @@ def _filter(args: argparse.Namespace, now_ms: int) -> DlqFilter:
     )
 
 
-def _rows(entries: Sequence[DeadLetterEntry]) -> list[list[str]]:
+def _rows(entries: Iterable[DeadLetterEntry]) -> list[list[str]]:
     return [
         [
             e.dlq,
@@ -199,44 +200,78 @@ def _show_text(e: DeadLetterEntry, *, full: bool) -> str:
 
 async def run_replay(args: argparse.Namespace) -> int:
     async def action(redis: aioredis.Redis, streams: Sequence[str]) -> int:
-        entries = await find(redis, streams, _filter(args, await redis_time_ms(redis)))
+        flt = _filter(args, await redis_time_ms(redis))
         if args.dry_run:
-            if args.json:
-                _print_json("replay", {"dry_run": True, "count": len(entries),
-                                       "entries": [e.to_dict() for e in entries]})
-            else:
-                print(f"would replay {len(entries)} dead letters")
-                if entries:
-                    print(table(_HEADERS, _rows(entries)))
+            await _dry_run(args, scan_all(redis, streams, flt, snapshot=True))
             return 0
-        result = await replay(redis, entries)
-        if args.json:
-            _print_json("replay", {"dry_run": False, "replayed": result.replayed,
-                                   "skipped": result.skipped, "failed": result.failed})
-        else:
-            print(f"replayed {len(result.replayed)} dead letters to their streams"
-                  + (f"; skipped {len(result.skipped)} without a payload" if result.skipped
-                     else ""))
-            for entry_id, error in result.failed.items():
+        out = (JsonStream({"version": DLQ_SCHEMA_VERSION, "command": "replay",
+                           "dry_run": False}, "replayed", "{") if args.json else None)
+        replayed = 0
+        skipped: list[str] = []
+        failed: dict[str, str] = {}
+        async for part in replay_matching(redis, streams, flt):
+            replayed += len(part.replayed)
+            skipped.extend(part.skipped)
+            failed.update(part.failed)
+            if out is not None:
+                for entry_id, new_id in part.replayed.items():
+                    out.add(new_id, entry_id)
+            for entry_id, error in part.failed.items():
                 print(f"{entry_id}: not replayed: {error}", file=sys.stderr)
-        return 1 if result.failed else 0
+        if out is not None:
+            out.close({"skipped": skipped, "failed": failed})
+        else:
+            print(f"replayed {replayed} dead letters to their streams"
+                  + (f"; skipped {len(skipped)} without a payload" if skipped else ""))
+        return 1 if failed else 0
 
     return await _guarded(args, action)
 
 
+async def _dry_run(args: argparse.Namespace, entries: AsyncIterator[DeadLetterEntry]) -> None:
+    """What a replay would take, printed while reading: JSON entry by entry, text as one
+    table per ``_TABLE_ROWS`` rows, then the count."""
+    count = 0
+    if args.json:
+        out = JsonStream({"version": DLQ_SCHEMA_VERSION, "command": "replay",
+                          "dry_run": True}, "entries")
+        async for entry in entries:
+            out.add(entry.to_dict())
+            count += 1
+        out.close({"count": count})
+        return
+    rows: list[list[str]] = []  # the cells only, not the entries and their payloads
+    async for entry in entries:
+        rows.extend(_rows([entry]))
+        count += 1
+        if len(rows) >= _TABLE_ROWS:
+            print(table(_HEADERS, rows))
+            rows = []
+    if rows:
+        print(table(_HEADERS, rows))
+    print(f"would replay {count} dead letters")
+
+
+#: Rows of one dry-run table (a table is laid out whole, so long listings come in parts).
+_TABLE_ROWS = 500
+
+
 async def run_purge(args: argparse.Namespace) -> int:
     async def action(redis: aioredis.Redis, streams: Sequence[str]) -> int:
-        entries = await find(redis, streams, _filter(args, await redis_time_ms(redis)))
+        matches = scan_all(redis, streams, _filter(args, await redis_time_ms(redis)),
+                           snapshot=True)
         if not args.yes:
-            message = f"{len(entries)} dead letters match; pass --yes to delete them"
+            matched = 0
+            async for _ in matches:
+                matched += 1
+            message = f"{matched} dead letters match; pass --yes to delete them"
             if args.json:
-                _print_json("purge", {"deleted": 0, "matched": len(entries),
-                                      "confirmed": False})
+                _print_json("purge", {"deleted": 0, "matched": matched, "confirmed": False})
             print(message, file=sys.stderr)
             return 1
-        deleted = await purge(redis, entries)
+        deleted = await purge(redis, matches)
         if args.json:
-            _print_json("purge", {"deleted": deleted, "matched": len(entries), "confirmed": True})
+            _print_json("purge", {"deleted": deleted, "matched": deleted, "confirmed": True})
         else:
             print(f"deleted {deleted} dead letters")
         return 0

@@ -30,6 +30,7 @@ from ..errors import ConfigError
 from ..queries import dumps, format_time
 
 __all__ = [
+    "JsonStream",
     "escape_lines",
     "escape_text",
     "format_ms",
@@ -143,6 +144,38 @@ def progress_bar(done: int, total: int, width: int = 32) -> str:
 def print_json(doc: Any) -> None:
     """The one ``--json`` form of every command (see :func:`worker.queries.dumps`)."""
     print(json_text(dumps(doc)))
+
+
+class JsonStream:
+    """One ``--json`` document printed as it is produced, laid out as :func:`print_json`
+    would: the ``head`` members, then the member ``key`` (a list, or an object when
+    ``kind`` is ``"{"``) item by item, then the ``tail`` members given to :meth:`close`.
+    So a command over any number of entries holds one item at a time, not the document.
+    """
+
+    def __init__(self, head: dict[str, Any], key: str, kind: str = "[") -> None:
+        self.kind, self.count = kind, 0
+        lines = ["{", *(f"  {dumps(k)}: {_nested(v)}," for k, v in sorted(head.items()))]
+        self._write("\n".join(lines) + f"\n  {dumps(key)}: {kind}")
+
+    def _write(self, text: str) -> None:
+        print(json_text(text), end="")
+
+    def add(self, item: Any, name: str | None = None) -> None:
+        """Append ``item`` (to an object: as member ``name``)."""
+        label = f"{dumps(name)}: " if self.kind == "{" else ""
+        self._write(("," if self.count else "") + "\n    " + label
+                    + dumps(item).replace("\n", "\n    "))
+        self.count += 1
+
+    def close(self, tail: dict[str, Any]) -> None:
+        end = ("\n  " if self.count else "") + ("}" if self.kind == "{" else "]")
+        members = "".join(f",\n  {dumps(k)}: {_nested(v)}" for k, v in sorted(tail.items()))
+        self._write(end + members + "\n}\n")
+
+
+def _nested(value: Any) -> str:
+    return dumps(value).replace("\n", "\n  ")
 
 
 def format_ms(ms: float | None) -> str:
