@@ -358,9 +358,9 @@ async def test_replay_and_dry_run_memory_does_not_grow_with_the_dead_letters(
                 args = cli(redis_url, name, "replay", *mode)
                 peak = await _peak_bytes(lambda args=args: args.func(args))
                 peaks.setdefault(" ".join(mode), []).append(peak)
-        for mode, (peak_n, peak_10n) in peaks.items():
-            assert peak_10n < 1.5 * peak_n, (mode, peaks)
-            assert peak_10n < 10 * n * size / 3, (mode, peaks)  # not the payloads
+        for label, (peak_n, peak_10n) in peaks.items():
+            assert peak_10n < 1.5 * peak_n, (label, peaks)
+            assert peak_10n < 10 * n * size / 3, (label, peaks)  # not the payloads
         assert await redis_client.xlen(small) == n
         assert await redis_client.xlen(large) == 10 * n
         assert await redis_client.xlen(c.dlq_key(small)) == 0
