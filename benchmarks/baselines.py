@@ -41,10 +41,10 @@ import anyio
 import msgspec
 import redis.asyncio as aioredis
 
-from worker.consumer import prepare
 from worker.documents import WriteBatch, coalesce
 from worker.redisio import Entry, entries_from_read, settle
 from worker.stores import open_store
+from worker.writer import prepare
 
 _decode = msgspec.json.decode
 _encode = msgspec.json.Encoder().encode

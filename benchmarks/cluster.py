@@ -39,11 +39,12 @@ from tests.redis_servers import RedisCluster, free_ports, wait_for
 from worker import events as ev
 from worker import samples
 from worker.batch import Batch
-from worker.consumer import Outcome, Worker
+from worker.consumer import Worker
 from worker.emitter import shard_index
 from worker.redisclient import connect
 from worker.settings import Settings
 from worker.stores import open_store
+from worker.writer import Outcome
 
 SHARDS = 4
 GROUP = "audit-writers"

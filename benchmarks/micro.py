@@ -1,7 +1,7 @@
 """``python -m benchmarks micro``: CPU per event of the worker's pure stages, in process.
 
 No Redis, no store, no event loop: the same payloads the load generator sends are cut
-into batches and put through :func:`worker.consumer.prepare` (decode + validate) and
+into batches and put through :func:`worker.writer.prepare` (decode + validate) and
 :func:`worker.documents.coalesce`, timed per stage in CPU time (``process_time``, so
 other processes on a busy machine matter less), with the time the cyclic garbage
 collector spends inside them. Deterministic enough to compare one change with the
@@ -22,11 +22,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from worker.consumer import prepare
 from worker.documents import coalesce
 from worker.redaction import DETECTORS, Redactor
 from worker.redisio import Entry
 from worker.signing import Keyring, SignaturePolicy, sign
+from worker.writer import prepare
 
 from . import load
 

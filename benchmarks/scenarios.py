@@ -29,11 +29,11 @@ import msgspec
 import redis.asyncio as aioredis
 
 from worker import constants as c
-from worker.consumer import prepare
 from worker.documents import coalesce
 from worker.redisio import Entry
 from worker.stores import open_store
 from worker.stores.base import NodeQuery, RunQuery, Store
+from worker.writer import prepare
 
 from . import baselines, load, stats
 from .monitor import GroupSampler, Progress, RssSampler, host_cpu, sampler_client, service_cpu

@@ -27,11 +27,12 @@ from tests.helpers import (
 from tests.redis_servers import RedisServers
 from worker import constants as c
 from worker import samples
-from worker.consumer import DEAD_LETTER_REFUSED_ATTEMPTS, Worker
+from worker.consumer import Worker
 from worker.emitter import AuditEmitter
 from worker.metrics import Metrics
 from worker.redisio import DeadLetter, Entry, dead_lettered_ids, write_dead_letters
 from worker.settings import Settings
+from worker.writer import DEAD_LETTER_REFUSED_ATTEMPTS
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 

@@ -20,7 +20,7 @@ from structlog.testing import capture_logs
 
 from tests.helpers import ControlledStore, ReadWriteStore, dlq_entries, pending_count
 from worker import constants as c
-from worker import consumer, documents, samples
+from worker import documents, samples, writer
 from worker import events as ev
 from worker.consumer import Worker
 from worker.documents import WriteBatch
@@ -71,7 +71,7 @@ async def test_an_entry_failing_at_any_stage_is_dead_lettered_alone(
                 raise OverflowError("date value out of range")
             return real_decode(raw, **kw)
 
-        monkeypatch.setattr(consumer, "decode", decode)
+        monkeypatch.setattr(writer, "decode", decode)
     elif stage == "coalesce":
         real_patches = documents.patches
 

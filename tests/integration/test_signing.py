@@ -16,12 +16,13 @@ from tests.helpers import MemoryStore, dlq_entries, pending_count
 from worker import explain
 from worker.cli.explain import render
 from worker.constants import Reason
-from worker.consumer import Worker, prepare
+from worker.consumer import Worker
 from worker.emitter import AuditEmitter, make_event
 from worker.errors import ConfigError
 from worker.redisio import Entry
 from worker.settings import Settings
 from worker.signing import Keyring, SignaturePolicy, SigningError, sign, verify
+from worker.writer import prepare
 
 SECRET_A1 = b"A" * 32
 SECRET_A2 = b"a2-secret-rotated-0123456789abcd"

@@ -11,9 +11,9 @@ import pytest
 from worker import samples
 from worker.cli import main
 from worker.cli.validate import verdicts
-from worker.consumer import prepare
 from worker.redisio import Entry
 from worker.schema import event_schema, schema_text
+from worker.writer import prepare
 
 ROOT = Path(__file__).resolve().parents[2]
 
