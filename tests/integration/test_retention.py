@@ -301,6 +301,7 @@ def fixture_any_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str
 async def fixture_any_store(any_store_url: str) -> AsyncIterator[Store]:
     store = open_store(any_store_url)
     await store.open()
+    await store.migrate()
     try:
         yield store
     finally:
@@ -498,12 +499,13 @@ async def test_postgres_delete_waits_for_a_write_in_flight_then_keeps_the_run(
 
     from worker.documents import coalesce
     from worker.stores import _sql
-    from worker.stores import postgres as pg
+    from worker.stores import _postgres_write as pg
 
     ws = workspace_name()
     finished = NOW - 100 * DAY
     store = open_store(pg_url)
     await store.open()
+    await store.migrate()
     writer = await asyncpg.connect(pg_url)
     try:
         await write_events(store, run_events(ws, "r1", finished))
@@ -514,9 +516,9 @@ async def test_postgres_delete_waits_for_a_write_in_flight_then_keeps_the_run(
         batch = coalesce([("0-1", late)])
         in_flight = writer.transaction()
         await in_flight.start()
-        await writer.execute(pg._UPSERT_RUNS, _sql.encode_json(
+        await writer.execute(pg.UPSERT_RUNS, _sql.encode_json(
             [r.to_doc() for r in _sql.sorted_runs(batch)]).decode())
-        await writer.execute(pg._UPSERT_NODES, _sql.encode_json(
+        await writer.execute(pg.UPSERT_NODES, _sql.encode_json(
             [n.doc for n in _sql.sorted_nodes(batch)]).decode())
         deleted: list[int] = []
 
@@ -553,6 +555,7 @@ async def test_mongo_retention_operations_send_these_commands(mongo_wire: FakeMo
 
     store = MongoStore(url_of(wire), env={})
     await store.open()
+    await store.migrate()
     try:
         await write_events(store, run_events("acme", "r1", NOW - 40 * DAY))
         nodes = await store.get_nodes("acme", "r1")

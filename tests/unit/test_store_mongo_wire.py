@@ -33,8 +33,9 @@ from worker.documents import WriteBatch, coalesce, fold, node_key
 from worker.errors import ConfigError, StoreRejected, StoreUnavailable
 from worker.settings import _ENV_NAMES, Settings
 from worker.stores import _mongo_codec as mc
+from worker.stores._mongo_options import ENV_OPTIONS
 from worker.stores.base import NodeQuery, RunQuery, Store
-from worker.stores.mongo import ENV_OPTIONS, MongoStore
+from worker.stores.mongo import MongoStore
 
 pytestmark = pytest.mark.mongo
 

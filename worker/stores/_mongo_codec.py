@@ -27,6 +27,8 @@ Exact times
     ``_completedAtUs`` (int64 microseconds since the epoch), merged by the same
     ``$min`` / ``$max``. Flooring to milliseconds is monotonic, so the date always is
     the floor of its shadow; reads return the exact time, indexes use the date.
+    :func:`time_range` and :func:`after` filter on both: the date narrows the index
+    scan, the shadow decides exactly.
 """
 
 from __future__ import annotations
@@ -362,3 +364,35 @@ def split_payload(doc: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any
     inline = {k: v for k, v in doc.items() if k in PINNED_NODE_FIELDS or k.startswith("_")}
     rest = {k: v for k, v in doc.items() if k not in inline}
     return inline, rest
+
+
+# -------------------------------------------------------------- query filters
+
+def time_range(since: datetime | None,
+               until: datetime | None) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """Filters on a start time: (on the indexed date, on the exact microseconds).
+
+    ``since`` is inclusive and ``until`` exclusive; the date bounds are widened to whole
+    milliseconds so the index narrows the scan and the shadow decides exactly.
+    """
+    span: dict[str, Any] = {}
+    exact: dict[str, Any] = {}
+    if since is not None:
+        span["$gte"] = floor_ms(since)
+        exact["$gte"] = micros(since)
+    if until is not None:
+        span["$lte"] = floor_ms(until)
+        exact["$lt"] = micros(until)
+    return span or None, exact or None
+
+
+def after(position: tuple[datetime | None, str]) -> dict[str, Any]:
+    """Runs after ``(startedAt, runId)`` in the listing order (newest first, no start
+    last, ties by runId): keyset pagination on the start index."""
+    started, run_id = position
+    if started is None:
+        return {"startedAt": None, "runId": {"$gt": run_id}}
+    us = micros(started)
+    return {"$or": [{"startedAt": {"$lte": floor_ms(started)}, "_startedAtUs": {"$lt": us}},
+                    {"_startedAtUs": us, "runId": {"$gt": run_id}},
+                    {"startedAt": None}]}

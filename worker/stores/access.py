@@ -339,12 +339,12 @@ class PostgresAccess:
         return rows
 
     async def migrate(self) -> None:
-        from .postgres import _MIGRATE_LOCK, _errors
+        from ._postgres_schema import apply
+        from .postgres import _errors
 
         with _errors():
-            async with self.store.pool.acquire() as conn, conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATE_LOCK)
-                await conn.execute(_PG_SCHEMA)
+            async with self.store.pool.acquire() as conn:
+                await apply(conn, _PG_SCHEMA)
 
     async def add_token(self, token: TokenRecord) -> None:
         await self._execute(

@@ -12,30 +12,28 @@ Layout
 Writes
     One unordered ``bulk_write`` per database and collection per batch, of
     ``UpdateOne(filter, pipeline, upsert=True)`` (the pipelines are in
-    :mod:`._mongo_codec`, the bulk writes and their failures in :mod:`._mongo_write`), with write
-    concern ``{w: "majority", j: true}`` unless the URL sets ``w`` / ``journal``, and
-    retryable writes on. A ``BulkWriteError`` is split per operation: duplicate keys
-    from racing upserts are retried, transient errors raise
-    :class:`~worker.errors.StoreUnavailable` (the worker retries the batch), and
-    permanent ones reject only the events behind that operation.
+    :mod:`._mongo_codec`, the bulk writes and their failures in :mod:`._mongo_write`),
+    with write concern ``{w: "majority", j: true}`` unless the URL sets ``w`` /
+    ``journal``, and retryable writes on (:mod:`._mongo_options`). A
+    ``BulkWriteError`` is split per operation: duplicate keys from racing upserts are
+    retried, transient errors raise :class:`~worker.errors.StoreUnavailable` (the worker
+    retries the batch), and permanent ones reject only the events behind that operation.
 
 Database names
     Validated against MongoDB's rules (forbidden characters, under 64 bytes, not
     admin/local/config). MongoDB refuses two databases whose names differ only by
-    case; the store keeps a map of existing names (lower case -> name) from
+    case; :mod:`._mongo_names` keeps a map of existing names (lower case -> name) from
     ``listDatabases``, refreshed whenever a batch names a database it does not know and
-    once more before it refuses one, and rejects the later workspace's events with a
-    reason. A server-side refusal (code 13297) racing another worker is mapped the same.
+    once more before it refuses one, and the store rejects the later workspace's events
+    with a reason. A server-side refusal (code 13297) racing another worker is mapped the same.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final, TypeVar
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 import bson
 from bson.codec_options import CodecOptions
@@ -55,6 +53,8 @@ from ..documents import WriteBatch
 from ..errors import ConfigError, StoreError, StoreRejected, StoreUnavailable
 from . import _mongo_codec as mc
 from . import _mongo_write as mw
+from ._mongo_names import DatabaseNames
+from ._mongo_options import DEFAULT_SHARED_DB, MongoOptions, client_options
 from .base import (
     NodeQuery,
     NodeVersion,
@@ -71,61 +71,8 @@ T = TypeVar("T")
 
 #: The collection of archive data keys (``worker.shredding``), per workspace database.
 DATA_KEYS: Final = "audit_data_keys"
-DEFAULT_PREFIX: Final = "audit_"
-DEFAULT_SHARED_DB: Final = "audit"
-DEFAULT_LARGE_PAYLOAD_BYTES: Final = 4 * 1024 * 1024
 #: Oldest server whose update pipelines support every operator used ($sortArray).
 MIN_SERVER_VERSION: Final = (5, 2)
-TENANCY_MODES: Final = ("database", "field")
-#: Environment variables the store reads (beside AUDIT_STORE_URL in worker/settings.py).
-ENV_OPTIONS: Final = ("AUDIT_MONGO_TENANCY", "AUDIT_MONGO_DB_PREFIX",
-                      "AUDIT_MONGO_LARGE_PAYLOAD_BYTES")
-
-_URL_WRITE_CONCERN: Final = frozenset({"w", "journal", "wtimeoutms"})
-
-
-@dataclass(frozen=True, slots=True)
-class MongoOptions:
-    """Store options; :meth:`from_env` reads ``AUDIT_MONGO_*``, keywords override."""
-
-    tenancy: str = "database"
-    db_prefix: str = DEFAULT_PREFIX
-    large_payload_bytes: int = DEFAULT_LARGE_PAYLOAD_BYTES
-    #: Write concern; None leaves it to the URL, or ``majority`` with journal.
-    w: int | str | None = None
-    journal: bool | None = None
-
-    def __post_init__(self) -> None:
-        if self.tenancy not in TENANCY_MODES:
-            raise ConfigError(f"AUDIT_MONGO_TENANCY must be database or field, got "
-                              f"{self.tenancy!r}")
-        problem = mc.prefix_problem(self.db_prefix)
-        if problem:
-            raise ConfigError(problem)
-        if self.large_payload_bytes <= 0 or self.large_payload_bytes > mw.MAX_BSON_BYTES // 2:
-            raise ConfigError("AUDIT_MONGO_LARGE_PAYLOAD_BYTES must be positive and at most "
-                              f"{mw.MAX_BSON_BYTES // 2}, got {self.large_payload_bytes}")
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> MongoOptions:
-        env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        if env.get("AUDIT_MONGO_TENANCY"):
-            values["tenancy"] = env["AUDIT_MONGO_TENANCY"].strip().lower()
-        if "AUDIT_MONGO_DB_PREFIX" in env:
-            values["db_prefix"] = env["AUDIT_MONGO_DB_PREFIX"]
-        raw = env.get("AUDIT_MONGO_LARGE_PAYLOAD_BYTES")
-        if raw:
-            try:
-                values["large_payload_bytes"] = int(raw)
-            except ValueError:
-                raise ConfigError("AUDIT_MONGO_LARGE_PAYLOAD_BYTES must be a number, got "
-                                  f"{raw!r}") from None
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        try:
-            return cls(**values)
-        except TypeError as exc:
-            raise ConfigError(f"unknown MongoDB store option: {exc}") from None
 
 
 class MongoStore:
@@ -147,26 +94,10 @@ class MongoStore:
         self.codec = CodecOptions(document_class=dict, tz_aware=True, tzinfo=UTC)
         self._client: AsyncMongoClient[Doc] | None = None
         self._indexed: set[str] = set()
-        #: lower-case database name -> its spelling on the server (case-collision check)
-        self._db_names: dict[str, str] | None = None
-        self._can_list_dbs = True
+        self.names = DatabaseNames(shared=self.shared, prefix=self.prefix,
+                                   shared_db=self.shared_db)
 
     # ------------------------------------------------------------------ lifecycle
-
-    def _client_options(self) -> dict[str, Any]:
-        query = {k.lower() for k, _ in parse_qsl(urlsplit(self.url).query)}
-        opts: dict[str, Any] = {"tz_aware": True, "tzinfo": UTC, "appname": "audit-fleet"}
-        if self.options.w is not None:
-            opts["w"] = self.options.w
-        elif not query & _URL_WRITE_CONCERN:
-            opts["w"] = "majority"
-        if self.options.journal is not None:
-            opts["journal"] = self.options.journal
-        elif not query & _URL_WRITE_CONCERN:
-            opts["journal"] = True
-        if "retrywrites" not in query:
-            opts["retryWrites"] = True
-        return opts
 
     @property
     def client(self) -> AsyncMongoClient[Doc]:
@@ -178,7 +109,7 @@ class MongoStore:
         if self._client is not None:
             return
         try:
-            self._client = AsyncMongoClient(self.url, **self._client_options())
+            self._client = AsyncMongoClient(self.url, **client_options(self.url, self.options))
         except PyMongoError as exc:
             raise ConfigError(f"AUDIT_STORE_URL is not a usable MongoDB URL: {exc}") from None
         try:
@@ -210,7 +141,7 @@ class MongoStore:
             return
         names = await self._call(self.client.list_database_names())
         for name in names:
-            if name.startswith(self.prefix) and _workspace_ok(name[len(self.prefix):]):
+            if self.names.workspace(name) is not None:
                 await self._ensure_indexes(name, force=True)
 
     async def ping(self) -> None:
@@ -225,15 +156,10 @@ class MongoStore:
     def _db(self, name: str) -> AsyncDatabase[Doc]:
         return self.client.get_database(name, codec_options=self.codec)
 
-    def _db_name(self, workspace: str) -> str:
-        return self.shared_db if self.shared else self.prefix + workspace
-
     def _read_db(self, workspace: str) -> AsyncDatabase[Doc] | None:
         """The database to read a workspace from, or None if it cannot exist."""
-        if self.shared:
-            return self._db(self.shared_db)
-        name = self._db_name(workspace)
-        return None if mc.db_name_problem(name) else self._db(name)
+        name = self.names.readable(workspace)
+        return None if name is None else self._db(name)
 
     async def _ensure_indexes(self, name: str, *, force: bool = False) -> None:
         if name in self._indexed and not force:
@@ -245,63 +171,6 @@ class MongoStore:
         await self._call(db[mc.NODES].create_indexes(nodes))
         self._indexed.add(name)
 
-    async def _refresh_db_names(self) -> None:
-        if not self._can_list_dbs:
-            self._db_names = self._db_names or {}
-            return
-        try:
-            names = await self.client.list_database_names()
-        except ConnectionFailure as exc:
-            raise StoreUnavailable(f"MongoDB is unreachable: {exc}") from exc
-        except OperationFailure as exc:
-            if mw.transient(exc):
-                raise StoreUnavailable(f"MongoDB: {mw.message(exc)}") from exc
-            # Not allowed to list databases: the server's own check (13297) remains.
-            self._can_list_dbs = False
-            names = []
-        self._db_names = {n.lower(): n for n in names}
-
-    def _claim(self, names: Iterable[str]) -> dict[str, str]:
-        """Record new names; return name -> the existing name it collides with."""
-        known = self._db_names if self._db_names is not None else {}
-        self._db_names = known
-        clashes: dict[str, str] = {}
-        for name in sorted(names):
-            existing = known.setdefault(name.lower(), name)
-            if existing != name:
-                clashes[name] = existing
-        return clashes
-
-    async def _resolve(self, workspaces: Iterable[str]) -> tuple[dict[str, str], dict[str, str]]:
-        """(workspace -> database name, workspace -> why it is refused)."""
-        names: dict[str, str] = {}
-        refused: dict[str, str] = {}
-        for ws in workspaces:
-            name = self._db_name(ws)
-            problem = mc.db_name_problem(name) if not self.shared else None
-            if problem:
-                refused[ws] = f"workspace {ws!r} cannot be stored in MongoDB: {problem}"
-            else:
-                names[ws] = name
-        if self.shared or not names:
-            return names, refused
-        refreshed = False
-        if self._db_names is None or any(n.lower() not in self._db_names
-                                         for n in names.values()):
-            await self._refresh_db_names()
-            refreshed = True
-        clashes = self._claim(names.values())
-        if clashes and not refreshed:
-            await self._refresh_db_names()
-            clashes = self._claim(names.values())
-        for ws, name in list(names.items()):
-            if name in clashes:
-                del names[ws]
-                refused[ws] = (f"workspace {ws!r} cannot be stored in MongoDB: database name "
-                               f"{name!r} differs only by case from the existing database "
-                               f"{clashes[name]!r}")
-        return names, refused
-
     # ------------------------------------------------------------------ writes
 
     async def write(self, batch: WriteBatch) -> WriteResult:
@@ -309,7 +178,7 @@ class MongoStore:
             return WriteResult()
         rejected: list[Rejection] = []
         workspaces = {k[0] for k in batch.runs} | {k[0] for k in batch.nodes}
-        names, refused = await self._resolve(workspaces)
+        names, refused = await self.names.resolve(self.client, workspaces)
         targets: dict[str, mw.Target] = {}
         for run in batch.runs.values():
             if run.workspace_id in refused:
@@ -332,14 +201,14 @@ class MongoStore:
                 await self._ensure_indexes(target.name)
             except StoreError as exc:
                 if mw.code_of(exc) in mw.NAME_CODES:  # another worker made the other case
-                    self._db_names = None
+                    self.names.forget()
                     rejected.extend(op.reject(str(exc)) for op in target.ops())
                     target.clear()
                     continue
                 raise StoreUnavailable(str(exc)) from exc
             await mw.upload(self._db(target.name), target, rejected)
         if await mw.bulk_all(self._db, targets.values(), rejected):
-            self._db_names = None
+            self.names.forget()
         return WriteResult(tuple(rejected))
 
     # ------------------------------------------------------------------ reads
@@ -377,12 +246,12 @@ class MongoStore:
         db = self._read_db(workspace)
         if db is None or query.limit <= 0:
             return []
-        span, exact = _time_range(query.since, query.until)
+        span, exact = mc.time_range(query.since, query.until)
         filt = self._filter(workspace, workflowId=query.workflow_id, status=query.status,
                             **{"trigger.source": query.trigger_source, "startedAt": span,
                                "_startedAtUs": exact})
         if query.after is not None:
-            filt["$and"] = [_after(query.after)]
+            filt["$and"] = [mc.after(query.after)]
         # newest first, unknown start last (MongoDB sorts null lowest), ties by runId
         cursor = db[mc.RUNS].find(filt, sort=[("startedAt", -1), ("_startedAtUs", -1),
                                               ("runId", 1)], limit=query.limit)
@@ -396,7 +265,7 @@ class MongoStore:
         db = self._read_db(workspace)
         if db is None:
             return
-        span, exact = _time_range(query.since, query.until)
+        span, exact = mc.time_range(query.since, query.until)
         base = self._filter(
             workspace,
             runId={"$in": list(query.run_ids)} if query.run_ids else None,
@@ -501,8 +370,8 @@ class MongoStore:
             return sorted(str(ws) for ws in found)
         out: list[str] = []
         for name in await self._call(self.client.list_database_names()):
-            ws = name[len(self.prefix):]
-            if not name.startswith(self.prefix) or not _workspace_ok(ws):
+            ws = self.names.workspace(name)
+            if ws is None:
                 continue
             if await self._call(self._db(name)[mc.RUNS].find_one({}, {"_id": 1})) is not None:
                 out.append(ws)
@@ -711,44 +580,9 @@ def node_order(doc: Mapping[str, Any]) -> tuple[Any, ...]:
             int(doc.get("attempt") or 0), str(doc.get("nodeId")))
 
 
-def _time_range(since: datetime | None, until: datetime | None) -> tuple[Doc | None,
-                                                                         Doc | None]:
-    """Filters on a start time: (on the indexed date, on the exact microseconds).
-
-    ``since`` is inclusive and ``until`` exclusive; the date bounds are widened to whole
-    milliseconds so the index narrows the scan and the shadow decides exactly.
-    """
-    span: Doc = {}
-    exact: Doc = {}
-    if since is not None:
-        span["$gte"] = mc.floor_ms(since)
-        exact["$gte"] = mc.micros(since)
-    if until is not None:
-        span["$lte"] = mc.floor_ms(until)
-        exact["$lt"] = mc.micros(until)
-    return span or None, exact or None
-
-
-def _after(position: tuple[datetime | None, str]) -> Doc:
-    """Runs after ``(startedAt, runId)`` in the listing order (newest first, no start
-    last, ties by runId): keyset pagination on the start index."""
-    started, run_id = position
-    if started is None:
-        return {"startedAt": None, "runId": {"$gt": run_id}}
-    us = mc.micros(started)
-    return {"$or": [{"startedAt": {"$lte": mc.floor_ms(started)}, "_startedAtUs": {"$lt": us}},
-                    {"_startedAtUs": us, "runId": {"$gt": run_id}},
-                    {"startedAt": None}]}
-
-
 def _run_doc(stored: Mapping[str, Any]) -> Doc:
     doc = mc.from_stored(stored)
     index = doc.get("nodeIndex")
     if isinstance(index, dict):
         doc["nodeIndex"] = dict(sorted(index.items()))
     return doc
-
-
-def _workspace_ok(ws: str) -> bool:
-    return 1 <= len(ws) <= 48 and all(ch.isascii() and (ch.isalnum() or ch in "_-")
-                                      for ch in ws)

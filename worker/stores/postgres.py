@@ -1,26 +1,16 @@
 """The PostgreSQL store (asyncpg): the merge of ``worker.documents`` done natively in SQL.
 
-Tables::
-
-    workflow_runs      (workspace_id, run_id) -> workflow_id, status, started_at,
-                       completed_at, trigger_source, doc jsonb
-    workflow_node_runs (workspace_id, run_id, node_id, attempt) -> node_key, type, status,
-                       event_id, started_at, completed_at, doc jsonb
-
-A batch is written in one transaction with one statement per table: the rows travel as
-one JSON array (a single msgspec encode), are expanded by ``jsonb_array_elements`` and
-upserted with ``INSERT ... ON CONFLICT DO UPDATE``. The run merge is written in SQL in
-that statement (the rules of ``RunPatch.merge``, the summary recomputed from the merged
-node index, never incremented); a node row is replaced only by one with a greater
-``(status rank, event_id)``, as in ``NodeDoc.merge``. Rows are written in key order so
-concurrent workers never deadlock on each other.
+The tables and their migration are in :mod:`._postgres_schema`, the merge statements in
+:mod:`._postgres_write`; this module holds the connection pool, error translation, the
+read side and retention. A batch is written in one transaction with one statement per
+table, rows in key order so concurrent workers never deadlock on each other.
 
 A run's ``startedAt``/``completedAt`` live in the typed columns only; its ``doc`` holds
 every other field. Node documents are stored whole. jsonb cannot hold U+0000, so a run
-whose documents contain one is returned as a :class:`Rejection` before anything is
-written. jsonb also keeps numbers as ``numeric``: a float comes back with the same value,
-except that floats beyond 2**53 written in exponent form come back as the exact integer
-their decimal form names.
+whose documents contain one is returned as a :class:`~worker.stores.base.Rejection`
+before anything is written. jsonb also keeps numbers as ``numeric``: a float comes back
+with the same value, except that floats beyond 2**53 written in exponent form come back
+as the exact integer their decimal form names.
 
 URL options (also accepted as keyword arguments): ``min_size``, ``max_size`` (pool size),
 ``command_timeout`` (seconds per statement) and ``connect_timeout`` (seconds); any other
@@ -39,7 +29,7 @@ import anyio
 import asyncpg
 import asyncpg.exceptions as pgx
 
-from ..documents import NodeDoc, RunPatch, WriteBatch
+from ..documents import WriteBatch
 from ..errors import (
     ConfigError,
     StoreMisconfigured,
@@ -47,11 +37,11 @@ from ..errors import (
     StoreTimeout,
     StoreUnavailable,
 )
-from . import _sql
+from . import _postgres_schema, _postgres_write, _sql
+from ._postgres_schema import SOURCE_CHARS
 from .base import (
     NodeQuery,
     NodeVersion,
-    Rejection,
     RunQuery,
     RunVersion,
     StoredKey,
@@ -59,204 +49,12 @@ from .base import (
     check_strippable,
 )
 
-#: Key of the advisory lock that serialises concurrent migrations.
-_MIGRATE_LOCK: Final = 0x6175_6469_7466_6C74  # "auditflt"
-#: Longest trigger source kept in the indexed column (the full value stays in ``doc``).
-_SOURCE_CHARS: Final = 256
-
 _OPTIONS: Final[dict[str, type]] = {
     "min_size": int,
     "max_size": int,
     "command_timeout": float,
     "connect_timeout": float,
 }
-
-SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS workflow_runs (
-    workspace_id   text COLLATE "C" NOT NULL,
-    run_id         text COLLATE "C" NOT NULL,
-    workflow_id    text COLLATE "C" NOT NULL,
-    status         text COLLATE "C" NOT NULL,
-    started_at     timestamptz,
-    completed_at   timestamptz,
-    trigger_source text COLLATE "C",
-    doc            jsonb NOT NULL,
-    PRIMARY KEY (workspace_id, run_id)
-);
-CREATE TABLE IF NOT EXISTS workflow_node_runs (
-    workspace_id text COLLATE "C" NOT NULL,
-    run_id       text COLLATE "C" NOT NULL,
-    node_id      text COLLATE "C" NOT NULL,
-    attempt      integer NOT NULL,
-    node_key     text COLLATE "C" NOT NULL,
-    type         text COLLATE "C",
-    status       text COLLATE "C" NOT NULL,
-    event_id     text COLLATE "C" NOT NULL,
-    started_at   timestamptz,
-    completed_at timestamptz,
-    doc          jsonb NOT NULL,
-    PRIMARY KEY (workspace_id, run_id, node_id, attempt)
-);
--- recent runs by workflow
-CREATE INDEX IF NOT EXISTS workflow_runs_workflow_idx
-    ON workflow_runs (workspace_id, workflow_id, started_at DESC);
--- failed runs (runs by status)
-CREATE INDEX IF NOT EXISTS workflow_runs_status_idx
-    ON workflow_runs (workspace_id, status, started_at DESC);
--- runs by trigger source
-CREATE INDEX IF NOT EXISTS workflow_runs_trigger_idx
-    ON workflow_runs (workspace_id, trigger_source, started_at DESC);
--- recent runs of a workspace (list_runs without filters, retention)
-CREATE INDEX IF NOT EXISTS workflow_runs_started_idx
-    ON workflow_runs (workspace_id, started_at DESC);
--- runs of a data subject (erasure): keyed subject hashes, only on runs that carry them
-CREATE INDEX IF NOT EXISTS workflow_runs_subjects_idx
-    ON workflow_runs USING gin ((doc->'subjects')) WHERE doc ? 'subjects';
--- nodes by run: served by the primary key (workspace_id, run_id, node_id, attempt)
--- AI nodes over time (nodes by type)
-CREATE INDEX IF NOT EXISTS workflow_node_runs_type_idx
-    ON workflow_node_runs (workspace_id, type, started_at DESC);
--- node traces by time (insights, retention)
-CREATE INDEX IF NOT EXISTS workflow_node_runs_started_idx
-    ON workflow_node_runs (workspace_id, started_at);
-
--- archive data keys (worker.shredding): wrapped_key NULL once shredded
-CREATE TABLE IF NOT EXISTS audit_data_keys (
-    workspace_id text COLLATE "C" NOT NULL,
-    run_id       text COLLATE "C" NOT NULL,
-    key_id       text COLLATE "C" NOT NULL,
-    wrapped_key  bytea,
-    created_at   timestamptz NOT NULL,
-    shredded_at  timestamptz,
-    PRIMARY KEY (workspace_id, run_id, key_id)
-);
-
-CREATE OR REPLACE FUNCTION audit_status_rank(s text) RETURNS integer
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT CASE s WHEN 'running' THEN 0 WHEN 'completed' THEN 1 WHEN 'failed' THEN 3 ELSE 2 END
-$$;
-
-CREATE OR REPLACE FUNCTION audit_pick_status(a text, b text) RETURNS text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT CASE
-        WHEN a IS NULL THEN b
-        WHEN b IS NULL THEN a
-        WHEN audit_status_rank(b) > audit_status_rank(a) THEN b
-        WHEN audit_status_rank(b) = audit_status_rank(a) AND b COLLATE "C" > a THEN b
-        ELSE a
-    END
-$$;
-"""
-
-#: Top-level run fields with a merge rule of their own; the rest are extras (first wins).
-_KNOWN: Final = ("'{workspaceId,runId,workflowId,status,startedAt,completedAt,trigger,"
-                 "totalDuration,error,summary,nodeIndex,eventIds,signedBy,subjects}'::text[]")
-
-
-def _set_union(name: str) -> str:
-    """A run field that is a sorted set of strings present only when non-empty
-    (``signedBy``, ``subjects``): the union of the stored ``s.a`` and incoming ``s.b``."""
-    return f"""CASE WHEN s.a ? '{name}' OR s.b ? '{name}' THEN jsonb_build_object(
-        '{name}', (
-            SELECT jsonb_agg(u.id ORDER BY u.id)
-            FROM (SELECT jsonb_array_elements_text(s.a->'{name}') COLLATE "C" AS id
-                  UNION
-                  SELECT jsonb_array_elements_text(s.b->'{name}')) AS u
-        )) ELSE '{{}}' END"""
-
-
-#: nodeIndex merged per key (``s.a`` stored, ``s.b`` incoming): an incoming entry replaces
-#: the stored one only if it is new or its status ranks strictly higher.
-_MERGED_INDEX: Final = """
-    COALESCE(s.a->'nodeIndex', '{}') || COALESCE((
-        SELECT jsonb_object_agg(y.key, y.value)
-        FROM jsonb_each(s.b->'nodeIndex') AS y
-        WHERE s.a #> ARRAY['nodeIndex', y.key] IS NULL
-           OR audit_status_rank(y.value->>'status')
-              > audit_status_rank(s.a #>> ARRAY['nodeIndex', y.key, 'status'])
-    ), '{}')"""
-
-#: The summary, derived from the merged index ``m.idx`` (never incremented).
-_SUMMARY: Final = """(
-    SELECT jsonb_build_object(
-        'nodesExecuted', count(DISTINCT e.value->>'nodeId'),
-        'nodeExecutions', count(*),
-        'aiCallsMade', count(*) FILTER (WHERE e.value->>'type' = 'ai'),
-        'actionsPerformed', COALESCE((
-            SELECT jsonb_agg(x.name ORDER BY x.name)
-            FROM (SELECT DISTINCT jsonb_array_elements_text(i.value->'actions') COLLATE "C"
-                      AS name
-                  FROM jsonb_each(m.idx) AS i) AS x
-        ), '[]'),
-        'totalTokens', COALESCE(sum((e.value->>'tokens')::numeric), 0),
-        'failedNodes', count(*) FILTER (WHERE e.value->>'status' = 'failed'))
-    FROM jsonb_each(m.idx) AS e)"""
-
-#: ``RunPatch.merge`` of the stored document ``s.a`` (which wins ties) and the incoming
-#: ``s.b``. ``|| '{}'`` detoasts each document once (rather than at every reference), and
-#: ``OFFSET 0`` keeps ``s`` and ``m`` subqueries, so each is computed once per row.
-_MERGED_DOC: Final = f"""(
-    SELECT (s.b - {_KNOWN}) || (s.a - {_KNOWN}) || jsonb_build_object(
-        'workspaceId', s.a->'workspaceId',
-        'runId', s.a->'runId',
-        'workflowId', COALESCE(s.a->'workflowId', s.b->'workflowId'),
-        'status', audit_pick_status(s.a->>'status', s.b->>'status'),
-        'trigger', COALESCE(NULLIF(s.a->'trigger', 'null'), s.b->'trigger', 'null'),
-        'totalDuration', CASE
-            WHEN NULLIF(s.a->'totalDuration', 'null') IS NULL
-                 OR (s.b->>'totalDuration')::numeric > (s.a->>'totalDuration')::numeric
-            THEN COALESCE(s.b->'totalDuration', 'null')
-            ELSE s.a->'totalDuration' END,
-        'error', COALESCE(NULLIF(s.a->'error', 'null'), s.b->'error', 'null'),
-        'nodeIndex', m.idx,
-        'summary', {_SUMMARY},
-        'eventIds', COALESCE((
-            SELECT jsonb_agg(u.id ORDER BY u.id)
-            FROM (SELECT jsonb_array_elements_text(s.a->'eventIds') COLLATE "C" AS id
-                  UNION
-                  SELECT jsonb_array_elements_text(s.b->'eventIds')) AS u
-        ), '[]')) || {_set_union("signedBy")} || {_set_union("subjects")}
-    FROM (SELECT r.doc || '{{}}' AS a, EXCLUDED.doc || '{{}}' AS b OFFSET 0) AS s,
-         LATERAL (SELECT {_MERGED_INDEX} AS idx OFFSET 0) AS m)"""
-
-# The merge is written out in the statement (not in SQL functions) so that it is planned
-# once per prepared statement: nested SQL functions would be re-planned for every row.
-_UPSERT_RUNS: Final = f"""
-INSERT INTO workflow_runs AS r
-    (workspace_id, run_id, workflow_id, status, started_at, completed_at, trigger_source, doc)
-SELECT d->>'workspaceId', d->>'runId', d->>'workflowId', d->>'status',
-       (d->>'startedAt')::timestamptz, (d->>'completedAt')::timestamptz,
-       left(d->'trigger'->>'source', {_SOURCE_CHARS}),
-       d - '{{startedAt,completedAt}}'::text[]
-FROM jsonb_array_elements($1::text::jsonb) AS d
-ON CONFLICT (workspace_id, run_id) DO UPDATE SET
-    status = audit_pick_status(r.status, EXCLUDED.status),
-    started_at = LEAST(r.started_at, EXCLUDED.started_at),
-    completed_at = GREATEST(r.completed_at, EXCLUDED.completed_at),
-    trigger_source = CASE WHEN NULLIF(r.doc->'trigger', 'null') IS NULL
-                          THEN EXCLUDED.trigger_source ELSE r.trigger_source END,
-    doc = {_MERGED_DOC}
-"""
-
-_UPSERT_NODES: Final = """
-INSERT INTO workflow_node_runs AS n
-    (workspace_id, run_id, node_id, attempt, node_key, type, status, event_id,
-     started_at, completed_at, doc)
-SELECT d->>'workspaceId', d->>'runId', d->>'nodeId', (d->>'attempt')::integer,
-       d->>'nodeKey', d->>'type', d->>'status', d->>'eventId',
-       (d->>'startedAt')::timestamptz, (d->>'completedAt')::timestamptz, d
-FROM jsonb_array_elements($1::text::jsonb) AS d
-ON CONFLICT (workspace_id, run_id, node_id, attempt) DO UPDATE SET
-    node_key = EXCLUDED.node_key,
-    type = EXCLUDED.type,
-    status = EXCLUDED.status,
-    event_id = EXCLUDED.event_id,
-    started_at = EXCLUDED.started_at,
-    completed_at = EXCLUDED.completed_at,
-    doc = EXCLUDED.doc
-WHERE (audit_status_rank(EXCLUDED.status), EXCLUDED.event_id)
-    > (audit_status_rank(n.status), n.event_id)
-"""
 
 _RUN_COLUMNS: Final = "started_at, completed_at, doc::text"
 
@@ -427,34 +225,23 @@ class PostgresStore:
 
     async def migrate(self) -> None:
         with _errors():
-            async with self.pool.acquire() as conn, conn.transaction():
-                # Several workers may start at once: CREATE ... IF NOT EXISTS is not safe
-                # against itself, so migrations take turns.
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATE_LOCK)
-                await conn.execute(SCHEMA)
+            async with self.pool.acquire() as conn:
+                await _postgres_schema.apply(conn, _postgres_schema.SCHEMA)
 
     async def ping(self) -> None:
         with _errors():
             await self.pool.fetchval("SELECT 1", timeout=self.connect_timeout)
 
     async def write(self, batch: WriteBatch) -> WriteResult:
-        runs = _sql.sorted_runs(batch)
-        nodes = _sql.sorted_nodes(batch)
-        runs_json = _sql.encode_json([run.to_doc() for run in runs])
-        nodes_json = _sql.encode_json([node.doc for node in nodes])
-        rejected: tuple[Rejection, ...] = ()
-        if _sql.has_nul(runs_json) or _sql.has_nul(nodes_json):
-            runs, nodes, rejected = _reject_nul(runs, nodes)
-            runs_json = _sql.encode_json([run.to_doc() for run in runs])
-            nodes_json = _sql.encode_json([node.doc for node in nodes])
+        runs_json, nodes_json, runs, nodes, rejected = _postgres_write.encode(batch)
         if not runs and not nodes:
             return WriteResult(rejected)
         with _errors():
             async with self.pool.acquire() as conn, conn.transaction():
                 if runs:
-                    await conn.execute(_UPSERT_RUNS, runs_json.decode())
+                    await conn.execute(_postgres_write.UPSERT_RUNS, runs_json.decode())
                 if nodes:
-                    await conn.execute(_UPSERT_NODES, nodes_json.decode())
+                    await conn.execute(_postgres_write.UPSERT_NODES, nodes_json.decode())
         return WriteResult(rejected)
 
     async def get_run(self, workspace: str, run_id: str) -> dict[str, Any] | None:
@@ -499,7 +286,7 @@ class PostgresStore:
             where.append(f"status = {arg(query.status)}")
         if query.trigger_source is not None:
             source = arg(query.trigger_source)
-            where.append(f"trigger_source = left({source}, {_SOURCE_CHARS})"
+            where.append(f"trigger_source = left({source}, {SOURCE_CHARS})"
                          f" AND doc->'trigger'->>'source' = {source}")
         if query.since is not None:
             where.append(f"started_at >= {arg(_sql.utc(query.since))}")
@@ -765,37 +552,3 @@ def _run_doc(row: asyncpg.Record) -> dict[str, Any]:
 
 def _node_doc(text: str) -> dict[str, Any]:
     return _sql.revive_times(_sql.decode_json(text))
-
-
-def _reject_nul(
-    runs: list[RunPatch], nodes: list[NodeDoc]
-) -> tuple[list[RunPatch], list[NodeDoc], tuple[Rejection, ...]]:
-    """Split off the runs whose documents hold U+0000, which jsonb cannot store."""
-    by_run = _sql.nodes_by_run(nodes)
-    bad: dict[tuple[str, str], list[str]] = {}
-    for run in runs:
-        run_nodes = by_run.get(run.key, [])
-        if _sql.has_nul(_sql.encode_json(run.to_doc())) or any(
-            _sql.has_nul(_sql.encode_json(node.doc)) for node in run_nodes
-        ):
-            sources = list(run.sources)
-            for node in run_nodes:
-                sources.extend(node.sources)
-            bad[run.key] = sources
-    run_keys = {run.key for run in runs}
-    for key, run_nodes in by_run.items():  # nodes whose run patch is not in the batch
-        if key not in run_keys and any(
-            _sql.has_nul(_sql.encode_json(node.doc)) for node in run_nodes
-        ):
-            bad[key] = [s for node in run_nodes for s in node.sources]
-    rejections = tuple(
-        Rejection(
-            tuple(sorted(set(sources))),
-            f"run {key[1]!r} of workspace {key[0]!r} contains U+0000 (NUL), which "
-            "PostgreSQL cannot store in jsonb",
-        )
-        for key, sources in sorted(bad.items())
-    )
-    return ([r for r in runs if r.key not in bad],
-            [n for n in nodes if (n.workspace_id, n.run_id) not in bad],
-            rejections)
