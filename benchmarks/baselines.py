@@ -43,7 +43,7 @@ import redis.asyncio as aioredis
 
 from worker.documents import WriteBatch, coalesce
 from worker.redisio import Entry, entries_from_read, settle
-from worker.stores import open_store
+from worker.stores import migrate, open_store
 from worker.writer import prepare
 
 _decode = msgspec.json.decode
@@ -140,6 +140,7 @@ async def naive_writer(redis_url: str, stream: str, group: str, consumer: str, s
     client = aioredis.Redis.from_url(redis_url)
     store = open_store(store_url)
     await store.open()
+    await migrate(store)
     done = 0
     started = time.monotonic()
     try:

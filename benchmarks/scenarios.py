@@ -31,7 +31,7 @@ import redis.asyncio as aioredis
 from worker import constants as c
 from worker.documents import coalesce
 from worker.redisio import Entry
-from worker.stores import open_store
+from worker.stores import migrate, open_store
 from worker.stores.base import NodeQuery, RunQuery, Store
 from worker.writer import prepare
 
@@ -513,6 +513,7 @@ class Harness:
     async def open_store(self, url: str) -> Store:
         store = open_store(url)
         await store.open()
+        await migrate(store)
         return store
 
     # -- helpers per store ------------------------------------------------------------------

@@ -22,7 +22,7 @@ from tests.redis_servers import (
     SentinelSetup,
     make_tls_files,
 )
-from worker.stores import Store, open_store
+from worker.stores import Store, migrate, open_store
 
 # Plain tracebacks in test logs: structlog's default renders each logged exception with rich
 # when rich is installed, locals included, which takes seconds per logged error on a busy
@@ -117,9 +117,10 @@ def fixture_store_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
 
 @pytest.fixture(name="store")
 async def fixture_store(store_url: str) -> AsyncIterator[Store]:
-    """The store at ``store_url``, open."""
+    """The store at ``store_url``, open and migrated."""
     s = open_store(store_url)
     await s.open()
+    await migrate(s)
     try:
         yield s
     finally:

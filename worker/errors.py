@@ -33,6 +33,11 @@ class StoreTimeout(StoreUnavailable):
     (retry it like any outage) or this write is too large to finish in time (split it)."""
 
 
+class StoreNotOpen(AuditFleetError, RuntimeError):
+    """A store used before :meth:`open` or after :meth:`close`: a programming error, never
+    retried (unlike :class:`StoreUnavailable`)."""
+
+
 class StoreMisconfigured(StoreError, ConfigError):
     """The store refuses this configuration for good (authentication failed, the database
     does not exist, a path that cannot be opened): waiting cannot help, the setting must

@@ -39,7 +39,7 @@ from .metrics import Metrics
 from .redisclient import connect_settings
 from .redisio import translated
 from .settings import Settings, mask_url
-from .stores import Store, open_store
+from .stores import Store, migrate, open_store
 from .trim import trim_side_loop
 
 #: How long one start-up attempt at Redis (connect and ``PING``) may take.
@@ -79,7 +79,8 @@ class StoreSlot:
 async def open_store_waiting(
     settings: Settings, attempts: int | None = None, metrics: Metrics | None = None
 ) -> Store:
-    """Open the store, waiting (backoff with jitter, up to 10 s) while it is unreachable.
+    """Open and migrate the store (:func:`worker.stores.migrate`), waiting (backoff with
+    jitter, up to 10 s) while it is unreachable.
 
     Only :class:`StoreUnavailable` is waited for; a permanent refusal
     (:class:`~worker.errors.StoreMisconfigured`, a ``ConfigError``) propagates at once.
@@ -101,6 +102,12 @@ async def open_store_waiting(
         with attempt:
             store = open_store(settings.store_url)
             await store.open()
+            try:
+                await migrate(store)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await store.close()
+                raise
             return store
     raise AssertionError("unreachable: retrying re-raises")
 

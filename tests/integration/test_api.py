@@ -33,7 +33,7 @@ from worker.cli import main
 from worker.emitter import make_event
 from worker.erasure import erase, subject_hash
 from worker.shredding import MasterKey
-from worker.stores import RunQuery, Store, open_store
+from worker.stores import RunQuery, Store, migrate, open_store
 from worker.stores.access import AccessStore, access_store
 
 pytestmark = pytest.mark.anyio
@@ -87,6 +87,7 @@ class ApiSuite:
     async def api(self, store_url: str, tmp_path: Path) -> AsyncIterator[Api]:
         store = open_store(store_url)
         await store.open()
+        await migrate(store)
         access = access_store(store)
         await access.migrate()
         await access.migrate()  # idempotent
@@ -625,6 +626,7 @@ class TestPostgresAccess(AccessConformance):
     async def store(self, pg_url: str) -> AsyncIterator[Store]:
         store = open_store(pg_url)
         await store.open()
+        await migrate(store)
         try:
             yield store
         finally:

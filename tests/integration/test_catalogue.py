@@ -29,7 +29,7 @@ from worker.constants import Reason
 from worker.consumer import Worker
 from worker.events import MAX_DEPTH
 from worker.settings import Settings
-from worker.stores import Store, open_store
+from worker.stores import Store, migrate, open_store
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.postgres]
 
@@ -392,6 +392,7 @@ async def _run_catalogue(kind: str, url: str) -> Outcome:
             claim_idle_ms=60_000, max_deliveries=3, shutdown_grace_s=10, trim=False,
         )
         await store.open()
+        await migrate(store)
         worker = Worker(settings, store, client)
         state: dict[str, Any] = {"alive": True, "error": None}
 

@@ -17,6 +17,7 @@ from worker.emitter import AuditEmitter, make_event
 from worker.erasure import subject_hash
 from worker.explain import explain_run
 from worker.settings import Settings
+from worker.stores import migrate
 from worker.stores.sqlite import SQLiteStore
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
@@ -56,6 +57,7 @@ async def test_subjects_are_stored_as_keyed_hashes_and_erased(
     assert "the-subject-key" not in repr(settings)
     store = SQLiteStore(f"sqlite:///{db}")
     await store.open()
+    await migrate(store)
     try:
         with anyio.fail_after(30):
             await Worker(settings, store, redis_client).run()
@@ -85,6 +87,7 @@ async def test_subjects_are_stored_as_keyed_hashes_and_erased(
 
     store = SQLiteStore(f"sqlite:///{db}")
     await store.open()
+    await migrate(store)
     try:
         (node,) = await store.get_nodes("ws1", "r1")
         assert "input" not in node
@@ -132,6 +135,7 @@ async def test_erase_reports_the_archived_runs_it_cannot_erase(tmp_path: Path) -
 
     store = SQLiteStore(f"sqlite:///{tmp_path}/a.db")
     await store.open()
+    await migrate(store)
     try:
         items: list[tuple[str, ev.Decoded]] = []
         for n, (run_id, day) in enumerate([("old1", "2026-01-05"), ("old2", "2026-02-05"),

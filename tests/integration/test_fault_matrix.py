@@ -54,7 +54,7 @@ from worker.consumer import Worker
 from worker.documents import WriteBatch, node_tokens
 from worker.emitter import AuditEmitter
 from worker.settings import Settings
-from worker.stores import open_store
+from worker.stores import migrate, open_store
 from worker.stores.base import Store, WriteResult, WriteStore
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow]
@@ -189,6 +189,7 @@ async def workers(fleet: Fleet, store: WriteStore, *names: str, **extra: Any
 async def _store(url: str) -> Store:
     store = open_store(url)
     await store.open()
+    await migrate(store)
     return store
 
 

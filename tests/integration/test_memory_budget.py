@@ -20,7 +20,7 @@ from tests.helpers import pending_count, spawn_worker, wait_until
 from tests.redis_servers import RedisServers
 from worker import samples
 from worker.emitter import AuditEmitter
-from worker.stores import open_store
+from worker.stores import migrate, open_store
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.slow]
 
@@ -93,6 +93,7 @@ async def test_large_events_drain_within_the_byte_budget(
 
     store = open_store(f"sqlite:///{db}")
     await store.open()
+    await migrate(store)
     try:
         for run, event in zip(runs, events, strict=True):
             doc = await store.get_run("ws_big", run["runId"])

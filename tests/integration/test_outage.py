@@ -15,7 +15,7 @@ from worker.consumer import Worker
 from worker.emitter import AuditEmitter
 from worker.metrics import Metrics
 from worker.settings import Settings
-from worker.stores import open_store
+from worker.stores import migrate, open_store
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow]
 
@@ -33,6 +33,7 @@ async def test_postgres_outage_loses_nothing_and_acks_nothing_early(
     async with TcpProxy(pg.hostname or "127.0.0.1", pg.port or 5432) as proxy:
         store = open_store(through(proxy, pg_url))
         await store.open()
+        await migrate(store)
         settings = Settings(redis_url=redis_url, streams=(stream,), metrics_port=0, block_ms=50,
                             batch_size=50, max_inflight=2, claim_idle_ms=500, consumer="w1")
         metrics = Metrics()

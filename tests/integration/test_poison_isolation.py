@@ -85,6 +85,7 @@ async def test_an_entry_failing_at_any_stage_is_dead_lettered_alone(
     await AuditEmitter(redis_client, [stream]).emit_many(events)
     store = PoisonStore(open_store(f"sqlite:///{tmp_path / 'audit.db'}"), pid)
     await store.open()
+    await store.migrate()
     settings = Settings(redis_url=redis_url, streams=(stream,), metrics_port=0, block_ms=50,
                         burst=True, batch_size=200, claim_idle_ms=150, reclaim_interval_s=0.05,
                         max_deliveries=2, consumer="w1", shutdown_grace_s=5)

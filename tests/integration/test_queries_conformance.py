@@ -45,7 +45,7 @@ from worker import explain, insights, queries, retention
 from worker.cli import explain as explain_cli
 from worker.documents import fold
 from worker.emitter import make_event
-from worker.stores import RunQuery, Store, open_store
+from worker.stores import RunQuery, Store, migrate, open_store
 
 pytestmark = pytest.mark.anyio
 
@@ -99,6 +99,7 @@ class QueryConformance:
     async def qstore(self, store_url: str) -> AsyncIterator[Store]:
         store = open_store(store_url)
         await store.open()
+        await migrate(store)
         self.used: list[str] = []
         try:
             yield store
@@ -248,6 +249,7 @@ async def test_sqlite_and_postgres_answer_identically(tmp_path: Path, pg_url: st
     for name, url in (("sqlite", f"sqlite:///{tmp_path}/same.db"), ("postgresql", pg_url)):
         store = open_store(url)
         await store.open()
+        await migrate(store)
         try:
             await write_events(store, events)
             out: list[str] = []

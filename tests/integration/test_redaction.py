@@ -24,6 +24,7 @@ from worker.errors import ConfigError
 from worker.metrics import Metrics
 from worker.redaction import DETECTORS, Redactor, iban_ok, luhn_ok
 from worker.settings import Settings
+from worker.stores import migrate
 from worker.stores.sqlite import SQLiteStore
 
 ALL = Redactor.build(DETECTORS)
@@ -178,6 +179,7 @@ def test_idempotence_property_with_redaction(scenario: Scenario) -> None:
     async def stored(batches: list[list[int]]) -> Any:
         store = SQLiteStore("sqlite:///:memory:")
         await store.open()
+        await migrate(store)
         try:
             for b, batch in enumerate(batches):
                 items = [(f"b{b}-{i}", d) for i, d in enumerate(redacted(

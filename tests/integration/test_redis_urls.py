@@ -20,7 +20,7 @@ from worker import samples
 from worker.emitter import AuditEmitter
 from worker.service import run_worker
 from worker.settings import Settings
-from worker.stores import open_store
+from worker.stores import migrate, open_store
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -44,6 +44,7 @@ async def drain_through(url: str, tmp_path: Path) -> None:
         await client.aclose()
     store = open_store(store_url)
     await store.open()
+    await migrate(store)
     try:
         for run in runs:
             doc = await store.get_run("ws_url", run["runId"])

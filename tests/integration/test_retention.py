@@ -19,7 +19,7 @@ from worker import events as ev
 from worker import explain, retention
 from worker.cli import retention as retention_cli
 from worker.errors import ConfigError
-from worker.stores import NodeVersion, RunVersion, Store, open_store
+from worker.stores import NodeVersion, RunVersion, Store, migrate, open_store
 
 pytestmark = pytest.mark.anyio
 
@@ -301,7 +301,7 @@ def fixture_any_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str
 async def fixture_any_store(any_store_url: str) -> AsyncIterator[Store]:
     store = open_store(any_store_url)
     await store.open()
-    await store.migrate()
+    await migrate(store)
     try:
         yield store
     finally:
@@ -498,14 +498,14 @@ async def test_postgres_delete_waits_for_a_write_in_flight_then_keeps_the_run(
     import asyncpg
 
     from worker.documents import coalesce
-    from worker.stores import _sql
     from worker.stores import _postgres_write as pg
+    from worker.stores import _sql
 
     ws = workspace_name()
     finished = NOW - 100 * DAY
     store = open_store(pg_url)
     await store.open()
-    await store.migrate()
+    await migrate(store)
     writer = await asyncpg.connect(pg_url)
     try:
         await write_events(store, run_events(ws, "r1", finished))
@@ -555,7 +555,7 @@ async def test_mongo_retention_operations_send_these_commands(mongo_wire: FakeMo
 
     store = MongoStore(url_of(wire), env={})
     await store.open()
-    await store.migrate()
+    await migrate(store)
     try:
         await write_events(store, run_events("acme", "r1", NOW - 40 * DAY))
         nodes = await store.get_nodes("acme", "r1")

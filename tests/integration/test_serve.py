@@ -19,7 +19,7 @@ import pytest
 from tests import reference as ref
 from tests.store_conformance import write
 from worker.cli.serve import viewer_token
-from worker.stores import open_store
+from worker.stores import migrate, open_store
 
 pytestmark = pytest.mark.anyio
 
@@ -41,6 +41,7 @@ async def test_serve_over_tls(tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path}/serve.db"
     store = open_store(db)
     await store.open()
+    await migrate(store)
     try:
         await write(store, ref.reference_events())
         token = await viewer_token(store, ref.WORKSPACE, label="test")

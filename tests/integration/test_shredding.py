@@ -23,7 +23,7 @@ from worker.emitter import make_event
 from worker.erasure import ERASURE_WORKFLOW, erase, hash_subjects, subject_hash
 from worker.retention import Policy, run_retention
 from worker.shredding import MasterKey
-from worker.stores import RunQuery, Store, open_store
+from worker.stores import RunQuery, Store, migrate, open_store
 from worker.stores.base import StoredKey
 
 pytestmark = pytest.mark.anyio
@@ -77,6 +77,7 @@ async def test_subject_erased_across_hot_storage_and_three_archived_months(
     arch = tmp_path / "arch"
     store = open_store(store_url)
     await store.open()
+    await migrate(store)
     try:
         await write_runs(store)
         archive = Archive.at(arch)
@@ -166,6 +167,7 @@ async def test_subject_erased_across_hot_storage_and_three_archived_months(
     capsys.readouterr()
     store = open_store(store_url)
     await store.open()
+    await migrate(store)
     try:
         (node,) = await store.get_nodes("ws1", "old1")
         assert node["input"]["erased"] is True
@@ -184,6 +186,7 @@ async def test_erasure_killed_at_key_deletion_and_rerun(store_url: str, tmp_path
     shreds the rest, once; the other subject's key is untouched."""
     store = open_store(store_url)
     await store.open()
+    await migrate(store)
     try:
         await write_runs(store)
         archive = Archive.at(tmp_path / "arch")
@@ -237,6 +240,7 @@ async def test_configured_personal_paths_are_sealed_in_archives_and_shredded(
     bob = subject_hash(SUBJECT_KEY, "email:bob@example.com")
     store = open_store(store_url)
     await store.open()
+    await migrate(store)
     try:
         await write_events(store, personal_events("ws1", "old", [ann])
                            + personal_events("ws1", "bobs", [bob]))
@@ -277,6 +281,7 @@ async def test_configured_personal_paths_are_sealed_in_archives_and_shredded(
 
     store = open_store(store_url)
     await store.open()
+    await migrate(store)
     try:  # the subject's run is also still hot once more (a late copy)
         await write_events(store, personal_events("ws1", "hot", [ann]))
     finally:

@@ -23,7 +23,7 @@ from worker import samples
 from worker.consumer import Worker
 from worker.emitter import AuditEmitter
 from worker.settings import Settings
-from worker.stores import open_store
+from worker.stores import migrate, open_store
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow]
 
@@ -94,6 +94,7 @@ async def test_write_outlasting_the_grace_period_is_cancelled_and_left_pending(
 
     store = open_store(pg_url)
     await store.open()
+    await migrate(store)
     try:
         peer = Settings(redis_url=redis_url, streams=(stream,), group=GROUP, consumer="w-b",
                         metrics_port=0, block_ms=50, claim_idle_ms=200, reclaim_interval_s=0.1,
@@ -127,7 +128,8 @@ async def test_sigterm_during_a_store_blackhole_exits_within_grace_and_deadline(
     events = [e for r in runs for e in samples.run_events(r)]
     emitter = AuditEmitter(redis_client, [stream])
     reader = open_store(pg_url)
-    await reader.open()  # creates the schema before the worker starts
+    await reader.open()
+    await migrate(reader)  # creates the schema before the worker starts
     pg = urlsplit(pg_url)
     async with TcpProxy(pg.hostname or "127.0.0.1", pg.port or 5432) as proxy:
         log = tmp_path / "w.log"

@@ -24,8 +24,14 @@ from tests.store_conformance import (
 )
 from worker import events as ev
 from worker.documents import coalesce
-from worker.errors import ConfigError, StoreRejected, StoreTimeout, StoreUnavailable
-from worker.stores import RunQuery, open_store
+from worker.errors import (
+    ConfigError,
+    StoreNotOpen,
+    StoreRejected,
+    StoreTimeout,
+    StoreUnavailable,
+)
+from worker.stores import RunQuery, migrate, open_store
 from worker.stores.base import Store
 from worker.stores.postgres import PostgresStore, translate
 
@@ -45,6 +51,7 @@ async def shared_store() -> AsyncIterator[PostgresStore]:
         store = PostgresStore(url, max_size=4)
         try:
             await store.open()
+            await migrate(store)
             yield store
         finally:
             await store.close()
@@ -55,6 +62,7 @@ async def pg_store(pg_url: str) -> AsyncIterator[PostgresStore]:
     """A store on a fresh database of this test's own."""
     store = PostgresStore(pg_url, max_size=4)
     await store.open()
+    await migrate(store)
     try:
         yield store
     finally:
@@ -177,10 +185,15 @@ async def test_columns_mirror_the_documents(pg_store: PostgresStore, pg_url: str
 async def test_concurrent_migrations(pg_url: str) -> None:
     """Several workers starting at once on an empty database all migrate cleanly."""
     stores = [PostgresStore(pg_url, max_size=2) for _ in range(5)]
+
+    async def start(store: PostgresStore) -> None:  # as a worker's start does
+        await store.open()
+        await migrate(store)
+
     try:
         async with anyio.create_task_group() as tg:
             for store in stores:
-                tg.start_soon(store.open)
+                tg.start_soon(start, store)
         ws = new_workspace()
         await write(stores[0], reference_events(ws))
         await assert_stored(stores[-1], reference_events(ws))
@@ -197,6 +210,7 @@ async def test_concurrent_writers_converge(pg_url: str) -> None:
     stores = [PostgresStore(pg_url, max_size=2) for _ in range(4)]
     for store in stores:
         await store.open()
+        await migrate(store)
 
     async def worker(n: int, store: PostgresStore) -> None:
         mine = list(raw)
@@ -271,12 +285,13 @@ def test_translate_leaves_other_errors() -> None:
 
 
 async def test_unreachable_server_is_unavailable() -> None:
-    """Nothing listening on the port: open and ping raise StoreUnavailable."""
+    """Nothing listening on the port: open raises StoreUnavailable (retried); the store is
+    then not open, and using it is a programming error (StoreNotOpen), never retried."""
     store = PostgresStore(f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
                           "?connect_timeout=2")
     with pytest.raises(StoreUnavailable):
         await store.open()
-    with pytest.raises(StoreUnavailable):
+    with pytest.raises(StoreNotOpen):
         await store.ping()
     await store.close()
 
@@ -286,6 +301,7 @@ async def test_statement_timeout_is_unavailable(pg_url: str) -> None:
     ws = new_workspace()
     store = PostgresStore(pg_url, command_timeout=0.5)
     await store.open()
+    await migrate(store)
     await write(store, reference_events(ws)[:1])
     blocker = await asyncpg.connect(pg_url)
     try:
@@ -361,10 +377,11 @@ def test_url_options() -> None:
         PostgresStore("postgresql://db/a", command_timeout=0)
 
 
-async def test_store_not_open_is_unavailable() -> None:
-    """Using a store before open() is a transient failure, not a crash."""
+async def test_store_not_open_is_a_programming_error() -> None:
+    """Regression: using a store before open() raised StoreUnavailable, which the worker
+    retries forever. It is StoreNotOpen, a programming error."""
     store = PostgresStore("postgresql://postgres@127.0.0.1/postgres")
-    with pytest.raises(StoreUnavailable):
+    with pytest.raises(StoreNotOpen):
         await store.get_run("w", "r")
-    with pytest.raises(StoreUnavailable):
+    with pytest.raises(StoreNotOpen):
         await write(store, reference_events("w"))

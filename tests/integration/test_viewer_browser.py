@@ -23,7 +23,7 @@ from tests.store_conformance import write
 from worker.api.app import ServerConfig, build_app
 from worker.api.reads import Reader
 from worker.api.tokens import new_token
-from worker.stores import Store, open_store
+from worker.stores import Store, migrate, open_store
 from worker.stores.access import AccessStore, access_store
 
 pytestmark = pytest.mark.anyio
@@ -70,6 +70,7 @@ class Viewer:
 async def viewer(tmp_path: Path) -> AsyncIterator[Viewer]:
     store = open_store(f"sqlite:///{tmp_path}/viewer.db")
     await store.open()
+    await migrate(store)
     access = access_store(store)
     await access.migrate()
     await write(store, ref.reference_events())

@@ -20,7 +20,7 @@ from worker.api.text import clean
 from worker.api.tokens import digest, new_token, parse_scopes, parse_workspaces
 from worker.archive import Archive
 from worker.errors import ConfigError
-from worker.stores import Store, open_store
+from worker.stores import Store, migrate, open_store
 from worker.stores.access import AccessRecord, access_store
 
 # -- rules (no services) ---------------------------------------------------------------------
@@ -94,6 +94,7 @@ class TestSQLiteAccess(AccessConformance):
     async def store(self, tmp_path: Path) -> AsyncIterator[Store]:
         store = open_store(f"sqlite:///{tmp_path}/a.db")
         await store.open()
+        await migrate(store)
         try:
             yield store
         finally:
@@ -124,6 +125,8 @@ def test_token_and_access_log_commands(tmp_path: Path, capsys: pytest.CaptureFix
     """tokens create prints the token last; list shows it (not the token); revoke ends it;
     access-log exports the records as a table or JSON lines."""
     monkeypatch.setenv("AUDIT_STORE_URL", f"sqlite:///{tmp_path}/c.db")
+    assert cli.main(["migrate"]) == 0
+    capsys.readouterr()
     assert cli.main(["tokens", "create", "-w", "acme", "--scope", "runs:read,prompts:read",
                      "--label", "dpo"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
@@ -149,6 +152,7 @@ def test_token_and_access_log_commands(tmp_path: Path, capsys: pytest.CaptureFix
     async def add() -> None:
         store = open_store(f"sqlite:///{tmp_path}/c.db")
         await store.open()
+        await migrate(store)
         try:
             await access_store(store).record_access([AccessRecord(
                 "x1", T0, token_id, "acme", "run_1", "classify", 1, ("input",), "store")])
@@ -183,6 +187,7 @@ async def test_retention_expires_access_records_with_the_run_summaries(
 
     store = open_store(f"sqlite:///{tmp_path}/r.db")
     await store.open()
+    await migrate(store)
     try:
         access = access_store(store)
         await access.migrate()

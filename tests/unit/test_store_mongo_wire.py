@@ -30,9 +30,10 @@ from tests.mongo_emulator import FakeMongo, _canon, apply_pipeline, url_of
 from tests.store_conformance import StoreConformance
 from worker import events as ev
 from worker.documents import WriteBatch, coalesce, fold, node_key
-from worker.errors import ConfigError, StoreRejected, StoreUnavailable
+from worker.errors import ConfigError, StoreNotOpen, StoreRejected, StoreUnavailable
 from worker.settings import _ENV_NAMES, Settings
 from worker.stores import _mongo_codec as mc
+from worker.stores import migrate
 from worker.stores._mongo_options import ENV_OPTIONS
 from worker.stores.base import NodeQuery, RunQuery, Store
 from worker.stores.mongo import MongoStore
@@ -849,6 +850,7 @@ async def test_scan_runs_ages_runs_exactly_like_the_sql_stores(
     assert runs[("acme", "no-start")]["startedAt"] is None
     sqlite = SQLiteStore("sqlite:///:memory:")
     await sqlite.open()
+    await migrate(sqlite)
     try:
         await sqlite.write(batch_of(decoded))
         for seconds in (-2000, 0, 20.0007, 20.0008, 50.0004, 50.0005, 60, 60.000001,
@@ -878,6 +880,17 @@ async def test_server_older_than_5_2_is_refused_at_open(fake: FakeMongo) -> None
     with pytest.raises(ConfigError, match="too old"):
         await store.open()
     assert store._client is None
+
+
+@pytest.mark.anyio
+async def test_store_not_open_is_a_programming_error() -> None:
+    """A store used before open() raises StoreNotOpen (as every store does), never a store
+    failure the worker would retry."""
+    store = MongoStore("mongodb://127.0.0.1:1", env={})
+    with pytest.raises(StoreNotOpen):
+        await store.ping()
+    with pytest.raises(StoreNotOpen):
+        await store.get_run("acme", "r")
 
 
 @pytest.mark.anyio

@@ -11,8 +11,8 @@ import pytest
 
 from tests.reference import reference_events, reference_snapshot
 from tests.store_conformance import StoreConformance, assert_stored, new_workspace, write
-from worker.errors import ConfigError, StoreMisconfigured, StoreUnavailable
-from worker.stores import open_store
+from worker.errors import ConfigError, StoreMisconfigured, StoreNotOpen, StoreUnavailable
+from worker.stores import migrate, open_store
 from worker.stores.base import Store
 from worker.stores.sqlite import SQLiteStore, database_path
 
@@ -22,6 +22,7 @@ class TestSQLiteConformance(StoreConformance):
     async def store(self, tmp_path: Path) -> AsyncIterator[Store]:
         store = SQLiteStore(f"sqlite:///{tmp_path}/audit.db")
         await store.open()
+        await migrate(store)
         try:
             yield store
         finally:
@@ -33,6 +34,7 @@ class TestSQLiteMemoryConformance(StoreConformance):
     async def store(self) -> AsyncIterator[Store]:
         store = SQLiteStore("sqlite:///:memory:")
         await store.open()
+        await migrate(store)
         try:
             yield store
         finally:
@@ -46,6 +48,7 @@ pytestmark = [pytest.mark.anyio]
 async def file_store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
     store = SQLiteStore(f"sqlite:///{tmp_path}/audit.db")
     await store.open()
+    await migrate(store)
     try:
         yield store
     finally:
@@ -70,6 +73,7 @@ async def test_synchronous_option(option: str, level: int, tmp_path: Path) -> No
     """?synchronous= picks the durability trade-off; the default is full."""
     store = SQLiteStore(f"sqlite:///{tmp_path}/audit.db?synchronous={option}")
     await store.open()
+    await migrate(store)
     try:
         assert await store._run(lambda c: c.execute("PRAGMA synchronous").fetchone()[0]) == level
     finally:
@@ -101,6 +105,7 @@ async def test_relative_path_resolves_against_the_working_directory(
     (tmp_path / "data").mkdir()
     store = SQLiteStore("sqlite:///./data/audit.db")
     await store.open()
+    await migrate(store)
     await write(store, reference_events())
     await store.close()
     assert (tmp_path / "data" / "audit.db").is_file()
@@ -123,6 +128,7 @@ async def test_read_only_opens_an_existing_database_and_creates_nothing(tmp_path
     assert [x async for x in anyio.Path(tmp_path).iterdir()] == []
     writer = SQLiteStore(f"sqlite:///{tmp_path}/a.db")
     await writer.open()
+    await migrate(writer)
     await write(writer, reference_events())
     await writer.close()
     reader = SQLiteStore(f"sqlite:///{tmp_path}/a.db", read_only=True)
@@ -171,10 +177,12 @@ async def test_reopen_keeps_data(tmp_path: Path) -> None:
     ws = new_workspace()
     store = SQLiteStore(url)
     await store.open()
+    await migrate(store)
     await write(store, reference_events(ws))
     await store.close()
     again = SQLiteStore(url)
     await again.open()
+    await migrate(again)
     try:
         await assert_stored(again, reference_events(ws))
     finally:
@@ -185,6 +193,7 @@ async def test_locked_database_is_unavailable(tmp_path: Path) -> None:
     """A write blocked by another process's write lock fails as StoreUnavailable."""
     store = SQLiteStore(f"sqlite:///{tmp_path}/audit.db?busy_timeout=100")
     await store.open()
+    await migrate(store)
     ws = new_workspace()
     other = sqlite3.connect(tmp_path / "audit.db", isolation_level=None)
     try:
@@ -208,6 +217,7 @@ async def test_two_stores_on_one_file_converge(tmp_path: Path) -> None:
     stores = [SQLiteStore(url), SQLiteStore(url)]
     for store in stores:
         await store.open()
+        await migrate(store)
 
     async def worker(store: SQLiteStore, events: list[dict[str, object]]) -> None:
         for start in range(0, len(events), 5):
@@ -223,13 +233,15 @@ async def test_two_stores_on_one_file_converge(tmp_path: Path) -> None:
             await store.close()
 
 
-async def test_closed_store_is_unavailable() -> None:
-    """Using a store that is not open is a transient failure."""
+async def test_closed_store_is_a_programming_error() -> None:
+    """Regression: using a store that is not open raised StoreUnavailable, which the worker
+    retries forever. It is StoreNotOpen: a programming error, not a store failure."""
     store = SQLiteStore("sqlite:///:memory:")
-    with pytest.raises(StoreUnavailable):
+    with pytest.raises(StoreNotOpen):
         await store.ping()
     await store.open()
     await store.ping()
     await store.close()
-    with pytest.raises(StoreUnavailable):
+    with pytest.raises(StoreNotOpen):
         await write(store, reference_events())
+    assert not issubclass(StoreNotOpen, StoreUnavailable)

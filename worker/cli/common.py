@@ -66,7 +66,8 @@ async def opened_store(
 ) -> AsyncIterator[Store]:
     """The store named by ``--store-url`` / ``AUDIT_STORE_URL``, opened and closed.
 
-    ``read_only`` for commands that only read: they create no file, directory or table.
+    No command but ``migrate`` (and a worker's start) creates tables or indexes;
+    ``read_only`` for commands that only read: they create no file or directory either.
     """
     store = open_store(store_url(args), read_only=read_only)
     await store.open()

@@ -62,7 +62,6 @@ async def _cmd(args: argparse.Namespace, apply: bool) -> int:
     workspaces = [check_workspace(args.workspace)] if args.workspace else []
     async with opened_store(args, read_only=not apply) as store:
         access = access_store(store)
-        await access.migrate()  # the access-log table, idempotent (plan counts its records)
         reports = await run_retention(store, policy, now=now, archive=archive, apply=apply,
                                       workspaces=workspaces, master=archive_master_key(),
                                       access=access,

@@ -32,17 +32,13 @@ async def cmd_run(args: argparse.Namespace) -> int:
 
 
 async def cmd_migrate(args: argparse.Namespace) -> int:
-    from ..stores import open_store
+    from ..stores import migrate, open_store
 
     settings = settings_from_args(args)
     store = open_store(settings.store_url)
     await store.open()
     try:
-        await store.migrate()
-        if store.name != "null":
-            from ..stores.access import access_store
-
-            await access_store(store).migrate()
+        await migrate(store)
     finally:
         await store.close()
     print(f"schema and indexes are up to date ({store.name})")

@@ -25,7 +25,6 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     location = args.archive_dir or os.environ.get("AUDIT_ARCHIVE_DIR")
     async with opened_store(args, read_only=True) as store:
         access = access_store(store)
-        await access.migrate()  # the tokens and access-log tables (idempotent)
         reader = Reader(store, access, Archive.at(location) if location else None,
                         master=archive_master_key())  # opens sealed archive fields
 
@@ -50,7 +49,6 @@ async def viewer_token(store: Store, workspace: str, *, label: str) -> str:
     from ..api.tokens import PROMPTS_READ, RUNS_READ, new_token
 
     access = access_store(store)
-    await access.migrate()
     token, record = new_token((workspace,), (RUNS_READ, PROMPTS_READ), now=utcnow(),
                               label=label)
     await access.add_token(record)

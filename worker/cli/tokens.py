@@ -25,7 +25,6 @@ async def cmd_tokens_create(args: argparse.Namespace) -> int:
     token, record = new_token(workspaces, scopes, now=utcnow(), label=args.label)
     async with opened_store(args) as store:
         access = access_store(store)
-        await access.migrate()
         await access.add_token(record)
     print(f"token {record.token_id} for {', '.join(workspaces)} with {', '.join(scopes)}"
           " (shown once; only its SHA-256 digest is stored):")
@@ -36,7 +35,6 @@ async def cmd_tokens_create(args: argparse.Namespace) -> int:
 async def cmd_tokens_list(args: argparse.Namespace) -> int:
     async with opened_store(args, read_only=True) as store:
         access = access_store(store)
-        await access.migrate()
         tokens = await access.list_tokens()
     if args.json:
         print(dumps({"tokens": [t.to_json() for t in tokens]}))
@@ -53,7 +51,6 @@ async def cmd_tokens_list(args: argparse.Namespace) -> int:
 async def cmd_tokens_revoke(args: argparse.Namespace) -> int:
     async with opened_store(args) as store:
         access = access_store(store)
-        await access.migrate()
         done = await access.revoke_token(args.token_id, utcnow())
     if not done:
         raise AuditFleetError(f"no active token {args.token_id!r}")
@@ -67,7 +64,6 @@ async def cmd_access_log(args: argparse.Namespace) -> int:
     since, until = parse_when(args.since, now), parse_when(args.until, now)
     async with opened_store(args, read_only=True) as store:
         access = access_store(store)
-        await access.migrate()
         records = await access.access_log(workspace, since=since, until=until)
     location = archive_dir(args)
     if location:  # with the records retention moved to the archive (verified segments)

@@ -13,7 +13,7 @@ from .base import (
     WriteResult,
     WriteStore,
 )
-from .factory import open_store
+from .factory import migrate, open_store
 
 __all__ = ["Connection", "NodeQuery", "NodeVersion", "QueryStore", "Rejection", "RetentionStore",
-           "RunQuery", "RunVersion", "Store", "WriteResult", "WriteStore", "open_store"]
+           "RunQuery", "RunVersion", "Store", "WriteResult", "WriteStore", "migrate", "open_store"]

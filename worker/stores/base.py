@@ -132,17 +132,18 @@ class Connection(Protocol):
     name: str
 
     async def open(self) -> None:
-        """Connect, and create schema and indexes if missing (idempotent)."""
+        """Connect (nothing more: no table or index is created). Using a store before
+        this, or after :meth:`close`, raises :class:`worker.errors.StoreNotOpen`."""
 
     async def close(self) -> None:
         """Release connections."""
 
     async def migrate(self) -> None:
-        """Create schema and indexes idempotently."""
+        """Create schema and indexes idempotently (``audit-fleet migrate`` and worker
+        start only, through :func:`worker.stores.factory.migrate`)."""
 
     async def ping(self) -> None:
         """Raise :class:`worker.errors.StoreUnavailable` if the store cannot be reached."""
-
 
 
 @runtime_checkable

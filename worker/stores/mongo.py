@@ -50,7 +50,7 @@ from pymongo.errors import (
 
 from .. import personal
 from ..documents import WriteBatch
-from ..errors import ConfigError, StoreError, StoreRejected, StoreUnavailable
+from ..errors import ConfigError, StoreError, StoreNotOpen, StoreRejected, StoreUnavailable
 from . import _mongo_codec as mc
 from . import _mongo_write as mw
 from ._mongo_names import DatabaseNames
@@ -102,7 +102,7 @@ class MongoStore:
     @property
     def client(self) -> AsyncMongoClient[Doc]:
         if self._client is None:
-            raise StoreError("the MongoDB store is not open")
+            raise StoreNotOpen("the MongoDB store is not open")
         return self._client
 
     async def open(self) -> None:
@@ -114,8 +114,6 @@ class MongoStore:
             raise ConfigError(f"AUDIT_STORE_URL is not a usable MongoDB URL: {exc}") from None
         try:
             await self._check_version()
-            if self.shared:
-                await self._ensure_indexes(self.shared_db)
         except BaseException:
             await self.close()
             raise

@@ -33,6 +33,7 @@ from ..documents import WriteBatch
 from ..errors import (
     ConfigError,
     StoreMisconfigured,
+    StoreNotOpen,
     StoreRejected,
     StoreTimeout,
     StoreUnavailable,
@@ -110,7 +111,9 @@ def translate(exc: BaseException) -> StoreUnavailable | StoreRejected | None:
         # and anything else the server reports (a dropped table, a missing privilege) is
         # not the data's fault either: keep the entries pending and retry rather than
         # dead-letter events that a fixed database would accept.
-        return StoreUnavailable(f"PostgreSQL: {type(exc).__name__}: {exc}")
+        hint = (" (run audit-fleet migrate)" if isinstance(exc, pgx.UndefinedTableError)
+                else "")
+        return StoreUnavailable(f"PostgreSQL: {type(exc).__name__}: {exc}{hint}")
     if isinstance(exc, OSError | builtins.TimeoutError | pgx.InterfaceError
                   | pgx.InternalClientError):
         return StoreUnavailable(f"PostgreSQL unreachable: {type(exc).__name__}: {exc}")
@@ -162,11 +165,8 @@ class PostgresStore:
         max_size: int | None = None,
         command_timeout: float | None = None,
         connect_timeout: float | None = None,
-        read_only: bool = False,
     ) -> None:
         dsn, options = _sql.pop_options(url, _OPTIONS)
-        #: Create no table (read-only commands).
-        self.read_only = read_only
         self.dsn = dsn
         self.min_size = min_size if min_size is not None else options.get("min_size", 1)
         self.max_size = max_size if max_size is not None else options.get("max_size", 10)
@@ -189,7 +189,7 @@ class PostgresStore:
     @property
     def pool(self) -> asyncpg.Pool:
         if self._pool is None:
-            raise StoreUnavailable("the PostgreSQL store is not open")
+            raise StoreNotOpen("the PostgreSQL store is not open")
         return self._pool
 
     async def open(self) -> None:
@@ -203,8 +203,6 @@ class PostgresStore:
                     timeout=self.connect_timeout,
                     server_settings={"application_name": "audit-fleet", "jit": "off"},
                 ), self.dsn)
-        if not self.read_only:
-            await self.migrate()
 
     async def close(self) -> None:
         """Close the pool gracefully within :data:`CLOSE_TIMEOUT_S`, else terminate it

@@ -38,7 +38,7 @@ import anyio.to_thread
 
 from .. import personal
 from ..documents import NodeDoc, RunPatch, WriteBatch
-from ..errors import ConfigError, StoreMisconfigured, StoreRejected, StoreUnavailable
+from ..errors import ConfigError, StoreMisconfigured, StoreNotOpen, StoreRejected, StoreUnavailable
 from . import _sql, _sqlite_keys
 from .base import (
     NodeQuery,
@@ -160,7 +160,8 @@ def _translate(exc: sqlite3.Error) -> StoreUnavailable | StoreRejected:
     if isinstance(exc, sqlite3.DataError | sqlite3.IntegrityError):
         return StoreRejected(f"SQLite refused the write: {exc}")
     # Locked or busy database, I/O errors, a missing table: not the data's fault.
-    return StoreUnavailable(f"SQLite: {type(exc).__name__}: {exc}")
+    hint = " (run audit-fleet migrate)" if "no such table" in str(exc) else ""
+    return StoreUnavailable(f"SQLite: {type(exc).__name__}: {exc}{hint}")
 
 
 def database_path(url: str) -> str:
@@ -215,7 +216,7 @@ class SQLiteStore:
         async with self._lock:
             conn = self._conn
             if conn is None:
-                raise StoreUnavailable("the SQLite store is not open")
+                raise StoreNotOpen("the SQLite store is not open")
             try:
                 return await anyio.to_thread.run_sync(fn, conn)
             except sqlite3.Error as exc:
@@ -233,8 +234,6 @@ class SQLiteStore:
                     ) from None
                 except sqlite3.Error as exc:
                     raise _translate(exc) from exc
-        if not self.read_only:
-            await self.migrate()
 
     def _check_path(self) -> None:
         """A missing directory (or, read-only, a missing file) is a setting to fix: the
