@@ -31,6 +31,12 @@ DEFAULT_SHUTDOWN_GRACE_S = 25.0
 #: take. A process exits within grace + deadline (35 s) whatever the store does.
 DEFAULT_SHUTDOWN_DEADLINE_S = 10.0
 DEFAULT_RECLAIM_INTERVAL_S = 5.0
+#: Longest pause between retries of a store write, a settle or a group creation (seconds).
+DEFAULT_RETRY_MAX_BACKOFF_S = 10.0
+#: MongoDB: the database of workspace W is <prefix>W (AUDIT_MONGO_TENANCY=database).
+DEFAULT_MONGO_DB_PREFIX = "audit_"
+#: MongoDB: node payloads above this move to GridFS.
+DEFAULT_MONGO_LARGE_PAYLOAD_BYTES = 4 * 1024 * 1024
 DEFAULT_TRIM_INTERVAL_S = 30.0
 DEFAULT_TRIM_RETENTION_S = 3600.0
 DEFAULT_FLEET_POLL_INTERVAL_S = 10.0
@@ -82,10 +88,7 @@ REASONS: tuple[str, ...] = tuple(
 
 #: ``AUDIT_*`` variables read outside :class:`worker.settings.Settings` (whose fields name
 #: the others). ``config check`` and ``run`` report any other ``AUDIT_*`` name as unknown.
-OTHER_ENV_NAMES = (
-    "AUDIT_MONGO_TENANCY", "AUDIT_MONGO_DB_PREFIX", "AUDIT_MONGO_LARGE_PAYLOAD_BYTES",
-    "AUDIT_ARCHIVE_SCRATCH", "AUDIT_S3_ENDPOINT_URL",
-)
+OTHER_ENV_NAMES = ("AUDIT_ARCHIVE_SCRATCH", "AUDIT_S3_ENDPOINT_URL")
 
 #: Prefixes of variables used by the test suite and the benchmarks, never by a worker.
 TOOLING_ENV_PREFIXES = ("AUDIT_TEST_", "AUDIT_BENCH_")

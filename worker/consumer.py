@@ -62,12 +62,10 @@ class Worker:
         *,
         side_loops: Sequence[Loop] = (),
         handle_signals: bool = False,
-        retry_max_backoff_s: float = 10.0,
-        linger_s: float | None = None,
     ) -> None:
         self.settings = settings
         #: How long the reader waits after a read that did not fill a batch (AUDIT_LINGER_MS).
-        self.linger_s = settings.linger_ms / 1000 if linger_s is None else linger_s
+        self.linger_s = settings.linger_ms / 1000
         self.store = store
         self._own_redis = redis is None
         self.redis: aioredis.Redis = redis  # type: ignore[assignment]  # connected in run()
@@ -75,7 +73,6 @@ class Worker:
         self.metrics.prime(settings.streams, settings.group, store.name)
         self.side_loops = list(side_loops)
         self.handle_signals = handle_signals
-        self.retry_max_backoff_s = retry_max_backoff_s
         self.log = get_logger(group=settings.group, consumer=settings.consumer)
         self.held: dict[str, set[str]] = {s: set() for s in settings.streams}
         self.inflight = 0
@@ -118,7 +115,7 @@ class Worker:
         unreachable, or at ``maxmemory`` (XGROUP CREATE is refused then). Returns False
         if the worker was stopped meanwhile."""
         retrying = retry.retrying(
-            RedisUnavailable, initial_s=0.1, max_s=self.retry_max_backoff_s,
+            RedisUnavailable, initial_s=0.1, max_s=self.settings.retry_max_backoff_s,
             stop=lambda _: self.stopping,
             before_sleep=self.on_redis_retry("create_group"),
             sleep=self.sleep_or_stop,

@@ -39,7 +39,7 @@ from .metrics import Metrics
 from .redisclient import connect_settings
 from .redisio import translated
 from .settings import Settings, mask_url
-from .stores import Store, migrate, open_store
+from .stores import Store, migrate, store_from
 from .trim import trim_side_loop
 
 #: How long one start-up attempt at Redis (connect and ``PING``) may take.
@@ -100,7 +100,7 @@ async def open_store_waiting(
         before_sleep=waiting,
     ):
         with attempt:
-            store = open_store(settings.store_url)
+            store = store_from(settings)
             await store.open()
             try:
                 await migrate(store)

@@ -7,7 +7,7 @@ import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from . import constants as c
@@ -16,6 +16,9 @@ from .personal import PersonalFields
 from .redaction import Redactor
 from .redisclient import mode_of
 from .signing import Keyring, load_secret
+
+if TYPE_CHECKING:
+    from .stores._mongo_options import MongoOptions
 
 _STORE_SCHEMES = ("sqlite", "postgresql", "postgres", "mongodb", "mongodb+srv", "null")
 
@@ -60,6 +63,9 @@ class Settings:
     shutdown_grace_s: float = c.DEFAULT_SHUTDOWN_GRACE_S
     shutdown_deadline_s: float = c.DEFAULT_SHUTDOWN_DEADLINE_S
     reclaim_interval_s: float = c.DEFAULT_RECLAIM_INTERVAL_S
+    #: AUDIT_RETRY_MAX_BACKOFF_S: the longest pause between retries while the store or
+    #: Redis is unavailable (exponential backoff with jitter up to this).
+    retry_max_backoff_s: float = c.DEFAULT_RETRY_MAX_BACKOFF_S
     trim: bool = True
     trim_interval_s: float = c.DEFAULT_TRIM_INTERVAL_S
     trim_retention_s: float = c.DEFAULT_TRIM_RETENTION_S
@@ -96,6 +102,13 @@ class Settings:
     archive_master_key: bytes | None = field(default=None, repr=False, compare=False)
     emit_wait_replicas: int = 0
     emit_wait_timeout_ms: int = 100
+    #: AUDIT_MONGO_TENANCY: a database per workspace (``database``) or one shared
+    #: database with compound keys (``field``); docs/mongodb.md.
+    mongo_tenancy: str = "database"
+    #: AUDIT_MONGO_DB_PREFIX: the database of workspace W is <prefix>W (may be empty).
+    mongo_db_prefix: str = c.DEFAULT_MONGO_DB_PREFIX
+    #: AUDIT_MONGO_LARGE_PAYLOAD_BYTES: node payloads above this move to GridFS.
+    mongo_large_payload_bytes: int = c.DEFAULT_MONGO_LARGE_PAYLOAD_BYTES
 
     def __post_init__(self) -> None:
         if not self.consumer:
@@ -145,7 +158,7 @@ class Settings:
             raise ConfigError(f"AUDIT_METRICS_PORT must be 0..65535, got {self.metrics_port}")
         if (self.shutdown_grace_s < 0 or self.shutdown_deadline_s <= 0
                 or self.reclaim_interval_s <= 0 or self.trim_interval_s <= 0
-                or self.fleet_poll_interval_s <= 0):
+                or self.fleet_poll_interval_s <= 0 or self.retry_max_backoff_s <= 0):
             raise ConfigError("grace and interval settings must be positive")
         if self.trim_retention_s < 0:
             raise ConfigError("AUDIT_TRIM_RETENTION_S must be >= 0")
@@ -162,6 +175,8 @@ class Settings:
             )
         self.redactor()  # raises ConfigError for unknown detectors or bad paths
         self.personal()  # raises ConfigError for a bad or protected path
+        if self.store_scheme in ("mongodb", "mongodb+srv"):
+            self.mongo_options()  # raises ConfigError for a bad tenancy, prefix or size
         if self.require_signature and self.keyring is None:
             raise ConfigError("AUDIT_REQUIRE_SIGNATURE needs AUDIT_SIGNING_KEYS_FILE (the keyring)")
         if self.log_format not in ("auto", "json", "console"):
@@ -173,6 +188,13 @@ class Settings:
     def dlq_bounded(self) -> bool:
         """Whether a dead-letter bound is set (the hygiene round then applies it)."""
         return bool(self.dlq_max_age_s or self.dlq_max_bytes)
+
+    def mongo_options(self) -> MongoOptions:
+        """The MongoDB store's options (validated: a ConfigError names the variable)."""
+        from .stores._mongo_options import MongoOptions
+
+        return MongoOptions(tenancy=self.mongo_tenancy, db_prefix=self.mongo_db_prefix,
+                            large_payload_bytes=self.mongo_large_payload_bytes)
 
     def redactor(self) -> Redactor | None:
         """The redaction step these settings configure (None: redaction is off)."""
@@ -198,7 +220,7 @@ class Settings:
                 continue
             name = env_name(f.name)
             raw = env.get(name)
-            if raw is None or raw == "":
+            if raw is None or (raw == "" and f.name not in _EMPTY_OK):
                 continue
             values[f.name] = _parse(name, f.name, raw)
         for key, value in overrides.items():
@@ -211,6 +233,19 @@ class Settings:
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
+
+
+def setting(name: str, override: Any = None, env: Mapping[str, str] | None = None) -> Any:
+    """One field as :meth:`Settings.from_env` reads it (``override``, else its variable,
+    else its default) without building the whole object, for a path that must not fail
+    on another variable (an error message naming the Redis URL)."""
+    if override is not None:
+        return override
+    env = os.environ if env is None else env
+    raw = env.get(env_name(name))
+    if raw or (raw == "" and name in _EMPTY_OK):
+        return _parse(env_name(name), name, raw)
+    return next(f.default for f in fields(Settings) if f.name == name)
 
 
 _ENV_NAMES = {"streams": "AUDIT_STREAM"}
@@ -252,13 +287,14 @@ def describe_unknown(name: str, suggestion: str | None) -> str:
 _INTS = {
     "batch_size", "block_ms", "claim_idle_ms", "max_deliveries", "metrics_port",
     "max_event_bytes", "max_inflight", "inflight_bytes", "linger_ms", "emit_wait_replicas",
-    "emit_wait_timeout_ms", "dlq_max_bytes",
+    "emit_wait_timeout_ms", "dlq_max_bytes", "mongo_large_payload_bytes",
 }
 _FLOATS = {"shutdown_grace_s", "shutdown_deadline_s", "reclaim_interval_s", "trim_interval_s",
-           "trim_retention_s", "dlq_max_age_s",
-           "fleet_poll_interval_s"}
+           "trim_retention_s", "dlq_max_age_s", "fleet_poll_interval_s", "retry_max_backoff_s"}
 _BOOLS = {"trim", "burst", "require_signature"}
 _LISTS = {"streams", "redact_detectors", "redact_drop", "redact_mask", "personal_fields"}
+#: Fields whose variable may be set to the empty string (an empty database prefix).
+_EMPTY_OK = {"mongo_db_prefix"}
 #: Fields that are not read from the environment under their own name.
 _NOT_ENV = {"keyring", "subject_key", "archive_master_key"}
 
@@ -280,6 +316,8 @@ def _parse(env_name: str, field: str, raw: str) -> Any:
         raise ConfigError(f"{env_name} must be true or false, got {raw!r}")
     if field == "streams":
         return expand_streams(raw)
+    if field == "mongo_tenancy":
+        return raw.strip().lower()
     if field in _LISTS:
         return tuple(s.strip() for s in raw.split(",") if s.strip())
     return raw

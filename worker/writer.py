@@ -125,7 +125,6 @@ class Worker(Protocol):
     redis: aioredis.Redis
     metrics: Metrics
     log: Any
-    retry_max_backoff_s: float
 
     def beat(self, loop: str) -> None: ...
 
@@ -286,7 +285,7 @@ class BatchWriter:
         stay pending and unacknowledged, and the reader stops — backpressure)."""
         store = self.store.name
         retrying = retry.retrying(
-            StoreUnavailable, initial_s=0.05, max_s=self.worker.retry_max_backoff_s,
+            StoreUnavailable, initial_s=0.05, max_s=self.settings.retry_max_backoff_s,
             before_sleep=self._on_retry,
         )
         async for attempt in retrying:
@@ -346,7 +345,8 @@ class BatchWriter:
         # between XADD and XACK, or a Redis restart that rolled a delivery back).
         state.check_existing = bool(state.todo)
         retrying = retry.retrying(
-            (RedisUnavailable, RedisRefused), initial_s=0.05, max_s=self.worker.retry_max_backoff_s,
+            (RedisUnavailable, RedisRefused), initial_s=0.05,
+            max_s=self.settings.retry_max_backoff_s,
             stop=_stop_when_refused(DEAD_LETTER_REFUSED_ATTEMPTS),
             before_sleep=self.worker.on_redis_retry("settle"),
         )

@@ -78,7 +78,7 @@ async def test_dead_letter_refused_at_maxmemory_is_never_acked(
         await emitter.emit_many(events[6:])
         await fill_to_maxmemory(client)
         store, metrics = MemoryStore(), Metrics()
-        worker = Worker(_settings(url, stream), store, client, metrics, retry_max_backoff_s=0.05)
+        worker = Worker(_settings(url, stream, retry_max_backoff_s=0.05), store, client, metrics)
         async with anyio.create_task_group() as tg:
             tg.start_soon(worker.run)
 
@@ -121,7 +121,7 @@ async def test_worker_starts_at_maxmemory_and_waits_for_its_group(
         await AuditEmitter(client, [stream]).emit_many(events)
         await fill_to_maxmemory(client)
         store, metrics = MemoryStore(), Metrics()
-        worker = Worker(_settings(url, stream), store, client, metrics, retry_max_backoff_s=0.05)
+        worker = Worker(_settings(url, stream, retry_max_backoff_s=0.05), store, client, metrics)
         async with anyio.create_task_group() as tg:
             tg.start_soon(worker.run)
 
@@ -156,8 +156,8 @@ async def test_dead_letter_key_of_another_type_leaves_entries_pending(
         if i < 10:
             bad.append(await emitter.emit_raw(stream, b"[not json %d" % i))
     store, metrics = MemoryStore(), Metrics()
-    worker = Worker(_settings(redis_url, stream), store, redis_client, metrics,
-                    retry_max_backoff_s=0.02)
+    worker = Worker(_settings(redis_url, stream, retry_max_backoff_s=0.02), store,
+                    redis_client, metrics)
     async with anyio.create_task_group() as tg:
         tg.start_soon(worker.run)
 

@@ -172,7 +172,7 @@ async def workers(fleet: Fleet, store: WriteStore, *names: str, **extra: Any
                   ) -> AsyncIterator[list[Worker]]:
     """In-process workers on their own Redis clients; stopped (drained) on exit."""
     clients = [aioredis.Redis.from_url(fleet.redis_url) for _ in names]
-    running = [Worker(fleet.settings(n, **extra), store, c, retry_max_backoff_s=0.3)
+    running = [Worker(fleet.settings(n, retry_max_backoff_s=0.3, **extra), store, c)
                for n, c in zip(names, clients, strict=True)]
     try:
         async with anyio.create_task_group() as tg:

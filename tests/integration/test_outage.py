@@ -37,7 +37,7 @@ async def test_postgres_outage_loses_nothing_and_acks_nothing_early(
         settings = Settings(redis_url=redis_url, streams=(stream,), metrics_port=0, block_ms=50,
                             batch_size=50, max_inflight=2, claim_idle_ms=500, consumer="w1")
         metrics = Metrics()
-        worker = Worker(settings, store, redis_client, metrics, retry_max_backoff_s=0.2)
+        worker = Worker(settings.with_(retry_max_backoff_s=0.2), store, redis_client, metrics)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(worker.run)

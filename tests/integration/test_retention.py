@@ -553,7 +553,7 @@ async def test_mongo_retention_operations_send_these_commands(mongo_wire: FakeMo
     from worker.stores import _mongo_codec as mc
     from worker.stores.mongo import MongoStore
 
-    store = MongoStore(url_of(wire), env={})
+    store = MongoStore(url_of(wire))
     await store.open()
     await migrate(store)
     try:

@@ -37,7 +37,9 @@ from tests.store_conformance import (
 )
 from worker import events as ev
 from worker.documents import node_key
+from worker.settings import Settings
 from worker.stores import _mongo_codec as mc
+from worker.stores._mongo_options import MongoOptions
 from worker.stores.base import Store
 from worker.stores.mongo import MongoStore
 
@@ -62,7 +64,8 @@ async def drop_prefixed(prefix: str) -> None:
 
 
 async def opened(prefix: str, **env: str) -> MongoStore:
-    store = MongoStore(MONGO_URL, env={"AUDIT_MONGO_DB_PREFIX": prefix, **env})
+    settings = Settings.from_env({"AUDIT_MONGO_DB_PREFIX": prefix, **env})
+    store = MongoStore(MONGO_URL, settings.mongo_options())
     await store.open()
     return store
 
@@ -103,7 +106,7 @@ class TestMongoSharedDatabaseConformance(StoreConformance):
     @pytest.fixture
     async def store(self, prefix: str) -> AsyncIterator[Store]:
         url = _with_database(MONGO_URL, prefix + "shared")
-        s = MongoStore(url, env={"AUDIT_MONGO_TENANCY": "field"})
+        s = MongoStore(url, MongoOptions(tenancy="field"))
         await s.open()
         try:
             yield s

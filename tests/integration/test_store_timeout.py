@@ -63,12 +63,12 @@ async def test_batch_past_the_command_timeout_is_split_and_stored(
     finally:
         await conn.close()
     settings = Settings(redis_url=redis_url, streams=(stream,), metrics_port=0, block_ms=50,
-                        batch_size=500, linger_ms=200, consumer="w1", burst=True)
+                        batch_size=500, linger_ms=200, consumer="w1", burst=True,
+                        retry_max_backoff_s=0.5)
     metrics = Metrics()
     try:
         with anyio.fail_after(60):
-            await Worker(settings, store, redis_client, metrics,
-                         retry_max_backoff_s=0.5).run()
+            await Worker(settings, store, redis_client, metrics).run()
         assert await pending_count(redis_client, stream, settings.group) == 0
         assert not await redis_client.exists(stream + ":dlq")
         timeouts = metrics.registry.get_sample_value(

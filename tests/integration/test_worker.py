@@ -230,7 +230,7 @@ async def test_outage_applies_backpressure_and_acks_nothing_early(
     store.down = True
     cfg = settings(stream, redis_url, batch_size=20, max_inflight=2)
     metrics = Metrics()
-    worker = Worker(cfg, store, redis_client, metrics, retry_max_backoff_s=0.05)
+    worker = Worker(cfg.with_(retry_max_backoff_s=0.05), store, redis_client, metrics)
     async with anyio.create_task_group() as tg:
         tg.start_soon(worker.run)
         # every writer retries its batch and the reader waits for one: the read stops

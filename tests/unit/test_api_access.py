@@ -108,9 +108,10 @@ class TestMongoWireAccess(AccessConformance):
     @pytest.fixture(params=["database", "field"])
     async def store(self, mongo_wire: FakeMongo,
                     request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+        from worker.stores._mongo_options import MongoOptions
         from worker.stores.mongo import MongoStore
 
-        store = MongoStore(url_of(mongo_wire), env={"AUDIT_MONGO_TENANCY": request.param})
+        store = MongoStore(url_of(mongo_wire), MongoOptions(tenancy=request.param))
         await store.open()
         try:
             yield store
@@ -244,7 +245,7 @@ async def test_the_api_on_mongodb(mongo_wire: FakeMongo) -> None:
     from worker.api.reads import Reader
     from worker.stores.mongo import MongoStore
 
-    store = MongoStore(url_of(mongo_wire), env={})
+    store = MongoStore(url_of(mongo_wire))
     await store.open()
     try:
         access = access_store(store)

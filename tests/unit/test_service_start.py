@@ -29,7 +29,7 @@ async def test_open_store_waiting_logs_each_wait_then_opens(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     FlakyStore.failures = 2
-    monkeypatch.setattr(service, "open_store", lambda url, **kw: FlakyStore())
+    monkeypatch.setattr(service, "store_from", lambda settings, **kw: FlakyStore())
     settings = Settings.from_env(store_url="null://")
     with capture_logs() as logs:
         store = await service.open_store_waiting(settings, attempts=3)
@@ -47,7 +47,7 @@ async def test_open_store_waiting_gives_up_after_the_attempts(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     FlakyStore.failures = 5
-    monkeypatch.setattr(service, "open_store", lambda url, **kw: FlakyStore())
+    monkeypatch.setattr(service, "store_from", lambda settings, **kw: FlakyStore())
     with capture_logs() as logs, pytest.raises(StoreUnavailable, match="refused"):
         await service.open_store_waiting(Settings.from_env(store_url="null://"), attempts=2)
     assert [e["event"] for e in logs] == ["store_unreachable_waiting"]

@@ -104,3 +104,35 @@ def test_mask_url_hides_passwords_only() -> None:
         "postgresql://u:***@h/db?password=***&sslmode=require")
     assert mask_url("sqlite:///./audit.db") == "sqlite:///./audit.db"
     assert mask_url("postgresql://u@h/db") == "postgresql://u@h/db"
+
+
+def test_every_setting_is_in_the_readme_settings_table() -> None:
+    """Each Settings field read from the environment has a row in README's settings table
+    (a row may name several as `AUDIT_X_A` / `_B`)."""
+    from dataclasses import fields
+    from pathlib import Path
+
+    from worker.settings import _NOT_ENV, Settings, env_name
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("| variable | default | meaning |")
+    table = readme[start:readme.index("\n\n", start)]
+    missing = [env_name(f.name) for f in fields(Settings) if f.name not in _NOT_ENV
+               and f"`{env_name(f.name)}`" not in table
+               and f"`_{env_name(f.name).rsplit('_', 1)[1]}`" not in table]
+    assert missing == []
+
+
+def test_the_retry_backoff_and_the_mongodb_options_are_settings() -> None:
+    """AUDIT_RETRY_MAX_BACKOFF_S and AUDIT_MONGO_* are read and checked like every other
+    setting (an empty database prefix is a value, not an unset variable)."""
+    from worker.errors import ConfigError
+    from worker.settings import Settings
+
+    s = Settings.from_env({"AUDIT_RETRY_MAX_BACKOFF_S": "0.25", "AUDIT_MONGO_TENANCY": " Field",
+                           "AUDIT_MONGO_DB_PREFIX": "", "AUDIT_METRICS_PORT": "0"})
+    assert s.retry_max_backoff_s == 0.25
+    options = s.mongo_options()
+    assert (options.tenancy, options.db_prefix) == ("field", "")
+    with pytest.raises(ConfigError, match="grace and interval"):
+        Settings.from_env({"AUDIT_RETRY_MAX_BACKOFF_S": "0"})

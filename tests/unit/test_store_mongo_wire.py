@@ -33,8 +33,8 @@ from worker.documents import WriteBatch, coalesce, fold, node_key
 from worker.errors import ConfigError, StoreNotOpen, StoreRejected, StoreUnavailable
 from worker.settings import _ENV_NAMES, Settings
 from worker.stores import _mongo_codec as mc
-from worker.stores import migrate
-from worker.stores._mongo_options import ENV_OPTIONS
+from worker.stores import migrate, store_from
+from worker.stores._mongo_options import MongoOptions
 from worker.stores.base import NodeQuery, RunQuery, Store
 from worker.stores.mongo import MongoStore
 
@@ -46,9 +46,14 @@ def fake(mongo_wire: FakeMongo) -> FakeMongo:
     return mongo_wire
 
 
+def env_options(**env: str) -> MongoOptions:
+    """The store options these ``AUDIT_MONGO_*`` variables give (through Settings)."""
+    return Settings.from_env(env).mongo_options()
+
+
 @pytest.fixture
 async def store(fake: FakeMongo) -> AsyncIterator[MongoStore]:
-    s = MongoStore(url_of(fake), env={})
+    s = MongoStore(url_of(fake))
     await s.open()
     try:
         yield s
@@ -588,7 +593,7 @@ async def test_server_case_refusal_racing_another_worker_is_a_rejection(
 @pytest.mark.parametrize("workspace", ["admin", "local", "config", "Admin"])
 async def test_reserved_database_names_are_refused(fake: FakeMongo, workspace: str) -> None:
     """With an empty prefix, a workspace named like a system database goes to the DLQ."""
-    store = MongoStore(url_of(fake), env={"AUDIT_MONGO_DB_PREFIX": ""})
+    store = MongoStore(url_of(fake), env_options(AUDIT_MONGO_DB_PREFIX=""))
     await store.open()
     try:
         result = await store.write(batch_of(lead_triage("r", workspace)))
@@ -606,7 +611,7 @@ async def test_field_tenancy_prefixes_ids_indexes_and_queries_with_workspace(
 ) -> None:
     """AUDIT_MONGO_TENANCY=field: one shared database (the URL's), compound _ids, and
     every index and query led by workspaceId."""
-    store = MongoStore(url_of(fake, "auditshared"), env={"AUDIT_MONGO_TENANCY": "field"})
+    store = MongoStore(url_of(fake, "auditshared"), env_options(AUDIT_MONGO_TENANCY="field"))
     await store.open()
     try:
         decoded = lead_triage("run-1", "acme") + lead_triage("run-1", "beta")
@@ -648,7 +653,7 @@ async def test_field_tenancy_prefixes_ids_indexes_and_queries_with_workspace(
 async def test_large_payload_is_stored_in_gridfs_and_read_back(fake: FakeMongo) -> None:
     """A node payload above the threshold moves to GridFS under a deterministic id; the
     node document stays small; reads put it back; redelivery uploads nothing twice."""
-    store = MongoStore(url_of(fake), env={"AUDIT_MONGO_LARGE_PAYLOAD_BYTES": "4096"})
+    store = MongoStore(url_of(fake), env_options(AUDIT_MONGO_LARGE_PAYLOAD_BYTES="4096"))
     await store.open()
     try:
         prompt = "Classify this email... " + "x" * 20_000
@@ -696,7 +701,7 @@ async def test_leftover_chunks_of_a_crashed_upload_are_replaced(
     fake: FakeMongo, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Chunks without a files document (an upload cut short) do not block the retry."""
-    store = MongoStore(url_of(fake), env={"AUDIT_MONGO_LARGE_PAYLOAD_BYTES": "4096"})
+    store = MongoStore(url_of(fake), env_options(AUDIT_MONGO_LARGE_PAYLOAD_BYTES="4096"))
     await store.open()
     try:
         decoded = lead_triage(prompt="y" * 50_000)
@@ -876,7 +881,7 @@ async def test_scan_runs_ages_runs_exactly_like_the_sql_stores(
 async def test_server_older_than_5_2_is_refused_at_open(fake: FakeMongo) -> None:
     """The pipelines need $sortArray: an older server is a configuration error."""
     fake.version = [5, 0, 14, 0]
-    store = MongoStore(url_of(fake), env={})
+    store = MongoStore(url_of(fake))
     with pytest.raises(ConfigError, match="too old"):
         await store.open()
     assert store._client is None
@@ -886,7 +891,7 @@ async def test_server_older_than_5_2_is_refused_at_open(fake: FakeMongo) -> None
 async def test_store_not_open_is_a_programming_error() -> None:
     """A store used before open() raises StoreNotOpen (as every store does), never a store
     failure the worker would retry."""
-    store = MongoStore("mongodb://127.0.0.1:1", env={})
+    store = MongoStore("mongodb://127.0.0.1:1")
     with pytest.raises(StoreNotOpen):
         await store.ping()
     with pytest.raises(StoreNotOpen):
@@ -896,7 +901,7 @@ async def test_store_not_open_is_a_programming_error() -> None:
 @pytest.mark.anyio
 async def test_write_concern_and_retryable_writes_follow_the_url(fake: FakeMongo) -> None:
     """w and journal in the URL replace the majority/journal default."""
-    store = MongoStore(url_of(fake, w=1, journal="false"), env={})
+    store = MongoStore(url_of(fake, w=1, journal="false"))
     await store.open()
     try:
         await store.write(batch_of(lead_triage()))
@@ -916,18 +921,19 @@ async def test_write_concern_and_retryable_writes_follow_the_url(fake: FakeMongo
     ],
 )
 def test_bad_options_fail_at_construction(env: dict[str, str], message: str) -> None:
-    """Store options from the environment are validated with a clear message."""
+    """Store options from the environment are validated, with a clear message, when the
+    settings are built."""
     with pytest.raises(ConfigError, match=message):
-        MongoStore("mongodb://localhost:27017", env=env)
+        Settings.from_env({**env, "AUDIT_STORE_URL": "mongodb://localhost:27017"})
 
 
 def test_field_tenancy_database_comes_from_the_url() -> None:
     """In field mode the shared database is the URL's path, or 'audit'."""
-    env = {"AUDIT_MONGO_TENANCY": "field"}
-    assert MongoStore("mongodb://h/tenants", env=env).shared_db == "tenants"
-    assert MongoStore("mongodb://h", env=env).shared_db == "audit"
+    field = env_options(AUDIT_MONGO_TENANCY="field")
+    assert MongoStore("mongodb://h/tenants", field).shared_db == "tenants"
+    assert MongoStore("mongodb://h", field).shared_db == "audit"
     with pytest.raises(ConfigError):
-        MongoStore("mongodb://h/ad%2Emin", env=env)
+        MongoStore("mongodb://h/ad%2Emin", field)
 
 
 @pytest.mark.anyio
@@ -936,7 +942,7 @@ async def test_unreachable_server_is_unavailable() -> None:
     from tests.helpers import free_port
 
     url = f"mongodb://127.0.0.1:{free_port()}/?serverSelectionTimeoutMS=300"
-    store = MongoStore(url, env={})
+    store = MongoStore(url)
     with pytest.raises(StoreUnavailable, match="unreachable"):
         await store.open()
 
@@ -949,7 +955,7 @@ class TestMongoWireConformance(StoreConformance):
 
     @pytest.fixture
     async def store(self, fake: FakeMongo) -> AsyncIterator[Store]:
-        s = MongoStore(url_of(fake), env={})
+        s = MongoStore(url_of(fake))
         await s.open()
         try:
             yield s
@@ -972,7 +978,6 @@ def test_compose_matches_the_configuration_the_code_reads() -> None:
     workers = {name: spec for name, spec in services.items() if name.startswith("worker-")}
     assert len(workers) == 2
     known = {_ENV_NAMES.get(f.name, "AUDIT_" + f.name.upper()) for f in fields(Settings)}
-    known |= set(ENV_OPTIONS)
     consumers = set()
     for spec in workers.values():
         env = {k: str(v) for k, v in spec["environment"].items()}
@@ -981,7 +986,8 @@ def test_compose_matches_the_configuration_the_code_reads() -> None:
         assert settings.store_url == "mongodb://mongo:27017/?replicaSet=rs0"
         assert settings.redis_url == "redis://redis:6379/0"
         assert settings.metrics_port == 9464
-        store = MongoStore(settings.store_url, env=env)
+        store = store_from(settings)
+        assert isinstance(store, MongoStore)
         assert (store.options.tenancy, store.prefix) == ("database", "audit_")
         consumers.add(settings.consumer)
         assert spec["command"] == ["run"]

@@ -15,10 +15,9 @@ import anyio
 from redis.exceptions import RedisError
 
 from .. import __version__
-from ..constants import DEFAULT_REDIS_URL
 from ..errors import AuditFleetError, ConfigError
 from ..logs import get_logger
-from ..settings import mask_url
+from ..settings import mask_url, setting
 from . import (
     archive,
     config,
@@ -71,8 +70,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # output piped into `head` and the like
-        import os
-
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141
@@ -104,8 +101,7 @@ def describe_failure(exc: BaseException, args: argparse.Namespace) -> tuple[int,
     if isinstance(exc, AuditFleetError):
         return 1, str(exc)
     if isinstance(exc, RedisError):
-        url = (getattr(args, "redis_url", None) or os.environ.get("AUDIT_REDIS_URL")
-               or DEFAULT_REDIS_URL)
+        url = setting("redis_url", getattr(args, "redis_url", None))
         detail = str(exc) or type(exc).__name__
         return 1, f"Redis at {mask_url(url)} (AUDIT_REDIS_URL / --redis-url): {detail}"
     if isinstance(exc, OSError):

@@ -10,7 +10,7 @@ from typing import Any
 from ..constants import DEFAULT_STORE_URL
 from ..settings import Settings, expand_streams
 from ..shredding import MasterKey
-from ..stores import Store, open_store
+from ..stores import Store, store_from
 
 
 def add_worker_flags(p: argparse.ArgumentParser) -> None:
@@ -50,11 +50,6 @@ def add_workspace_flag(parser: argparse.ArgumentParser, *, required: bool) -> No
                         help="workspace ID" + ("" if required else " (default: all)"))
 
 
-def store_url(args: argparse.Namespace) -> str:
-    """``--store-url``, else ``AUDIT_STORE_URL``: read and checked by :class:`Settings`."""
-    return Settings.from_env(store_url=getattr(args, "store_url", None)).store_url
-
-
 def archive_dir(args: argparse.Namespace) -> str | None:
     """``--archive-dir``, else ``AUDIT_ARCHIVE_DIR`` (:attr:`Settings.archive_dir`)."""
     return Settings.from_env(archive_dir=getattr(args, "archive_dir", None) or None).archive_dir
@@ -64,12 +59,14 @@ def archive_dir(args: argparse.Namespace) -> str | None:
 async def opened_store(
     args: argparse.Namespace, *, read_only: bool = False
 ) -> AsyncIterator[Store]:
-    """The store named by ``--store-url`` / ``AUDIT_STORE_URL``, opened and closed.
+    """The store named by ``--store-url`` / ``AUDIT_STORE_URL`` (read and checked by
+    :class:`Settings`, with its store options), opened and closed.
 
     No command but ``migrate`` (and a worker's start) creates tables or indexes;
     ``read_only`` for commands that only read: they create no file or directory either.
     """
-    store = open_store(store_url(args), read_only=read_only)
+    settings = Settings.from_env(store_url=getattr(args, "store_url", None))
+    store = store_from(settings, read_only=read_only)
     await store.open()
     try:
         yield store

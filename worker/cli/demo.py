@@ -34,12 +34,12 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from .. import samples
-from ..constants import DEFAULT_REDIS_URL, dlq_key
+from ..constants import dlq_key
 from ..emitter import AuditEmitter, uuid7
 from ..errors import AuditFleetError
 from ..redisclient import connect
 from ..redisio import text
-from ..settings import Settings, mask_url
+from ..settings import Settings, mask_url, setting
 from .output import progress_bar as _bar
 
 WORKSPACE = "workspace_demo"
@@ -82,7 +82,7 @@ async def redis_for_demo(url: str | None) -> AsyncIterator[str]:
     installed (then AUDIT_REDIS_URL, or the default, if it answers)."""
     binary = shutil.which("redis-server")
     if url is None and binary is None:
-        url = os.environ.get("AUDIT_REDIS_URL") or DEFAULT_REDIS_URL
+        url = setting("redis_url")
     if url is not None:
         if not await _reachable(url):
             raise AuditFleetError(

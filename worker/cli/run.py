@@ -32,10 +32,10 @@ async def cmd_run(args: argparse.Namespace) -> int:
 
 
 async def cmd_migrate(args: argparse.Namespace) -> int:
-    from ..stores import migrate, open_store
+    from ..stores import migrate, store_from
 
     settings = settings_from_args(args)
-    store = open_store(settings.store_url)
+    store = store_from(settings)
     await store.open()
     try:
         await migrate(store)

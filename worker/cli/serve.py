@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 from typing import Any
 
@@ -12,7 +11,7 @@ import anyio
 from ..queries import utcnow
 from ..stores import Store
 from ..stores.access import access_store
-from .common import add_store_flag, archive_master_key, opened_store
+from .common import add_store_flag, archive_dir, archive_master_key, opened_store
 
 
 async def cmd_serve(args: argparse.Namespace) -> int:
@@ -22,7 +21,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
 
     listen = Listen.make(args.bind, cert=args.tls_cert, key=args.tls_key,
                          insecure_localhost=args.insecure_localhost)
-    location = args.archive_dir or os.environ.get("AUDIT_ARCHIVE_DIR")
+    location = archive_dir(args)
     async with opened_store(args, read_only=True) as store:
         access = access_store(store)
         reader = Reader(store, access, Archive.at(location) if location else None,

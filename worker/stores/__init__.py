@@ -13,7 +13,8 @@ from .base import (
     WriteResult,
     WriteStore,
 )
-from .factory import migrate, open_store
+from .factory import migrate, open_store, store_from
 
 __all__ = ["Connection", "NodeQuery", "NodeVersion", "QueryStore", "Rejection", "RetentionStore",
-           "RunQuery", "RunVersion", "Store", "WriteResult", "WriteStore", "migrate", "open_store"]
+           "RunQuery", "RunVersion", "Store", "WriteResult", "WriteStore", "migrate", "open_store",
+           "store_from"]

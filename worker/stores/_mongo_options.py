@@ -2,35 +2,30 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC
 from typing import Any, Final
 from urllib.parse import parse_qsl, urlsplit
 
+from .. import constants as c
 from ..errors import ConfigError
 from . import _mongo_codec as mc
 from . import _mongo_write as mw
 
-DEFAULT_PREFIX: Final = "audit_"
 DEFAULT_SHARED_DB: Final = "audit"
-DEFAULT_LARGE_PAYLOAD_BYTES: Final = 4 * 1024 * 1024
 TENANCY_MODES: Final = ("database", "field")
-#: Environment variables the store reads (beside AUDIT_STORE_URL in worker/settings.py).
-ENV_OPTIONS: Final = ("AUDIT_MONGO_TENANCY", "AUDIT_MONGO_DB_PREFIX",
-                      "AUDIT_MONGO_LARGE_PAYLOAD_BYTES")
 
 _URL_WRITE_CONCERN: Final = frozenset({"w", "journal", "wtimeoutms"})
 
 
 @dataclass(frozen=True, slots=True)
 class MongoOptions:
-    """Store options; :meth:`from_env` reads ``AUDIT_MONGO_*``, keywords override."""
+    """Store options: from the ``AUDIT_MONGO_*`` settings (:meth:`Settings.mongo_options`)
+    and the store's keyword arguments."""
 
     tenancy: str = "database"
-    db_prefix: str = DEFAULT_PREFIX
-    large_payload_bytes: int = DEFAULT_LARGE_PAYLOAD_BYTES
+    db_prefix: str = c.DEFAULT_MONGO_DB_PREFIX
+    large_payload_bytes: int = c.DEFAULT_MONGO_LARGE_PAYLOAD_BYTES
     #: Write concern; None leaves it to the URL, or ``majority`` with journal.
     w: int | str | None = None
     journal: bool | None = None
@@ -45,27 +40,6 @@ class MongoOptions:
         if self.large_payload_bytes <= 0 or self.large_payload_bytes > mw.MAX_BSON_BYTES // 2:
             raise ConfigError("AUDIT_MONGO_LARGE_PAYLOAD_BYTES must be positive and at most "
                               f"{mw.MAX_BSON_BYTES // 2}, got {self.large_payload_bytes}")
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> MongoOptions:
-        env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        if env.get("AUDIT_MONGO_TENANCY"):
-            values["tenancy"] = env["AUDIT_MONGO_TENANCY"].strip().lower()
-        if "AUDIT_MONGO_DB_PREFIX" in env:
-            values["db_prefix"] = env["AUDIT_MONGO_DB_PREFIX"]
-        raw = env.get("AUDIT_MONGO_LARGE_PAYLOAD_BYTES")
-        if raw:
-            try:
-                values["large_payload_bytes"] = int(raw)
-            except ValueError:
-                raise ConfigError("AUDIT_MONGO_LARGE_PAYLOAD_BYTES must be a number, got "
-                                  f"{raw!r}") from None
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        try:
-            return cls(**values)
-        except TypeError as exc:
-            raise ConfigError(f"unknown MongoDB store option: {exc}") from None
 
 
 def client_options(url: str, options: MongoOptions) -> dict[str, Any]:

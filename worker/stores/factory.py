@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 from ..errors import ConfigError
 from .base import Store
+
+if TYPE_CHECKING:
+    from ._mongo_options import MongoOptions
+
+
+class StoreSettings(Protocol):
+    """What :func:`store_from` reads of :class:`worker.settings.Settings`."""
+
+    @property
+    def store_url(self) -> str: ...
+
+    @property
+    def store_scheme(self) -> str: ...
+
+    def mongo_options(self) -> MongoOptions: ...
 
 
 def open_store(url: str, *, read_only: bool = False, **options: Any) -> Store:
@@ -38,6 +53,14 @@ def open_store(url: str, *, read_only: bool = False, **options: Any) -> Store:
         store = MongoStore(url, **options)
         return store
     raise ConfigError(f"no store for URL scheme {scheme!r}")
+
+
+def store_from(settings: StoreSettings, *, read_only: bool = False) -> Store:
+    """The store ``settings`` name, with their store options (not yet opened)."""
+    options: dict[str, Any] = {}
+    if settings.store_scheme in ("mongodb", "mongodb+srv"):
+        options["options"] = settings.mongo_options()
+    return open_store(settings.store_url, read_only=read_only, **options)
 
 
 async def migrate(store: Store) -> None:

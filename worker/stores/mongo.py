@@ -31,6 +31,7 @@ Database names
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, Final, TypeVar
 from urllib.parse import unquote, urlsplit
@@ -80,10 +81,13 @@ class MongoStore:
 
     name = "mongodb"
 
-    def __init__(self, url: str, *, env: Mapping[str, str] | None = None,
-                 **options: Any) -> None:
+    def __init__(self, url: str, options: MongoOptions | None = None, **overrides: Any) -> None:
         self.url = url
-        self.options = MongoOptions.from_env(env, **options)
+        try:
+            self.options = replace(options or MongoOptions(),
+                                   **{k: v for k, v in overrides.items() if v is not None})
+        except TypeError as exc:
+            raise ConfigError(f"unknown MongoDB store option: {exc}") from None
         self.shared = self.options.tenancy == "field"
         self.prefix = self.options.db_prefix
         self.shared_db = unquote(urlsplit(url).path.lstrip("/")) or DEFAULT_SHARED_DB
