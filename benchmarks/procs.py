@@ -22,6 +22,7 @@ from typing import IO, Any
 
 import anyio
 import redis.asyncio as aioredis
+from prometheus_client.parser import text_string_to_metric_families
 
 from .monitor import cpu_seconds, peak_rss_bytes, rss_bytes
 
@@ -203,14 +204,15 @@ def scrape_batches(port: int) -> tuple[float, float] | None:
             text = resp.read().decode()
     except (OSError, ValueError):
         return None
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        for name in ("batch_size_events_count", "batch_size_events_sum"):
-            if line.startswith(f"audit_fleet_{name} "):
-                values[name] = float(line.split()[1])
-    if len(values) < 2:
+    values = {sample.name: sample.value
+              for family in text_string_to_metric_families(text)
+              if family.name == "audit_fleet_batch_size_events"
+              for sample in family.samples}
+    count = values.get("audit_fleet_batch_size_events_count")
+    total = values.get("audit_fleet_batch_size_events_sum")
+    if count is None or total is None:
         return None
-    return values["batch_size_events_count"], values["batch_size_events_sum"]
+    return count, total
 
 
 async def consumers(client: aioredis.Redis, stream: str, group: str) -> set[str]:

@@ -9,6 +9,7 @@ import json
 import os
 import random
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -346,37 +347,76 @@ def payload(event: dict[str, Any]) -> bytes:
 
 
 class TcpProxy:
-    """A TCP proxy in the test's event loop that can cut the link (store outages)."""
+    """A TCP proxy in the current event loop that can cut the link (store outages), for
+    the tests and, as a process of its own, for the benchmarks (``benchmarks/proxy.py``).
 
-    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+    A cut closes every open connection and closes each new one at once; with ``vanish``
+    it is a host gone away instead: open connections are reset (RST) and nothing listens
+    (new connections are refused) until the link is restored, on the same port.
+    """
+
+    def __init__(self, upstream_host: str, upstream_port: int, *, host: str = "127.0.0.1",
+                 port: int = 0, vanish: bool = False) -> None:
         self.upstream = (upstream_host, upstream_port)
-        self.port = 0
+        self.host = host
+        self.port = port
+        self.vanish = vanish
         self.cut = False
         #: Blackholed: connections stay open (and new ones are accepted) but no byte
         #: passes either way, like a dropped route: peers wait for their timeouts.
         self.blackhole = False
         self._conns: set[Any] = set()
         self._tg: Any = None
+        self._listener: Any = None
+        self._serving: anyio.CancelScope | None = None
+        self._served = anyio.Event()
 
     async def __aenter__(self) -> TcpProxy:
-        self._listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
-        self.port = self._listener.extra(anyio.abc.SocketAttribute.local_port)
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
-        self._tg.start_soon(self._listener.serve, self._handle)
+        await self._listen()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         self._tg.cancel_scope.cancel()
         await self._tg.__aexit__(None, None, None)
-        await self._listener.aclose()
+        if self._listener is not None:
+            await self._listener.aclose()
+
+    async def _listen(self) -> None:
+        self._listener = await anyio.create_tcp_listener(local_host=self.host,
+                                                         local_port=self.port)
+        self.port = self._listener.extra(anyio.abc.SocketAttribute.local_port)
+        scope = self._serving = anyio.CancelScope()
+        listener = self._listener
+        done = self._served = anyio.Event()
+
+        async def serve() -> None:
+            try:
+                with scope:
+                    await listener.serve(self._handle)
+            finally:
+                done.set()
+
+        self._tg.start_soon(serve)
 
     async def set_cut(self, cut: bool) -> None:
         """Cut: drop every open connection and refuse new ones until restored."""
         self.cut = cut
+        if cut and self.vanish:
+            for conn in list(self._conns):  # a reset, as from a host that went away
+                sock = conn.extra(anyio.abc.SocketAttribute.raw_socket)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            if self._listener is not None and self._serving is not None:
+                self._serving.cancel()  # ends every connection's pumps too
+                await self._served.wait()
+                await self._listener.aclose()
+                self._listener = None
         if cut:
             for conn in list(self._conns):
                 await conn.aclose()
+        elif self.vanish and self._listener is None:
+            await self._listen()
 
     async def set_blackhole(self, on: bool) -> None:
         """Blackhole the link (see :attr:`blackhole`), or let bytes pass again."""

@@ -381,3 +381,30 @@ def test_markdown_table_takes_columns_by_key_and_marks_missing_values() -> None:
     got = report.markdown_table((("lag ms", "lag"), ("lost", "lost")),
                                 [{"lag": 50, "lost": 3}, {"lag": 0, "lost": None}])
     assert got.splitlines() == ["| lag ms | lost |", "|---|---|", "| 50 | 3 |", "| 0 | - |"]
+
+
+def test_scrape_batches_reads_the_histogram_with_the_prometheus_parser() -> None:
+    """The harness reads a worker's batch-size histogram (count, sum) from /metrics with
+    prometheus_client's parser; no /metrics, or no such histogram, is None."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from benchmarks.procs import scrape_batches
+    from tests.helpers import free_port
+    from worker.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.batch_size.observe(5)
+    metrics.batch_size.observe(7)
+    port = free_port()
+    server, thread = start_http_server(port, addr="127.0.0.1", registry=metrics.registry)
+    empty_port = free_port()
+    empty, empty_thread = start_http_server(empty_port, addr="127.0.0.1",
+                                            registry=CollectorRegistry())
+    try:
+        assert scrape_batches(port) == (2.0, 12.0)
+        assert scrape_batches(empty_port) is None
+        assert scrape_batches(free_port()) is None
+    finally:
+        for s, t in ((server, thread), (empty, empty_thread)):
+            s.shutdown()
+            t.join(timeout=5)
