@@ -225,6 +225,11 @@ async def test_retention_expires_access_records_with_the_run_summaries(
     assert await anyio.to_thread.run_sync(cli.main, [
         "archive", "verify", "--archive-dir", str(tmp_path / "archive")]) == 0
     assert "beta: OK" in capsys.readouterr().out
+    assert await anyio.to_thread.run_sync(cli.main, [
+        "archive", "list", "-w", "beta", "--archive-dir", str(tmp_path / "archive"),
+        "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)["segments"]
+    assert sum(m["counts"].get("access", 0) for m in listed) == 3
 
 
 def arc_at(path: Path) -> Archive:

@@ -102,11 +102,12 @@ async def cmd_list(args: argparse.Namespace) -> int:
     elif not out:
         print("no segments")
     else:
-        print(table(["WORKSPACE", "SEQ", "PERIOD", "RUNS", "NODES", "FROM", "TO", "BYTES",
-                     "SHA-256"],
+        print(table(["WORKSPACE", "SEQ", "PERIOD", "RUNS", "NODES", "ACCESS", "FROM", "TO",
+                     "BYTES", "SHA-256"],
                     [[m["workspace"], m["seq"], m["period"], m["counts"]["runs"],
-                      m["counts"]["nodes"], m["timeRange"]["from"], m["timeRange"]["to"],
-                      m["bytes"], m["sha256"][:16]] for m in out]))
+                      m["counts"]["nodes"], m["counts"].get("access", 0),
+                      m["timeRange"]["from"], m["timeRange"]["to"], m["bytes"],
+                      m["sha256"][:16]] for m in out]))
     return 0
 
 
