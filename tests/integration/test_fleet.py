@@ -199,7 +199,8 @@ async def test_status_json_form_is_stable(redis_client: aioredis.Redis, stream: 
     assert doc["taken_at"].endswith("Z")
     (s,) = doc["streams"]
     assert set(s) == {"stream", "exists", "length", "first_id", "last_id",
-                      "dead_letter_stream", "dead_letter_length", "groups", "error", "node"}
+                      "dead_letter_stream", "dead_letter_length", "dead_letter_oldest_id",
+                      "dead_letter_bytes", "groups", "error", "node"}
     assert s["dead_letter_stream"] == stream + ":dlq"
     (g,) = s["groups"]
     assert set(g) == {"group", "exists", "lag", "lag_source", "pending", "entries_read",
