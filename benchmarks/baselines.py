@@ -41,7 +41,7 @@ import anyio
 import msgspec
 import redis.asyncio as aioredis
 
-from worker.documents import WriteBatch, coalesce
+from worker.documents import WriteBatch, coalesce_records
 from worker.redisio import Entry, entries_from_read, settle
 from worker.stores import migrate, open_store
 from worker.writer import prepare
@@ -154,7 +154,7 @@ async def naive_writer(redis_url: str, stream: str, group: str, consumer: str, s
                 valid, dead = prepare([entry], 16 * 1024 * 1024, 1000)
                 written: list[Entry] = []
                 if valid:
-                    await store.write(coalesce(valid))
+                    await store.write(coalesce_records(valid))
                     written.append(entry)
                 await settle(client, group, consumer, written, dead)
                 done += 1
@@ -182,7 +182,7 @@ async def read_batches(client: aioredis.Redis, stream: str, batch_size: int,
         valid, _dead = prepare(entries, max_event_bytes, 1000)
         events += len(valid)
         if valid:
-            batches.append(coalesce(valid))
+            batches.append(coalesce_records(valid))
         last = entries[-1].id
         ms, _, seq = last.partition("-")
         start = f"{ms}-{int(seq) + 1}"

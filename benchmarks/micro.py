@@ -2,7 +2,7 @@
 
 No Redis, no store, no event loop: the same payloads the load generator sends are cut
 into batches and put through :func:`worker.writer.prepare` (decode + validate) and
-:func:`worker.documents.coalesce`, timed per stage in CPU time (``process_time``, so
+:func:`worker.documents.coalesce_records`, timed per stage in CPU time (``process_time``, so
 other processes on a busy machine matter less), with the time the cyclic garbage
 collector spends inside them. Deterministic enough to compare one change with the
 next (best of ``--repeat`` rounds); ``--profile`` writes a pyinstrument profile of the
@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from worker.documents import coalesce
+from worker.documents import coalesce_records
 from worker.redaction import DETECTORS, Redactor
 from worker.redisio import Entry
 from worker.signing import Keyring, SignaturePolicy, sign
@@ -68,10 +68,10 @@ def stage_costs(events: int, batch_size: int, seed: int, repeat: int,
                 valid, _dead = prepare(chunk, 16 * 1024 * 1024, 5, policy)
                 if redactor is not None:
                     found: dict[str, int] = {}
-                    for _, decoded in valid:
-                        redactor.event(decoded.doc, found)
+                    for _, doc, _ in valid:
+                        redactor.event(doc, found)
                 t1 = time.process_time()
-                coalesce(valid)
+                coalesce_records(valid)
                 t2 = time.process_time()
                 t_prepare += t1 - t0
                 t_coalesce += t2 - t1

@@ -29,7 +29,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from worker import constants as c
-from worker.documents import coalesce
+from worker.documents import coalesce_records
 from worker.redisio import Entry
 from worker.stores import migrate, open_store
 from worker.stores.base import NodeQuery, RunQuery, Store
@@ -857,14 +857,14 @@ async def measure_footprint(pool: load.Pool, batch_size: int, seed: int, concurr
     first, second = payloads[:batch_size], payloads[batch_size:]
     entries = [Entry("s", f"{n}-0", p) for n, p in enumerate(first)]
     valid, _ = prepare(entries, 16 * 1024 * 1024, 5)
-    await store.write(coalesce(valid))
+    await store.write(coalesce_records(valid))
     del entries, valid
     size = sum(len(p) for p in second)
     tracemalloc.start()
     try:
         entries = [Entry("s", f"{n}-0", bytes(bytearray(p))) for n, p in enumerate(second)]
         valid, _ = prepare(entries, 16 * 1024 * 1024, 5)
-        await store.write(coalesce(valid))
+        await store.write(coalesce_records(valid))
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

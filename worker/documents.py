@@ -96,7 +96,7 @@ def action_name(action: Any) -> str | None:
     """
     if isinstance(action, str):
         return action or None
-    if not isinstance(action, Mapping):
+    if type(action) is not dict and not isinstance(action, Mapping):
         return None
     kind = action.get("type")
     if isinstance(kind, str) and kind:
@@ -111,7 +111,7 @@ def action_name(action: Any) -> str | None:
 
 def node_tokens(node: Mapping[str, Any]) -> int:
     tokens = node.get("tokens_used")
-    if not isinstance(tokens, Mapping):
+    if tokens is None or (type(tokens) is not dict and not isinstance(tokens, Mapping)):
         return 0
     total = 0
     for part in ("input", "output"):
@@ -308,6 +308,11 @@ def index_entry(node: Mapping[str, Any], status: str) -> dict[str, Any]:
     }
 
 
+#: One valid event on the hot path: its stream reference (opaque), the document to store
+#: (:func:`worker.intake.decode_doc`) and the id of the key that signed it (or None).
+Record = tuple[str, dict[str, Any], str | None]
+
+
 def _node_status(node: Mapping[str, Any], default: str) -> str:
     status = node.get("status")
     if isinstance(status, str) and status:
@@ -315,11 +320,15 @@ def _node_status(node: Mapping[str, Any], default: str) -> str:
     return FAILED if node.get("error") else default
 
 
-def _node_doc(event_doc: Mapping[str, Any], node: Mapping[str, Any], status: str,
-              extra: Mapping[str, Any], source: str, key_id: str | None) -> NodeDoc:
+#: One node execution of an event: (key, document, status, replacement rank).
+_NodePart = tuple[str, dict[str, Any], str, tuple[int, str]]
+
+
+def _node_part(event_doc: Mapping[str, Any], node: Mapping[str, Any], status: str,
+               extra: Mapping[str, Any], key_id: str | None) -> _NodePart:
     attempt = int(node.get("attempt", 1))
-    workspace_id = event_doc["workspaceId"]
     run_id = event_doc["runId"]
+    event_id = event_doc["eventId"]
     key = node_key(run_id, node["nodeId"], attempt)
     if extra:
         doc = {k: v for k, v in extra.items() if k not in NODE_KEYS}
@@ -331,74 +340,163 @@ def _node_doc(event_doc: Mapping[str, Any], node: Mapping[str, Any], status: str
     if isinstance(started, datetime) and isinstance(completed, datetime):
         duration = round((completed - started).total_seconds() * 1000, 3)
     # Item by item, in this order (the stored key order): cheaper than update(**fields).
-    doc["workspaceId"] = workspace_id
+    doc["workspaceId"] = event_doc["workspaceId"]
     doc["runId"] = run_id
     doc["workflowId"] = event_doc["workflowId"]
     doc["nodeKey"] = key
     doc["attempt"] = attempt
     doc["status"] = status
-    doc["eventId"] = event_doc["eventId"]
+    doc["eventId"] = event_id
     doc["durationMs"] = duration
     if key_id is not None:
         doc[SIGNED_BY] = key_id
     elif SIGNED_BY in doc:
         del doc[SIGNED_BY]  # only the pipeline says who signed
-    return NodeDoc(workspace_id, run_id, key, doc, [source])
+    return key, doc, status, (status_rank(status), event_id)
 
 
-def patches(decoded: ev.Decoded, source: str) -> tuple[RunPatch, list[NodeDoc]]:
-    """The run patch and node documents one event stands for."""
-    event, doc = decoded.event, decoded.doc
+#: What one run-level event says about its run: status, started, completed, trigger,
+#: total duration, error, extra fields, event id, signed-by entry, subjects.
+_RunPart = tuple[str, Any, Any, Any, Any, Any, dict[str, Any], str, str | None, Any]
+
+
+def _parts(record: Record) -> tuple[_RunPart | None, Any, list[_NodePart]]:
+    """What one event contributes (pure; raises on a document it cannot read): the run
+    part (None for a node event), the start time a node event gives its run, and the
+    node executions."""
+    _, doc, key_id = record
+    kind = doc["type"]
     ts: datetime = doc["ts"]
-    run = RunPatch(event.workspaceId, event.runId, event.workflowId, sources=[source])
     # Most events carry no unknown top-level field: a C-level subset test skips the scan.
     extra = ({} if doc.keys() <= _NOT_EXTRA
              else {k: v for k, v in doc.items() if k not in _NOT_EXTRA})
-    nodes: list[NodeDoc] = []
-    if isinstance(event, _NODE_EVENTS):
-        status = _node_status(doc["node"], COMPLETED if isinstance(event, ev.NodeCompleted)
-                              else FAILED)
-        if isinstance(event, ev.NodeFailed):
+    if kind == ev.NODE_COMPLETED or kind == ev.NODE_FAILED:
+        node = doc["node"]
+        if kind == ev.NODE_COMPLETED:
+            status = _node_status(node, COMPLETED)
+        else:
+            status = _node_status(node, FAILED)
             status = FAILED if status == COMPLETED else status
-        node = _node_doc(doc, doc["node"], status, extra, source, decoded.key_id)
-        nodes.append(node)
-        run.node_index[node.node_key] = index_entry(node.doc, status)
-        run.started_at = doc["node"].get("startedAt") or doc["node"].get("completedAt") or ts
-        return run, nodes
-    run.extra = extra
-    run.event_ids.add(event.eventId)
-    if decoded.key_id is not None:
-        run.signed_by.add(f"{decoded.key_id}:{event.eventId}")
-    run.started_at = doc.get("startedAt")
-    if isinstance(event, ev.RunStarted | ev.RunSnapshot) and event.subjects:
-        run.subjects = set(doc.get(SUBJECTS) or ())
-    if isinstance(event, ev.RunStarted):
-        run.trigger = doc.get("trigger")
-        run.started_at = run.started_at or ts
-    elif isinstance(event, _TERMINAL_EVENTS):
-        run.status = event.status
-        run.completed_at = doc.get("completedAt") or ts
-        run.total_duration = event.totalDuration
-        run.error = doc.get("error")
-    else:  # run.snapshot
-        run.trigger = doc.get("trigger")
-        run.status = event.status or RUNNING
-        run.total_duration = event.totalDuration
-        run.error = doc.get("error")
-        if run.status != RUNNING:
-            run.completed_at = doc.get("completedAt") or ts
+        started = node.get("startedAt") or node.get("completedAt") or ts
+        return None, started, [_node_part(doc, node, status, extra, key_id)]
+    event_id = doc["eventId"]
+    signed = None if key_id is None else f"{key_id}:{event_id}"
+    started = doc.get("startedAt")
+    subjects = doc.get(SUBJECTS) if kind != ev.RUN_COMPLETED and kind != ev.RUN_FAILED else None
+    nodes: list[_NodePart] = []
+    completed = trigger = duration = error = None
+    if kind == ev.RUN_STARTED:
+        status = RUNNING
+        trigger = doc.get("trigger")
+        started = started or ts
+    elif kind == ev.RUN_COMPLETED or kind == ev.RUN_FAILED:
+        status = doc.get("status", COMPLETED if kind == ev.RUN_COMPLETED else FAILED)
+        completed = doc.get("completedAt") or ts
+        duration = _duration(doc)
+        error = doc.get("error")
+    elif kind == ev.RUN_SNAPSHOT:
+        trigger = doc.get("trigger")
+        status = doc.get("status") or RUNNING
+        duration = _duration(doc)
+        error = doc.get("error")
+        if status != RUNNING:
+            completed = doc.get("completedAt") or ts
         for raw_node in doc.get("nodes") or ():
-            node = _node_doc(doc, raw_node, _node_status(raw_node, COMPLETED), {}, source,
-                             decoded.key_id)
-            nodes.append(node)
-            entry = index_entry(node.doc, node.status)
-            mine = run.node_index.get(node.node_key)
-            if mine is None or status_rank(entry["status"]) > status_rank(mine["status"]):
-                run.node_index[node.node_key] = entry
-            node_start = raw_node.get("startedAt") or raw_node.get("completedAt")
-            run.started_at = _min(run.started_at, node_start)
-        run.started_at = run.started_at or ts
-    return run, nodes
+            nodes.append(_node_part(doc, raw_node, _node_status(raw_node, COMPLETED), {},
+                                    key_id))
+            started = _min(started, raw_node.get("startedAt") or raw_node.get("completedAt"))
+        started = started or ts
+    else:
+        raise ValueError(f"not an event type: {kind!r}")
+    return ((status, started, completed, trigger, duration, error, extra, event_id, signed,
+             subjects), None, nodes)
+
+
+def _duration(doc: Mapping[str, Any]) -> float | None:
+    """``totalDuration`` as the contract reads it: a float (the document keeps it as sent)."""
+    value = doc.get("totalDuration")
+    return None if value is None else float(value)
+
+
+class Coalescer:
+    """Events of one batch folded into one accumulator per run and one per node execution
+    (what :meth:`RunPatch.merge` and :meth:`NodeDoc.merge` would give, without a patch
+    object per event); :meth:`batch` builds the write batch."""
+
+    __slots__ = ("index", "nodes", "runs")
+
+    def __init__(self) -> None:
+        self.runs: dict[tuple[str, str], RunPatch] = {}
+        #: Node execution key -> [rank, document, sources].
+        self.nodes: dict[tuple[str, str, str], list[Any]] = {}
+        #: Run key -> node key -> (status rank, node document, status) of the index entry.
+        self.index: dict[tuple[str, str], dict[str, tuple[int, dict[str, Any], str]]] = {}
+
+    def add(self, record: Record) -> None:
+        """Coalesce one event (:meth:`merge` of its :func:`_parts`)."""
+        self.merge(record, _parts(record))
+
+    def merge(self, record: Record,
+              parts: tuple[_RunPart | None, Any, list[_NodePart]]) -> None:
+        source, doc, _ = record
+        part, node_started, nodes = parts
+        workspace_id = doc["workspaceId"]
+        run_id = doc["runId"]
+        key = (workspace_id, run_id)
+        run = self.runs.get(key)
+        if run is None:
+            run = self.runs[key] = RunPatch(workspace_id, run_id, doc["workflowId"])
+            index = self.index[key] = {}
+        else:
+            index = self.index[key]
+        run.sources.append(source)
+        if part is None:
+            run.started_at = _min(run.started_at, node_started)
+        else:
+            (status, started, completed, trigger, duration, error, extra, event_id, signed,
+             subjects) = part
+            if status != run.status:
+                run.status = _pick_status(run.status, status)
+            run.started_at = _min(run.started_at, started)
+            run.completed_at = _max(run.completed_at, completed)
+            if run.trigger is None:
+                run.trigger = trigger
+            run.total_duration = _max(run.total_duration, duration)
+            if run.error is None:
+                run.error = error
+            if extra:
+                mine = run.extra
+                for name, value in extra.items():
+                    mine.setdefault(name, value)
+            run.event_ids.add(event_id)
+            if signed is not None:
+                run.signed_by.add(signed)
+            if subjects:
+                run.subjects.update(subjects)
+        all_nodes = self.nodes
+        for nkey, ndoc, nstatus, rank in nodes:
+            have = index.get(nkey)
+            if have is None or rank[0] > have[0]:
+                index[nkey] = (rank[0], ndoc, nstatus)
+            full = (workspace_id, run_id, nkey)
+            held = all_nodes.get(full)
+            if held is None:
+                all_nodes[full] = [rank, ndoc, [source]]
+            else:
+                if rank > held[0]:
+                    held[0] = rank
+                    held[1] = ndoc
+                held[2].append(source)
+
+    def batch(self) -> WriteBatch:
+        out = WriteBatch()
+        for key, run in self.runs.items():
+            run.node_index = {nkey: index_entry(ndoc, status)
+                              for nkey, (_, ndoc, status) in self.index[key].items()}
+            out.runs[key] = run
+        out.nodes = {key: NodeDoc(key[0], key[1], key[2], ndoc, sources)
+                     for key, (_, ndoc, sources) in self.nodes.items()}
+        return out
 
 
 @dataclass(slots=True)
@@ -445,44 +543,47 @@ class WriteBatch:
         return {k[0] for k in self.runs}
 
 
+def coalesce_records(records: Iterable[Record]) -> WriteBatch:
+    """Coalesce valid events into one write batch."""
+    acc = Coalescer()
+    for record in records:
+        acc.add(record)
+    return acc.batch()
+
+
 def coalesce(items: Iterable[tuple[str, ev.Decoded]]) -> WriteBatch:
     """Coalesce decoded events (with their stream references) into one write batch."""
-    batch = WriteBatch()
-    for source, decoded in items:
-        run, nodes = patches(decoded, source)
-        batch.add(run, nodes)
-    return batch
+    return coalesce_records((source, d.doc, d.key_id) for source, d in items)
 
 
-def coalesce_each(
-    items: Sequence[tuple[str, ev.Decoded]],
-) -> tuple[WriteBatch, dict[str, Exception]]:
-    """:func:`coalesce`, with each event's failure its own: the batch of every event that
-    coalesced, and the exception of each (by source) that did not.
+def coalesce_each(records: Sequence[Record]) -> tuple[WriteBatch, dict[str, Exception]]:
+    """:func:`coalesce_records`, with each event's failure its own: the batch of every
+    event that coalesced, and the exception of each (by source) that did not.
 
-    An exception while merging an event into the batch may have changed the patches it
-    was merged into, so the batch is then built again without that event.
+    An exception while merging an event into the accumulators may have changed them, so
+    the batch is then built again without that event.
     """
     failed: dict[str, Exception] = {}
     while True:
-        batch = WriteBatch()
+        acc = Coalescer()
         culprit: str | None = None
-        for source, decoded in items:
+        for record in records:
+            source = record[0]
             if source in failed:
                 continue
             try:
-                run, nodes = patches(decoded, source)
+                parts = _parts(record)
             except Exception as exc:
                 failed[source] = exc
                 continue
             try:
-                batch.add(run, nodes)
+                acc.merge(record, parts)
             except Exception as exc:
                 failed[source] = exc
                 culprit = source
                 break
         if culprit is None:
-            return batch, failed
+            return acc.batch(), failed
 
 
 def fold(items: Iterable[ev.Decoded]) -> tuple[dict[tuple[str, str], dict[str, Any]],

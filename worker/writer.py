@@ -22,7 +22,7 @@ from tenacity import RetryCallState
 from . import constants as c
 from . import retry
 from .batch import Batch, count_by_stream
-from .documents import SUBJECTS, WriteBatch, coalesce, coalesce_each
+from .documents import SUBJECTS, Record, WriteBatch, coalesce_each, coalesce_records
 from .erasure import hash_subjects
 from .errors import (
     InvalidEvent,
@@ -32,7 +32,7 @@ from .errors import (
     StoreTimeout,
     StoreUnavailable,
 )
-from .events import Decoded, decode
+from .intake import decode_doc
 from .metrics import Metrics
 from .redisio import (
     DeadLetter,
@@ -66,20 +66,22 @@ class Outcome:
 def prepare(
     entries: Sequence[Entry], max_bytes: int, max_deliveries: int,
     signatures: SignaturePolicy | None = None,
-) -> tuple[list[tuple[str, Decoded]], list[DeadLetter]]:
-    """Decode a batch: valid events keyed by their index, and dead letters (pure).
+) -> tuple[list[Record], list[DeadLetter]]:
+    """Decode a batch: the records of valid events (their source is the entry's index in
+    ``entries``), and dead letters (pure).
 
     With ``signatures``, each entry's signature is checked before its payload is
     decoded (``worker.signing``)."""
-    valid: list[tuple[str, Decoded]] = []
+    valid: list[Record] = []
     dead: list[DeadLetter] = []
     for index, entry in enumerate(entries):
+        payload = entry.payload
         if entry.deliveries > max_deliveries:
             dead.append(DeadLetter(entry, c.Reason.MAX_DELIVERIES,
                                    f"delivered {entry.deliveries} times "
                                    f"(AUDIT_MAX_DELIVERIES={max_deliveries})"))
             continue
-        if entry.payload is None:
+        if payload is None:
             dead.append(DeadLetter(entry, c.Reason.MISSING_FIELD,
                                    f"entry has no {c.EVENT_FIELD!r} field"))
             continue
@@ -89,13 +91,13 @@ def prepare(
                                    f"{c.EVENT_FIELD!r} fields: ambiguous, none is stored"))
             continue
         verdict = UNSIGNED
-        if signatures is not None and len(entry.payload) <= max_bytes:
-            verdict = signatures.check(entry.payload, entry.sig)
+        if signatures is not None and len(payload) <= max_bytes:
+            verdict = signatures.check(payload, entry.sig)
             if verdict.reason is not None:
                 dead.append(DeadLetter(entry, verdict.reason, verdict.error))
                 continue
         try:
-            decoded = decode(entry.payload, max_bytes=max_bytes)
+            doc = decode_doc(payload, max_bytes=max_bytes)
         except InvalidEvent as exc:
             dead.append(DeadLetter(entry, exc.reason, exc.detail))
             continue
@@ -103,13 +105,11 @@ def prepare(
             dead.append(DeadLetter(entry, c.Reason.PROCESSING_ERROR, _failure("decode", exc)))
             continue
         if signatures is not None:
-            wrong = mismatch(verdict, decoded.event.workspaceId)
+            wrong = mismatch(verdict, doc["workspaceId"])
             if wrong is not None and wrong.reason is not None:
                 dead.append(DeadLetter(entry, wrong.reason, wrong.error))
                 continue
-            if verdict.key_id is not None:
-                decoded = Decoded(decoded.event, decoded.doc, verdict.key_id)
-        valid.append((str(index), decoded))
+        valid.append((str(index), doc, verdict.key_id))
     return valid, dead
 
 
@@ -154,14 +154,15 @@ class BatchWriter:
                               self.signatures)
         outcome = Outcome(dead=dead)
         key = s.subject_key
-        for _, decoded in valid:  # before redaction: subjects are hashed, never masked
-            if SUBJECTS in decoded.doc:
-                hash_subjects(decoded.doc, key)
+        for _, doc, _ in valid:  # before redaction: subjects are hashed, never masked
+            if SUBJECTS in doc:
+                hash_subjects(doc, key)
         found: dict[str, int] = {}
         if self.redactor is not None:
             valid = self._redact(valid, batch.entries, outcome, found)
         if valid:
-            work = _Work(outcome, {src: batch.entries[int(src)] for src, _ in valid}, dict(valid))
+            work = _Work(outcome, {r[0]: batch.entries[int(r[0])] for r in valid},
+                         {r[0]: r for r in valid})
             coalesced, failed = coalesce_each(valid)
             for source, exc in failed.items():
                 outcome.dead.append(DeadLetter(work.by_source[source], c.Reason.PROCESSING_ERROR,
@@ -188,20 +189,21 @@ class BatchWriter:
             self.metrics.batch_size.observe(len(outcome.written))
         return outcome
 
-    def _redact(self, valid: list[tuple[str, Decoded]], entries: Sequence[Entry],
-                outcome: Outcome, found: dict[str, int]) -> list[tuple[str, Decoded]]:
+    def _redact(self, valid: list[Record], entries: Sequence[Entry],
+                outcome: Outcome, found: dict[str, int]) -> list[Record]:
         """Redact each event before it is coalesced (``worker.redaction``); an error
         redacting one entry is that entry's verdict."""
         assert self.redactor is not None
         kept = []
-        for source, decoded in valid:
+        for record in valid:
             try:
-                self.redactor.event(decoded.doc, found)
+                self.redactor.event(record[1], found)
             except Exception as exc:
-                outcome.dead.append(DeadLetter(entries[int(source)], c.Reason.PROCESSING_ERROR,
+                outcome.dead.append(DeadLetter(entries[int(record[0])],
+                                               c.Reason.PROCESSING_ERROR,
                                                _failure("redact", exc)))
                 continue
-            kept.append((source, decoded))
+            kept.append(record)
         return kept
 
     def _redact_dead(self, outcome: Outcome, found: dict[str, int]) -> None:
@@ -402,7 +404,7 @@ class _Work:
 
     outcome: Outcome
     by_source: dict[str, Entry]
-    decoded: dict[str, Decoded]
+    records: dict[str, Record]
 
     def split(self, batch: WriteBatch) -> list[WriteBatch] | None:
         """Smaller parts of ``batch``: one per run, else one per entry; None for one entry."""
@@ -411,7 +413,7 @@ class _Work:
         sources = sorted(batch.sources(), key=int)
         if len(sources) <= 1:
             return None
-        return [coalesce([(src, self.decoded[src])]) for src in sources]
+        return [coalesce_records([self.records[src]]) for src in sources]
 
 
 @dataclass(slots=True)

@@ -20,12 +20,10 @@ from structlog.testing import capture_logs
 
 from tests.helpers import ControlledStore, ReadWriteStore, dlq_entries, pending_count
 from worker import constants as c
-from worker import documents, samples, writer
-from worker import events as ev
+from worker import documents, intake, samples, writer
 from worker.consumer import Worker
 from worker.documents import WriteBatch
 from worker.emitter import AuditEmitter
-from worker.events import Decoded
 from worker.settings import Settings
 from worker.stores import open_store
 from worker.stores.base import WriteResult
@@ -64,23 +62,23 @@ async def test_an_entry_failing_at_any_stage_is_dead_lettered_alone(
     pid = poison["eventId"]
 
     if stage == "decode":
-        real_decode = ev.decode
+        real_decode = intake.decode_doc
 
-        def decode(raw: bytes, **kw: Any) -> Decoded:
+        def decode(raw: bytes, **kw: Any) -> dict[str, Any]:
             if pid.encode() in raw:
                 raise OverflowError("date value out of range")
             return real_decode(raw, **kw)
 
-        monkeypatch.setattr(writer, "decode", decode)
+        monkeypatch.setattr(writer, "decode_doc", decode)
     elif stage == "coalesce":
-        real_patches = documents.patches
+        real_parts = documents._parts
 
-        def patches(decoded: Decoded, source: str) -> Any:
-            if decoded.event.eventId == pid:
+        def parts(record: documents.Record) -> Any:
+            if record[1]["eventId"] == pid:
                 raise KeyError("a coalescing defect")
-            return real_patches(decoded, source)
+            return real_parts(record)
 
-        monkeypatch.setattr(documents, "patches", patches)
+        monkeypatch.setattr(documents, "_parts", parts)
 
     await AuditEmitter(redis_client, [stream]).emit_many(events)
     store = PoisonStore(open_store(f"sqlite:///{tmp_path / 'audit.db'}"), pid)

@@ -139,7 +139,7 @@ def test_prepare_verifies_before_decoding() -> None:
         Entry("s", "4-0", b"{not json", sig=sign(b"{not json", "k1", SECRET_A1)),
     ]
     valid, dead = prepare(entries, 1 << 20, 5, policy)
-    assert [(src, d.key_id) for src, d in valid] == [("0", "k2")]
+    assert [(src, key_id) for src, _, key_id in valid] == [("0", "k2")]
     assert [(d.entry.id, d.reason) for d in dead] == [
         ("2-0", Reason.SIGNATURE_INVALID), ("3-0", Reason.SCHEMA), ("4-0", Reason.INVALID_JSON)]
 
@@ -152,7 +152,7 @@ def test_duplicate_workspace_keys_cannot_split_the_verdict() -> None:
     for key_id, secret in (("k1", SECRET_A1), ("k1", SECRET_B1)):
         valid, dead = prepare([Entry("s", "1-0", body, sig=sign(body, key_id, secret))],
                               1 << 20, 5, policy)
-        stored = [d.event.workspaceId for _, d in valid]
+        stored = [doc["workspaceId"] for _, doc, _ in valid]
         assert stored in ([], ["ws_b"])
         assert (stored == ["ws_b"]) == (secret == SECRET_B1)
         assert len(valid) + len(dead) == 1

@@ -53,7 +53,7 @@ def test_validate_gives_the_verdicts_the_worker_gives() -> None:
     valid, dead = prepare(entries, 16 * 1024 * 1024, 5)
     worker = {int(d.entry.id.split("-")[1]) + 1: (d.reason, d.error) for d in dead}
     assert {r["line"]: (r["reason"], r["message"]) for r in got if not r["ok"]} == worker
-    assert [r["line"] for r in got if r["ok"]] == [int(i) + 1 for i, _ in valid]
+    assert [r["line"] for r in got if r["ok"]] == [int(i) + 1 for i, _, _ in valid]
     assert len(worker) == 6
     assert {reason for reason, _ in worker.values()} >= {
         "invalid_json", "unsupported_version", "schema_violation"}

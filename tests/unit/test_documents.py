@@ -32,7 +32,6 @@ from worker.documents import (
     coalesce,
     fold,
     node_key,
-    patches,
     status_rank,
     summarize,
 )
@@ -41,7 +40,10 @@ KEY = (WORKSPACE, RUN_ID)
 
 
 def one(raw: Raw, source: str = "s") -> tuple[RunPatch, list[NodeDoc]]:
-    return patches(decoded([raw])[0], source)
+    """The run patch and node documents one event stands for."""
+    batch = coalesce([(source, decoded([raw])[0])])
+    (run,) = batch.runs.values()
+    return run, list(batch.nodes.values())
 
 
 def test_status_rank_order() -> None:
