@@ -115,6 +115,22 @@ _UNAVAILABLE_PREFIXES = {
 }
 
 
+def _closed_while_in_use(exc: BaseException) -> bool:
+    """redis-py (8.1 and before) lets an ``AttributeError``/``TypeError`` out when it
+    writes to a connection that is being closed, as when a cluster node dies
+    (redis/redis-py#4287, #3546): a broken connection, raised from its connection
+    module, never an error of the caller's."""
+    if not isinstance(exc, (AttributeError, TypeError)) or "NoneType" not in str(exc):
+        return False
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.replace("\\", "/").endswith(
+                "/redis/asyncio/connection.py"):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def translate(exc: BaseException) -> RedisFailure | None:
     """The project's error for a redis-py error, or None for an exception that is not
     Redis's (and for BUSYGROUP, which :func:`ensure_group` reads as "exists")."""
@@ -123,6 +139,8 @@ def translate(exc: BaseException) -> RedisFailure | None:
     for cls, kind in _UNAVAILABLE_CLASSES:
         if isinstance(exc, cls):
             return RedisUnavailable(kind, str(exc))
+    if _closed_while_in_use(exc):
+        return RedisUnavailable("connection", f"connection closed while in use: {exc}")
     if not isinstance(exc, RedisError):
         return None
     message = str(exc)
@@ -147,7 +165,7 @@ def translated() -> Iterator[None]:
     """Raise redis-py errors raised inside as the project's own (see :func:`translate`)."""
     try:
         yield
-    except (RedisError, OSError) as exc:
+    except (RedisError, OSError, AttributeError, TypeError) as exc:
         mapped = translate(exc)
         if mapped is None:
             raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import redis.asyncio as aioredis
 from redis import exceptions as rx
 
 from worker import errors
@@ -64,6 +65,20 @@ def test_other_errors_pass_through_the_edge_unchanged() -> None:
         raise busy
     with pytest.raises(errors.GroupMissing), translated():
         raise rx.ResponseError("NOGROUP No such key")
+
+
+@pytest.mark.anyio
+async def test_a_connection_closed_while_in_use_is_a_connection_error() -> None:
+    """redis-py's leaked ``'NoneType' object has no attribute 'writelines'`` (a connection
+    written to while a dead cluster node's connection is being closed: redis/redis-py#4287)
+    is "Redis unavailable", so the loop retries; the same error raised elsewhere is not."""
+    connection = aioredis.Connection()
+    assert connection._writer is None  # never connected: as after the close
+    with pytest.raises(errors.RedisUnavailable) as info, translated():
+        await connection._send_packed_command([b"PING"])
+    assert info.value.kind == "connection"
+    with pytest.raises(AttributeError), translated():
+        None.writelines([])  # type: ignore[attr-defined]  # ours, not redis-py's
 
 
 def test_xreadgroup_replies_parse_from_resp2_and_resp3_raw_and_parsed() -> None:
