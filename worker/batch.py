@@ -3,7 +3,6 @@ acknowledged together."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .redisio import Entry
@@ -22,10 +21,3 @@ class Batch:
         """The shard the batch came from (a reader or reclaimer reads one stream only)."""
         return self.entries[0].stream
 
-
-def count_by_stream(entries: Sequence[Entry]) -> dict[str, int]:
-    """How many of ``entries`` came from each stream."""
-    counts: dict[str, int] = {}
-    for e in entries:
-        counts[e.stream] = counts.get(e.stream, 0) + 1
-    return counts

@@ -20,6 +20,7 @@ import signal
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
+from operator import attrgetter
 from typing import Any
 
 import anyio
@@ -29,8 +30,8 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from tenacity import RetryCallState
 
 from . import retry
-from .batch import Batch, count_by_stream
-from .budget import MemoryBudget
+from .batch import Batch
+from .budget import MemoryBudget, payload_bytes
 from .errors import GroupMissing, RedisRefused, RedisUnavailable
 from .logs import get_logger
 from .metrics import Metrics
@@ -41,6 +42,7 @@ from .stores.base import WriteStore
 from .writer import BatchWriter, Outcome
 
 Loop = Callable[[], Awaitable[None]]
+_ID = attrgetter("id")
 
 
 class Worker:
@@ -98,14 +100,12 @@ class Worker:
             self._stop.set()
 
     def count_read(self, entries: Sequence[Entry]) -> None:
-        """Count entries read (new or reclaimed) and their payload bytes, per stream."""
-        for name, count in count_by_stream(entries).items():
-            self.metrics.events_read.labels(name).inc(count)
-        size: dict[str, int] = {}
-        for entry in entries:
-            size[entry.stream] = size.get(entry.stream, 0) + len(entry.payload or b"")
-        for name, total in size.items():
-            self.metrics.bytes_read.labels(name).inc(total)
+        """Count entries read (new or reclaimed) and their payload bytes (a read is of one
+        stream, as a :class:`Batch` is: one count per read, not per entry)."""
+        if entries:
+            stream = entries[0].stream
+            self.metrics.events_read.labels(stream).inc(len(entries))
+            self.metrics.bytes_read.labels(stream).inc(payload_bytes(entries))
 
     def beat(self, loop: str) -> None:
         self.metrics.heartbeat(loop)
@@ -314,11 +314,14 @@ class Worker:
         process, not a stuck one.
         """
         slots = self.shard_slots(batch.stream)
-        while True:
-            with anyio.move_on_after(1.0):
-                await slots.acquire()
-                break
-            self.beat(loop)
+        try:  # a place is free: no timeout scope needed
+            slots.acquire_nowait()
+        except anyio.WouldBlock:
+            while True:
+                with anyio.move_on_after(1.0):
+                    await slots.acquire()
+                    break
+                self.beat(loop)
         try:
             if isinstance(send, MemoryObjectSendStream):
                 try:  # a writer is already waiting: no timeout scope needed
@@ -336,12 +339,13 @@ class Worker:
             raise
 
     def hold(self, entries: Sequence[Entry]) -> None:
-        for e in entries:
-            self.held.setdefault(e.stream, set()).add(e.id)
+        """Entries read, not yet settled (a read is of one stream: one set update)."""
+        if entries:
+            self.held.setdefault(entries[0].stream, set()).update(map(_ID, entries))
 
     def release(self, entries: Sequence[Entry]) -> None:
-        for e in entries:
-            self.held.get(e.stream, set()).discard(e.id)
+        if entries:
+            self.held.get(entries[0].stream, set()).difference_update(map(_ID, entries))
 
     async def drained(self) -> bool:
         """True when nothing is in flight here and the group has no undelivered or

@@ -299,6 +299,11 @@ def entries_from_read(response: Any) -> list[Entry]:
                 and (not messages[0] or isinstance(messages[0][0], list | tuple))):
             messages = messages[0]  # RESP3 wraps the list once more
         for entry_id, fields in messages:
+            pairs = fields.pairs if type(fields) is EntryFields else fields
+            if (type(pairs) is list and len(pairs) == 2 and pairs[0] == _EVENT_KEYS[0]
+                    and type(pairs[1]) is bytes and type(entry_id) is bytes):
+                out.append(Entry(name, entry_id.decode(), pairs[1]))  # just the event field
+                continue
             payload, *extra = _payloads(fields) or (None,)
             out.append(Entry(name, text(entry_id), payload, extra_payloads=tuple(extra),
                              sig=_sig(fields)))

@@ -21,7 +21,7 @@ from tenacity import RetryCallState
 
 from . import constants as c
 from . import retry
-from .batch import Batch, count_by_stream
+from .batch import Batch
 from .documents import SUBJECTS, Record, WriteBatch, coalesce_each, coalesce_records
 from .erasure import hash_subjects
 from .errors import (
@@ -161,13 +161,14 @@ class BatchWriter:
         if self.redactor is not None:
             valid = self._redact(valid, batch.entries, outcome, found)
         if valid:
-            work = _Work(outcome, {r[0]: batch.entries[int(r[0])] for r in valid},
-                         {r[0]: r for r in valid})
+            work = _Work(outcome, batch.entries, valid)
             coalesced, failed = coalesce_each(valid)
             for source, exc in failed.items():
-                outcome.dead.append(DeadLetter(work.by_source[source], c.Reason.PROCESSING_ERROR,
+                outcome.dead.append(DeadLetter(work.entry(source), c.Reason.PROCESSING_ERROR,
                                                _failure("coalesce", exc)))
             if coalesced.runs:
+                work.whole = coalesced
+                work.stored = [batch.entries[int(r[0])] for r in valid if r[0] not in failed]
                 await self._write_all(coalesced, work)
         if self.redactor is not None:
             self._redact_dead(outcome, found)
@@ -175,11 +176,11 @@ class BatchWriter:
         for detector, count in found.items():
             self.metrics.redactions.labels(detector).inc(count)
         self.worker.release(batch.entries)
-        now_ms = time.time() * 1000
-        self.metrics.end_to_end_seconds.observe_many(
-            [max(0.0, now_ms - entry.id_ms) / 1000 for entry in outcome.written])
-        for name, count in count_by_stream(outcome.written).items():
-            self.metrics.events_written.labels(name).inc(count)
+        if outcome.written:  # a batch is of one stream: one count, one histogram update
+            now_ms = time.time() * 1000
+            self.metrics.end_to_end_seconds.observe_many(
+                [max(0.0, now_ms - int(e.id.partition("-")[0])) / 1000 for e in outcome.written])
+            self.metrics.events_written.labels(batch.stream).inc(len(outcome.written))
         for d in outcome.dead:
             self.metrics.events_dead_lettered.labels(d.entry.stream, d.reason).inc()
             self.log.warning("dead_lettered", stream=d.entry.stream, id=d.entry.id,
@@ -229,7 +230,7 @@ class BatchWriter:
         except StoreRejected as exc:
             parts = work.split(batch)
             if parts is None:
-                self._reject(batch, str(exc), work.by_source, outcome)
+                self._reject(batch, str(exc), work, outcome)
                 return
             self.log.warning("batch_rejected_splitting", runs=len(batch.runs), parts=len(parts),
                              error=str(exc)[:300])
@@ -246,7 +247,7 @@ class BatchWriter:
                 return
             # One entry that cannot be written within the store's timeout even alone:
             # left pending, redelivered, dead-lettered after AUDIT_MAX_DELIVERIES.
-            entries = [work.by_source[src] for src in batch.sources()]
+            entries = [work.entry(src) for src in batch.sources()]
             self.log.error("entry_timed_out_leaving_pending", error=str(exc.__cause__)[:300],
                            entries=len(entries))
             outcome.abandoned.extend(entries)
@@ -261,25 +262,28 @@ class BatchWriter:
                 return
             # One entry that fails for an unknown reason: leave it pending; it is
             # redelivered by reclaim and dead-lettered after AUDIT_MAX_DELIVERIES.
-            entries = [work.by_source[src] for src in batch.sources()]
+            entries = [work.entry(src) for src in batch.sources()]
             self.log.error("write_failed_leaving_pending", error=repr(exc)[:300],
                            entries=len(entries))
             outcome.abandoned.extend(entries)
             return
+        if not result.rejected and batch is work.whole:  # the usual case: all of it
+            outcome.written.extend(work.stored)
+            return
+        valid = work.valid_sources()
         rejected: set[str] = set()
         for rejection in result.rejected:
             for source in rejection.sources:
-                if source not in rejected and source in work.by_source:
+                if source not in rejected and source in valid:
                     rejected.add(source)
-                    outcome.dead.append(DeadLetter(work.by_source[source],
+                    outcome.dead.append(DeadLetter(work.entry(source),
                                                    c.Reason.STORE_REJECTED, rejection.reason))
-        outcome.written.extend(work.by_source[src]
+        outcome.written.extend(work.entry(src)
                                for src in sorted(batch.sources() - rejected, key=int))
 
-    def _reject(self, batch: WriteBatch, reason: str, by_source: dict[str, Entry],
-                outcome: Outcome) -> None:
+    def _reject(self, batch: WriteBatch, reason: str, work: _Work, outcome: Outcome) -> None:
         for source in sorted(batch.sources(), key=int):
-            outcome.dead.append(DeadLetter(by_source[source], c.Reason.STORE_REJECTED, reason))
+            outcome.dead.append(DeadLetter(work.entry(source), c.Reason.STORE_REJECTED, reason))
 
     async def _write(self, batch: WriteBatch) -> WriteResult:
         """One durable write; transient store errors are retried with exponential
@@ -400,11 +404,21 @@ class _TooSlow(Exception):
 
 @dataclass(slots=True)
 class _Work:
-    """One batch being written: its outcome, and its entries and events by source."""
+    """One batch being written: its outcome, its entries and the records of its valid
+    events (a record's source is its entry's index)."""
 
     outcome: Outcome
-    by_source: dict[str, Entry]
-    records: dict[str, Record]
+    entries: Sequence[Entry]
+    records: list[Record]
+    #: The write batch of every event that coalesced, and their entries in order.
+    whole: WriteBatch | None = None
+    stored: list[Entry] = field(default_factory=list)
+
+    def entry(self, source: str) -> Entry:
+        return self.entries[int(source)]
+
+    def valid_sources(self) -> set[str]:
+        return {r[0] for r in self.records}
 
     def split(self, batch: WriteBatch) -> list[WriteBatch] | None:
         """Smaller parts of ``batch``: one per run, else one per entry; None for one entry."""
@@ -413,7 +427,8 @@ class _Work:
         sources = sorted(batch.sources(), key=int)
         if len(sources) <= 1:
             return None
-        return [coalesce_records([self.records[src]]) for src in sources]
+        by_source = {r[0]: r for r in self.records}
+        return [coalesce_records([by_source[src]]) for src in sources]
 
 
 @dataclass(slots=True)
