@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("path", type=Path)
     rep.set_defaults(func=cmd_report)
 
+    stg = sub.add_parser("stages", help="µs/event per worker stage from a run's py-spy profiles")
+    stg.add_argument("path", type=Path, help="results.json of a run with --profile py-spy")
+    stg.set_defaults(func=cmd_stages)
+
     return p
 
 
@@ -323,6 +327,20 @@ def cmd_report(args: argparse.Namespace) -> int:
     data = msgspec.json.decode(args.path.read_bytes())
     data["path"] = str(args.path)
     print_summary(data)
+    return 0
+
+
+def cmd_stages(args: argparse.Namespace) -> int:
+    """Split each profiled scenario's worker CPU per event into the worker's stages."""
+    from .report import stage_table
+
+    data = msgspec.json.decode(args.path.read_bytes())
+    for scenario in data["scenarios"]:
+        for profile in scenario.get("profile") or ():
+            path = Path(profile)
+            if path.suffix == ".txt" and path.exists():
+                print(f"\n{scenario['label']} ({scenario['workers']} worker(s))")
+                print("\n".join(stage_table(path, scenario["cpu_us_per_event"])))
     return 0
 
 

@@ -238,3 +238,54 @@ def top_frames(collapsed: Path, limit: int = 15) -> list[tuple[str, float, float
         return []
     return [(f, round(100 * own[f] / samples, 1), round(100 * total[f] / samples, 1))
             for f, _ in own.most_common(limit)]
+
+
+#: The worker's stages, by the frames a sample's stack holds (the first rule that matches
+#: wins): how ``stages`` splits a py-spy profile of a worker.
+STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("idle (waiting in select)", ("EpollSelector.select",)),
+    ("decode (prepare)", ("prepare (",)),
+    ("redact, hash subjects", ("hash_subjects (", "_redact (")),
+    ("coalesce", ("coalesce_each (", "coalesce_records (", "Coalescer.")),
+    ("store write", ("_write_all (",)),
+    ("XACK, dead letters (settle)", ("_settle (",)),
+    ("metrics", ("metrics.py", "prometheus_client")),
+    ("XREADGROUP and its parse", ("read_group (", "_linger (", "redisio.py")),
+)
+#: Frames only the worker's running loops have: a stack without any is start-up.
+_LOOP_FRAMES = ("Worker.run (", "Worker._run (", "_reader (", "_writer (", "Reclaimer.")
+
+
+def stage_shares(collapsed: Path) -> tuple[dict[str, int], int]:
+    """Samples per stage of a py-spy collapsed-stacks profile (``framework`` is whatever
+    of the running worker no stage claims) and the start-up samples left out."""
+    counts: Counter[str] = Counter()
+    startup = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        if "EpollSelector.select" not in stack and not any(f in stack for f in _LOOP_FRAMES):
+            startup += int(count)
+            continue
+        stage = next((name for name, frames in STAGES if any(f in stack for f in frames)),
+                     "framework (tasks, channel, bookkeeping, freeing)")
+        counts[stage] += int(count)
+    return dict(counts), startup
+
+
+def stage_table(collapsed: Path, cpu_us_per_event: float) -> list[str]:
+    """Markdown rows: each stage's share of the busy samples and its µs/event (the share of
+    the worker's measured CPU per event; idle samples are not CPU)."""
+    counts, startup = stage_shares(collapsed)
+    busy = sum(n for name, n in counts.items() if not name.startswith("idle"))
+    rows = [f"{collapsed.name}: {busy} busy samples ({startup} of start-up left out), "
+            f"{cpu_us_per_event} µs CPU/event", "",
+            "| stage | share of busy samples | µs/event |", "|---|---|---|"]
+    names = [name for name, _ in STAGES[1:]] + ["framework (tasks, channel, bookkeeping, freeing)"]
+    for name in names:
+        share = counts.get(name, 0) / busy if busy else 0.0
+        rows.append(f"| {name} | {100 * share:.1f}% | {share * cpu_us_per_event:.1f} |")
+    idle = counts.get(STAGES[0][0], 0)
+    rows.append(f"| (idle, not counted) | {idle} samples | |")
+    return rows

@@ -342,6 +342,26 @@ def test_profile_summary_reads_py_spy_collapsed_stacks(tmp_path: Path) -> None:
     assert frames["coalesce (documents.py)"] == (30.0, 30.0)
 
 
+def test_stage_table_splits_the_worker_cpu_by_stage(tmp_path: Path) -> None:
+    """benchmarks stages: start-up and idle samples are left out; each busy sample goes
+    to the first stage whose frame it holds, the rest to framework; µs = share x CPU."""
+    path = tmp_path / "p.collapsed.txt"
+    loop = "run (asyncio);Worker._writer (w/consumer.py:1);BatchWriter.process (w/writer.py:2)"
+    path.write_text(f"{loop};prepare (w/writer.py:3);_lean (w/intake.py:4) 6\n"
+                    f"{loop};coalesce_each (w/documents.py:5) 3\n"
+                    f"{loop} 1\n"
+                    "run (asyncio);EpollSelector.select (selectors.py:1) 5\n"
+                    "<module> (w/__main__.py:1);_find_and_load (importlib) 7\n")
+    counts, startup = report.stage_shares(path)
+    assert startup == 7
+    assert counts == {"decode (prepare)": 6, "coalesce": 3,
+                      "framework (tasks, channel, bookkeeping, freeing)": 1,
+                      "idle (waiting in select)": 5}
+    rows = report.stage_table(path, 20.0)
+    assert "| decode (prepare) | 60.0% | 12.0 |" in rows
+    assert "| coalesce | 30.0% | 6.0 |" in rows
+
+
 def test_compliance_benchmark_configures_what_it_compares(tmp_path: Path) -> None:
     """benchmarks.compliance: the signed run requires signatures with a keyring that
     verifies the entries it writes, the redacted run turns every detector on, the plain
