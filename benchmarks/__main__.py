@@ -5,6 +5,7 @@ Subcommands:
 ``run``       run scenarios and baselines, print the tables, write JSON + PNG
 ``report``    print the Markdown tables of a results JSON (for benchmarks/README.md)
 ``micro``     CPU per event of the worker's pure stages (decode, coalesce), in process
+``drain``     one worker of a given checkout drains a backlog in process (A/B pairs)
 ``produce``   (internal) one load-generating process
 ``baseline``  (internal) the raw Redis loop, the FastStream peer or the naive writer, as a
               process
@@ -352,6 +353,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .micro import main as micro_main
 
         return micro_main(argv[1:])
+    if argv and argv[0] == "drain":
+        from .drain import main as drain_main
+
+        return drain_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)
