@@ -55,7 +55,7 @@ class Worker(Protocol):
 
     def hold(self, entries: list[Entry]) -> None: ...
 
-    def shard_read_count(self) -> int: ...
+    def shard_shares(self) -> int: ...
 
     async def hand_over(self, send: ObjectSendStream[Batch], batch: Batch, loop: str) -> None: ...
 
@@ -93,11 +93,20 @@ class Reclaimer:
         claimed_all: list[Entry] = []
         budget = self.worker.budget
         while True:
-            if send is not None:
+            if send is None:
+                count = self.settings.batch_size
+            else:
                 await budget.wait_for_room(lambda: self.worker.beat("reclaim"),
                                            lambda: self.worker.stopping)
-            cursor, claimed, deleted = await self.claim(stream, self.cursors.get(stream, "0-0"),
-                                                        self.worker.shard_read_count())
+                # Claimed sizes are unknown until claimed: as many as the grant holds at
+                # AUDIT_MAX_EVENT_BYTES each (worker/budget.py), the grant reserved meanwhile.
+                with budget.reading(self.worker.shard_shares()) as grant:
+                    count = budget.claim_count(grant)
+                    cursor, claimed, deleted = await self.claim(
+                        stream, self.cursors.get(stream, "0-0"), count)
+            if send is None:
+                cursor, claimed, deleted = await self.claim(
+                    stream, self.cursors.get(stream, "0-0"), count)
             self.cursors[stream] = cursor
             held = self.worker.held.get(stream, set())
             if held and claimed:

@@ -619,7 +619,9 @@ IDLE_MIB, MEMORY_FACTOR = 45, 8
 
 
 def _memory_needed_mib(settings: Settings) -> float:
-    return IDLE_MIB + MEMORY_FACTOR * max(settings.inflight_bytes, settings.max_event_bytes) / 2**20
+    """idle + F x the bound of worker/budget.py: the budget plus two entries per shard."""
+    held = settings.inflight_bytes + 2 * len(settings.streams) * settings.max_event_bytes
+    return IDLE_MIB + MEMORY_FACTOR * held / 2**20
 
 
 def test_memory_limits_derive_from_the_byte_budget() -> None:

@@ -2,7 +2,7 @@
 
 200 events of about 1 MB each wait in the stream. Bounded in entries, one default batch
 read them all at once (200 MB of payload, several times that decoded); bounded in bytes,
-a worker holds at most AUDIT_INFLIGHT_BYTES of payload (plus one read's misestimate) and
+a worker holds at most AUDIT_INFLIGHT_BYTES of payload (plus two entries per shard) and
 its peak RSS (VmHWM) stays within idle + F x budget. Every event is stored exactly once.
 """
 

@@ -286,7 +286,7 @@ async def test_lease_renewal_keeps_peers_from_stealing_slow_batches(
         tg.start_soon(worker.run)
         await wait_until(lambda: store.entered > 0, what="the write began")
 
-        async def all_read() -> bool:  # the first read takes one entry (worker/budget.py)
+        async def all_read() -> bool:
             return await pending_count(redis_client, stream, cfg.group) == len(evs)
 
         await wait_until(all_read, what="the rest read while the first write waits")
@@ -308,7 +308,7 @@ async def test_lease_renewal_keeps_peers_from_stealing_slow_batches(
 
         await wait_until(all_acked, what="the batch acknowledged")
         worker.stop()
-    assert (store.entered, store.writes) == (2, 2)  # the one-entry first read, then the rest
+    assert (store.entered, store.writes) == (1, 1)  # one sized read took the whole backlog
     inner = store.inner
     assert isinstance(inner, MemoryStore)
     assert len(inner.runs) == 5
@@ -444,3 +444,41 @@ async def test_an_entry_with_two_event_fields_is_dead_lettered_as_ambiguous(
     assert json.loads(dead["event"]) == first
     assert json.loads(dead["event_2"]) == second
     assert await pending_count(redis_client, stream, "audit-writers") == 0
+
+
+async def test_a_sudden_jump_in_entry_size_stays_within_the_byte_budget(
+    redis_client: aioredis.Redis, stream: str, redis_url: str
+) -> None:
+    """Regression: after small entries, one read asked for as many entries as the budget
+    held at the small size, and took 100 large ones at once (40x the budget). Reads are
+    now sized before they take anything: the payload held never exceeds the budget plus
+    one entry per reading loop, and every entry is settled once."""
+    budget, large = 1024 * 1024, 400 * 1024
+    emitter = AuditEmitter(redis_client, [stream])
+    small = events_of(runs(20))
+    await emitter.emit_many(small)
+    async with redis_client.pipeline(transaction=False) as pipe:
+        for i in range(100):  # not JSON: dead-lettered, but held as read like any entry
+            pipe.xadd(stream, {"event": b"x" * large + str(i).encode()})
+        await pipe.execute()
+    cfg = settings(stream, redis_url, batch_size=500, inflight_bytes=budget,
+                   max_event_bytes=512 * 1024, max_inflight=4, linger_ms=0)
+    store = MemoryStore()
+    worker = Worker(cfg, store, redis_client)
+    held = worker.budget
+    take, peak = held.take, [0]
+
+    def tracked(entries: Any) -> int:
+        nbytes = take(entries)
+        peak[0] = max(peak[0], held.held)
+        return nbytes
+
+    held.take = tracked  # type: ignore[method-assign]
+    await run_burst(worker, limit_s=60)
+
+    # The documented bound (worker/budget.py): the budget plus one entry for each of the
+    # shard's two reading loops (reader, reclaimer).
+    assert peak[0] <= budget + 2 * cfg.max_event_bytes, peak[0]
+    assert len(await dlq_entries(redis_client, stream)) == 100
+    assert len(store.runs) == 20
+    assert await pending_count(redis_client, stream, cfg.group) == 0
