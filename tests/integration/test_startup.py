@@ -413,6 +413,21 @@ def test_config_check_and_show(run_cli: Cli, tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "AUDIT_BATCH_SIZE must be a number" in one_line_error(done)
     assert run_cli(["config", "check"], tmp_path, AUDIT_BATCH_SIZE="50").returncode == 0
+    # the store URL's own options are checked too, without connecting or creating anything
+    for url, message in [
+        ("postgresql://u:s3cret@db.invalid:5432/a?max_size=0", "max_size >= 1"),
+        ("postgresql://db.invalid/a?min_size=5&max_size=2", "min_size <= max_size"),
+        (f"sqlite:///{tmp_path}/none/a.db?synchronous=off", "synchronous must be one of"),
+        (f"sqlite:///{tmp_path}/none/a.db?busy_timeout=-1", "busy_timeout must be >= 0"),
+    ]:
+        done = run_cli(["config", "check"], tmp_path, AUDIT_STORE_URL=url)
+        assert done.returncode == 2, url
+        assert message in one_line_error(done)
+        assert "s3cret" not in done.stdout + done.stderr
+    assert not (tmp_path / "none").exists()
+    assert run_cli(["config", "check"], tmp_path,
+                   AUDIT_STORE_URL=f"sqlite:///{tmp_path}/none/a.db?synchronous=normal"
+                   ).returncode == 0
     done = run_cli(["config", "show", "--json", "--group", "g2"], tmp_path,
                    AUDIT_REDIS_URL="redis://:s3cret@127.0.0.1:6379/0")
     assert done.returncode == 0

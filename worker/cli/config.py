@@ -10,6 +10,7 @@ from typing import Any
 
 from .. import constants as c
 from ..settings import Settings, describe_unknown, env_name, mask_url, unknown_env
+from ..stores import store_from
 from .common import add_worker_flags, settings_from_args
 from .output import escape_text, print_json, table
 
@@ -64,6 +65,9 @@ async def cmd_check(args: argparse.Namespace) -> int:
     """Exit 0 when the settings are valid and every ``AUDIT_*`` name is known; 1 when some
     name is unknown; 2 (a ConfigError) when a setting is invalid."""
     settings = settings_from_args(args)
+    # Building the store (it is not opened: nothing connects, nothing is created) checks
+    # the options in AUDIT_STORE_URL's query string, which each store reads itself.
+    store_from(settings)
     unknown = unknown_env()
     for name, suggestion in unknown:
         print(escape_text(f"audit-fleet: {describe_unknown(name, suggestion)}"), file=sys.stderr)
