@@ -14,6 +14,7 @@ from typing import Any
 
 from worker import constants as c
 from worker import events as ev
+from worker.deadletter import DeadLetter
 from worker.documents import (
     _NOT_EXTRA,
     COMPLETED,
@@ -31,7 +32,7 @@ from worker.documents import (
     status_rank,
 )
 from worker.errors import InvalidEvent
-from worker.redisio import DeadLetter, Entry
+from worker.redisio import Entry, dead_letter
 
 _NODE_EVENTS = (ev.NodeCompleted, ev.NodeFailed)
 _TERMINAL_EVENTS = (ev.RunCompleted, ev.RunFailed)
@@ -44,23 +45,23 @@ def prepare(entries: Sequence[Entry], max_bytes: int,
     dead: list[DeadLetter] = []
     for index, entry in enumerate(entries):
         if entry.deliveries > max_deliveries:
-            dead.append(DeadLetter(entry, c.Reason.MAX_DELIVERIES,
-                                   f"delivered {entry.deliveries} times "
-                                   f"(AUDIT_MAX_DELIVERIES={max_deliveries})"))
+            dead.append(dead_letter(entry, c.Reason.MAX_DELIVERIES,
+                                    f"delivered {entry.deliveries} times "
+                                    f"(AUDIT_MAX_DELIVERIES={max_deliveries})"))
             continue
         if entry.payload is None:
-            dead.append(DeadLetter(entry, c.Reason.MISSING_FIELD,
-                                   f"entry has no {c.EVENT_FIELD!r} field"))
+            dead.append(dead_letter(entry, c.Reason.MISSING_FIELD,
+                                    f"entry has no {c.EVENT_FIELD!r} field"))
             continue
         if entry.extra_payloads:
-            dead.append(DeadLetter(entry, c.Reason.DUPLICATE_FIELD,
-                                   f"entry has {1 + len(entry.extra_payloads)} "
-                                   f"{c.EVENT_FIELD!r} fields: ambiguous, none is stored"))
+            dead.append(dead_letter(entry, c.Reason.DUPLICATE_FIELD,
+                                    f"entry has {1 + len(entry.extra_payloads)} "
+                                    f"{c.EVENT_FIELD!r} fields: ambiguous, none is stored"))
             continue
         try:
             decoded = ev.decode(entry.payload, max_bytes=max_bytes)
         except InvalidEvent as exc:
-            dead.append(DeadLetter(entry, exc.reason, exc.detail))
+            dead.append(dead_letter(entry, exc.reason, exc.detail))
             continue
         valid.append((str(index), decoded))
     return valid, dead

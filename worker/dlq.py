@@ -2,8 +2,9 @@
 
 The worker moves an entry it can never store to ``<stream>:dlq`` with the fields of
 ``constants.DLQ_FIELDS``: reason, error, stream, id, deliveries, event (the original
-payload bytes), consumer and ts (ms since the epoch). This module reads them back with
-filters (reason, workspace, time range, IDs, limit), re-enqueues them, or deletes them.
+payload bytes), consumer and ts (ms since the epoch): the wire form of
+``worker.deadletter.DeadLetter``. This module reads them back with filters (reason,
+workspace, time range, IDs, limit), re-enqueues them, or deletes them.
 
 Replay is crash-safe by ordering: the original payload is XADDed to the source stream
 first, and the dead letter is XDELed only after Redis confirmed that XADD. A crash in
@@ -23,15 +24,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
-import msgspec
 import redis.asyncio as aioredis
 
 from . import constants as c
-from .queries import format_time
-from .redisio import id_ms, parse_id, text
+from .deadletter import DeadLetter
+from .redisio import parse_id, text
 
 #: JSON schema version of ``dlq ... --json``.
 DLQ_SCHEMA_VERSION = 1
@@ -41,117 +40,6 @@ _PAGE = 500
 _PAGE_BYTES = 8 * 1024 * 1024
 _REPLAY_BATCH = 100
 _SHOW_PREVIEW_CHARS = 4000
-
-
-class _WorkspaceOnly(msgspec.Struct):
-    workspaceId: Any = None
-
-
-_workspace_decoder = msgspec.json.Decoder(_WorkspaceOnly)
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetterEntry:
-    """One entry of a dead-letter stream."""
-
-    dlq: str
-    id: str
-    reason: str
-    error: str
-    stream: str
-    source_id: str
-    deliveries: int | None
-    consumer: str
-    ts_ms: int | None
-    event: bytes | None
-    #: The entry's ``sig`` field (signed events), replayed with the event.
-    sig: bytes | None = None
-
-    @property
-    def source_stream(self) -> str:
-        """The stream this dead-letter stream belongs to (where replay sends the event)."""
-        return self.dlq[: -len(c.DLQ_SUFFIX)]
-
-    @property
-    def dead_lettered_ms(self) -> int:
-        """When it was dead-lettered, by Redis's clock (the time in its dead-letter ID)."""
-        return id_ms(self.id)
-
-    @property
-    def workspace(self) -> str | None:
-        """The event's ``workspaceId``, or None when the payload is not a JSON object with one."""
-        if not self.event:
-            return None
-        try:
-            value = _workspace_decoder.decode(self.event).workspaceId
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            return None
-        return value if isinstance(value, str) else None
-
-    def to_dict(self, *, with_event: bool = False) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "dlq": self.dlq,
-            "id": self.id,
-            "dead_lettered_at": _iso(self.dead_lettered_ms),
-            "ts_ms": self.ts_ms,
-            "reason": self.reason,
-            "error": self.error,
-            "stream": self.stream,
-            "source_id": self.source_id,
-            "deliveries": self.deliveries,
-            "consumer": self.consumer,
-            "workspace": self.workspace,
-            "event_bytes": len(self.event) if self.event is not None else None,
-        }
-        if with_event:
-            out["event"], out["event_encoding"] = _event_text(self.event)
-        return out
-
-
-def _iso(ms: int) -> str:
-    return format_time(datetime.fromtimestamp(ms / 1000, tz=UTC))
-
-
-def _event_text(event: bytes | None) -> tuple[str | None, str | None]:
-    if event is None:
-        return None, None
-    try:
-        return event.decode("utf-8"), "utf-8"
-    except UnicodeDecodeError:
-        import base64
-
-        return base64.b64encode(event).decode(), "base64"
-
-
-def _field(fields: dict[Any, Any], name: str) -> Any:
-    value = fields.get(name.encode())
-    return fields.get(name) if value is None else value
-
-
-def _int_or_none(value: Any) -> int | None:
-    try:
-        return int(text(value)) if value is not None else None
-    except ValueError:
-        return None
-
-
-def parse_entry(dlq: str, entry_id: Any, fields: Any) -> DeadLetterEntry:
-    """A dead-letter entry from XRANGE's ``(id, fields)``; missing fields become empty."""
-    event = _field(fields, "event")
-    sig = _field(fields, c.SIG_FIELD)
-    return DeadLetterEntry(
-        dlq=dlq,
-        id=text(entry_id),
-        reason=text(_field(fields, "reason") or ""),
-        error=text(_field(fields, "error") or ""),
-        stream=text(_field(fields, "stream") or ""),
-        source_id=text(_field(fields, "id") or ""),
-        deliveries=_int_or_none(_field(fields, "deliveries")),
-        consumer=text(_field(fields, "consumer") or ""),
-        ts_ms=_int_or_none(_field(fields, "ts")),
-        event=event.encode() if isinstance(event, str) else event,
-        sig=sig.encode() if isinstance(sig, str) else sig,
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +53,7 @@ class DlqFilter:
     ids: tuple[str, ...] = ()
     limit: int | None = None
 
-    def matches(self, entry: DeadLetterEntry) -> bool:
+    def matches(self, entry: DeadLetter) -> bool:
         if self.reasons and entry.reason not in self.reasons:
             return False
         if self.ids and entry.id not in self.ids:
@@ -181,7 +69,7 @@ class DlqFilter:
 async def scan(
     redis: aioredis.Redis, stream: str, flt: DlqFilter = DlqFilter(),
     *, end_id: str | None = None,
-) -> AsyncIterator[DeadLetterEntry]:
+) -> AsyncIterator[DeadLetter]:
     """Matching entries of ``stream``'s dead-letter stream, oldest first, paged by XRANGE
     (at most ``end_id`` when given).
 
@@ -195,7 +83,7 @@ async def scan(
         for entry_id in sorted(set(flt.ids), key=_id_key):
             found: list[Any] = await redis.xrange(dlq, entry_id, entry_id) or []
             for got_id, fields in found:
-                entry = parse_entry(dlq, got_id, fields or {})
+                entry = DeadLetter.from_fields(dlq, got_id, fields or {})
                 if flt.matches(entry):
                     yield entry
         return
@@ -207,7 +95,7 @@ async def scan(
     while True:
         page: list[Any] = await redis.xrange(dlq, start, end, count=count) or []
         for got_id, fields in page:
-            entry = parse_entry(dlq, got_id, fields or {})
+            entry = DeadLetter.from_fields(dlq, got_id, fields or {})
             largest = max(largest, len(entry.event or b""))
             if flt.matches(entry):
                 yield entry
@@ -237,7 +125,7 @@ async def newest_id(redis: aioredis.Redis, stream: str) -> str | None:
 async def scan_all(
     redis: aioredis.Redis, streams: Sequence[str], flt: DlqFilter = DlqFilter(),
     *, snapshot: bool = False,
-) -> AsyncIterator[DeadLetterEntry]:
+) -> AsyncIterator[DeadLetter]:
     """Matching entries across the dead-letter streams of ``streams``, at most
     ``flt.limit``. With ``snapshot``, each stream only up to its newest dead letter at the
     time it is reached (what is dead-lettered meanwhile is left for a later run)."""
@@ -262,7 +150,7 @@ def _id_key(entry_id: str) -> tuple[int, int]:
 
 async def find(
     redis: aioredis.Redis, streams: Sequence[str], flt: DlqFilter = DlqFilter()
-) -> list[DeadLetterEntry]:
+) -> list[DeadLetter]:
     """Matching entries across the dead-letter streams of ``streams``, at most ``flt.limit``
     (all in memory: for ``list`` and ``show``; the other commands stream)."""
     return [entry async for entry in scan_all(redis, streams, flt)]
@@ -278,7 +166,7 @@ class ReplayResult:
 
 
 async def replay(
-    redis: aioredis.Redis, entries: Iterable[DeadLetterEntry], *, batch: int = _REPLAY_BATCH
+    redis: aioredis.Redis, entries: Iterable[DeadLetter], *, batch: int = _REPLAY_BATCH
 ) -> ReplayResult:
     """Re-enqueue each entry's original payload to its source stream, then delete it.
 
@@ -293,7 +181,7 @@ async def replay(
     return result
 
 
-async def _aiter(entries: Iterable[DeadLetterEntry]) -> AsyncIterator[DeadLetterEntry]:
+async def _aiter(entries: Iterable[DeadLetter]) -> AsyncIterator[DeadLetter]:
     for entry in entries:
         yield entry
 
@@ -309,11 +197,11 @@ def replay_matching(
 
 
 async def _replay_chunks(
-    redis: aioredis.Redis, entries: AsyncIterator[DeadLetterEntry], batch: int
+    redis: aioredis.Redis, entries: AsyncIterator[DeadLetter], batch: int
 ) -> AsyncIterator[ReplayResult]:
     """Chunks of at most ``batch`` entries or about ``_PAGE_BYTES``, each settled (XADD,
     replies checked, XDEL of the confirmed) before the next is read."""
-    chunk: list[DeadLetterEntry] = []
+    chunk: list[DeadLetter] = []
     size = 0
     async for entry in entries:
         if entry.event is None:
@@ -328,7 +216,7 @@ async def _replay_chunks(
         yield await _replay_chunk(redis, chunk)
 
 
-async def _replay_chunk(redis: aioredis.Redis, chunk: list[DeadLetterEntry]) -> ReplayResult:
+async def _replay_chunk(redis: aioredis.Redis, chunk: list[DeadLetter]) -> ReplayResult:
     result = ReplayResult()
     async with redis.pipeline(transaction=False) as pipe:
         for entry in chunk:
@@ -337,7 +225,7 @@ async def _replay_chunk(redis: aioredis.Redis, chunk: list[DeadLetterEntry]) -> 
                 fields[c.SIG_FIELD] = entry.sig
             pipe.xadd(entry.source_stream, fields)
         added = await pipe.execute(raise_on_error=False)
-    enqueued: list[tuple[DeadLetterEntry, str]] = []
+    enqueued: list[tuple[DeadLetter, str]] = []
     for entry, new_id in zip(chunk, added, strict=True):
         if isinstance(new_id, Exception):
             result.failed[entry.id] = str(new_id)
@@ -350,7 +238,7 @@ async def _replay_chunk(redis: aioredis.Redis, chunk: list[DeadLetterEntry]) -> 
 
 
 async def _delete_replayed(
-    redis: aioredis.Redis, enqueued: list[tuple[DeadLetterEntry, str]]
+    redis: aioredis.Redis, enqueued: list[tuple[DeadLetter, str]]
 ) -> None:
     """Second step of a replay: only after the XADDs above succeeded."""
     by_dlq: dict[str, list[str]] = {}
@@ -361,7 +249,7 @@ async def _delete_replayed(
 
 
 async def purge(
-    redis: aioredis.Redis, entries: Iterable[DeadLetterEntry] | AsyncIterator[DeadLetterEntry]
+    redis: aioredis.Redis, entries: Iterable[DeadLetter] | AsyncIterator[DeadLetter]
 ) -> int:
     """Delete ``entries`` from their dead-letter streams, ``_PAGE`` IDs per XDEL, while
     reading them; the number deleted."""

@@ -48,6 +48,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import constants as c
+from .deadletter import DeadLetter
 from .errors import (
     ConfigError,
     GroupMissing,
@@ -77,11 +78,10 @@ class Entry:
         return int(self.id.split("-", 1)[0])
 
 
-@dataclass(slots=True)
-class DeadLetter:
-    entry: Entry
-    reason: str
-    error: str
+def dead_letter(entry: Entry, reason: str, error: str) -> DeadLetter:
+    """The dead letter of ``entry``, to be written by :func:`settle`."""
+    return DeadLetter(reason, error, entry.stream, entry.id, entry.deliveries, entry.payload,
+                      sig=entry.sig, extra_events=entry.extra_payloads)
 
 
 def text(value: Any) -> str:
@@ -450,20 +450,6 @@ async def delivery_counts(
 # -- settling --------------------------------------------------------------------------
 
 
-def dead_letter_fields(dead: DeadLetter, consumer: str) -> dict[Any, Any]:
-    return {
-        "reason": dead.reason,
-        "error": dead.error[:2000],
-        "stream": dead.entry.stream,
-        "id": dead.entry.id,
-        "deliveries": dead.entry.deliveries,
-        "event": dead.entry.payload if dead.entry.payload is not None else b"",
-        "consumer": consumer,
-        "ts": int(time.time() * 1000),
-        **({c.SIG_FIELD: dead.entry.sig} if dead.entry.sig is not None else {}),
-    } | {f"{c.EVENT_FIELD}_{n}": extra for n, extra in enumerate(dead.entry.extra_payloads, 2)}
-
-
 async def write_dead_letters(
     redis: aioredis.Redis, consumer: str, dead: Sequence[DeadLetter]
 ) -> list[tuple[DeadLetter, RedisUnavailable | RedisRefused]]:
@@ -478,7 +464,7 @@ async def write_dead_letters(
     with translated():
         async with redis.pipeline(transaction=False) as pipe:
             for d in dead:
-                pipe.xadd(c.dlq_key(d.entry.stream), dead_letter_fields(d, consumer))
+                pipe.xadd(c.dlq_key(d.stream), d.fields(consumer, int(time.time() * 1000)))
             results = await pipe.execute(raise_on_error=False)
     refused: list[tuple[DeadLetter, RedisUnavailable | RedisRefused]] = []
     for d, result in zip(dead, results, strict=True):
@@ -491,18 +477,18 @@ async def write_dead_letters(
 
 
 async def dead_lettered_ids(
-    redis: aioredis.Redis, stream: str, entries: Sequence[Entry], scan_limit: int = 10_000
+    redis: aioredis.Redis, stream: str, ids: Sequence[str], scan_limit: int = 10_000
 ) -> set[str]:
-    """IDs among ``entries`` (all of ``stream``) that already have a dead letter.
+    """Entry IDs among ``ids`` (all of ``stream``) that already have a dead letter.
 
     A dead letter is written after its entry was appended, so the search starts at the
     oldest entry's time and reads at most ``scan_limit`` dead letters (a bound, not a
     guarantee, on a huge dead-letter stream). Used before dead-lettering an entry that
     was delivered before: a worker may have died between the XADD and the XACK.
     """
-    wanted = {e.id for e in entries}
+    wanted = set(ids)
     found: set[str] = set()
-    start: str = f"{min(e.id_ms for e in entries)}-0"
+    start: str = f"{min(id_ms(i) for i in ids)}-0"
     scanned = 0
     key = c.dlq_key(stream)
     with translated():
@@ -519,11 +505,16 @@ async def dead_lettered_ids(
     return found
 
 
-async def ack(redis: aioredis.Redis, group: str, entries: Iterable[Entry]) -> None:
-    """XACK ``entries`` (one command per stream; a vanished group is not an error)."""
+async def ack(
+    redis: aioredis.Redis, group: str, entries: Iterable[Entry], dead: Iterable[DeadLetter] = ()
+) -> None:
+    """XACK ``entries`` and the entries of ``dead`` (one command per stream; a vanished
+    group is not an error)."""
     by_stream: dict[str, list[str]] = {}
     for entry in entries:
         by_stream.setdefault(entry.stream, []).append(entry.id)
+    for d in dead:
+        by_stream.setdefault(d.stream, []).append(d.source_id)
     for stream, ids in by_stream.items():
         try:
             with translated():
@@ -549,7 +540,7 @@ async def settle(
     """
     refused = await write_dead_letters(redis, consumer, dead)
     not_written = {id(d) for d, _ in refused}
-    await ack(redis, group, [*acks, *(d.entry for d in dead if id(d) not in not_written)])
+    await ack(redis, group, acks, [d for d in dead if id(d) not in not_written])
     return refused
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import anyio
@@ -22,6 +22,7 @@ from tenacity import RetryCallState
 from . import constants as c
 from . import retry
 from .batch import Batch
+from .deadletter import DeadLetter
 from .documents import SUBJECTS, Record, WriteBatch, coalesce_each, coalesce_records
 from .erasure import hash_subjects
 from .errors import (
@@ -35,9 +36,9 @@ from .errors import (
 from .intake import decode_doc
 from .metrics import Metrics
 from .redisio import (
-    DeadLetter,
     Entry,
     ack,
+    dead_letter,
     dead_lettered_ids,
     write_dead_letters,
 )
@@ -77,37 +78,37 @@ def prepare(
     for index, entry in enumerate(entries):
         payload = entry.payload
         if entry.deliveries > max_deliveries:
-            dead.append(DeadLetter(entry, c.Reason.MAX_DELIVERIES,
-                                   f"delivered {entry.deliveries} times "
-                                   f"(AUDIT_MAX_DELIVERIES={max_deliveries})"))
+            dead.append(dead_letter(entry, c.Reason.MAX_DELIVERIES,
+                                    f"delivered {entry.deliveries} times "
+                                    f"(AUDIT_MAX_DELIVERIES={max_deliveries})"))
             continue
         if payload is None:
-            dead.append(DeadLetter(entry, c.Reason.MISSING_FIELD,
-                                   f"entry has no {c.EVENT_FIELD!r} field"))
+            dead.append(dead_letter(entry, c.Reason.MISSING_FIELD,
+                                    f"entry has no {c.EVENT_FIELD!r} field"))
             continue
         if entry.extra_payloads:
-            dead.append(DeadLetter(entry, c.Reason.DUPLICATE_FIELD,
-                                   f"entry has {1 + len(entry.extra_payloads)} "
-                                   f"{c.EVENT_FIELD!r} fields: ambiguous, none is stored"))
+            dead.append(dead_letter(entry, c.Reason.DUPLICATE_FIELD,
+                                    f"entry has {1 + len(entry.extra_payloads)} "
+                                    f"{c.EVENT_FIELD!r} fields: ambiguous, none is stored"))
             continue
         verdict = UNSIGNED
         if signatures is not None and len(payload) <= max_bytes:
             verdict = signatures.check(payload, entry.sig)
             if verdict.reason is not None:
-                dead.append(DeadLetter(entry, verdict.reason, verdict.error))
+                dead.append(dead_letter(entry, verdict.reason, verdict.error))
                 continue
         try:
             doc = decode_doc(payload, max_bytes=max_bytes)
         except InvalidEvent as exc:
-            dead.append(DeadLetter(entry, exc.reason, exc.detail))
+            dead.append(dead_letter(entry, exc.reason, exc.detail))
             continue
         except Exception as exc:  # a defect met by this entry: its verdict, not the batch's
-            dead.append(DeadLetter(entry, c.Reason.PROCESSING_ERROR, _failure("decode", exc)))
+            dead.append(dead_letter(entry, c.Reason.PROCESSING_ERROR, _failure("decode", exc)))
             continue
         if signatures is not None:
             wrong = mismatch(verdict, doc["workspaceId"])
             if wrong is not None and wrong.reason is not None:
-                dead.append(DeadLetter(entry, wrong.reason, wrong.error))
+                dead.append(dead_letter(entry, wrong.reason, wrong.error))
                 continue
         valid.append((str(index), doc, verdict.key_id))
     return valid, dead
@@ -164,15 +165,15 @@ class BatchWriter:
             work = _Work(outcome, batch.entries, valid)
             coalesced, failed = coalesce_each(valid)
             for source, exc in failed.items():
-                outcome.dead.append(DeadLetter(work.entry(source), c.Reason.PROCESSING_ERROR,
-                                               _failure("coalesce", exc)))
+                outcome.dead.append(dead_letter(work.entry(source), c.Reason.PROCESSING_ERROR,
+                                                _failure("coalesce", exc)))
             if coalesced.runs:
                 work.whole = coalesced
                 work.stored = [batch.entries[int(r[0])] for r in valid if r[0] not in failed]
                 await self._write_all(coalesced, work)
         if self.redactor is not None:
             self._redact_dead(outcome, found)
-        await self._settle(outcome)
+        await self._settle(outcome, batch.entries)
         for detector, count in found.items():
             self.metrics.redactions.labels(detector).inc(count)
         self.worker.release(batch.entries)
@@ -182,9 +183,9 @@ class BatchWriter:
                 [max(0.0, now_ms - int(e.id.partition("-")[0])) / 1000 for e in outcome.written])
             self.metrics.events_written.labels(batch.stream).inc(len(outcome.written))
         for d in outcome.dead:
-            self.metrics.events_dead_lettered.labels(d.entry.stream, d.reason).inc()
-            self.log.warning("dead_lettered", stream=d.entry.stream, id=d.entry.id,
-                             reason=d.reason, error=d.error[:300], deliveries=d.entry.deliveries)
+            self.metrics.events_dead_lettered.labels(d.stream, d.reason).inc()
+            self.log.warning("dead_lettered", stream=d.stream, id=d.source_id,
+                             reason=d.reason, error=d.error[:300], deliveries=d.deliveries)
         if outcome.written:
             self.metrics.batches.labels(outcome.written[0].stream).inc()
             self.metrics.batch_size.observe(len(outcome.written))
@@ -200,9 +201,9 @@ class BatchWriter:
             try:
                 self.redactor.event(record[1], found)
             except Exception as exc:
-                outcome.dead.append(DeadLetter(entries[int(record[0])],
-                                               c.Reason.PROCESSING_ERROR,
-                                               _failure("redact", exc)))
+                outcome.dead.append(dead_letter(entries[int(record[0])],
+                                                c.Reason.PROCESSING_ERROR,
+                                                _failure("redact", exc)))
                 continue
             kept.append(record)
         return kept
@@ -210,16 +211,19 @@ class BatchWriter:
     def _redact_dead(self, outcome: Outcome, found: dict[str, int]) -> None:
         """Redact the payloads of the dead letters about to be written."""
         assert self.redactor is not None
+        redacted = []
         for d in outcome.dead:
             try:
-                if d.entry.payload:
-                    d.entry.payload = self.redactor.payload(d.entry.payload, found)
-                if d.entry.extra_payloads:
-                    d.entry.extra_payloads = tuple(self.redactor.payload(p, found)
-                                                   for p in d.entry.extra_payloads)
+                if d.event:
+                    d = replace(d, event=self.redactor.payload(d.event, found))
+                if d.extra_events:
+                    d = replace(d, extra_events=tuple(self.redactor.payload(p, found)
+                                                      for p in d.extra_events))
             except Exception:  # kept as received: a dead letter is never dropped
-                self.log.exception("dead_letter_redaction_failed", stream=d.entry.stream,
-                                   id=d.entry.id)
+                self.log.exception("dead_letter_redaction_failed", stream=d.stream,
+                                   id=d.source_id)
+            redacted.append(d)
+        outcome.dead = redacted
 
     async def _write_all(self, batch: WriteBatch, work: _Work) -> None:
         """Write ``batch``; a part the store rejects, or fails on unexpectedly, is split
@@ -276,14 +280,14 @@ class BatchWriter:
             for source in rejection.sources:
                 if source not in rejected and source in valid:
                     rejected.add(source)
-                    outcome.dead.append(DeadLetter(work.entry(source),
-                                                   c.Reason.STORE_REJECTED, rejection.reason))
+                    outcome.dead.append(dead_letter(work.entry(source),
+                                                    c.Reason.STORE_REJECTED, rejection.reason))
         outcome.written.extend(work.entry(src)
                                for src in sorted(batch.sources() - rejected, key=int))
 
     def _reject(self, batch: WriteBatch, reason: str, work: _Work, outcome: Outcome) -> None:
         for source in sorted(batch.sources(), key=int):
-            outcome.dead.append(DeadLetter(work.entry(source), c.Reason.STORE_REJECTED, reason))
+            outcome.dead.append(dead_letter(work.entry(source), c.Reason.STORE_REJECTED, reason))
 
     async def _write(self, batch: WriteBatch) -> WriteResult:
         """One durable write; transient store errors are retried with exponential
@@ -337,7 +341,7 @@ class BatchWriter:
         self.log.warning("store_unavailable_retrying", attempt=state.attempt_number,
                          retry_in_s=round(wait, 3), error=str(exc)[:300])
 
-    async def _settle(self, outcome: Outcome) -> None:
+    async def _settle(self, outcome: Outcome, entries: Sequence[Entry]) -> None:
         """Dead-letter, check each reply, then ACK only what is stored or confirmed.
 
         Redis errors are retried with backoff and jitter (unbounded while Redis is
@@ -361,7 +365,8 @@ class BatchWriter:
                 with attempt:
                     await self._settle_step(state)
         except RedisRefused as exc:
-            left = [d.entry for d in state.todo]
+            pending = {(d.stream, d.source_id) for d in state.todo}
+            left = [e for e in entries if (e.stream, e.id) in pending]
             self.worker.redis_error(exc, "dead_letter", left_pending=len(left))
             self.log.error("dead_letter_refused_left_pending", entries=len(left),
                            error=exc.detail[:300])
@@ -369,18 +374,17 @@ class BatchWriter:
         outcome.dead = state.confirmed
 
     async def _settle_step(self, state: _Settling) -> None:
-        if state.to_ack:  # what is stored is acknowledged whatever the dead letters meet
-            await ack(self.worker.redis, self.settings.group, state.to_ack)
-            state.to_ack = []
+        if state.to_ack or state.dead_to_ack:  # stored: acknowledged whatever dead letters meet
+            await state.ack(self.worker.redis, self.settings.group)
         if state.todo and state.check_existing:
             # A previous delivery (or attempt) may have written the dead letter before
             # dying: do not write a second one for the same entry.
             existing: set[tuple[str, str]] = set()
-            for stream in {d.entry.stream for d in state.todo}:
-                entries = [d.entry for d in state.todo if d.entry.stream == stream]
+            for stream in {d.stream for d in state.todo}:
+                ids = [d.source_id for d in state.todo if d.stream == stream]
                 existing |= {(stream, i) for i in
-                             await dead_lettered_ids(self.worker.redis, stream, entries)}
-            state.confirm([d for d in state.todo if (d.entry.stream, d.entry.id) in existing])
+                             await dead_lettered_ids(self.worker.redis, stream, ids)}
+            state.confirm([d for d in state.todo if (d.stream, d.source_id) in existing])
             state.check_existing = False
         refused: list[tuple[DeadLetter, RedisUnavailable | RedisRefused]] = []
         if state.todo:
@@ -390,9 +394,8 @@ class BatchWriter:
             state.check_existing = False
             not_written = {id(d) for d, _ in refused}
             state.confirm([d for d in state.todo if id(d) not in not_written])
-        if state.to_ack:
-            await ack(self.worker.redis, self.settings.group, state.to_ack)
-            state.to_ack = []
+        if state.to_ack or state.dead_to_ack:
+            await state.ack(self.worker.redis, self.settings.group)
         if refused:
             errors = [e for _, e in refused]
             raise next((e for e in errors if isinstance(e, RedisUnavailable)), errors[0])
@@ -438,6 +441,8 @@ class _Settling:
     to_ack: list[Entry]
     todo: list[DeadLetter]
     confirmed: list[DeadLetter] = field(default_factory=list)
+    #: Confirmed dead letters whose entries are still to be acknowledged.
+    dead_to_ack: list[DeadLetter] = field(default_factory=list)
     check_existing: bool = False
 
     def confirm(self, done: list[DeadLetter]) -> None:
@@ -446,7 +451,11 @@ class _Settling:
         ids = {id(d) for d in done}
         self.todo = [d for d in self.todo if id(d) not in ids]
         self.confirmed.extend(done)
-        self.to_ack.extend(d.entry for d in done)
+        self.dead_to_ack.extend(done)
+
+    async def ack(self, redis: aioredis.Redis, group: str) -> None:
+        await ack(redis, group, self.to_ack, self.dead_to_ack)
+        self.to_ack, self.dead_to_ack = [], []
 
 
 def _stop_when_refused(attempts: int) -> Callable[[RetryCallState], bool]:

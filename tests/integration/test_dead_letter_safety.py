@@ -30,7 +30,7 @@ from worker import samples
 from worker.consumer import Worker
 from worker.emitter import AuditEmitter
 from worker.metrics import Metrics
-from worker.redisio import DeadLetter, Entry, dead_lettered_ids, write_dead_letters
+from worker.redisio import Entry, dead_letter, dead_lettered_ids, write_dead_letters
 from worker.settings import Settings
 from worker.writer import DEAD_LETTER_REFUSED_ATTEMPTS
 
@@ -192,7 +192,7 @@ async def test_dead_letter_written_before_a_crash_is_not_written_twice(
     await redis_client.xreadgroup(GROUP, "crashed-peer", {stream: ">"}, count=10)
     entry = Entry(stream, bad, b"{not json")
     refused = await write_dead_letters(redis_client, "crashed-peer",
-                                       [DeadLetter(entry, c.Reason.INVALID_JSON, "bad")])
+                                       [dead_letter(entry, c.Reason.INVALID_JSON, "bad")])
     assert refused == []
     worker = Worker(_settings(redis_url, stream, claim_idle_ms=100, reclaim_interval_s=0.05),
                     MemoryStore(), redis_client, Metrics())
@@ -221,4 +221,4 @@ async def test_an_earlier_dead_letter_is_found_past_the_first_page(
             pipe.xadd(c.dlq_key(stream), {"id": f"0-{n + 1}", "reason": "x"})
         pipe.xadd(c.dlq_key(stream), {"id": entries[0].id, "reason": "x"})
         await pipe.execute()
-    assert await dead_lettered_ids(redis_client, stream, entries) == {entries[0].id}
+    assert await dead_lettered_ids(redis_client, stream, [e.id for e in entries]) == {entries[0].id}

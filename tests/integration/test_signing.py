@@ -140,7 +140,7 @@ def test_prepare_verifies_before_decoding() -> None:
     ]
     valid, dead = prepare(entries, 1 << 20, 5, policy)
     assert [(src, key_id) for src, _, key_id in valid] == [("0", "k2")]
-    assert [(d.entry.id, d.reason) for d in dead] == [
+    assert [(d.source_id, d.reason) for d in dead] == [
         ("2-0", Reason.SIGNATURE_INVALID), ("3-0", Reason.SCHEMA), ("4-0", Reason.INVALID_JSON)]
 
 

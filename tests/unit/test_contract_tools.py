@@ -51,7 +51,7 @@ def test_validate_gives_the_verdicts_the_worker_gives() -> None:
     got = verdicts(io.BytesIO(b"\n".join(LINES) + b"\n\n"), max_bytes=16 * 1024 * 1024)
     entries = [Entry("s", f"1-{i}", line) for i, line in enumerate(LINES)]
     valid, dead = prepare(entries, 16 * 1024 * 1024, 5)
-    worker = {int(d.entry.id.split("-")[1]) + 1: (d.reason, d.error) for d in dead}
+    worker = {int(d.source_id.split("-")[1]) + 1: (d.reason, d.error) for d in dead}
     assert {r["line"]: (r["reason"], r["message"]) for r in got if not r["ok"]} == worker
     assert [r["line"] for r in got if r["ok"]] == [int(i) + 1 for i, _, _ in valid]
     assert len(worker) == 6

@@ -21,8 +21,9 @@ from tests.catalogue import CASES
 from tests.reference import SIGNED_WITH
 from tests.store_conformance import run_events
 from worker import events as ev
+from worker.deadletter import DeadLetter
 from worker.documents import WriteBatch, coalesce_each, coalesce_records
-from worker.redisio import DeadLetter, Entry
+from worker.redisio import Entry
 from worker.writer import prepare
 
 MAX_BYTES = 512 * 1024
@@ -35,7 +36,7 @@ def canonical(value: Any) -> bytes:
 
 
 def verdicts(dead: Sequence[DeadLetter]) -> list[tuple[str, str, str]]:
-    return [(d.entry.id, d.reason, d.error) for d in dead]
+    return [(d.source_id, d.reason, d.error) for d in dead]
 
 
 def batch_view(batch: WriteBatch) -> tuple[list[Any], list[Any]]:

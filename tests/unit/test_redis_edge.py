@@ -10,7 +10,7 @@ from redis.exceptions import MovedError, OutOfMemoryError, ResponseError
 
 from worker import constants as c
 from worker.errors import GroupMissing, RedisRefused, RedisUnavailable
-from worker.redisio import DeadLetter, Entry, settle, translate
+from worker.redisio import Entry, dead_letter, settle, translate
 
 GROUP = c.DEFAULT_GROUP
 
@@ -75,8 +75,8 @@ class _StubRedis:
 async def test_settle_acks_only_what_is_stored_or_confirmed(refusal: Exception) -> None:
     """A refused dead-letter XADD leaves its entry unacknowledged; the others are ACKed."""
     stored = Entry("s", "1-0", b"{}")
-    refused = DeadLetter(Entry("s", "2-0", b"x"), c.Reason.INVALID_JSON, "bad")
-    confirmed = DeadLetter(Entry("s", "3-0", b"y"), c.Reason.INVALID_JSON, "bad")
+    refused = dead_letter(Entry("s", "2-0", b"x"), c.Reason.INVALID_JSON, "bad")
+    confirmed = dead_letter(Entry("s", "3-0", b"y"), c.Reason.INVALID_JSON, "bad")
     stub = _StubRedis([refusal, b"9-0"])
     # The stub answers the two commands settle sends; redis-py's Redis is a class, no protocol.
     left = await settle(stub, GROUP, "w1", [stored], [refused, confirmed])  # type: ignore[arg-type]

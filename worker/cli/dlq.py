@@ -13,12 +13,11 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from ..deadletter import DeadLetter, _event_text
 from ..dlq import (
     _SHOW_PREVIEW_CHARS,
     DLQ_SCHEMA_VERSION,
-    DeadLetterEntry,
     DlqFilter,
-    _event_text,
     find,
     purge,
     replay_matching,
@@ -105,7 +104,7 @@ def _filter(args: argparse.Namespace, now_ms: int) -> DlqFilter:
     )
 
 
-def _rows(entries: Iterable[DeadLetterEntry]) -> list[list[str]]:
+def _rows(entries: Iterable[DeadLetter]) -> list[list[str]]:
     return [
         [
             e.dlq,
@@ -183,7 +182,7 @@ async def run_show(args: argparse.Namespace) -> int:
     return await _guarded(args, action)
 
 
-def _show_text(e: DeadLetterEntry, *, full: bool) -> str:
+def _show_text(e: DeadLetter, *, full: bool) -> str:
     d = e.to_dict()
     lines = [f"{k + ':':<18}{'-' if v is None else v}" for k, v in d.items()]
     payload, encoding = _event_text(e.event)
@@ -228,7 +227,7 @@ async def run_replay(args: argparse.Namespace) -> int:
     return await _guarded(args, action)
 
 
-async def _dry_run(args: argparse.Namespace, entries: AsyncIterator[DeadLetterEntry]) -> None:
+async def _dry_run(args: argparse.Namespace, entries: AsyncIterator[DeadLetter]) -> None:
     """What a replay would take, printed while reading: JSON entry by entry, text as one
     table per ``_TABLE_ROWS`` rows, then the count."""
     count = 0
