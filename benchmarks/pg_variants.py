@@ -322,11 +322,26 @@ async def measure(admin_dsn: str, batches: list[WriteBatch], rounds: int,
 
 def table(summaries: Sequence[Summary]) -> list[str]:
     """The Markdown table of the summaries (as benchmarks/README.md shows it)."""
-    lines = ["| variant | events/s | rows/s | × unnest | × store | PG µs/row | client µs/row |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | events/s | rows/s | × unnest | × store | PG µs/row | client µs/row "
+             "| both µs/row |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {s.name} | {s.events_per_s:,.0f} | {s.rows_per_s:,.0f} | "
               f"{s.vs_baseline:.2f} | {s.vs_store:.2f} | {s.server_us_per_row:.1f} | "
-              f"{s.client_us_per_row:.1f} |" for s in summaries]
+              f"{s.client_us_per_row:.1f} | {s.server_us_per_row + s.client_us_per_row:.1f} |"
+              for s in summaries]
+    return lines
+
+
+def index_costs(summaries: Sequence[Summary], store: str = "store") -> list[str]:
+    """The Markdown table of what each dropped index saves the store's write: PostgreSQL
+    CPU per row and the write's same-round speed-up."""
+    base = next(s for s in summaries if s.name == store)
+    lines = ["| dropped | PG µs/row saved | share of the store's PG CPU | write × store |",
+             "|---|---|---|---|"]
+    for s in summaries:
+        if s.name.startswith(f"{store} -"):
+            saved = base.server_us_per_row - s.server_us_per_row
+            lines.append(f"| {s.name.removeprefix(f'{store} -')} | {saved:.1f} | "
+                         f"{saved / base.server_us_per_row:.0%} | {s.vs_store:.2f} |")
     return lines
 
 
@@ -352,6 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               lambda s: print(s, flush=True))
     summaries = summarize(samples, events, rows)
     print("\n".join(table(summaries)))
+    print("\n".join(index_costs(summaries)))
     print("tables identical to store's: " + ", ".join(
         f"{name}={'yes' if ok else 'NO'}" for name, ok in same.items()))
     if args.json:

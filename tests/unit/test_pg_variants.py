@@ -107,4 +107,13 @@ def test_summary_takes_ratios_within_rounds() -> None:
     assert by_name["store"].server_us_per_row == pytest.approx(10_000.0)
     assert by_name["unnest"].client_us_per_row == pytest.approx(1000.0)
     assert by_name["store"].rounds == 3
-    assert pv.table(list(by_name.values()))[2].startswith("| unnest | 500 | 50 | 1.00 | 2.00 |")
+    assert pv.table(list(by_name.values()))[2] == (
+        "| unnest | 500 | 50 | 1.00 | 2.00 | 5000.0 | 1000.0 | 6000.0 |")
+
+
+def test_index_costs_are_deltas_from_the_store_with_every_index() -> None:
+    """Each dropped index is reported as the PostgreSQL CPU per row it saves the store."""
+    rows = [pv.Summary("store", 100.0, 100.0, 0.9, 1.0, 40.0, 2.0),
+            pv.Summary("unnest", 110.0, 110.0, 1.0, 1.1, 30.0, 7.0),
+            pv.Summary("store -a_idx", 120.0, 120.0, 1.1, 1.2, 30.0, 2.0)]
+    assert pv.index_costs(rows)[2:] == ["| a_idx | 10.0 | 25% | 1.20 |"]
