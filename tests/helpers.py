@@ -105,7 +105,7 @@ def workspace_name(prefix: str = "ws") -> str:
 async def write_events(store: Store, raw_events: Iterable[dict[str, Any]]) -> None:
     """Write events as the worker would: encoded, decoded, coalesced, one batch."""
     decoded = [ev.decode(ev.encode(raw), max_bytes=1 << 24) for raw in raw_events]
-    result = await store.write(coalesce((f"0-{i}", d) for i, d in enumerate(decoded)))
+    result = await store.write(coalesce(enumerate(decoded)))
     assert not result.rejected
 
 

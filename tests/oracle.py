@@ -39,9 +39,9 @@ _TERMINAL_EVENTS = (ev.RunCompleted, ev.RunFailed)
 
 
 def prepare(entries: Sequence[Entry], max_bytes: int,
-            max_deliveries: int) -> tuple[list[tuple[str, ev.Decoded]], list[DeadLetter]]:
+            max_deliveries: int) -> tuple[list[tuple[int, ev.Decoded]], list[DeadLetter]]:
     """The worker's decode of a batch (unsigned), as it was."""
-    valid: list[tuple[str, ev.Decoded]] = []
+    valid: list[tuple[int, ev.Decoded]] = []
     dead: list[DeadLetter] = []
     for index, entry in enumerate(entries):
         if entry.deliveries > max_deliveries:
@@ -63,7 +63,7 @@ def prepare(entries: Sequence[Entry], max_bytes: int,
         except InvalidEvent as exc:
             dead.append(dead_letter(entry, exc.reason, exc.detail))
             continue
-        valid.append((str(index), decoded))
+        valid.append((index, decoded))
     return valid, dead
 
 
@@ -75,7 +75,7 @@ def _node_status(node: Mapping[str, Any], default: str) -> str:
 
 
 def _node_doc(event_doc: Mapping[str, Any], node: Mapping[str, Any], status: str,
-              extra: Mapping[str, Any], source: str, key_id: str | None) -> NodeDoc:
+              extra: Mapping[str, Any], source: int, key_id: str | None) -> NodeDoc:
     attempt = int(node.get("attempt", 1))
     workspace_id = event_doc["workspaceId"]
     run_id = event_doc["runId"]
@@ -104,7 +104,7 @@ def _node_doc(event_doc: Mapping[str, Any], node: Mapping[str, Any], status: str
     return NodeDoc(workspace_id, run_id, key, doc, [source])
 
 
-def patches(decoded: ev.Decoded, source: str) -> tuple[RunPatch, list[NodeDoc]]:
+def patches(decoded: ev.Decoded, source: int) -> tuple[RunPatch, list[NodeDoc]]:
     """The run patch and node documents one event stands for."""
     event, doc = decoded.event, decoded.doc
     ts: datetime = doc["ts"]
@@ -158,7 +158,7 @@ def patches(decoded: ev.Decoded, source: str) -> tuple[RunPatch, list[NodeDoc]]:
     return run, nodes
 
 
-def coalesce(items: Iterable[tuple[str, ev.Decoded]]) -> WriteBatch:
+def coalesce(items: Iterable[tuple[int, ev.Decoded]]) -> WriteBatch:
     """Per-event patches merged pairwise into one write batch, as it was."""
     batch = WriteBatch()
     for source, decoded in items:

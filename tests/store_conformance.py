@@ -84,10 +84,11 @@ def node(node_id: str, kind: str, start: datetime | None, end: datetime | None,
     return out
 
 
-async def write(store: Store, raw_events: Sequence[Raw], *, per_event: bool = False,
-                tag: str = "s") -> WriteResult:
-    """Write events as the worker does: decode, coalesce per batch, one store write."""
-    items = [(f"{tag}-{i}", d) for i, d in enumerate(decoded(list(raw_events)))]
+async def write(store: Store, raw_events: Sequence[Raw], *,
+                per_event: bool = False) -> WriteResult:
+    """Write events as the worker does: decode, coalesce per batch, one store write
+    (an event's source is its index in ``raw_events``)."""
+    items = list(enumerate(decoded(list(raw_events))))
     if not per_event:
         return await store.write(coalesce(items))
     rejected: list[Any] = []
@@ -672,13 +673,13 @@ class StoreConformance:
         bad = event(ev.NODE_COMPLETED, ws, "bad", "e1", T0,
                     node=node("classify", "ai", T0, T0, output={"text": "a\x00b", "k\x00": 1}))
         good = reference_events(ws)
-        items = [("bad-0", decoded([bad])[0])] + [
-            (f"good-{i}", d) for i, d in enumerate(decoded(good))]
+        items = [(0, decoded([bad])[0])] + [
+            (1 + i, d) for i, d in enumerate(decoded(good))]
         result = await store.write(coalesce(items))
         await assert_stored(store, good)
         if self.nul_rejection is not None:
             (rejection,) = result.rejected
-            assert rejection.sources == ("bad-0",)
+            assert rejection.sources == (0,)
             assert rejection.reason == self.nul_rejection.format(ws=ws, run="bad")
             assert await store.get_run(ws, "bad") is None
             assert await store.get_nodes(ws, "bad") == []
@@ -1173,8 +1174,8 @@ class StoreConformance:
         for n, batches in enumerate((scenario.first, scenario.second)):
             labels = {"A": new_workspace(f"pa{n}"), "B": new_workspace(f"pb{n}")}
             raw = relabel(scenario.events, labels)
-            for b, batch in enumerate(batches):
-                result = await write(store, [raw[i] for i in batch], tag=f"b{b}")
+            for batch in batches:
+                result = await write(store, [raw[i] for i in batch])
                 assert result.rejected == ()
             written = [raw[i] for i in scenario.written()]
             await assert_stored(store, written)

@@ -161,7 +161,8 @@ def _pick_status(a: str, b: str) -> str:
 
 @dataclass(slots=True)
 class RunPatch:
-    """What some events say about one run. ``sources`` are opaque stream references."""
+    """What some events say about one run. ``sources`` are the indices of its events'
+    entries in their batch."""
 
     workspace_id: str
     run_id: str
@@ -175,7 +176,7 @@ class RunPatch:
     extra: dict[str, Any] = field(default_factory=dict)
     node_index: dict[str, dict[str, Any]] = field(default_factory=dict)
     event_ids: set[str] = field(default_factory=set)
-    sources: list[str] = field(default_factory=list)
+    sources: list[int] = field(default_factory=list)
     signed_by: set[str] = field(default_factory=set)
     subjects: set[str] = field(default_factory=set)
 
@@ -258,7 +259,7 @@ class NodeDoc:
     run_id: str
     node_key: str
     doc: dict[str, Any]
-    sources: list[str] = field(default_factory=list)
+    sources: list[int] = field(default_factory=list)
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -308,9 +309,10 @@ def index_entry(node: Mapping[str, Any], status: str) -> dict[str, Any]:
     }
 
 
-#: One valid event on the hot path: its stream reference (opaque), the document to store
-#: (:func:`worker.intake.decode_doc`) and the id of the key that signed it (or None).
-Record = tuple[str, dict[str, Any], str | None]
+#: One valid event on the hot path: its source (the index of its entry in the batch), the
+#: document to store (:func:`worker.intake.decode_doc`) and the id of the key that signed
+#: it (or None).
+Record = tuple[int, dict[str, Any], str | None]
 
 
 def _node_status(node: Mapping[str, Any], default: str) -> str:
@@ -522,8 +524,8 @@ class WriteBatch:
     def __len__(self) -> int:
         return len(self.runs) + len(self.nodes)
 
-    def sources(self) -> set[str]:
-        out: set[str] = set()
+    def sources(self) -> set[int]:
+        out: set[int] = set()
         for run in self.runs.values():
             out.update(run.sources)
         for node in self.nodes.values():
@@ -551,22 +553,22 @@ def coalesce_records(records: Iterable[Record]) -> WriteBatch:
     return acc.batch()
 
 
-def coalesce(items: Iterable[tuple[str, ev.Decoded]]) -> WriteBatch:
-    """Coalesce decoded events (with their stream references) into one write batch."""
+def coalesce(items: Iterable[tuple[int, ev.Decoded]]) -> WriteBatch:
+    """Coalesce decoded events (with their sources) into one write batch."""
     return coalesce_records((source, d.doc, d.key_id) for source, d in items)
 
 
-def coalesce_each(records: Sequence[Record]) -> tuple[WriteBatch, dict[str, Exception]]:
+def coalesce_each(records: Sequence[Record]) -> tuple[WriteBatch, dict[int, Exception]]:
     """:func:`coalesce_records`, with each event's failure its own: the batch of every
     event that coalesced, and the exception of each (by source) that did not.
 
     An exception while merging an event into the accumulators may have changed them, so
     the batch is then built again without that event.
     """
-    failed: dict[str, Exception] = {}
+    failed: dict[int, Exception] = {}
     while True:
         acc = Coalescer()
-        culprit: str | None = None
+        culprit: int | None = None
         for record in records:
             source = record[0]
             if source in failed:
@@ -589,7 +591,7 @@ def coalesce_each(records: Sequence[Record]) -> tuple[WriteBatch, dict[str, Exce
 def fold(items: Iterable[ev.Decoded]) -> tuple[dict[tuple[str, str], dict[str, Any]],
                                                dict[tuple[str, str, str], dict[str, Any]]]:
     """The documents a set of events must end as: the reference for every store."""
-    batch = coalesce(("", d) for d in items)
+    batch = coalesce((0, d) for d in items)
     runs = {k: r.to_doc() for k, r in batch.runs.items()}
     nodes = {k: n.doc for k, n in batch.nodes.items()}
     return runs, nodes

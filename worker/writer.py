@@ -110,7 +110,7 @@ def prepare(
             if wrong is not None and wrong.reason is not None:
                 dead.append(dead_letter(entry, wrong.reason, wrong.error))
                 continue
-        valid.append((str(index), doc, verdict.key_id))
+        valid.append((index, doc, verdict.key_id))
     return valid, dead
 
 
@@ -169,7 +169,7 @@ class BatchWriter:
                                                 _failure("coalesce", exc)))
             if coalesced.runs:
                 work.whole = coalesced
-                work.stored = [batch.entries[int(r[0])] for r in valid if r[0] not in failed]
+                work.stored = [batch.entries[r[0]] for r in valid if r[0] not in failed]
                 await self._write_all(coalesced, work)
         if self.redactor is not None:
             self._redact_dead(outcome, found)
@@ -201,7 +201,7 @@ class BatchWriter:
             try:
                 self.redactor.event(record[1], found)
             except Exception as exc:
-                outcome.dead.append(dead_letter(entries[int(record[0])],
+                outcome.dead.append(dead_letter(entries[record[0]],
                                                 c.Reason.PROCESSING_ERROR,
                                                 _failure("redact", exc)))
                 continue
@@ -275,7 +275,7 @@ class BatchWriter:
             outcome.written.extend(work.stored)
             return
         valid = work.valid_sources()
-        rejected: set[str] = set()
+        rejected: set[int] = set()
         for rejection in result.rejected:
             for source in rejection.sources:
                 if source not in rejected and source in valid:
@@ -283,10 +283,10 @@ class BatchWriter:
                     outcome.dead.append(dead_letter(work.entry(source),
                                                     c.Reason.STORE_REJECTED, rejection.reason))
         outcome.written.extend(work.entry(src)
-                               for src in sorted(batch.sources() - rejected, key=int))
+                               for src in sorted(batch.sources() - rejected))
 
     def _reject(self, batch: WriteBatch, reason: str, work: _Work, outcome: Outcome) -> None:
-        for source in sorted(batch.sources(), key=int):
+        for source in sorted(batch.sources()):
             outcome.dead.append(dead_letter(work.entry(source), c.Reason.STORE_REJECTED, reason))
 
     async def _write(self, batch: WriteBatch) -> WriteResult:
@@ -417,17 +417,17 @@ class _Work:
     whole: WriteBatch | None = None
     stored: list[Entry] = field(default_factory=list)
 
-    def entry(self, source: str) -> Entry:
-        return self.entries[int(source)]
+    def entry(self, source: int) -> Entry:
+        return self.entries[source]
 
-    def valid_sources(self) -> set[str]:
+    def valid_sources(self) -> set[int]:
         return {r[0] for r in self.records}
 
     def split(self, batch: WriteBatch) -> list[WriteBatch] | None:
         """Smaller parts of ``batch``: one per run, else one per entry; None for one entry."""
         if len(batch.runs) > 1:
             return batch.split_by_run()
-        sources = sorted(batch.sources(), key=int)
+        sources = sorted(batch.sources())
         if len(sources) <= 1:
             return None
         by_source = {r[0]: r for r in self.records}

@@ -137,16 +137,16 @@ async def test_erase_reports_the_archived_runs_it_cannot_erase(tmp_path: Path) -
     await store.open()
     await migrate(store)
     try:
-        items: list[tuple[str, ev.Decoded]] = []
-        for n, (run_id, day) in enumerate([("old1", "2026-01-05"), ("old2", "2026-02-05"),
-                                           ("old3", "2026-03-05"), ("hot", "2027-05-20")]):
+        items: list[tuple[int, ev.Decoded]] = []
+        for run_id, day in [("old1", "2026-01-05"), ("old2", "2026-02-05"),
+                            ("old3", "2026-03-05"), ("hot", "2027-05-20")]:
             for e in run_events(run_id, ["email:ann@example.com"]):
                 e = dict(e, ts=f"{day}T10:30:00Z")
                 if "node" in e:
                     e["node"] = dict(e["node"], completedAt=e["ts"])
                 d = ev.decode(ev.encode(e), max_bytes=1 << 24)
                 hash_subjects(d.doc, KEY)
-                items.append((f"{n}-{len(items)}", d))
+                items.append((len(items), d))
         await store.write(coalesce(items))
         archive = Archive.at(tmp_path / "arch")
         from datetime import UTC, datetime

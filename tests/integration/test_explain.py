@@ -243,7 +243,7 @@ async def test_explain_renders_deeply_nested_nodes(
         with explain.deep_documents():
             decoded = ev.validate(msgspec.json.decode(data))
     with explain.deep_documents():  # the test's own write (the store encodes the document)
-        await store.write(coalesce([("0-1", decoded)]))
+        await store.write(coalesce([(0, decoded)]))
     args = run_cli(explain_cli.register,
                    ["explain", "deep", "--store-url", store_url, "-w", ws, *flags])
     assert await args.func(args) == 0

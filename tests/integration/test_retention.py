@@ -513,7 +513,7 @@ async def test_postgres_delete_waits_for_a_write_in_flight_then_keeps_the_run(
         assert run is not None
         read = RunVersion.of(run, nodes)
         late = ev.decode(ev.encode(late_event(ws, "r1", finished, "new node")), max_bytes=1 << 20)
-        batch = coalesce([("0-1", late)])
+        batch = coalesce([(0, late)])
         in_flight = writer.transaction()
         await in_flight.start()
         await writer.execute(pg.UPSERT_RUNS, _sql.encode_json(

@@ -40,7 +40,7 @@ RUNS = [("old1", "2026-01-05", "email:ann@example.com", "ann-jan"),
 
 
 async def write_runs(store: Store) -> None:
-    items: list[tuple[str, ev.Decoded]] = []
+    items: list[tuple[int, ev.Decoded]] = []
     for run_id, day, subject, prompt in RUNS:
         ts = f"{day}T10:30:00Z"
         for e in [
@@ -53,7 +53,7 @@ async def write_runs(store: Store) -> None:
         ]:
             d = ev.decode(ev.encode(e), max_bytes=1 << 24)
             hash_subjects(d.doc, SUBJECT_KEY)
-            items.append((f"{run_id}-{len(items)}", d))
+            items.append((len(items), d))
     await store.write(coalesce(items))
 
 

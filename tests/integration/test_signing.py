@@ -139,7 +139,7 @@ def test_prepare_verifies_before_decoding() -> None:
         Entry("s", "4-0", b"{not json", sig=sign(b"{not json", "k1", SECRET_A1)),
     ]
     valid, dead = prepare(entries, 1 << 20, 5, policy)
-    assert [(src, key_id) for src, _, key_id in valid] == [("0", "k2")]
+    assert [(src, key_id) for src, _, key_id in valid] == [(0, "k2")]
     assert [(d.source_id, d.reason) for d in dead] == [
         ("2-0", Reason.SIGNATURE_INVALID), ("3-0", Reason.SCHEMA), ("4-0", Reason.INVALID_JSON)]
 

@@ -39,7 +39,7 @@ from worker.documents import (
 KEY = (WORKSPACE, RUN_ID)
 
 
-def one(raw: Raw, source: str = "s") -> tuple[RunPatch, list[NodeDoc]]:
+def one(raw: Raw, source: int = 0) -> tuple[RunPatch, list[NodeDoc]]:
     """The run patch and node documents one event stands for."""
     batch = coalesce([(source, decoded([raw])[0])])
     (run,) = batch.runs.values()
@@ -240,13 +240,13 @@ def test_node_index_entries_are_pinned() -> None:
 def test_split_by_run_partitions_the_batch() -> None:
     """Each part holds one run and its nodes; together they hold every source."""
     raw = reference_events("w1") + reference_events("w2", "other")
-    batch = coalesce((f"s{i}", d) for i, d in enumerate(decoded(raw)))
+    batch = coalesce(enumerate(decoded(raw)))
     parts = batch.split_by_run()
     assert len(parts) == 2
     assert all(len(p.runs) == 1 for p in parts)
     assert sum(len(p.nodes) for p in parts) == len(batch.nodes) == 8
     assert set().union(*(p.sources() for p in parts)) == batch.sources() == \
-        {f"s{i}" for i in range(len(raw))}
+        set(range(len(raw)))
     assert batch.workspaces() == {"w1", "w2"}
 
 
@@ -261,8 +261,8 @@ def _stored_merge(scenario: Scenario, batches: list[list[int]]) -> tuple[dict[An
     """What a store that persists documents between batches ends with."""
     runs: dict[Any, dict[str, Any]] = {}
     nodes: dict[Any, dict[str, Any]] = {}
-    for n, batch_ids in enumerate(batches):
-        batch = coalesce((f"{n}-{i}", d) for i, d in enumerate(_decoded(scenario, batch_ids)))
+    for batch_ids in batches:
+        batch = coalesce(enumerate(_decoded(scenario, batch_ids)))
         for key, patch in batch.runs.items():
             if key in runs:
                 stored = RunPatch.from_doc(runs[key])

@@ -234,7 +234,7 @@ def test_signed_events_carry_their_key_alike() -> None:
     from tests.reference import decoded, reference_events, reference_snapshot
 
     raws = [e | {SIGNED_WITH: "k1"} for e in reference_events()] + [reference_snapshot()]
-    old = oracle.coalesce([(str(i), d) for i, d in enumerate(decoded(raws))])
-    new = coalesce_records([(str(i), d.doc, d.key_id) for i, d in enumerate(decoded(raws))])
+    old = oracle.coalesce(list(enumerate(decoded(raws))))
+    new = coalesce_records([(i, d.doc, d.key_id) for i, d in enumerate(decoded(raws))])
     assert batch_view(new) == batch_view(old)
     assert any(r.signed_by for r in new.runs.values())

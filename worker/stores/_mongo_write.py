@@ -117,7 +117,7 @@ class Op:
     """One update of a bulk write, and the stream entries behind it."""
 
     model: UpdateOne
-    sources: list[str]
+    sources: list[int]
     what: str
 
     def reject(self, reason: str) -> Rejection:

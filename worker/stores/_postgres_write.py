@@ -149,7 +149,7 @@ def reject_nul(
 ) -> tuple[list[RunPatch], list[NodeDoc], tuple[Rejection, ...]]:
     """Split off the runs whose documents hold U+0000, which jsonb cannot store."""
     by_run = _sql.nodes_by_run(nodes)
-    bad: dict[tuple[str, str], list[str]] = {}
+    bad: dict[tuple[str, str], list[int]] = {}
     for run in runs:
         run_nodes = by_run.get(run.key, [])
         if _sql.has_nul(_sql.encode_json(run.to_doc())) or any(

@@ -22,7 +22,8 @@ from ..personal import FieldPath, check_path
 class Rejection:
     """A part of a batch the store refused for good: its events are dead-lettered."""
 
-    sources: tuple[str, ...]
+    #: The indices of its events' entries in their batch (``documents.Record``).
+    sources: tuple[int, ...]
     reason: str
 
 
