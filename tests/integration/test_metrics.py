@@ -272,7 +272,10 @@ async def test_worker_under_load_exports_every_metric(
             scrapes.append(await scrape(port))
             got = parse(scrapes[-1])
             done = total(got, "audit_fleet_events_written_total") >= len(events) - 1
-            if done and "audit_fleet_group_lag" in got:
+            # the fleet gauges come from the poller's last round, which may predate the
+            # last batch's dead letter: wait until a round has seen it
+            seen = total(got, "audit_fleet_dead_letter_length") == 1
+            if done and seen and "audit_fleet_group_lag" in got:
                 worker.stop()
                 return
             await anyio.sleep(0.05)
