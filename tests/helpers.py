@@ -27,6 +27,7 @@ import redis.asyncio as aioredis
 from worker import events as ev
 from worker.documents import WriteBatch, coalesce
 from worker.errors import StoreRejected, StoreUnavailable
+from worker.stores import migrate
 from worker.stores.base import (
     NodeQuery,
     NodeVersion,
@@ -70,6 +71,20 @@ SECURE_USERS = ("default off", f"{ADMIN_USER[0]} on >{ADMIN_USER[1]} ~* &* +@all
 
 async def _admin() -> asyncpg.Connection:
     return await asyncpg.connect(PG_ADMIN_URL)
+
+
+StoreT = TypeVar("StoreT", bound=Store)
+
+
+@contextlib.asynccontextmanager
+async def migrated(store: StoreT) -> AsyncIterator[StoreT]:
+    """``store`` opened and migrated, as a worker's start does; closed afterwards."""
+    await store.open()
+    try:
+        await migrate(store)
+        yield store
+    finally:
+        await store.close()
 
 
 @contextlib.asynccontextmanager

@@ -22,6 +22,7 @@ from tests import reference as ref
 from tests import viewer_data as vd
 from tests.access_conformance import AccessConformance
 from tests.dataset import make_dataset
+from tests.helpers import migrated
 from tests.store_conformance import write
 from worker import archive as arc
 from worker import explain, insights, queries, retention
@@ -624,10 +625,5 @@ class TestPostgresAccess(AccessConformance):
 
     @pytest.fixture
     async def store(self, pg_url: str) -> AsyncIterator[Store]:
-        store = open_store(pg_url)
-        await store.open()
-        await migrate(store)
-        try:
+        async with migrated(open_store(pg_url)) as store:
             yield store
-        finally:
-            await store.close()

@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 from tests import reference as ref
-from tests.helpers import StoreProxy, run_cli, workspace_name, write_events
+from tests.helpers import StoreProxy, migrated, run_cli, workspace_name, write_events
 from tests.mongo_emulator import FakeMongo, _canon, url_of
 from worker import archive as arc
 from worker import events as ev
@@ -299,13 +299,8 @@ def fixture_any_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str
 
 @pytest.fixture(name="any_store")
 async def fixture_any_store(any_store_url: str) -> AsyncIterator[Store]:
-    store = open_store(any_store_url)
-    await store.open()
-    await migrate(store)
-    try:
+    async with migrated(open_store(any_store_url)) as store:
         yield store
-    finally:
-        await store.close()
 
 
 class LateEvents(StoreProxy):

@@ -11,7 +11,7 @@ import asyncpg
 import asyncpg.exceptions as pgx
 import pytest
 
-from tests.helpers import free_port, pg_database
+from tests.helpers import free_port, migrated, pg_database
 from tests.reference import RUN_ID, decoded, reference_events, reference_snapshot
 from tests.store_conformance import (
     T0,
@@ -60,13 +60,8 @@ async def shared_store() -> AsyncIterator[PostgresStore]:
 @pytest.fixture
 async def pg_store(pg_url: str) -> AsyncIterator[PostgresStore]:
     """A store on a fresh database of this test's own."""
-    store = PostgresStore(pg_url, max_size=4)
-    await store.open()
-    await migrate(store)
-    try:
+    async with migrated(PostgresStore(pg_url, max_size=4)) as store:
         yield store
-    finally:
-        await store.close()
 
 
 class TestPostgresConformance(StoreConformance):

@@ -13,6 +13,7 @@ import anyio
 import pytest
 
 from tests.access_conformance import T0, AccessConformance
+from tests.helpers import migrated
 from tests.mongo_emulator import FakeMongo, url_of
 from worker import cli
 from worker.api.server import Bind, Listen
@@ -92,13 +93,8 @@ def test_clean_shows_control_characters_instead_of_sending_them() -> None:
 class TestSQLiteAccess(AccessConformance):
     @pytest.fixture
     async def store(self, tmp_path: Path) -> AsyncIterator[Store]:
-        store = open_store(f"sqlite:///{tmp_path}/a.db")
-        await store.open()
-        await migrate(store)
-        try:
+        async with migrated(open_store(f"sqlite:///{tmp_path}/a.db")) as store:
             yield store
-        finally:
-            await store.close()
 
 
 @pytest.mark.mongo

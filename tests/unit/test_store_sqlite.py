@@ -9,6 +9,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from tests.helpers import migrated
 from tests.reference import reference_events, reference_snapshot
 from tests.store_conformance import StoreConformance, assert_stored, new_workspace, write
 from worker.errors import ConfigError, StoreMisconfigured, StoreNotOpen, StoreUnavailable
@@ -20,25 +21,15 @@ from worker.stores.sqlite import SQLiteStore, database_path
 class TestSQLiteConformance(StoreConformance):
     @pytest.fixture
     async def store(self, tmp_path: Path) -> AsyncIterator[Store]:
-        store = SQLiteStore(f"sqlite:///{tmp_path}/audit.db")
-        await store.open()
-        await migrate(store)
-        try:
+        async with migrated(SQLiteStore(f"sqlite:///{tmp_path}/audit.db")) as store:
             yield store
-        finally:
-            await store.close()
 
 
 class TestSQLiteMemoryConformance(StoreConformance):
     @pytest.fixture
     async def store(self) -> AsyncIterator[Store]:
-        store = SQLiteStore("sqlite:///:memory:")
-        await store.open()
-        await migrate(store)
-        try:
+        async with migrated(SQLiteStore("sqlite:///:memory:")) as store:
             yield store
-        finally:
-            await store.close()
 
 
 pytestmark = [pytest.mark.anyio]
@@ -46,13 +37,8 @@ pytestmark = [pytest.mark.anyio]
 
 @pytest.fixture
 async def file_store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    store = SQLiteStore(f"sqlite:///{tmp_path}/audit.db")
-    await store.open()
-    await migrate(store)
-    try:
+    async with migrated(SQLiteStore(f"sqlite:///{tmp_path}/audit.db")) as store:
         yield store
-    finally:
-        await store.close()
 
 
 @pytest.mark.parametrize(("url", "path"), [
